@@ -1,0 +1,3 @@
+"""fedlink: federated learning over mutually-authenticated gRPC."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,82 @@
+"""The `fedlink` command: server, client, certs and demo subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from fedlink import __version__
+from fedlink.certs import add_certs_parser
+from fedlink.common.config import add_config_arguments, load_config
+from fedlink.common.errors import FedlinkError
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run_server(args: argparse.Namespace) -> int:
+    from fedlink.server.app import run_server
+    from fedlink.server.config import ServerConfig
+
+    return run_server(load_config(ServerConfig, path=args.config, overrides=vars(args)))
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    from fedlink.client.app import run_client
+    from fedlink.client.config import ClientConfig
+
+    return run_client(load_config(ClientConfig, path=args.config, overrides=vars(args)))
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from fedlink.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fedlink.client.config import ClientConfig
+    from fedlink.demo import add_demo_arguments
+    from fedlink.server.config import ServerConfig
+
+    parser = argparse.ArgumentParser(
+        prog="fedlink", description="Federated learning over mutual TLS."
+    )
+    parser.add_argument("--version", action="version", version=f"fedlink {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    server = commands.add_parser("server", help="run the coordinator")
+    add_config_arguments(server, ServerConfig)
+    server.set_defaults(func=_run_server)
+
+    client = commands.add_parser("client", help="run a client on this site's data")
+    add_config_arguments(client, ClientConfig)
+    client.set_defaults(func=_run_client)
+
+    add_certs_parser(commands)
+
+    demo = commands.add_parser("demo", help="certificates + coordinator + N clients on localhost")
+    add_demo_arguments(demo)
+    demo.set_defaults(func=_run_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        code: int = args.func(args)
+    except FedlinkError as exc:
+        logging.getLogger("fedlink").error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code

@@ -1,0 +1,263 @@
+"""`fedlink client`: join the federation, then pull tasks and push results until told to stop."""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import grpc
+import torch
+
+from fedlink import __version__
+from fedlink.client.config import ClientConfig
+from fedlink.client.connection import TRANSIENT_CODES, Backoff, open_channel
+from fedlink.common.errors import ConfigError, FedlinkError, PayloadError
+from fedlink.common.tasks import load_task
+from fedlink.common.tasks.base import ClientData, DataRequest, TaskModule, TrainConfig
+from fedlink.common.tensors import encode_state, open_state_file
+from fedlink.common.wire import PayloadAssembler, PayloadInfo, describe, iter_chunks
+from fedlink.v1 import federation_pb2 as pb
+from fedlink.v1 import federation_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SESSION_METADATA_KEY = "fedlink-session"
+# A downloaded global model larger than this is refused (a hostile coordinator could otherwise
+# fill the client's disk).
+MAX_MODEL_BYTES = 64 << 30
+
+
+class FatalClientError(FedlinkError):
+    """The federation refuses this client, or the client cannot take part: do not retry."""
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA device is available")
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def train_config_from(task_config: Mapping[str, str], seed: int) -> TrainConfig:
+    """The coordinator's hyper-parameters, checked: a hostile coordinator gets a clear error."""
+    try:
+        config = TrainConfig(
+            local_epochs=int(task_config.get("local_epochs", "1")),
+            batch_size=int(task_config.get("batch_size", "32")),
+            learning_rate=float(task_config.get("learning_rate", "0.01")),
+            momentum=float(task_config.get("momentum", "0.9")),
+            seed=seed,
+        )
+    except ValueError as exc:
+        raise FatalClientError(f"coordinator sent malformed training settings: {exc}") from None
+    if not (1 <= config.local_epochs <= 10_000 and 1 <= config.batch_size <= 1 << 20):
+        raise FatalClientError(f"coordinator sent out-of-range training settings: {config}")
+    if not (0 < config.learning_rate <= 100 and 0 <= config.momentum < 1):
+        raise FatalClientError(f"coordinator sent out-of-range training settings: {config}")
+    if not all(math.isfinite(v) for v in (config.learning_rate, config.momentum)):
+        raise FatalClientError("coordinator sent non-finite training settings")
+    return config
+
+
+class FederationClient:
+    def __init__(self, config: ClientConfig) -> None:
+        self._config = config
+        self._task: TaskModule = load_task(config.task)
+        self._device = pick_device(config.device)
+        self._data: ClientData = self._task.load_data(
+            DataRequest(
+                partition=config.partition,
+                partition_index=config.partition_index,
+                num_partitions=config.num_partitions,
+                seed=config.seed,
+                data_dir=config.data_dir,
+            )
+        )
+        self._model = self._task.build_model().to(self._device)
+        self._channel = open_channel(config)
+        self._stub = pb_grpc.FederationStub(self._channel)
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        self._join: pb.JoinReply | None = None
+        self._backoff = Backoff(give_up_after=config.reconnect_timeout_seconds)
+        self._stop_heartbeat = threading.Event()
+
+    def run(self) -> int:
+        log.info("client running task %s on %s", self._config.task, self._device)
+        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat")
+        try:
+            self._connect()
+            heartbeat.start()
+            while True:
+                try:
+                    if not self._serve_one_task():
+                        log.info("federation finished; exiting")
+                        return 0
+                    self._backoff.reset()
+                except grpc.RpcError as exc:
+                    code = exc.code()
+                    if code == grpc.StatusCode.FAILED_PRECONDITION and "Join" in (
+                        exc.details() or ""
+                    ):
+                        self._connect()  # the coordinator restarted and forgot us
+                    elif code in TRANSIENT_CODES:
+                        if not self._backoff.wait(f"{code.name}: {exc.details()}"):
+                            raise FatalClientError("coordinator unreachable for too long") from None
+                    else:
+                        raise
+        finally:
+            self._stop_heartbeat.set()
+            if heartbeat.is_alive():
+                heartbeat.join()  # never close the channel under an in-flight call
+            self._channel.close()
+
+    def _connect(self) -> None:
+        while True:
+            try:
+                reply, call = self._stub.Join.with_call(
+                    pb.JoinRequest(client_version=__version__), timeout=30
+                )
+                break
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    raise FatalClientError(
+                        f"the coordinator refused this client: {exc.details()}"
+                    ) from None
+                if code not in TRANSIENT_CODES or not self._backoff.wait(
+                    f"{code.name}: {exc.details()}"
+                ):
+                    raise FatalClientError(
+                        f"could not join the federation: {code.name}: {exc.details()}"
+                    ) from None
+        if reply.task != self._config.task:
+            raise FatalClientError(
+                f"the coordinator runs task {reply.task!r} but this client is configured for "
+                f"{self._config.task!r}; start the client with --task {reply.task}"
+            )
+        for key, value in call.trailing_metadata() or ():
+            if key == SESSION_METADATA_KEY:
+                self._metadata = ((SESSION_METADATA_KEY, str(value)),)
+        self._join = reply
+        self._backoff.reset()
+        log.info("joined federation %s as %s", reply.federation_id[:8], reply.identity)
+
+    def _serve_one_task(self) -> bool:
+        """Pull one task and carry it out; False when the federation is over."""
+        stream = self._stub.PullTask(pb.PullTaskRequest(), metadata=self._metadata)
+        first = next(stream, None)
+        if first is None or first.WhichOneof("message") != "header":
+            raise FatalClientError("coordinator sent a task stream without a header")
+        header = first.header
+        if header.kind == pb.TASK_KIND_STOP:
+            return False
+        if header.kind == pb.TASK_KIND_WAIT:
+            if header.retry_after_seconds > 0:
+                self._stop_heartbeat.wait(min(header.retry_after_seconds, 60.0))
+            return True
+        if header.kind not in (pb.TASK_KIND_TRAIN, pb.TASK_KIND_EVALUATE):
+            raise FatalClientError(f"coordinator sent unknown task kind {header.kind}")
+        self._load_global_model(header, stream)
+        if header.kind == pb.TASK_KIND_TRAIN:
+            self._train(header)
+        else:
+            self._evaluate(header)
+        return True
+
+    def _load_global_model(self, header: pb.TaskHeader, stream: Iterator[pb.TaskMessage]) -> None:
+        info = PayloadInfo(header.payload.size, header.payload.sha256, header.payload.encoding)
+        with tempfile.NamedTemporaryFile(
+            dir=self._config.spool_dir, suffix=".safetensors"
+        ) as spool:
+            try:
+                assembler = PayloadAssembler(info, spool, max_size=MAX_MODEL_BYTES)
+                for message in stream:
+                    if message.WhichOneof("message") != "chunk":
+                        raise PayloadError("unexpected second header in task stream")
+                    assembler.add(message.chunk.offset, message.chunk.data)
+                spool.flush()
+                assembler.finish()
+            except PayloadError as exc:
+                raise FatalClientError(f"global model download failed: {exc}") from None
+            with open_state_file(Path(spool.name)) as state:
+                self._model.load_state_dict(state)
+
+    def _train(self, header: pb.TaskHeader) -> None:
+        assert self._join is not None
+        config = train_config_from(self._join.task_config, seed=header.seed)
+        torch.manual_seed(header.seed)
+        result = self._task.train(self._model, self._data, config, self._device)
+        payload = encode_state(self._model.state_dict())
+        log.info(
+            "round %d: trained on %d examples, loss %.4f",
+            header.round,
+            result.num_examples,
+            result.loss,
+        )
+        self._push(header, result.num_examples, {"loss": result.loss}, payload)
+
+    def _evaluate(self, header: pb.TaskHeader) -> None:
+        dataset = self._data.test if self._data.test is not None else self._data.train
+        result = self._task.evaluate(self._model, dataset, self._device)
+        metrics = {"loss": result.loss, "accuracy": result.accuracy}
+        self._push(header, result.num_examples, metrics, None)
+
+    def _push(
+        self,
+        header: pb.TaskHeader,
+        num_examples: int,
+        metrics: Mapping[str, float],
+        payload: bytes | None,
+    ) -> None:
+        assert self._join is not None
+        chunk_size = self._join.chunk_size
+
+        def messages() -> Iterator[pb.ResultMessage]:
+            result = pb.ResultHeader(
+                task_id=header.task_id,
+                round=header.round,
+                num_examples=num_examples,
+                metrics=metrics,
+            )
+            if payload is not None:
+                info = describe(payload)
+                result.payload.CopyFrom(
+                    pb.PayloadInfo(size=info.size, sha256=info.sha256, encoding=info.encoding)
+                )
+            yield pb.ResultMessage(header=result)
+            if payload is not None:
+                for offset, data in iter_chunks(payload, chunk_size):
+                    yield pb.ResultMessage(chunk=pb.Chunk(offset=offset, data=data))
+
+        try:
+            self._stub.PushResult(messages(), metadata=self._metadata)
+        except grpc.RpcError as exc:
+            if exc.code() in TRANSIENT_CODES:
+                raise
+            # A refused result costs this round only; the next task may still be ours.
+            log.warning(
+                "round %d result refused: %s: %s", header.round, exc.code().name, exc.details()
+            )
+
+    def _heartbeat_loop(self) -> None:
+        assert self._join is not None
+        interval = max(0.5, self._join.heartbeat_interval_seconds)
+        while not self._stop_heartbeat.wait(interval):
+            try:
+                self._stub.Heartbeat(
+                    pb.HeartbeatRequest(), metadata=self._metadata, timeout=interval
+                )
+            except grpc.RpcError as exc:
+                log.debug("heartbeat failed: %s", exc.code().name)
+
+
+def run_client(config: ClientConfig) -> int:
+    try:
+        return FederationClient(config).run()
+    except FatalClientError as exc:
+        log.error("%s", exc)
+        return 2

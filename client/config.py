@@ -1,0 +1,72 @@
+"""Client settings (TOML keys, FEDLINK_* variables and CLI flags share these names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedlink.common.errors import ConfigError
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    server: str = field(default="127.0.0.1:50051", metadata=_help("coordinator host:port"))
+    server_name: str | None = field(
+        default=None,
+        metadata=_help(
+            "expected name in the server certificate, when it differs from the host in --server"
+        ),
+    )
+    cert: Path | None = field(default=None, metadata=_help("this client's certificate (PEM)"))
+    key: Path | None = field(default=None, metadata=_help("this client's private key (PEM)"))
+    ca: Path | None = field(default=None, metadata=_help("federation CA certificate"))
+    insecure: bool = field(
+        default=False, metadata=_help("DEVELOPMENT ONLY: plaintext, no authentication")
+    )
+    task: str = field(default="digits", metadata=_help("task module; must match the coordinator's"))
+    data_dir: Path | None = field(
+        default=None, metadata=_help("this site's own data (overrides partitioning)")
+    )
+    partition: str = field(
+        default="iid",
+        metadata=_help(
+            "simulation split of the task's data set: iid, dirichlet:<alpha>, classes:<k>"
+        ),
+    )
+    partition_index: int = field(
+        default=0, metadata=_help("which part of the split this client holds")
+    )
+    num_partitions: int = field(
+        default=1, metadata=_help("how many parts the data set is split into")
+    )
+    seed: int = field(
+        default=0, metadata=_help("partition seed (must be the same on every client)")
+    )
+    device: str = field(default="auto", metadata=_help("auto (CUDA when available), cpu or cuda"))
+    reconnect_timeout_seconds: float = field(
+        default=300.0,
+        metadata=_help("give up after the coordinator has been unreachable this long"),
+    )
+    spool_dir: Path | None = field(
+        default=None,
+        metadata=_help("where downloaded models are buffered (default: system temp dir)"),
+    )
+
+    def __post_init__(self) -> None:
+        if not self.insecure and not (self.cert and self.key and self.ca):
+            raise ConfigError(
+                "TLS needs --cert, --key and --ca (your site's bundle from `fedlink certs issue "
+                "--client`); --insecure exists for local development only"
+            )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.num_partitions < 1 or not 0 <= self.partition_index < self.num_partitions:
+            raise ConfigError(
+                f"partition_index must be in 0..{self.num_partitions - 1}, got {self.partition_index}"
+            )
+        if self.reconnect_timeout_seconds <= 0:
+            raise ConfigError("reconnect_timeout_seconds must be positive")

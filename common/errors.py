@@ -1,0 +1,40 @@
+"""The exception hierarchy shared by every fedlink component."""
+
+
+class FedlinkError(Exception):
+    """Base class: every error fedlink raises on purpose derives from this."""
+
+
+class ConfigError(FedlinkError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+class PKIError(FedlinkError):
+    """Certificates or keys are missing, invalid, or do not belong together."""
+
+
+class PayloadError(FedlinkError):
+    """A streamed payload is malformed: wrong size, wrong hash, chunks out of order."""
+
+
+class TensorFormatError(FedlinkError):
+    """Bytes are not a valid safetensors document, or use an unsupported dtype."""
+
+
+class UpdateRejected(FedlinkError):
+    """A client's update failed validation; the global model was not touched.
+
+    `code` names the gRPC status the coordinator answers with, so the servicer stays thin.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TaskError(FedlinkError):
+    """A task module is missing, incomplete, or cannot provide the requested data."""
+
+
+class DataUnavailableError(TaskError):
+    """A data set cannot be loaded (e.g. it must be downloaded and there is no network)."""

@@ -1,0 +1,112 @@
+"""The task contract: what a federation's model-and-data module must provide.
+
+A task is a plain Python module (built in, or any importable `package.module`) with:
+
+    build_model() -> torch.nn.Module
+    load_data(request: DataRequest) -> ClientData
+    load_test_data() -> Dataset | None          # centralized test set for the coordinator
+    train(model, data, config, device) -> TrainResult
+    evaluate(model, dataset, device) -> EvalResult
+
+`train` and `evaluate` usually delegate to `fedlink.common.tasks.training`, which implements the
+standard supervised classification loop; a task overrides them only when it trains differently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch.utils.data import Dataset
+
+from fedlink.common.errors import TaskError
+
+# A dataset of (features, label) pairs; labels are int64 class indices.
+ExampleDataset = Dataset[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    """Which slice of data this client trains on.
+
+    `data_dir` says where the data comes from: a real site's own files, or a local copy of a data
+    set that would otherwise be downloaded; None means the task's default source. That data is
+    split into `num_partitions` parts by `partition` ("iid", "dirichlet:<alpha>", "classes:<k>"),
+    deterministically from `seed`, and part `partition_index` is returned; the defaults (one
+    partition) give a real site all of its own data.
+    """
+
+    partition: str = "iid"
+    partition_index: int = 0
+    num_partitions: int = 1
+    seed: int = 0
+    data_dir: Path | None = None
+
+
+class TensorExamples(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """In-memory examples: `features[i]` with class index `labels[i]` (int64)."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        if len(features) != len(labels):
+            raise TaskError(f"{len(features)} feature rows but {len(labels)} labels")
+        self.features = features
+        self.labels = labels.long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features[index], self.labels[index]
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """A client's local data: a training split and an optional local evaluation split."""
+
+    train: ExampleDataset
+    test: ExampleDataset | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training hyper-parameters, sent by the coordinator for every round."""
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    num_examples: int
+    loss: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    num_examples: int
+    loss: float
+    accuracy: float
+
+
+class TaskModule(Protocol):
+    """Static type of a loaded task module."""
+
+    def build_model(self) -> torch.nn.Module: ...
+
+    def load_data(self, request: DataRequest) -> ClientData: ...
+
+    def load_test_data(self) -> ExampleDataset | None: ...
+
+    def train(
+        self, model: torch.nn.Module, data: ClientData, config: TrainConfig, device: torch.device
+    ) -> TrainResult: ...
+
+    def evaluate(
+        self, model: torch.nn.Module, dataset: ExampleDataset, device: torch.device
+    ) -> EvalResult: ...

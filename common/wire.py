@@ -1,0 +1,95 @@
+"""Payloads on the wire: bytes split into ordered chunks, announced by size and SHA-256.
+
+A payload is never trusted until every byte arrived in order and the digest matched; the
+receiver bounds memory (or disk) by the announced size, which it checks against its own limit
+before accepting the first chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from fedlink.common.errors import PayloadError
+
+DEFAULT_CHUNK_SIZE = 1 << 20
+MIN_CHUNK_SIZE = 4 << 10
+MAX_CHUNK_SIZE = 16 << 20
+# Room for the protobuf framing around a chunk when sizing gRPC message limits.
+MESSAGE_OVERHEAD = 64 << 10
+ENCODING = "safetensors"
+
+
+@dataclass(frozen=True)
+class PayloadInfo:
+    size: int
+    sha256: bytes
+    encoding: str = ENCODING
+
+
+def describe(data: bytes) -> PayloadInfo:
+    return PayloadInfo(size=len(data), sha256=hashlib.sha256(data).digest())
+
+
+def iter_chunks(data: bytes, chunk_size: int) -> Iterator[tuple[int, bytes]]:
+    """Yield (offset, bytes) slices of `data`; each slice is one gRPC message."""
+    check_chunk_size(chunk_size)
+    view = memoryview(data)
+    for offset in range(0, len(data), chunk_size):
+        yield offset, bytes(view[offset : offset + chunk_size])
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise PayloadError(
+            f"chunk size {chunk_size} is out of range; use {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes"
+        )
+
+
+class ByteSink(Protocol):
+    def write(self, data: bytes, /) -> int: ...
+
+
+class PayloadAssembler:
+    """Checks and stores the chunks of one announced payload as they arrive."""
+
+    def __init__(self, info: PayloadInfo, sink: ByteSink, *, max_size: int) -> None:
+        if info.encoding != ENCODING:
+            raise PayloadError(f"unsupported payload encoding {info.encoding!r}; use {ENCODING!r}")
+        if len(info.sha256) != hashlib.sha256().digest_size:
+            raise PayloadError("payload SHA-256 digest must be 32 bytes")
+        if info.size <= 0:
+            raise PayloadError("payload size must be positive")
+        if info.size > max_size:
+            raise PayloadError(
+                f"payload of {info.size} bytes exceeds the limit of {max_size} bytes"
+            )
+        self._info = info
+        self._sink = sink
+        self._hash = hashlib.sha256()
+        self.received = 0
+
+    def add(self, offset: int, data: bytes) -> None:
+        if offset != self.received:
+            raise PayloadError(
+                f"chunk at offset {offset} arrived out of order; expected offset {self.received}"
+            )
+        if not data:
+            raise PayloadError(f"empty chunk at offset {offset}")
+        if self.received + len(data) > self._info.size:
+            raise PayloadError(
+                f"chunks exceed the announced payload size of {self._info.size} bytes"
+            )
+        self._hash.update(data)
+        self._sink.write(data)
+        self.received += len(data)
+
+    def finish(self) -> None:
+        if self.received != self._info.size:
+            raise PayloadError(
+                f"payload truncated: received {self.received} of {self._info.size} bytes"
+            )
+        if self._hash.digest() != self._info.sha256:
+            raise PayloadError("payload SHA-256 does not match the announced digest")

@@ -1,0 +1,1 @@
+"""The coordinator: the only listener; runs rounds, validates and aggregates updates."""

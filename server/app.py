@@ -1,0 +1,161 @@
+"""`fedlink server`: start the coordinator, run the federation, write the results, exit."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+import uuid
+from concurrent import futures
+from types import FrameType
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from fedlink.common.pki import load_credentials
+from fedlink.common.tasks import load_task
+from fedlink.common.tensors import StateDict, save_state_file
+from fedlink.common.wire import MESSAGE_OVERHEAD
+from fedlink.server.config import ServerConfig
+from fedlink.server.report import MetricsLog, plot_accuracy, read_metrics, table_header, table_row
+from fedlink.server.rounds import RoundEngine, RoundRecord
+from fedlink.server.service import FederationServicer
+from fedlink.v1 import federation_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "fedlink.v1.Federation"
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+def build_server(
+    config: ServerConfig, servicer: FederationServicer, health_servicer: health.HealthServicer
+) -> tuple[grpc.Server, int]:
+    """A gRPC server with the federation and health services, bound with mTLS (or, only when
+    asked for explicitly, plaintext). Returns the server and the bound port."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
+        options=[
+            ("grpc.max_receive_message_length", config.chunk_size + MESSAGE_OVERHEAD),
+            ("grpc.max_send_message_length", config.chunk_size + MESSAGE_OVERHEAD),
+            *KEEPALIVE_OPTIONS,
+        ],
+    )
+    pb_grpc.add_FederationServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if config.insecure:
+        log.warning(
+            "INSECURE MODE: no TLS, clients are not authenticated and traffic is readable by "
+            "anyone on the network. Use this for local development only."
+        )
+        port = server.add_insecure_port(config.listen)
+    else:
+        assert config.cert and config.key and config.ca
+        creds = load_credentials(config.cert, config.key, config.ca, role="server")
+        server_credentials = grpc.ssl_server_credentials(
+            [(creds.key_pem, creds.cert_pem)],
+            root_certificates=creds.ca_pem,
+            require_client_auth=True,
+        )
+        port = server.add_secure_port(config.listen, server_credentials)
+    if port == 0:
+        raise OSError(f"could not listen on {config.listen}")
+    return server, port
+
+
+def run_server(config: ServerConfig) -> int:
+    task = load_task(config.task)
+    torch.manual_seed(config.seed)
+    model = task.build_model()
+    test_set = task.load_test_data()
+    device = torch.device("cpu")
+
+    def evaluate_centrally(state: StateDict) -> tuple[float, float] | None:
+        if test_set is None:
+            return None
+        model.load_state_dict(state)
+        result = task.evaluate(model, test_set, device)
+        return result.loss, result.accuracy
+
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(config.run_dir / "metrics.jsonl")
+
+    def on_round(record: RoundRecord) -> None:
+        metrics.append(record)
+        print(table_row(dataclasses.asdict(record)), flush=True)
+
+    engine = RoundEngine(
+        config,
+        {name: t.detach().clone() for name, t in model.state_dict().items()},
+        evaluate_centrally=evaluate_centrally,
+        on_round=on_round,
+    )
+    health_servicer = health.HealthServicer()
+    servicer = FederationServicer(engine, config, federation_id=uuid.uuid4().hex)
+    server, port = build_server(config, servicer, health_servicer)
+    server.start()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    host = config.listen.rsplit(":", 1)[0]
+    log.info(
+        "coordinator listening on %s:%d (task %s, %d rounds, %s)",
+        host,
+        port,
+        config.task,
+        config.num_rounds,
+        "INSECURE" if config.insecure else "mTLS",
+    )
+    if config.address_file is not None:
+        config.address_file.write_text(f"{host}:{port}\n")
+
+    stop = threading.Event()
+    previous = _install_signal_handlers(stop)
+    try:
+        print(table_header(), flush=True)
+        summary = engine.run(stop)
+    finally:
+        for service in ("", SERVICE_NAME):
+            health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        _restore_signal_handlers(previous)
+
+    save_state_file(summary.final_state, config.run_dir / "final_model.safetensors")
+    records = read_metrics(metrics.path)
+    if records:
+        plot_accuracy(records, config.run_dir / "accuracy.png")
+    if not stop.is_set():
+        engine.wait_for_stop_delivery(grace_seconds=5.0)
+    server.stop(grace=2.0).wait()
+    log.info("wrote %s", config.run_dir)
+    if summary.stopped_by_signal:
+        log.info("stopped by signal after %d completed rounds", summary.rounds_completed)
+        return 0
+    if not summary.completed:
+        log.error(
+            "run failed: %d of %d rounds completed", summary.rounds_completed, config.num_rounds
+        )
+        return 1
+    log.info("federation finished: %d rounds", summary.rounds_completed)
+    return 0
+
+
+def _install_signal_handlers(stop: threading.Event) -> dict[int, object]:
+    def handle(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s: stopping after cleaning up", signal.Signals(signum).name)
+        stop.set()
+
+    previous: dict[int, object] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, handle)
+    return previous
+
+
+def _restore_signal_handlers(previous: dict[int, object]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)  # type: ignore[arg-type]

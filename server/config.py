@@ -1,0 +1,128 @@
+"""Coordinator settings (TOML keys, FEDLINK_* variables and CLI flags share these names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedlink.common.errors import ConfigError
+from fedlink.common.wire import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = field(
+        default="0.0.0.0:50051", metadata=_help("host:port to listen on (port 0 = any free port)")
+    )
+    cert: Path | None = field(default=None, metadata=_help("server certificate (PEM)"))
+    key: Path | None = field(default=None, metadata=_help("server private key (PEM)"))
+    ca: Path | None = field(
+        default=None,
+        metadata=_help("federation CA certificate; clients must present a certificate it signed"),
+    )
+    insecure: bool = field(
+        default=False, metadata=_help("DEVELOPMENT ONLY: plaintext, unauthenticated clients")
+    )
+    task: str = field(
+        default="digits", metadata=_help("task module: a built-in name or package.module")
+    )
+    num_rounds: int = field(default=10, metadata=_help("training rounds to run"))
+    min_clients: int = field(
+        default=2, metadata=_help("clients that must be connected before round 1 starts")
+    )
+    fraction_fit: float = field(
+        default=1.0, metadata=_help("fraction of connected clients sampled per round")
+    )
+    min_fit_clients: int = field(default=2, metadata=_help("never sample fewer clients than this"))
+    min_results: int = field(
+        default=1,
+        metadata=_help(
+            "accepted updates needed for a round to count; below it the round is repeated"
+        ),
+    )
+    max_round_retries: int = field(
+        default=3, metadata=_help("consecutive failed rounds before the run is abandoned")
+    )
+    round_timeout_seconds: float = field(
+        default=600.0, metadata=_help("deadline for collecting a round's results")
+    )
+    evaluate_every: int = field(
+        default=1, metadata=_help("federated evaluation every N rounds (0 = only centralized)")
+    )
+    local_epochs: int = field(default=1, metadata=_help("local epochs per round (sent to clients)"))
+    batch_size: int = field(default=32, metadata=_help("local batch size (sent to clients)"))
+    learning_rate: float = field(
+        default=0.01, metadata=_help("local SGD learning rate (sent to clients)")
+    )
+    momentum: float = field(default=0.9, metadata=_help("local SGD momentum (sent to clients)"))
+    max_num_examples: int = field(
+        default=10_000_000,
+        metadata=_help("cap on a client's reported sample count (its aggregation weight)"),
+    )
+    chunk_size: int = field(
+        default=DEFAULT_CHUNK_SIZE, metadata=_help("payload chunk size in bytes")
+    )
+    heartbeat_interval_seconds: float = field(
+        default=10.0, metadata=_help("how often clients send heartbeats")
+    )
+    seed: int = field(default=0, metadata=_help("seed for initial model and client sampling"))
+    run_dir: Path = field(
+        default=Path("fedlink-run"),
+        metadata=_help("where metrics.jsonl, the final model and the plot are written"),
+    )
+    state_dir: Path = field(
+        default=Path("fedlink-state"),
+        metadata=_help("working state (incoming uploads are spooled here)"),
+    )
+    address_file: Path | None = field(
+        default=None, metadata=_help("write the bound host:port here once listening")
+    )
+    max_workers: int = field(
+        default=64,
+        metadata=_help("gRPC handler threads (each connected client holds one while polling)"),
+    )
+
+    def __post_init__(self) -> None:
+        if not self.insecure and not (self.cert and self.key and self.ca):
+            raise ConfigError(
+                "TLS needs --cert, --key and --ca (create them with `fedlink certs init` and "
+                "`fedlink certs issue --server`); --insecure exists for local development only"
+            )
+        positive = {
+            "num_rounds": self.num_rounds,
+            "min_clients": self.min_clients,
+            "min_fit_clients": self.min_fit_clients,
+            "min_results": self.min_results,
+            "local_epochs": self.local_epochs,
+            "batch_size": self.batch_size,
+            "max_num_examples": self.max_num_examples,
+            "max_workers": self.max_workers,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
+        if not 0.0 < self.fraction_fit <= 1.0:
+            raise ConfigError(f"fraction_fit must be in (0, 1], got {self.fraction_fit}")
+        if self.min_results > self.min_fit_clients:
+            raise ConfigError("min_results cannot exceed min_fit_clients")
+        if self.round_timeout_seconds <= 0 or self.heartbeat_interval_seconds <= 0:
+            raise ConfigError("timeouts and intervals must be positive")
+        if self.learning_rate <= 0 or not 0.0 <= self.momentum < 1.0:
+            raise ConfigError("learning_rate must be > 0 and momentum in [0, 1)")
+        if self.evaluate_every < 0 or self.max_round_retries < 0:
+            raise ConfigError("evaluate_every and max_round_retries must be >= 0")
+        if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
+            raise ConfigError(f"chunk_size must be in {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
+
+    def task_config(self) -> dict[str, str]:
+        """The training hyper-parameters every client receives when it joins."""
+        return {
+            "local_epochs": str(self.local_epochs),
+            "batch_size": str(self.batch_size),
+            "learning_rate": repr(self.learning_rate),
+            "momentum": repr(self.momentum),
+        }

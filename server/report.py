@@ -1,0 +1,83 @@
+"""What a run leaves behind for people: metrics.jsonl, a round table, an accuracy plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedlink.server.rounds import RoundRecord
+
+TABLE_COLUMNS = ("round", "clients", "accuracy", "loss", "fed acc", "seconds", "MB moved")
+
+
+class MetricsLog:
+    """Appends one JSON object per round to `metrics.jsonl` (flushed, so it can be tailed)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+
+    def append(self, record: RoundRecord) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(dataclasses.asdict(record)) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def table_header() -> str:
+    return "  ".join(f"{c:>9}" for c in TABLE_COLUMNS)
+
+
+def table_row(record: Mapping[str, Any]) -> str:
+    def number(value: float | None, fmt: str) -> str:
+        return format(value, fmt) if value is not None else "-"
+
+    moved = (record["bytes_down"] + record["bytes_up"]) / 1e6
+    cells = (
+        str(record["round"]),
+        f"{record['clients_accepted']}/{record['clients_sampled']}",
+        number(record["test_accuracy"], ".4f"),
+        number(record["test_loss"], ".4f"),
+        number(record["federated_accuracy"], ".4f"),
+        f"{record['seconds']:.2f}",
+        f"{moved:.2f}",
+    )
+    return "  ".join(f"{c:>9}" for c in cells)
+
+
+def format_table(records: Iterable[Mapping[str, Any]]) -> str:
+    return "\n".join([table_header(), *(table_row(r) for r in records)])
+
+
+def plot_accuracy(records: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Accuracy per round (centralized test set and federated evaluation) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in containers
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in records]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (
+        ("test_accuracy", "centralized test"),
+        ("federated_accuracy", "federated eval"),
+    ):
+        points = [(n, r[key]) for n, r in zip(rounds, records, strict=True) if r[key] is not None]
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title("fedlink: global model accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

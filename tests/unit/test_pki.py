@@ -1,0 +1,504 @@
+"""Tests for the federation PKI: CA creation, certificate issuance, and bundle checks."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import ipaddress
+import logging
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedlink.certs import add_certs_parser
+from fedlink.common.errors import PKIError
+from fedlink.common.pki import (
+    CertPaths,
+    Credentials,
+    identity_from_pem,
+    init_ca,
+    issue_certificate,
+    load_credentials,
+)
+
+posix_only = pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX-only")
+
+
+def _cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def ca_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "ca"
+    init_ca(directory)
+    return directory
+
+
+@pytest.fixture
+def server(ca_dir: Path, tmp_path: Path) -> CertPaths:
+    return issue_certificate(
+        ca_dir, tmp_path / "server", "coordinator", role="server", hosts=["localhost", "10.0.0.5"]
+    )
+
+
+@pytest.fixture
+def client(ca_dir: Path, tmp_path: Path) -> CertPaths:
+    return issue_certificate(ca_dir, tmp_path / "client-1", "client-1", role="client")
+
+
+def _sign_with_ca(
+    ca_dir: Path,
+    *,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    out_dir: Path,
+    name: str = "old-client",
+) -> CertPaths:
+    """Issue a client bundle with an arbitrary validity window, which the public API refuses."""
+    ca_cert = _cert(ca_dir / "ca.pem")
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = CertPaths(
+        cert=out_dir / f"{name}.pem", key=out_dir / f"{name}.key", ca=out_dir / "ca.pem"
+    )
+    paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    paths.key.chmod(0o600)
+    paths.ca.write_bytes((ca_dir / "ca.pem").read_bytes())
+    return paths
+
+
+# --- init_ca -------------------------------------------------------------------------------------
+
+
+def test_init_ca_writes_a_self_signed_ca_that_can_only_sign_leaf_certificates(
+    tmp_path: Path,
+) -> None:
+    paths = init_ca(tmp_path / "ca", name="test federation")
+
+    assert paths.cert == tmp_path / "ca" / "ca.pem"
+    assert paths.key == tmp_path / "ca" / "ca.key"
+    cert = _cert(paths.cert)
+    assert cert.subject == cert.issuer
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "test federation"
+    cert.verify_directly_issued_by(cert)
+    public_key = cert.public_key()
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    assert isinstance(public_key.curve, ec.SECP256R1)
+    assert isinstance(cert.signature_hash_algorithm, hashes.SHA256)
+
+    constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert constraints.critical
+    assert constraints.value.ca is True
+    assert constraints.value.path_length == 0
+    usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.key_cert_sign and usage.crl_sign
+    assert not usage.digital_signature
+    cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+
+
+@posix_only
+def test_init_ca_key_is_owner_only_and_new_directory_is_private(tmp_path: Path) -> None:
+    paths = init_ca(tmp_path / "ca")
+
+    assert _mode(paths.key) == 0o600
+    assert _mode(tmp_path / "ca") & 0o077 == 0
+    assert not list((tmp_path / "ca").glob("*.tmp"))
+
+
+def test_init_ca_refuses_to_replace_an_existing_ca(ca_dir: Path) -> None:
+    before = (ca_dir / "ca.key").read_bytes()
+
+    with pytest.raises(PKIError, match=r"already exists.*--force"):
+        init_ca(ca_dir)
+
+    assert (ca_dir / "ca.key").read_bytes() == before
+
+
+def test_init_ca_with_force_replaces_the_ca(ca_dir: Path) -> None:
+    before = (ca_dir / "ca.pem").read_bytes()
+
+    init_ca(ca_dir, force=True)
+
+    assert (ca_dir / "ca.pem").read_bytes() != before
+
+
+# --- issue_certificate ---------------------------------------------------------------------------
+
+
+def test_server_certificate_lists_dns_names_and_ip_addresses(server: CertPaths) -> None:
+    san = _cert(server.cert).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5")]
+
+
+def test_server_certificate_is_for_server_auth_only(server: CertPaths) -> None:
+    eku = _cert(server.cert).extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+
+
+def test_client_certificate_is_for_client_auth_and_has_no_hosts(client: CertPaths) -> None:
+    cert = _cert(client.cert)
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    with pytest.raises(x509.ExtensionNotFound):
+        cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+
+
+def test_issued_certificate_is_a_ca_signed_leaf_named_after_the_participant(
+    ca_dir: Path, client: CertPaths
+) -> None:
+    cert = _cert(client.cert)
+    ca_cert = _cert(ca_dir / "ca.pem")
+
+    cert.verify_directly_issued_by(ca_cert)
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "client-1"
+    constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert constraints.critical and constraints.value.ca is False
+    usage = cert.extensions.get_extension_for_class(x509.KeyUsage)
+    assert usage.critical
+    assert usage.value.digital_signature and usage.value.key_agreement
+    assert not usage.value.key_cert_sign
+    aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert aki.key_identifier == ski.digest
+
+
+def test_issued_certificate_tolerates_clock_skew(client: CertPaths) -> None:
+    cert = _cert(client.cert)
+    now = dt.datetime.now(dt.timezone.utc)
+
+    assert now - cert.not_valid_before_utc >= dt.timedelta(minutes=4)
+    assert cert.not_valid_after_utc - now > dt.timedelta(days=824)
+
+
+def test_each_certificate_gets_its_own_random_serial(ca_dir: Path, tmp_path: Path) -> None:
+    a = issue_certificate(ca_dir, tmp_path / "out", "client-a", role="client")
+    b = issue_certificate(ca_dir, tmp_path / "out", "client-b", role="client")
+
+    assert _cert(a.cert).serial_number != _cert(b.cert).serial_number
+
+
+def test_bundle_holds_cert_key_and_ca_cert_but_never_the_ca_key(
+    ca_dir: Path, tmp_path: Path, client: CertPaths
+) -> None:
+    bundle = tmp_path / "client-1"
+
+    assert sorted(p.name for p in bundle.iterdir()) == ["ca.pem", "client-1.key", "client-1.pem"]
+    assert client.ca.read_bytes() == (ca_dir / "ca.pem").read_bytes()
+
+
+@posix_only
+def test_issued_key_is_owner_only(client: CertPaths, server: CertPaths) -> None:
+    assert _mode(client.key) == 0o600
+    assert _mode(server.key) == 0o600
+
+
+def test_server_certificate_without_hosts_is_refused(ca_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(PKIError, match="--host"):
+        issue_certificate(ca_dir, tmp_path / "out", "coordinator", role="server")
+
+    assert not (tmp_path / "out").exists()
+
+
+def test_client_certificate_with_hosts_is_refused(ca_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(PKIError, match="client certificate"):
+        issue_certificate(ca_dir, tmp_path / "out", "client-1", role="client", hosts=["localhost"])
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "a" * 65, "client 1", "../escape", "a/b", "-client", ".hidden", "clïent", "ca", "CA"],
+)
+def test_invalid_names_are_rejected(ca_dir: Path, tmp_path: Path, name: str) -> None:
+    with pytest.raises(PKIError, match="name"):
+        issue_certificate(ca_dir, tmp_path / "out", name, role="client")
+
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["c", "a" * 64, "client-1", "site_A.hospital-2"])
+def test_valid_names_are_accepted(ca_dir: Path, tmp_path: Path, name: str) -> None:
+    paths = issue_certificate(ca_dir, tmp_path / "out", name, role="client")
+
+    assert paths.cert.name == f"{name}.pem"
+
+
+def test_issue_refuses_to_overwrite_an_existing_certificate(
+    ca_dir: Path, tmp_path: Path, client: CertPaths
+) -> None:
+    before = client.key.read_bytes()
+
+    with pytest.raises(PKIError, match=r"already exists.*--force"):
+        issue_certificate(ca_dir, tmp_path / "client-1", "client-1", role="client")
+
+    assert client.key.read_bytes() == before
+
+
+@posix_only
+def test_issue_with_force_replaces_the_pair_and_keeps_the_key_private(
+    ca_dir: Path, tmp_path: Path, client: CertPaths
+) -> None:
+    before = client.key.read_bytes()
+    client.key.chmod(0o644)
+
+    issue_certificate(ca_dir, tmp_path / "client-1", "client-1", role="client", force=True)
+
+    assert client.key.read_bytes() != before
+    assert _mode(client.key) == 0o600
+    load_credentials(client.cert, client.key, client.ca)
+
+
+def test_issue_refuses_a_bundle_directory_holding_another_federations_ca(
+    ca_dir: Path, tmp_path: Path, client: CertPaths
+) -> None:
+    other_ca = tmp_path / "other-ca"
+    init_ca(other_ca)
+
+    with pytest.raises(PKIError, match="different CA"):
+        issue_certificate(other_ca, tmp_path / "client-1", "client-2", role="client")
+
+
+def test_issue_without_a_ca_says_how_to_create_one(tmp_path: Path) -> None:
+    with pytest.raises(PKIError, match="fedlink certs init"):
+        issue_certificate(tmp_path / "nowhere", tmp_path / "out", "client-1", role="client")
+
+
+# --- load_credentials ----------------------------------------------------------------------------
+
+
+def test_load_credentials_returns_the_three_pem_files(client: CertPaths) -> None:
+    creds = load_credentials(client.cert, client.key, client.ca, role="client")
+
+    assert creds == Credentials(
+        cert_pem=client.cert.read_bytes(),
+        key_pem=client.key.read_bytes(),
+        ca_pem=client.ca.read_bytes(),
+    )
+
+
+def test_credentials_repr_never_shows_the_private_key(client: CertPaths) -> None:
+    creds = load_credentials(client.cert, client.key, client.ca)
+
+    assert "PRIVATE KEY" not in repr(creds)
+    assert "key_pem" not in repr(creds)
+
+
+def test_load_credentials_names_a_missing_file_and_how_to_issue_it(client: CertPaths) -> None:
+    missing = client.cert.with_name("nobody.pem")
+
+    with pytest.raises(PKIError, match=r"nobody\.pem.*fedlink certs issue"):
+        load_credentials(missing, client.key, client.ca)
+
+
+def test_load_credentials_rejects_a_key_that_does_not_match_the_certificate(
+    client: CertPaths, server: CertPaths
+) -> None:
+    with pytest.raises(PKIError, match="does not match"):
+        load_credentials(client.cert, server.key, client.ca)
+
+
+def test_load_credentials_rejects_a_certificate_from_another_ca(
+    client: CertPaths, tmp_path: Path
+) -> None:
+    other = tmp_path / "other-ca"
+    init_ca(other)
+
+    with pytest.raises(PKIError, match="not issued by the CA"):
+        load_credentials(client.cert, client.key, other / "ca.pem")
+
+
+def test_load_credentials_rejects_a_forged_certificate_with_the_cas_name(
+    ca_dir: Path, client: CertPaths, tmp_path: Path
+) -> None:
+    # Same subject as the real CA, different key: only the signature check can tell them apart.
+    impostor = tmp_path / "impostor"
+    init_ca(impostor)
+    forged = issue_certificate(impostor, tmp_path / "forged", "client-1", role="client")
+
+    with pytest.raises(PKIError, match="not issued by the CA"):
+        load_credentials(forged.cert, forged.key, client.ca)
+
+
+def test_load_credentials_rejects_an_expired_certificate_with_its_date(
+    ca_dir: Path, tmp_path: Path
+) -> None:
+    now = dt.datetime.now(dt.timezone.utc)
+    paths = _sign_with_ca(
+        ca_dir,
+        not_before=now - dt.timedelta(days=30),
+        not_after=now - dt.timedelta(days=2),
+        out_dir=tmp_path / "old",
+    )
+    expiry = f"{now - dt.timedelta(days=2):%Y-%m-%d}"
+
+    with pytest.raises(
+        PKIError, match=rf"old-client\.pem expired on {expiry}.*fedlink certs issue"
+    ):
+        load_credentials(paths.cert, paths.key, paths.ca)
+
+
+def test_certificate_issued_for_zero_days_is_already_expired(ca_dir: Path, tmp_path: Path) -> None:
+    paths = issue_certificate(ca_dir, tmp_path / "out", "client-1", role="client", days=0)
+
+    with pytest.raises(PKIError, match="expired on"):
+        load_credentials(paths.cert, paths.key, paths.ca)
+
+
+def test_load_credentials_rejects_a_certificate_that_is_not_yet_valid(
+    ca_dir: Path, tmp_path: Path
+) -> None:
+    now = dt.datetime.now(dt.timezone.utc)
+    paths = _sign_with_ca(
+        ca_dir,
+        not_before=now + dt.timedelta(days=1),
+        not_after=now + dt.timedelta(days=30),
+        out_dir=tmp_path / "future",
+    )
+
+    with pytest.raises(PKIError, match=r"not valid until.*clock"):
+        load_credentials(paths.cert, paths.key, paths.ca)
+
+
+def test_load_credentials_rejects_the_ca_certificate_as_a_participant_certificate(
+    ca_dir: Path,
+) -> None:
+    with pytest.raises(PKIError, match="is a CA certificate"):
+        load_credentials(ca_dir / "ca.pem", ca_dir / "ca.key", ca_dir / "ca.pem")
+
+
+def test_load_credentials_checks_the_role_when_asked(client: CertPaths, server: CertPaths) -> None:
+    load_credentials(server.cert, server.key, server.ca, role="server")
+
+    with pytest.raises(PKIError, match=r"not a server certificate.*--server"):
+        load_credentials(client.cert, client.key, client.ca, role="server")
+
+
+@posix_only
+def test_load_credentials_warns_about_a_key_readable_by_others(
+    client: CertPaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    client.key.chmod(0o644)
+
+    with caplog.at_level(logging.WARNING, logger="fedlink.common.pki"):
+        load_credentials(client.cert, client.key, client.ca)
+
+    assert "chmod 600" in caplog.text
+    assert "PRIVATE KEY" not in caplog.text
+
+
+@posix_only
+def test_load_credentials_is_quiet_about_an_owner_only_key(
+    client: CertPaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="fedlink.common.pki"):
+        load_credentials(client.cert, client.key, client.ca)
+
+    assert caplog.records == []
+
+
+# --- identity_from_pem ---------------------------------------------------------------------------
+
+
+def test_identity_from_pem_is_the_common_name(client: CertPaths, server: CertPaths) -> None:
+    assert identity_from_pem(client.cert.read_bytes()) == "client-1"
+    assert identity_from_pem(server.cert.read_bytes()) == "coordinator"
+
+
+def test_identity_from_pem_rejects_garbage() -> None:
+    with pytest.raises(PKIError):
+        identity_from_pem(b"not a certificate")
+
+
+# --- fedlink certs -------------------------------------------------------------------------------
+
+
+def _cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="fedlink")
+    add_certs_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+def test_cli_init_and_issue_write_a_usable_bundle(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca, out = tmp_path / "ca", tmp_path / "srv"
+
+    assert _cli("certs", "init", "--dir", str(ca)) == 0
+    issue = ["--ca-dir", str(ca), "--out", str(out), "--name", "coordinator", "--server"]
+    hosts = ["--host", "localhost", "--host", "127.0.0.1", "::1"]
+    assert _cli("certs", "issue", *issue, *hosts) == 0
+
+    printed = capsys.readouterr().out
+    assert str(out / "coordinator.pem") in printed
+    assert str(out / "coordinator.key") in printed
+    load_credentials(out / "coordinator.pem", out / "coordinator.key", out / "ca.pem")
+    san = _cert(out / "coordinator.pem").extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert len(san.value.get_values_for_type(x509.IPAddress)) == 2
+
+
+def test_cli_reports_a_pki_error_on_stderr_with_exit_code_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = tmp_path / "ca"
+    assert _cli("certs", "init", "--dir", str(ca)) == 0
+
+    code = _cli(
+        "certs",
+        "issue",
+        "--ca-dir",
+        str(ca),
+        "--out",
+        str(tmp_path / "srv"),
+        "--server",
+        "--name",
+        "srv",
+    )
+
+    assert code == 2
+    assert "--host" in capsys.readouterr().err
+
+
+def test_cli_requires_exactly_one_role(tmp_path: Path) -> None:
+    common = ["certs", "issue", "--ca-dir", str(tmp_path), "--out", str(tmp_path), "--name", "x"]
+    with pytest.raises(SystemExit):
+        _cli(*common)
+    with pytest.raises(SystemExit):
+        _cli(*common, "--server", "--client")
