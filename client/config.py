@@ -68,5 +68,5 @@ class ClientConfig:
             raise ConfigError(
                 f"partition_index must be in 0..{self.num_partitions - 1}, got {self.partition_index}"
             )
-        if self.reconnect_timeout_seconds <= 0:
+        if not self.reconnect_timeout_seconds > 0:  # also refuses NaN
             raise ConfigError("reconnect_timeout_seconds must be positive")

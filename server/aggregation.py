@@ -6,6 +6,7 @@ Server memory is one accumulator the size of the model, independent of the numbe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -34,8 +35,8 @@ class StreamingFedAvg:
 
     def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
         """Fold one validated update in; `state` must match the manifest (checked upstream)."""
-        if weight <= 0:
-            raise ValueError("aggregation weight must be positive")
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"aggregation weight must be positive and finite, got {weight}")
         for name, spec in self._manifest.items():
             tensor = state[name]
             if spec.dtype.is_floating_point:

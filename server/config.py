@@ -109,9 +109,10 @@ class ServerConfig:
             raise ConfigError(f"fraction_fit must be in (0, 1], got {self.fraction_fit}")
         if self.min_results > self.min_fit_clients:
             raise ConfigError("min_results cannot exceed min_fit_clients")
-        if self.round_timeout_seconds <= 0 or self.heartbeat_interval_seconds <= 0:
+        # Written as "not > 0" so that NaN is refused too.
+        if not (self.round_timeout_seconds > 0 and self.heartbeat_interval_seconds > 0):
             raise ConfigError("timeouts and intervals must be positive")
-        if self.learning_rate <= 0 or not 0.0 <= self.momentum < 1.0:
+        if not self.learning_rate > 0 or not 0.0 <= self.momentum < 1.0:
             raise ConfigError("learning_rate must be > 0 and momentum in [0, 1)")
         if self.evaluate_every < 0 or self.max_round_retries < 0:
             raise ConfigError("evaluate_every and max_round_retries must be >= 0")

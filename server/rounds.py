@@ -340,9 +340,20 @@ class RoundEngine:
         )
 
     def abandon_result(self, upload: ResultUpload, reason: str) -> None:
-        """The client went away mid-upload: drop it from this phase."""
+        """The upload failed or the client went away mid-upload: drop it from this phase."""
         upload.discard()
-        self._mark_finished(upload.phase, upload.identity, rejected=reason)
+        if upload.identity not in upload.phase.finished:
+            self._mark_finished(upload.phase, upload.identity, rejected=reason)
+
+    def reject_participant(self, identity: str, reason: str) -> None:
+        """A participant broke the protocol (e.g. a result stream with no header): drop it from
+        the current phase so it never holds up the round."""
+        with self._cond:
+            phase = self._phase
+            if phase is None or identity not in phase.participants or identity in phase.finished:
+                return
+            phase.submitted.add(identity)
+        self._mark_finished(phase, identity, rejected=reason)
 
     def count_bytes(self, *, down: int = 0, up: int = 0) -> None:
         with self._cond:

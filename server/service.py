@@ -85,9 +85,9 @@ class FederationServicer(pb_grpc.FederationServicer):
         identity = self._identity(context)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("message") != "header":
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a ResultHeader"
-            )
+            reason = "the first message must be a ResultHeader"
+            self._engine.reject_participant(identity, reason)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
         try:
             upload = self._engine.open_result(identity, _result_header(first.header))
         except UpdateRejected as exc:
@@ -101,10 +101,11 @@ class FederationServicer(pb_grpc.FederationServicer):
                 received += len(message.chunk.data)
             self._engine.finish_result(upload)
         except UpdateRejected as exc:
+            self._engine.abandon_result(upload, str(exc))
             _abort(context, exc)
-        except grpc.RpcError:
-            # The client cancelled or disconnected mid-upload.
-            self._engine.abandon_result(upload, "client disconnected during upload")
+        except BaseException:
+            # The client cancelled or disconnected mid-upload (grpc.RpcError), or worse.
+            self._engine.abandon_result(upload, "upload interrupted")
             raise
         finally:
             self._engine.count_bytes(up=received)

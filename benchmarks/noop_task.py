@@ -1,0 +1,94 @@
+"""A fedlink task whose training is a no-op, for transport benchmarks.
+
+The model is chosen by the FEDLINK_BENCH_MODEL environment variable (see MODELS). Clients still
+download the global model, load it into their model, serialize its state_dict and upload it:
+only the compute is skipped. There is no centralized test set, so the coordinator only
+transports and aggregates.
+
+Import it as the task `noop_task` with this directory on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torchvision
+from torch import nn
+
+from fedlink.common.tasks.base import (
+    ClientData,
+    DataRequest,
+    EvalResult,
+    ExampleDataset,
+    TensorExamples,
+    TrainConfig,
+    TrainResult,
+)
+from fedlink.common.tasks.mnist import FedAvgCNN
+
+MODEL_ENV = "FEDLINK_BENCH_MODEL"
+DEFAULT_MODEL = "cnn1.66m"
+# Examples each client reports per round (its FedAvg weight).
+NUM_EXAMPLES = 100
+# The 100M model: LAYERS square Linear layers of WIDTH features (weights and biases).
+WIDTH = 5000
+LAYERS = 4
+
+
+class Big(nn.Module):
+    """LAYERS x Linear(WIDTH, WIDTH): 100,020,000 float32 parameters (400 MB)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Built on the meta device, then given real memory: skips the slow random init.
+        self.layers = nn.ModuleList(nn.Linear(WIDTH, WIDTH, device="meta") for _ in range(LAYERS))
+        self.to_empty(device="cpu")
+        with torch.no_grad():
+            # to_empty leaves memory uninitialized (possibly NaN, which fedlink refuses); a
+            # constant fill is fast and makes every page resident, as trained weights would be.
+            for parameter in self.parameters():
+                parameter.fill_(1e-3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _resnet18() -> nn.Module:
+    model: nn.Module = torchvision.models.resnet18(num_classes=10)
+    return model
+
+
+MODELS = {"cnn1.66m": FedAvgCNN, "resnet18": _resnet18, "100m": Big}
+
+
+def model_name() -> str:
+    name = os.environ.get(MODEL_ENV, DEFAULT_MODEL)
+    if name not in MODELS:
+        raise ValueError(f"{MODEL_ENV}={name!r}; choose one of {', '.join(MODELS)}")
+    return name
+
+
+def build_model() -> nn.Module:
+    return MODELS[model_name()]()
+
+
+def load_data(request: DataRequest) -> ClientData:
+    features = torch.zeros(NUM_EXAMPLES, 1)
+    return ClientData(train=TensorExamples(features, torch.zeros(NUM_EXAMPLES)))
+
+
+def load_test_data() -> ExampleDataset | None:
+    return None
+
+
+def train(
+    model: nn.Module, data: ClientData, config: TrainConfig, device: torch.device
+) -> TrainResult:
+    return TrainResult(num_examples=NUM_EXAMPLES, loss=0.0)
+
+
+def evaluate(model: nn.Module, dataset: ExampleDataset, device: torch.device) -> EvalResult:
+    return EvalResult(num_examples=NUM_EXAMPLES, loss=0.0, accuracy=0.0)

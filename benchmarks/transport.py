@@ -1,0 +1,789 @@
+"""Transport benchmark: fedlink round time and coordinator memory vs the bare gRPC wire limit.
+
+    .venv/bin/python benchmarks/transport.py                      # the whole matrix
+    .venv/bin/python benchmarks/transport.py --models cnn1.66m --clients 2
+
+For each model (cnn1.66m: the FedAvg CNN, 1.66M parameters; resnet18: torchvision ResNet-18,
+11.2M; 100m: 100M float32 parameters) and each number of clients, it starts a real coordinator
+and N client processes over mutual TLS on 127.0.0.1, exactly as `fedlink demo` does, with
+training replaced by a no-op (benchmarks/noop_task.py): each round still streams the global
+model to every client, which loads it, serializes its state_dict and streams it back, and the
+coordinator validates and aggregates every update. It reports the mean seconds of the rounds
+after the first (metrics.jsonl) and the coordinator's peak RSS (getrusage of the process).
+
+In the same run it measures the wire limit (benchmarks/bare_wire.py): the same payload, down
+then up, for the same number of concurrent client processes, through bare mTLS gRPC streaming
+calls with raw-bytes messages of the same chunk size and fedlink's channel options; clients
+connect first and are released together, so start-up is not timed. ratio = round / wire.
+
+Targets (from the issue): ratio <= 1.3 for resnet18 and 100m with 10 clients; with 10 clients
+and the 100m model the coordinator's peak RSS < 3 x model size + 1 GiB.
+
+Prints a table and writes JSON (default benchmarks/results/transport.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import queue
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+import grpc  # noqa: E402
+import noop_task  # noqa: E402
+import torch  # noqa: E402
+
+from fedlink.common.pki import init_ca, issue_certificate  # noqa: E402
+from fedlink.common.tensors import encode_state  # noqa: E402
+from fedlink.common.wire import DEFAULT_CHUNK_SIZE  # noqa: E402
+
+MODELS = tuple(noop_task.MODELS)
+DEFAULT_CLIENTS = (2, 5, 10)
+DEFAULT_OUT = BENCH_DIR / "results" / "transport.json"
+TASK = "noop_task"
+MIB = 1 << 20
+TARGET_RATIO = 1.3
+RATIO_TARGET_MODELS = ("resnet18", "100m")
+TARGET_CLIENTS = 10
+MEMORY_TARGET_MODEL = "100m"
+STARTUP_TIMEOUT_SECONDS = 180.0
+CLIENT_EXIT_SECONDS = 60.0
+
+
+def default_rounds(model: str) -> int:
+    return 2 if model == "100m" else 3
+
+
+def memory_limit_bytes(payload_bytes: int) -> int:
+    """The issue's bound on the coordinator's peak memory: 3 x model size + 1 GiB."""
+    return 3 * payload_bytes + 1024 * MIB
+
+
+# ---- processes -------------------------------------------------------------------------------
+
+
+class Processes:
+    """Every child process this benchmark starts; `kill_all` leaves none behind."""
+
+    def __init__(self) -> None:
+        self._all: list[subprocess.Popen[bytes]] = []
+
+    def spawn(
+        self,
+        command: list[str],
+        log_path: Path,
+        env: dict[str, str],
+        cwd: Path,
+        *,
+        pipes: bool = False,
+    ) -> subprocess.Popen[bytes]:
+        log: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 (owned by the child process)
+        try:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if pipes else log,
+                stderr=log,
+                env=env,
+                cwd=cwd,
+            )
+        finally:
+            log.close()
+        self._all.append(process)
+        return process
+
+    def kill_all(self) -> None:
+        for process in self._all:
+            if process.returncode is None:
+                with suppress(ProcessLookupError):
+                    process.kill()
+        for process in self._all:
+            if process.returncode is None:
+                with suppress(TimeoutError):
+                    reap(process, time.monotonic() + 10.0)
+            for stream in (process.stdin, process.stdout):
+                if stream is not None:
+                    with suppress(OSError):
+                        stream.close()
+        self._all.clear()
+
+
+@dataclass(frozen=True)
+class Exit:
+    returncode: int
+    peak_rss_bytes: int
+
+
+def reap(process: subprocess.Popen[bytes], deadline: float) -> Exit:
+    """Wait for `process` with os.wait4 (for its peak RSS), until `deadline` (monotonic)."""
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid == process.pid:
+            code = os.waitstatus_to_exitcode(status)
+            process.returncode = code  # reaped here; Popen must not wait for it again
+            return Exit(code, usage.ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process {process.pid} ({process.args!r}) did not exit in time")
+        time.sleep(0.05)
+
+
+def child_env(model: str) -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH")
+    return {
+        **os.environ,
+        "PYTHONPATH": str(BENCH_DIR) + (os.pathsep + path if path else ""),
+        # As `fedlink demo`: one math thread per process on a shared machine.
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        noop_task.MODEL_ENV: model,
+    }
+
+
+def wait_for_file(path: Path, process: subprocess.Popen[bytes], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            text = path.read_text().strip()
+            if text:
+                return text
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with status {process.returncode}")
+        time.sleep(0.05)
+    raise TimeoutError(f"{path} did not appear within {timeout:.0f}s")
+
+
+class MemoryMonitor:
+    """Samples the machine's used memory (MemTotal - MemAvailable) in a background thread."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="meminfo", daemon=True)
+        self.peak_bytes = 0
+
+    def __enter__(self) -> MemoryMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.peak_bytes = max(self.peak_bytes, used_memory_bytes())
+            if self._stop.wait(self._interval):
+                return
+
+
+def used_memory_bytes() -> int:
+    fields: dict[str, int] = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, value = line.split(":", 1)
+            fields[name] = int(value.split()[0]) * 1024
+    return fields["MemTotal"] - fields["MemAvailable"]
+
+
+# ---- certificates and models -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bundle:
+    cert: Path
+    key: Path
+    ca: Path
+
+    def args(self) -> list[str]:
+        return ["--cert", str(self.cert), "--key", str(self.key), "--ca", str(self.ca)]
+
+
+@dataclass(frozen=True)
+class Certificates:
+    server: Bundle
+    clients: tuple[Bundle, ...]
+
+
+def make_certificates(directory: Path, num_clients: int) -> Certificates:
+    """A CA, a server certificate for 127.0.0.1 and N client bundles (as `fedlink demo`)."""
+    ca_dir = directory / "ca"
+    init_ca(ca_dir)
+    issue_certificate(
+        ca_dir, directory / "server", "server", role="server", hosts=["localhost", "127.0.0.1"]
+    )
+    clients = []
+    for index in range(num_clients):
+        name = f"client-{index + 1}"
+        issue_certificate(ca_dir, directory / name, name, role="client")
+        bundle = directory / name
+        clients.append(Bundle(bundle / f"{name}.pem", bundle / f"{name}.key", bundle / "ca.pem"))
+    server = directory / "server"
+    return Certificates(
+        Bundle(server / "server.pem", server / "server.key", server / "ca.pem"), tuple(clients)
+    )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    parameters: int
+    payload_bytes: int  # the safetensors encoding fedlink streams
+
+
+def model_info(name: str) -> ModelInfo:
+    previous = os.environ.get(noop_task.MODEL_ENV)
+    os.environ[noop_task.MODEL_ENV] = name
+    try:
+        model = noop_task.build_model()
+    finally:
+        if previous is None:
+            del os.environ[noop_task.MODEL_ENV]
+        else:
+            os.environ[noop_task.MODEL_ENV] = previous
+    parameters = sum(p.numel() for p in model.parameters())
+    payload = len(encode_state(model.state_dict()))
+    return ModelInfo(name, parameters, payload)
+
+
+# ---- one fedlink federation ------------------------------------------------------------------
+
+
+@dataclass
+class FedlinkRun:
+    round_seconds: list[float] = field(default_factory=list)
+    bytes_down: list[int] = field(default_factory=list)
+    bytes_up: list[int] = field(default_factory=list)
+    server_peak_rss_bytes: int = 0
+    client_peak_rss_bytes: int = 0
+    system_peak_used_bytes: int = 0
+    wall_seconds: float = 0.0
+    error: str | None = None
+
+
+def run_fedlink(
+    info: ModelInfo,
+    num_clients: int,
+    rounds: int,
+    certs: Certificates,
+    work: Path,
+    timeout: float,
+    processes: Processes,
+) -> FedlinkRun:
+    result = FedlinkRun()
+    run_dir = work / "run"
+    logs = work / "logs"
+    for directory in (run_dir, logs):
+        directory.mkdir(parents=True)
+    env = child_env(info.name)
+    address_file = work / "server.address"
+    started = time.monotonic()
+    deadline = started + timeout
+    server = processes.spawn(
+        [
+            sys.executable,
+            "-m",
+            "fedlink",
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--address-file",
+            str(address_file),
+            *certs.server.args(),
+            "--task",
+            TASK,
+            "--num-rounds",
+            str(rounds),
+            "--min-clients",
+            str(num_clients),
+            "--min-fit-clients",
+            str(num_clients),
+            "--evaluate-every",
+            "0",
+            "--run-dir",
+            str(run_dir),
+            "--state-dir",
+            str(work / "state"),
+        ],
+        logs / "server.log",
+        env,
+        work,
+    )
+    clients: list[subprocess.Popen[bytes]] = []
+    with MemoryMonitor() as memory:
+        try:
+            address = wait_for_file(address_file, server, STARTUP_TIMEOUT_SECONDS)
+            for index in range(num_clients):
+                spool = work / f"spool-{index + 1}"
+                spool.mkdir()
+                clients.append(
+                    processes.spawn(
+                        [
+                            sys.executable,
+                            "-m",
+                            "fedlink",
+                            "client",
+                            "--server",
+                            address,
+                            *certs.clients[index].args(),
+                            "--task",
+                            TASK,
+                            "--device",
+                            "cpu",
+                            "--spool-dir",
+                            str(spool),
+                        ],
+                        logs / f"client-{index + 1}.log",
+                        env,
+                        work,
+                    )
+                )
+            server_exit = reap(server, deadline)
+            client_exits = [reap(c, time.monotonic() + CLIENT_EXIT_SECONDS) for c in clients]
+        except (TimeoutError, RuntimeError) as exc:
+            result.error = str(exc)
+            processes.kill_all()
+            return result
+        finally:
+            result.wall_seconds = time.monotonic() - started
+    result.system_peak_used_bytes = memory.peak_bytes
+    result.server_peak_rss_bytes = server_exit.peak_rss_bytes
+    result.client_peak_rss_bytes = max(e.peak_rss_bytes for e in client_exits)
+    for record in read_jsonl(run_dir / "metrics.jsonl"):
+        result.round_seconds.append(float(record["seconds"]))
+        result.bytes_down.append(int(record["bytes_down"]))
+        result.bytes_up.append(int(record["bytes_up"]))
+    failed = [e.returncode for e in [server_exit, *client_exits] if e.returncode != 0]
+    if failed or len(result.round_seconds) < rounds:
+        result.error = (
+            f"federation failed: server exit {server_exit.returncode}, client exits "
+            f"{[e.returncode for e in client_exits]}, {len(result.round_seconds)} of {rounds} "
+            f"rounds; see {logs}"
+        )
+    expected = num_clients * info.payload_bytes
+    if not result.error and any(
+        d != expected or u != expected
+        for d, u in zip(result.bytes_down, result.bytes_up, strict=True)
+    ):
+        result.error = f"bytes moved per round differ from {expected}: {result.bytes_down}"
+    return result
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---- the wire limit ----------------------------------------------------------------------------
+
+
+@dataclass
+class WireRun:
+    seconds: list[float] = field(default_factory=list)
+    server_peak_rss_bytes: int = 0
+    system_peak_used_bytes: int = 0
+    error: str | None = None
+
+
+def run_wire(
+    info: ModelInfo,
+    num_clients: int,
+    repeats: int,
+    certs: Certificates,
+    work: Path,
+    timeout: float,
+    processes: Processes,
+    chunk_size: int,
+) -> WireRun:
+    result = WireRun()
+    work.mkdir(parents=True)
+    env = child_env(info.name)
+    script = str(BENCH_DIR / "bare_wire.py")
+    size = ["--size", str(info.payload_bytes), "--chunk-size", str(chunk_size)]
+    port_file = work / "wire.address"
+    deadline = time.monotonic() + timeout
+    server = processes.spawn(
+        [
+            sys.executable,
+            script,
+            "server",
+            "--port-file",
+            str(port_file),
+            *certs.server.args(),
+            *size,
+            "--lifetime",
+            str(timeout),
+        ],
+        work / "wire-server.log",
+        env,
+        work,
+    )
+    # One queue per client: a fast client's next line must not be mistaken for this phase's.
+    lines: list[queue.Queue[bytes]] = [queue.Queue() for _ in range(num_clients)]
+    clients: list[subprocess.Popen[bytes]] = []
+
+    def read_lines(index: int, stream: IO[bytes]) -> None:
+        for line in stream:
+            lines[index].put(line)
+        lines[index].put(b"")  # end of output
+
+    def collect(kind: str) -> list[bytes]:
+        got: list[bytes] = []
+        for index in range(num_clients):
+            remaining = deadline - time.monotonic()
+            try:
+                line = lines[index].get(timeout=max(remaining, 0.001))
+            except queue.Empty:
+                raise TimeoutError(f"wire client {index + 1}: waited too long for {kind}") from None
+            if not line:
+                raise RuntimeError(f"wire client {index + 1} exited early; see {work}")
+            got.append(line)
+        return got
+
+    with MemoryMonitor() as memory:
+        try:
+            address = wait_for_file(port_file, server, STARTUP_TIMEOUT_SECONDS)
+            for index in range(num_clients):
+                client = processes.spawn(
+                    [
+                        sys.executable,
+                        script,
+                        "client",
+                        "--server",
+                        address,
+                        *certs.clients[index].args(),
+                        *size,
+                        "--repeats",
+                        str(repeats),
+                        "--call-timeout",
+                        str(timeout),
+                    ],
+                    work / f"wire-client-{index + 1}.log",
+                    env,
+                    work,
+                    pipes=True,
+                )
+                assert client.stdout is not None
+                threading.Thread(
+                    target=read_lines, args=(index, client.stdout), daemon=True
+                ).start()
+                clients.append(client)
+            for _ in range(repeats):
+                collect("ready")
+                started = time.monotonic()
+                for client in clients:
+                    assert client.stdin is not None
+                    client.stdin.write(b"go\n")
+                    client.stdin.flush()
+                reports = [json.loads(line) for line in collect("results")]
+                result.seconds.append(time.monotonic() - started)
+                for report in reports:
+                    if report["bytes_down"] != info.payload_bytes or (
+                        report["bytes_up"] != info.payload_bytes
+                    ):
+                        raise RuntimeError(f"wire client moved the wrong byte count: {report}")
+            for client in clients:
+                reap(client, time.monotonic() + CLIENT_EXIT_SECONDS)
+            server.send_signal(signal.SIGTERM)
+            result.server_peak_rss_bytes = reap(server, time.monotonic() + 30).peak_rss_bytes
+        except (TimeoutError, RuntimeError, OSError, ValueError) as exc:
+            result.error = str(exc)
+        finally:
+            processes.kill_all()
+    result.system_peak_used_bytes = memory.peak_bytes
+    return result
+
+
+# ---- the matrix --------------------------------------------------------------------------------
+
+
+def after_first(values: Sequence[float]) -> float:
+    """Mean of the values after the first (warm-up); the only value when there is one."""
+    return statistics.fmean(values[1:] if len(values) > 1 else values)
+
+
+def run_case(
+    info: ModelInfo,
+    num_clients: int,
+    rounds: int,
+    certs: Certificates,
+    work: Path,
+    timeout: float,
+    chunk_size: int,
+) -> dict[str, Any]:
+    processes = Processes()
+    try:
+        print(f"  {info.name} x {num_clients} clients: fedlink, {rounds} rounds ...", flush=True)
+        fed = run_fedlink(info, num_clients, rounds, certs, work / "fedlink", timeout, processes)
+        if fed.error:
+            print(f"    fedlink FAILED: {fed.error}", flush=True)
+        else:
+            print(f"    rounds (s): {', '.join(f'{s:.2f}' for s in fed.round_seconds)}", flush=True)
+        print(f"  {info.name} x {num_clients} clients: wire limit ...", flush=True)
+        wire = run_wire(
+            info, num_clients, rounds, certs, work / "wire", timeout, processes, chunk_size
+        )
+        if wire.error:
+            print(f"    wire FAILED: {wire.error}", flush=True)
+        else:
+            print(f"    wire (s): {', '.join(f'{s:.2f}' for s in wire.seconds)}", flush=True)
+    finally:
+        processes.kill_all()
+    round_s = after_first(fed.round_seconds) if fed.round_seconds else None
+    wire_s = after_first(wire.seconds) if wire.seconds else None
+    limit = memory_limit_bytes(info.payload_bytes)
+    return {
+        "model": info.name,
+        "parameters": info.parameters,
+        "payload_bytes": info.payload_bytes,
+        "clients": num_clients,
+        "rounds": rounds,
+        "round_seconds": round_s,
+        "wire_seconds": wire_s,
+        "ratio": round_s / wire_s if round_s and wire_s else None,
+        "server_peak_rss_bytes": fed.server_peak_rss_bytes or None,
+        "memory_limit_bytes": limit,
+        "memory_ok": fed.server_peak_rss_bytes < limit if fed.server_peak_rss_bytes else None,
+        "fedlink": dataclasses.asdict(fed),
+        "wire": dataclasses.asdict(wire),
+    }
+
+
+def checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, evaluated on the rows that were run."""
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        if row["clients"] != TARGET_CLIENTS:
+            continue
+        if row["model"] in RATIO_TARGET_MODELS:
+            ratio = row["ratio"]
+            out.append(
+                {
+                    "check": f"round/wire ratio <= {TARGET_RATIO} ({row['model']}, "
+                    f"{TARGET_CLIENTS} clients)",
+                    "value": ratio,
+                    "passed": ratio is not None and ratio <= TARGET_RATIO,
+                }
+            )
+        if row["model"] == MEMORY_TARGET_MODEL:
+            peak = row["server_peak_rss_bytes"]
+            out.append(
+                {
+                    "check": f"coordinator peak RSS < 3 x model + 1 GiB = "
+                    f"{row['memory_limit_bytes'] / MIB:.0f} MiB ({row['model']}, "
+                    f"{TARGET_CLIENTS} clients)",
+                    "value": peak / MIB if peak else None,
+                    "passed": bool(row["memory_ok"]),
+                }
+            )
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["server_peak_rss_bytes"]:
+            by_model.setdefault(row["model"], []).append(row)
+    for model, model_rows in by_model.items():
+        if len(model_rows) < 2:
+            continue
+        model_rows.sort(key=lambda r: r["clients"])
+        low, high = model_rows[0], model_rows[-1]
+        growth = (high["server_peak_rss_bytes"] - low["server_peak_rss_bytes"]) / MIB
+        per_client = growth / (high["clients"] - low["clients"])
+        payload = high["payload_bytes"] / MIB
+        out.append(
+            {
+                "check": f"coordinator memory independent of clients ({model}: "
+                f"{low['clients']} -> {high['clients']} clients, "
+                f"{growth:+.0f} MiB = {per_client:+.1f} MiB/client)",
+                "value": growth,
+                # "Grows with clients" = more than a quarter of a model per extra client.
+                "passed": per_client < max(0.25 * payload, 16.0),
+            }
+        )
+    return out
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    def num(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    header = (
+        f"{'model':<9} {'params':>12} {'MiB':>7} {'clients':>7} {'round s':>8} {'wire s':>7} "
+        f"{'ratio':>6} {'srv peak MiB':>12} {'limit MiB':>9} {'sys peak GiB':>12}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        peak = row["server_peak_rss_bytes"]
+        system = max(
+            row["fedlink"]["system_peak_used_bytes"], row["wire"]["system_peak_used_bytes"]
+        )
+        lines.append(
+            f"{row['model']:<9} {row['parameters']:>12,} {row['payload_bytes'] / MIB:>7.1f} "
+            f"{row['clients']:>7} {num(row['round_seconds'], '.2f'):>8} "
+            f"{num(row['wire_seconds'], '.2f'):>7} {num(row['ratio'], '.2f'):>6} "
+            f"{num(peak / MIB if peak else None, '.0f'):>12} "
+            f"{row['memory_limit_bytes'] / MIB:>9.0f} {system / (1 << 30):>12.1f}"
+        )
+    return "\n".join(lines)
+
+
+def parse_list(values: Sequence[str]) -> list[str]:
+    return [item for value in values for item in value.split(",") if item]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="fedlink round time and coordinator memory vs the bare mTLS gRPC wire limit"
+    )
+    parser.add_argument(
+        "--models", nargs="+", default=list(MODELS), help=f"any of {', '.join(MODELS)}"
+    )
+    parser.add_argument(
+        "--clients", nargs="+", default=[str(n) for n in DEFAULT_CLIENTS], help="client counts"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds per federation (default: 3, or 2 for 100m); the first is a warm-up",
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    parser.add_argument(
+        "--timeout", type=float, default=900.0, help="seconds allowed per federation/wire run"
+    )
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--work-dir", type=Path, default=None, help="default: a temp dir")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, run dirs)")
+    parser.add_argument(
+        "--strict", action="store_true", help="exit 1 when a target is missed, not only on errors"
+    )
+    args = parser.parse_args(argv)
+    args.models = parse_list(args.models)
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    try:
+        args.clients = [int(n) for n in parse_list(args.clients)]
+    except ValueError:
+        parser.error("--clients takes integers")
+    if not args.clients or min(args.clients) < 1 or (args.rounds is not None and args.rounds < 1):
+        parser.error("--clients and --rounds must be at least 1")
+    return args
+
+
+@contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so every `finally` (and its process cleanup) runs."""
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="fedlink-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
+    rows: list[dict[str, Any]] = []
+    failed = False
+    with terminate_on_sigterm():
+        try:
+            certs = make_certificates(work / "certs", max(args.clients))
+            for model in args.models:
+                info = model_info(model)
+                rounds = args.rounds or default_rounds(model)
+                print(
+                    f"{model}: {info.parameters:,} parameters, {info.payload_bytes:,} bytes "
+                    "as safetensors",
+                    flush=True,
+                )
+                for num_clients in args.clients:
+                    case_dir = work / f"{model}-{num_clients}"
+                    row = run_case(
+                        info, num_clients, rounds, certs, case_dir, args.timeout, args.chunk_size
+                    )
+                    failed = failed or bool(row["fedlink"]["error"] or row["wire"]["error"])
+                    rows.append(row)
+                    write_json(args, rows, began)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            failed = True
+        finally:
+            if args.keep or failed:
+                print(f"work directory kept: {work}")
+            elif args.work_dir is None:
+                shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(format_table(rows))
+    results = checks(rows)
+    if results:
+        print()
+    for check in results:
+        print(f"{'PASS' if check['passed'] else 'FAIL'}  {check['check']}")
+    if rows:
+        write_json(args, rows, began)
+        print(f"\nwrote {args.out}")
+    missed = any(not c["passed"] for c in results)
+    return 1 if failed or (args.strict and missed) else 0
+
+
+def write_json(args: argparse.Namespace, rows: list[dict[str, Any]], began: float) -> None:
+    document = {
+        "benchmark": "transport",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "grpcio": grpc.__version__,
+        },
+        "settings": {
+            "models": args.models,
+            "clients": args.clients,
+            "rounds": args.rounds,
+            "chunk_size": args.chunk_size,
+            "transport": "gRPC over mutual TLS on 127.0.0.1",
+            "round_seconds": "mean of the rounds after the first (metrics.jsonl 'seconds')",
+            "wire_seconds": "bare mTLS gRPC, all clients download then upload the same "
+            "payload; mean of the repetitions after the first",
+            "memory_limit": "3 x safetensors model size + 1 GiB",
+        },
+        "elapsed_seconds": time.monotonic() - began,
+        "results": rows,
+        "checks": checks(rows),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

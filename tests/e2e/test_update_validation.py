@@ -1,0 +1,227 @@
+"""Hostile or broken updates against a live coordinator over mTLS: each is refused with a precise
+gRPC status, and the aggregate ends up exactly the one honest update, as if they never came."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from fedlink.common.tensors import StateDict, decode_state, encode_state
+from fedlink.v1 import federation_pb2 as pb
+from fedlink.v1 import federation_pb2_grpc as pb_grpc
+
+CHUNK = 64 << 10
+
+Messages = Iterator[pb.ResultMessage]
+
+
+def _header(task: pb.TaskHeader, payload: bytes | None, **fields: Any) -> pb.ResultMessage:
+    header = pb.ResultHeader(task_id=task.task_id, round=task.round, num_examples=1)
+    if payload is not None:
+        header.payload.CopyFrom(
+            pb.PayloadInfo(
+                size=len(payload), sha256=hashlib.sha256(payload).digest(), encoding="safetensors"
+            )
+        )
+    for name, value in fields.items():
+        setattr(header, name, value)
+    return pb.ResultMessage(header=header)
+
+
+def _chunks(payload: bytes, size: int = CHUNK) -> list[pb.ResultMessage]:
+    return [
+        pb.ResultMessage(chunk=pb.Chunk(offset=o, data=payload[o : o + size]))
+        for o in range(0, len(payload), size)
+    ]
+
+
+def _upload(task: pb.TaskHeader, state: StateDict, **fields: Any) -> list[pb.ResultMessage]:
+    payload = encode_state(state)
+    return [_header(task, payload, **fields), *_chunks(payload)]
+
+
+def _push(stub: pb_grpc.FederationStub, messages: list[pb.ResultMessage]) -> grpc.StatusCode:
+    try:
+        stub.PushResult(iter(messages), timeout=30)
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def _honest(initial: StateDict) -> StateDict:
+    return {name: (t + 1.5 if t.dtype.is_floating_point else t + 7) for name, t in initial.items()}
+
+
+def _with(state: StateDict, name: str, value: torch.Tensor | None) -> StateDict:
+    changed = dict(state)
+    if value is None:
+        del changed[name]
+    else:
+        changed[name] = value
+    return changed
+
+
+def _cases(
+    initial: StateDict,
+) -> dict[str, tuple[Callable[[pb.TaskHeader], list[pb.ResultMessage]], grpc.StatusCode]]:
+    honest = _honest(initial)
+    weight = honest["layer.weight"]
+    nan = weight.clone()
+    nan[0, 0] = float("nan")
+    inf = weight.clone()
+    inf[1, 1] = float("inf")
+    good_payload = encode_state(honest)
+    digest = hashlib.sha256(good_payload).digest()
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+
+    def reordered(task: pb.TaskHeader) -> list[pb.ResultMessage]:
+        chunks = _chunks(good_payload, 64)
+        return [_header(task, good_payload), chunks[1], chunks[0], *chunks[2:]]
+
+    def truncated(task: pb.TaskHeader) -> list[pb.ResultMessage]:
+        return [_header(task, good_payload), *_chunks(good_payload, 64)[:-1]]
+
+    def wrong_hash(task: pb.TaskHeader) -> list[pb.ResultMessage]:
+        tampered = bytearray(good_payload)
+        tampered[-1] ^= 0xFF
+        header = _header(task, good_payload)
+        header.header.payload.sha256 = digest
+        return [header, *_chunks(bytes(tampered))]
+
+    def not_safetensors(task: pb.TaskHeader) -> list[pb.ResultMessage]:
+        junk = b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + bytes(200)
+        return [_header(task, junk), *_chunks(junk)]
+
+    def oversized(task: pb.TaskHeader) -> list[pb.ResultMessage]:
+        header = _header(task, good_payload)
+        header.header.payload.size = 1 << 40
+        return [header]
+
+    def chunk_first(task: pb.TaskHeader) -> list[pb.ResultMessage]:
+        return _chunks(good_payload)
+
+    def other_round(task: pb.TaskHeader) -> list[pb.ResultMessage]:
+        return _upload(task, honest, round=task.round + 1)
+
+    def other_task(task: pb.TaskHeader) -> list[pb.ResultMessage]:
+        return _upload(task, honest, task_id="0" * 32)
+
+    return {
+        "wrong-shape": (
+            lambda t: _upload(t, _with(honest, "layer.weight", torch.zeros(4, 4))),
+            invalid,
+        ),
+        "wrong-dtype": (
+            lambda t: _upload(t, _with(honest, "layer.weight", weight.double())),
+            invalid,
+        ),
+        "nan": (lambda t: _upload(t, _with(honest, "layer.weight", nan)), invalid),
+        "inf": (lambda t: _upload(t, _with(honest, "layer.weight", inf)), invalid),
+        "missing-tensor": (lambda t: _upload(t, _with(honest, "layer.bias", None)), invalid),
+        "unknown-tensor": (
+            lambda t: _upload(t, _with(honest, "backdoor.weight", torch.ones(2))),
+            invalid,
+        ),
+        "zero-examples": (lambda t: _upload(t, honest, num_examples=0), invalid),
+        "huge-examples": (lambda t: _upload(t, honest, num_examples=10**12), invalid),
+        "stale-round": (other_round, grpc.StatusCode.FAILED_PRECONDITION),
+        "unknown-task": (other_task, grpc.StatusCode.FAILED_PRECONDITION),
+        "reordered-chunks": (reordered, invalid),
+        "truncated-chunks": (truncated, grpc.StatusCode.DATA_LOSS),
+        "hash-mismatch": (wrong_hash, grpc.StatusCode.DATA_LOSS),
+        "not-safetensors": (not_safetensors, invalid),
+        "oversized-payload": (oversized, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        "no-header": (chunk_first, invalid),
+    }
+
+
+def test_every_bad_update_is_refused_and_only_the_honest_one_is_aggregated(
+    pki: Any, start_coordinator: Any, small_state: StateDict
+) -> None:
+    initial = small_state
+    cases = _cases(initial)
+    names = ["honest", *cases]
+    coordinator = start_coordinator(
+        initial,
+        num_rounds=1,
+        min_clients=len(names),
+        min_fit_clients=len(names),
+        min_results=1,
+        evaluate_every=0,
+        max_num_examples=1000,
+        round_timeout_seconds=60,
+    )
+    stubs = {name: coordinator.stub(pki, name) for name in names}
+    for name, stub in stubs.items():
+        assert stub.Join(pb.JoinRequest(), timeout=10).identity == name
+    tasks: dict[str, pb.TaskHeader] = {}
+    for name, stub in stubs.items():
+        messages = list(stub.PullTask(pb.PullTaskRequest(), timeout=30))
+        assert messages[0].header.kind == pb.TASK_KIND_TRAIN
+        tasks[name] = messages[0].header
+        global_bytes = b"".join(m.chunk.data for m in messages[1:])
+        assert hashlib.sha256(global_bytes).digest() == messages[0].header.payload.sha256
+        assert decode_state(global_bytes).keys() == initial.keys()
+
+    honest = _honest(initial)
+    assert _push(stubs["honest"], _upload(tasks["honest"], honest)) == grpc.StatusCode.OK
+    # One submission per client per round.
+    assert (
+        _push(stubs["honest"], _upload(tasks["honest"], honest)) == grpc.StatusCode.ALREADY_EXISTS
+    )
+    outcomes = {name: _push(stubs[name], build(tasks[name])) for name, (build, _) in cases.items()}
+    assert outcomes == {name: expected for name, (_, expected) in cases.items()}
+    # A result for another task or round is refused without using up the client's submission
+    # (it may be a late reply to an earlier round); these two now send garbage and are dropped.
+    for name in ("stale-round", "unknown-task"):
+        bad_count = _upload(tasks[name], honest, num_examples=0)
+        assert _push(stubs[name], bad_count) == grpc.StatusCode.INVALID_ARGUMENT
+    # A refused client cannot sneak a second try into the same round.
+    retry = _upload(tasks["nan"], honest)
+    assert _push(stubs["nan"], retry) in (
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+
+    summary = coordinator.summary()
+    assert summary.completed
+    record = summary.records[0]
+    assert record.clients_accepted == 1
+    assert set(record.rejected) == set(cases)
+    # Weight 1 and a single accepted update: the new global model is exactly the honest one.
+    for name, tensor in honest.items():
+        assert torch.equal(summary.final_state[name], tensor), name
+
+
+def test_rejection_messages_say_what_is_wrong(
+    pki: Any, start_coordinator: Any, small_state: StateDict
+) -> None:
+    coordinator = start_coordinator(
+        small_state, num_rounds=1, min_clients=1, min_fit_clients=1, evaluate_every=0
+    )
+    stub = coordinator.stub(pki, "explainer")
+    stub.Join(pb.JoinRequest(), timeout=10)
+    task = next(iter(stub.PullTask(pb.PullTaskRequest(), timeout=30))).header
+    bad = _with(_honest(small_state), "layer.weight", torch.zeros(2, 2))
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.PushResult(iter(_upload(task, bad)), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "layer.weight" in (refused.value.details() or "")
+    assert "shape" in (refused.value.details() or "")
+    # Below quorum the round does not count; the model the coordinator holds is unchanged.
+    coordinator.stop.set()
+    summary = coordinator.summary()
+    assert summary.rounds_completed == 0
+    for name, tensor in small_state.items():
+        assert torch.equal(summary.final_state[name], tensor)
+
+
+def test_negative_sample_counts_cannot_even_be_encoded() -> None:
+    # num_examples is uint64 on the wire: a negative weight is unrepresentable, not just refused.
+    with pytest.raises(ValueError):
+        pb.ResultHeader(num_examples=-1)

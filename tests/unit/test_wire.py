@@ -1,0 +1,210 @@
+"""Tests for chunked payloads: splitting bytes into chunks and reassembling them safely."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+
+import pytest
+
+from fedlink.common.errors import PayloadError
+from fedlink.common.wire import (
+    ENCODING,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    PayloadAssembler,
+    PayloadInfo,
+    check_chunk_size,
+    describe,
+    iter_chunks,
+)
+
+CHUNK = MIN_CHUNK_SIZE
+
+
+def _payload(size: int) -> bytes:
+    return os.urandom(size)
+
+
+def _assembler(data: bytes, *, max_size: int | None = None) -> tuple[PayloadAssembler, io.BytesIO]:
+    sink = io.BytesIO()
+    limit = len(data) if max_size is None else max_size
+    return PayloadAssembler(describe(data), sink, max_size=limit), sink
+
+
+def test_describe_announces_size_sha256_and_safetensors_encoding() -> None:
+    data = b"fedlink payload"
+    info = describe(data)
+    assert info.size == len(data)
+    assert info.sha256 == hashlib.sha256(data).digest()
+    assert info.encoding == ENCODING == "safetensors"
+
+
+def test_in_order_chunks_are_reassembled_byte_for_byte() -> None:
+    data = _payload(3 * CHUNK + 17)
+    assembler, sink = _assembler(data)
+    for offset, chunk in iter_chunks(data, CHUNK):
+        assembler.add(offset, chunk)
+    assembler.finish()
+    assert sink.getvalue() == data
+    assert assembler.received == len(data)
+
+
+def test_chunks_of_any_size_are_accepted_when_contiguous() -> None:
+    # The receiver checks offsets, not the sender's chunk size.
+    data = _payload(100)
+    assembler, sink = _assembler(data)
+    for start, end in [(0, 1), (1, 40), (40, 99), (99, 100)]:
+        assembler.add(start, data[start:end])
+    assembler.finish()
+    assert sink.getvalue() == data
+
+
+def test_chunk_ahead_of_expected_offset_is_rejected() -> None:
+    data = _payload(2 * CHUNK)
+    assembler, sink = _assembler(data)
+    with pytest.raises(
+        PayloadError, match=f"offset {CHUNK} arrived out of order; expected offset 0"
+    ):
+        assembler.add(CHUNK, data[CHUNK:])
+    assert sink.getvalue() == b""
+    assert assembler.received == 0
+
+
+def test_duplicate_chunk_is_rejected() -> None:
+    data = _payload(2 * CHUNK)
+    assembler, sink = _assembler(data)
+    assembler.add(0, data[:CHUNK])
+    with pytest.raises(PayloadError, match="out of order"):
+        assembler.add(0, data[:CHUNK])
+    assert sink.getvalue() == data[:CHUNK]
+    assert assembler.received == CHUNK
+
+
+def test_empty_chunk_is_rejected() -> None:
+    data = _payload(10)
+    assembler, _ = _assembler(data)
+    with pytest.raises(PayloadError, match="empty chunk at offset 0"):
+        assembler.add(0, b"")
+
+
+def test_chunks_beyond_announced_size_are_rejected_before_being_stored() -> None:
+    data = _payload(100)
+    assembler, sink = _assembler(data, max_size=1000)
+    assembler.add(0, data[:60])
+    with pytest.raises(PayloadError, match="exceed the announced payload size of 100 bytes"):
+        assembler.add(60, data[60:] + b"extra")
+    assert sink.getvalue() == data[:60]
+    assert assembler.received == 60
+
+
+def test_truncated_payload_fails_on_finish() -> None:
+    data = _payload(100)
+    assembler, _ = _assembler(data)
+    assembler.add(0, data[:99])
+    with pytest.raises(PayloadError, match="truncated: received 99 of 100 bytes"):
+        assembler.finish()
+
+
+def test_payload_with_no_chunks_fails_on_finish() -> None:
+    assembler, _ = _assembler(_payload(10))
+    with pytest.raises(PayloadError, match="received 0 of 10"):
+        assembler.finish()
+
+
+def test_payload_not_matching_announced_sha256_fails_on_finish() -> None:
+    data = _payload(100)
+    tampered = bytes([data[0] ^ 0xFF]) + data[1:]
+    assembler, _ = _assembler(data)
+    assembler.add(0, tampered)
+    with pytest.raises(PayloadError, match="SHA-256 does not match"):
+        assembler.finish()
+
+
+@pytest.mark.parametrize("digest_length", [0, 16, 31, 33, 64])
+def test_digest_that_is_not_32_bytes_is_rejected(digest_length: int) -> None:
+    info = PayloadInfo(size=10, sha256=b"\x00" * digest_length)
+    with pytest.raises(PayloadError, match="must be 32 bytes"):
+        PayloadAssembler(info, io.BytesIO(), max_size=100)
+
+
+@pytest.mark.parametrize("size", [0, -1])
+def test_non_positive_announced_size_is_rejected(size: int) -> None:
+    info = PayloadInfo(size=size, sha256=hashlib.sha256(b"").digest())
+    with pytest.raises(PayloadError, match="size must be positive"):
+        PayloadAssembler(info, io.BytesIO(), max_size=100)
+
+
+def test_announced_size_over_receiver_limit_is_rejected() -> None:
+    info = describe(_payload(101))
+    with pytest.raises(PayloadError, match="101 bytes exceeds the limit of 100 bytes"):
+        PayloadAssembler(info, io.BytesIO(), max_size=100)
+
+
+def test_announced_size_equal_to_receiver_limit_is_accepted() -> None:
+    data = _payload(100)
+    assembler, sink = _assembler(data, max_size=100)
+    assembler.add(0, data)
+    assembler.finish()
+    assert sink.getvalue() == data
+
+
+@pytest.mark.parametrize("encoding", ["pickle", "", "SAFETENSORS", "torch"])
+def test_unsupported_encoding_is_rejected(encoding: str) -> None:
+    data = _payload(10)
+    info = PayloadInfo(size=len(data), sha256=hashlib.sha256(data).digest(), encoding=encoding)
+    with pytest.raises(PayloadError, match="unsupported payload encoding"):
+        PayloadAssembler(info, io.BytesIO(), max_size=100)
+
+
+@pytest.mark.parametrize(
+    ("size", "expected_offsets"),
+    [
+        (1, [0]),
+        (CHUNK - 1, [0]),
+        (CHUNK, [0]),
+        (CHUNK + 1, [0, CHUNK]),
+        (3 * CHUNK, [0, CHUNK, 2 * CHUNK]),
+        (3 * CHUNK + 5, [0, CHUNK, 2 * CHUNK, 3 * CHUNK]),
+    ],
+)
+def test_iter_chunks_splits_at_chunk_boundaries(size: int, expected_offsets: list[int]) -> None:
+    data = _payload(size)
+    chunks = list(iter_chunks(data, CHUNK))
+    assert [offset for offset, _ in chunks] == expected_offsets
+    assert all(len(chunk) == CHUNK for _, chunk in chunks[:-1])
+    assert 0 < len(chunks[-1][1]) <= CHUNK
+    assert b"".join(chunk for _, chunk in chunks) == data
+
+
+def test_iter_chunks_exact_multiple_has_no_empty_trailing_chunk() -> None:
+    chunks = list(iter_chunks(_payload(4 * CHUNK), CHUNK))
+    assert len(chunks) == 4
+    assert [len(chunk) for _, chunk in chunks] == [CHUNK] * 4
+
+
+def test_iter_chunks_of_empty_payload_yields_nothing() -> None:
+    assert list(iter_chunks(b"", CHUNK)) == []
+
+
+def test_iter_chunks_yields_bytes_not_views() -> None:
+    # Chunks go into protobuf messages, which need real bytes.
+    (_, chunk), *_ = iter_chunks(_payload(10), CHUNK)
+    assert type(chunk) is bytes
+
+
+def test_iter_chunks_refuses_out_of_range_chunk_size() -> None:
+    with pytest.raises(PayloadError, match="chunk size"):
+        list(iter_chunks(_payload(10), MIN_CHUNK_SIZE - 1))
+
+
+@pytest.mark.parametrize("chunk_size", [MIN_CHUNK_SIZE, MIN_CHUNK_SIZE + 1, MAX_CHUNK_SIZE])
+def test_check_chunk_size_accepts_bounds_inclusive(chunk_size: int) -> None:
+    check_chunk_size(chunk_size)
+
+
+@pytest.mark.parametrize("chunk_size", [-1, 0, MIN_CHUNK_SIZE - 1, MAX_CHUNK_SIZE + 1])
+def test_check_chunk_size_rejects_out_of_range_with_valid_range_in_message(chunk_size: int) -> None:
+    with pytest.raises(PayloadError, match=f"{MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}"):
+        check_chunk_size(chunk_size)
