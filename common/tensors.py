@@ -1,7 +1,7 @@
 """State dicts as safetensors: the only tensor format fedlink reads or writes.
 
-safetensors stores names, dtypes, shapes and raw little-endian bytes; decoding it never executes
-code, unlike pickle-based `torch.save`/`torch.load`, which fedlink never uses.
+safetensors stores names, dtypes, shapes and raw little-endian bytes, so decoding it can never
+execute code (unlike Python object serialization, which fedlink never uses for tensors).
 """
 
 from __future__ import annotations

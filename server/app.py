@@ -8,6 +8,7 @@ import signal
 import threading
 import uuid
 from concurrent import futures
+from dataclasses import dataclass
 from types import FrameType
 
 import grpc
@@ -35,7 +36,34 @@ KEEPALIVE_OPTIONS = [
 ]
 
 
-def build_server(
+@dataclass
+class Listening:
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+
+    def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, status)
+
+
+def start_server(config: ServerConfig, engine: RoundEngine) -> Listening:
+    """Bind and start the gRPC server for `engine`; health reports SERVING once it listens."""
+    health_servicer = health.HealthServicer()
+    servicer = FederationServicer(engine, config, federation_id=uuid.uuid4().hex)
+    server, port = _build_server(config, servicer, health_servicer)
+    server.start()
+    listening = Listening(server, port, health_servicer)
+    listening.set_serving(True)
+    return listening
+
+
+def _build_server(
     config: ServerConfig, servicer: FederationServicer, health_servicer: health.HealthServicer
 ) -> tuple[grpc.Server, int]:
     """A gRPC server with the federation and health services, bound with mTLS (or, only when
@@ -97,12 +125,8 @@ def run_server(config: ServerConfig) -> int:
         evaluate_centrally=evaluate_centrally,
         on_round=on_round,
     )
-    health_servicer = health.HealthServicer()
-    servicer = FederationServicer(engine, config, federation_id=uuid.uuid4().hex)
-    server, port = build_server(config, servicer, health_servicer)
-    server.start()
-    for service in ("", SERVICE_NAME):
-        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    listening = start_server(config, engine)
+    port = listening.port
     host = config.listen.rsplit(":", 1)[0]
     log.info(
         "coordinator listening on %s:%d (task %s, %d rounds, %s)",
@@ -121,8 +145,7 @@ def run_server(config: ServerConfig) -> int:
         print(table_header(), flush=True)
         summary = engine.run(stop)
     finally:
-        for service in ("", SERVICE_NAME):
-            health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        listening.set_serving(False)
         _restore_signal_handlers(previous)
 
     save_state_file(summary.final_state, config.run_dir / "final_model.safetensors")
@@ -130,7 +153,7 @@ def run_server(config: ServerConfig) -> int:
     if records:
         plot_accuracy(records, config.run_dir / "accuracy.png")
     engine.wait_for_stop_delivery(grace_seconds=5.0)
-    server.stop(grace=2.0).wait()
+    listening.server.stop(grace=2.0).wait()
     log.info("wrote %s", config.run_dir)
     if summary.stopped_by_signal:
         log.info("stopped by signal after %d completed rounds", summary.rounds_completed)

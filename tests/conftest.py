@@ -17,14 +17,12 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from grpc_health.v1 import health
 
 from fedlink.common.pki import init_ca, issue_certificate
 from fedlink.common.tensors import StateDict
-from fedlink.server.app import build_server
+from fedlink.server.app import start_server
 from fedlink.server.config import ServerConfig
 from fedlink.server.rounds import RoundEngine, RunSummary
-from fedlink.server.service import FederationServicer
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
 
@@ -108,10 +106,8 @@ def start_coordinator(pki: Pki, tmp_path: Path) -> Iterator[Any]:
     def start(initial_state: StateDict, **overrides: Any) -> Coordinator:
         config = pki.server_config(tmp_path / uuid.uuid4().hex[:8], **overrides)
         engine = RoundEngine(config, initial_state)
-        server, port = build_server(
-            config, FederationServicer(engine, config, "test"), health.HealthServicer()
-        )
-        server.start()
+        listening = start_server(config, engine)
+        server, port = listening.server, listening.port
         stop = threading.Event()
         result: dict[str, RunSummary] = {}
         thread = threading.Thread(target=lambda: result.update(summary=engine.run(stop)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -190,3 +191,107 @@ def test_a_100_million_parameter_model_makes_a_round_trip(pki: Any, tmp_path: Pa
         assert sorted(f.keys()) == sorted(initial)
         for name, tensor in initial.items():
             assert torch.equal(f.get_tensor(name), tensor + 1.0), name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_a_client_started_before_the_coordinator_keeps_retrying_and_joins(
+    pki: Any, tmp_path: Path
+) -> None:
+    port = _free_port()
+    cert, key, ca = pki.client("early-bird")
+    client = fedlink_process(
+        [
+            "client",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--cert",
+            str(cert),
+            "--key",
+            str(key),
+            "--ca",
+            str(ca),
+            "--task",
+            "digits",
+        ],
+        tmp_path / "client.log",
+    )
+    server = None
+    try:
+        deadline = time.monotonic() + 60
+        while "retrying in" not in (tmp_path / "client.log").read_text():
+            assert time.monotonic() < deadline and client.poll() is None
+            time.sleep(0.2)
+        server = fedlink_process(
+            [
+                "server",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--cert",
+                str(pki.server_dir / "server.pem"),
+                "--key",
+                str(pki.server_dir / "server.key"),
+                "--ca",
+                str(pki.server_dir / "ca.pem"),
+                "--num-rounds",
+                "2",
+                "--min-clients",
+                "1",
+                "--min-fit-clients",
+                "1",
+                "--run-dir",
+                str(tmp_path / "run"),
+                "--state-dir",
+                str(tmp_path / "state"),
+            ],
+            tmp_path / "server.log",
+        )
+        assert server.wait(timeout=120) == 0, (tmp_path / "server.log").read_text()
+        assert client.wait(timeout=60) == 0, (tmp_path / "client.log").read_text()
+    finally:
+        _kill_all([p for p in (client, server) if p is not None])
+    assert "joined federation" in (tmp_path / "client.log").read_text()
+
+
+def test_insecure_mode_works_only_when_asked_for_and_says_so_loudly(tmp_path: Path) -> None:
+    address_file = tmp_path / "address"
+    server = fedlink_process(
+        [
+            "server",
+            "--insecure",
+            "--listen",
+            "127.0.0.1:0",
+            "--address-file",
+            str(address_file),
+            "--num-rounds",
+            "1",
+            "--min-clients",
+            "1",
+            "--min-fit-clients",
+            "1",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        tmp_path / "server.log",
+    )
+    client = None
+    try:
+        address = wait_for_file(address_file, server)
+        client = fedlink_process(
+            ["client", "--insecure", "--server", address, "--task", "digits"],
+            tmp_path / "client.log",
+        )
+        assert server.wait(timeout=120) == 0, (tmp_path / "server.log").read_text()
+        assert client.wait(timeout=60) == 0, (tmp_path / "client.log").read_text()
+    finally:
+        _kill_all([p for p in (client, server) if p is not None])
+    assert "INSECURE MODE" in (tmp_path / "server.log").read_text()
+    assert "INSECURE MODE" in (tmp_path / "client.log").read_text()
+    assert "joined federation" in (tmp_path / "client.log").read_text()

@@ -142,3 +142,15 @@ def test_the_server_will_not_start_without_certificates_unless_insecure_is_expli
     assert result.returncode == 2
     assert "fedlink certs" in result.stderr
     assert "--insecure" in result.stderr
+
+
+def test_the_standard_health_service_answers_over_mtls(
+    pki: Any, start_coordinator: Any, small_state: StateDict
+) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    coordinator = start_coordinator(small_state, num_rounds=1, min_clients=50)
+    with pki.channel(coordinator.address, "monitor") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
