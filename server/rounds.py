@@ -21,8 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from fedlink.common.errors import FedlinkError, PayloadError, TensorFormatError, UpdateRejected
-from fedlink.common.tensors import Manifest, StateDict, encode_state, manifest_of, open_state_file
+from fedlink.common.errors import PayloadError, TensorFormatError, UpdateRejected
+from fedlink.common.tensors import (
+    Manifest,
+    StateDict,
+    decode_state,
+    encode_state,
+    manifest_of,
+    open_state_file,
+)
 from fedlink.common.wire import PayloadAssembler, PayloadInfo, describe
 from fedlink.server.aggregation import StreamingFedAvg
 from fedlink.server.config import ServerConfig
@@ -372,7 +379,6 @@ class RoundEngine:
         records: list[RoundRecord] = []
         round_number = 1
         failures = 0
-        state: StateDict | None = None
         try:
             while round_number <= cfg.num_rounds and not stop.is_set():
                 sampled = self._sample(round_number, stop)
@@ -408,6 +414,7 @@ class RoundEngine:
                 train.aggregator = None
                 self._set_global(state)
                 central = self._evaluate_centrally(state) if self._evaluate_centrally else None
+                del state  # the serialized global model is the only copy kept between rounds
                 federated: tuple[float, float] | None = None
                 if cfg.evaluate_every and round_number % cfg.evaluate_every == 0:
                     evaluation = self._run_phase(TaskKind.EVALUATE, round_number, sampled, stop)
@@ -435,13 +442,12 @@ class RoundEngine:
         finally:
             self.request_stop()
         completed = len(records) == cfg.num_rounds
-        final_state = state if state is not None else self.global_state()
-        return RunSummary(len(records), completed, stop.is_set(), final_state, records)
+        return RunSummary(len(records), completed, stop.is_set(), self.global_state(), records)
 
     def global_state(self) -> StateDict:
-        from fedlink.common.tensors import decode_state
-
-        return decode_state(self._global_payload)
+        with self._cond:
+            payload = self._global_payload
+        return decode_state(payload)
 
     def wait_for_stop_delivery(self, grace_seconds: float) -> None:
         """Give connected clients a moment to pull their STOP before the server goes away."""
@@ -557,7 +563,6 @@ def _weighted_eval(results: list[tuple[int, Mapping[str, float]]]) -> tuple[floa
 
 
 __all__ = [
-    "FedlinkError",
     "ResultHeader",
     "ResultUpload",
     "RoundEngine",
