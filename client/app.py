@@ -100,9 +100,7 @@ class FederationClient:
                     self._backoff.reset()
                 except grpc.RpcError as exc:
                     code = exc.code()
-                    if code == grpc.StatusCode.FAILED_PRECONDITION and "Join" in (
-                        exc.details() or ""
-                    ):
+                    if "call Join" in (exc.details() or ""):
                         self._connect()  # the coordinator restarted and forgot us
                     elif code in TRANSIENT_CODES:
                         if not self._backoff.wait(f"{code.name}: {exc.details()}"):
