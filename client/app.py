@@ -19,13 +19,19 @@ from fedlink.common.errors import ConfigError, FedlinkError, PayloadError
 from fedlink.common.tasks import load_task
 from fedlink.common.tasks.base import ClientData, DataRequest, TaskModule, TrainConfig
 from fedlink.common.tensors import encode_state, open_state_file
-from fedlink.common.wire import PayloadAssembler, PayloadInfo, describe, iter_chunks
+from fedlink.common.wire import (
+    JOIN_REQUIRED,
+    SESSION_METADATA_KEY,
+    PayloadAssembler,
+    PayloadInfo,
+    describe,
+    iter_chunks,
+)
 from fedlink.v1 import federation_pb2 as pb
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-SESSION_METADATA_KEY = "fedlink-session"
 # A downloaded global model larger than this is refused (a hostile coordinator could otherwise
 # fill the client's disk).
 MAX_MODEL_BYTES = 64 << 30
@@ -100,7 +106,7 @@ class FederationClient:
                     self._backoff.reset()
                 except grpc.RpcError as exc:
                     code = exc.code()
-                    if "call Join" in (exc.details() or ""):
+                    if exc.details() == JOIN_REQUIRED:
                         self._connect()  # the coordinator restarted and forgot us
                     elif code in TRANSIENT_CODES:
                         if not self._backoff.wait(f"{code.name}: {exc.details()}"):

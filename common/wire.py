@@ -20,6 +20,11 @@ MAX_CHUNK_SIZE = 16 << 20
 # Room for the protobuf framing around a chunk when sizing gRPC message limits.
 MESSAGE_OVERHEAD = 64 << 10
 ENCODING = "safetensors"
+# Insecure (development) mode has no certificates: Join hands out a session token that the client
+# echoes in this metadata key. Identity still never comes from a message field.
+SESSION_METADATA_KEY = "fedlink-session"
+# Status details that mean "the coordinator does not know you (it restarted): Join again".
+JOIN_REQUIRED = "unknown client: call Join first"
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from fedlink.common.tensors import (
     manifest_of,
     open_state_file,
 )
-from fedlink.common.wire import PayloadAssembler, PayloadInfo, describe
+from fedlink.common.wire import JOIN_REQUIRED, PayloadAssembler, PayloadInfo, describe
 from fedlink.server.aggregation import StreamingFedAvg
 from fedlink.server.config import ServerConfig
 from fedlink.server.validation import check_metrics, check_num_examples, check_update
@@ -234,7 +234,7 @@ class RoundEngine:
         deadline = time.monotonic() + timeout
         with self._cond:
             if identity not in self._clients:
-                raise UpdateRejected("FAILED_PRECONDITION", "call Join before pulling tasks")
+                raise UpdateRejected("FAILED_PRECONDITION", JOIN_REQUIRED)
             while True:
                 self._clients[identity].last_seen = time.monotonic()
                 if self._stopping:

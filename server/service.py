@@ -12,7 +12,7 @@ import grpc
 
 from fedlink.common.errors import PKIError, UpdateRejected
 from fedlink.common.pki import identity_from_pem
-from fedlink.common.wire import PayloadInfo, iter_chunks
+from fedlink.common.wire import JOIN_REQUIRED, SESSION_METADATA_KEY, PayloadInfo, iter_chunks
 from fedlink.server.config import ServerConfig
 from fedlink.server.rounds import ResultHeader, RoundEngine, TaskKind, TaskOffer
 from fedlink.v1 import federation_pb2 as pb
@@ -20,9 +20,6 @@ from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-# Insecure (development) mode has no certificates; Join hands out a random session token instead,
-# which the client echoes in this metadata key. Identity still never comes from a message field.
-SESSION_METADATA_KEY = "fedlink-session"
 
 _KINDS = {
     TaskKind.TRAIN: pb.TASK_KIND_TRAIN,
@@ -116,7 +113,7 @@ class FederationServicer(pb_grpc.FederationServicer):
     ) -> pb.HeartbeatReply:
         identity = self._identity(context)
         if not self._engine.touch(identity):
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "unknown client: call Join first")
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, JOIN_REQUIRED)
         return pb.HeartbeatReply(federation_active=self._engine.active)
 
     def _identity(self, context: grpc.ServicerContext) -> str:
@@ -128,7 +125,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             with self._sessions_lock:
                 identity = self._sessions.get(token) if isinstance(token, str) else None
             if identity is None:
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown session: call Join first")
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, JOIN_REQUIRED)
             return identity
         certs = context.auth_context().get("x509_pem_cert")
         if not certs:

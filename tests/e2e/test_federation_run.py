@@ -295,3 +295,69 @@ def test_insecure_mode_works_only_when_asked_for_and_says_so_loudly(tmp_path: Pa
     assert "INSECURE MODE" in (tmp_path / "server.log").read_text()
     assert "INSECURE MODE" in (tmp_path / "client.log").read_text()
     assert "joined federation" in (tmp_path / "client.log").read_text()
+
+
+def test_clients_rejoin_a_restarted_coordinator_by_themselves(pki: Any, tmp_path: Path) -> None:
+    port = _free_port()
+
+    def coordinator(rounds: int, name: str) -> subprocess.Popen[bytes]:
+        return fedlink_process(
+            [
+                "server",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--cert",
+                str(pki.server_dir / "server.pem"),
+                "--key",
+                str(pki.server_dir / "server.key"),
+                "--ca",
+                str(pki.server_dir / "ca.pem"),
+                "--num-rounds",
+                str(rounds),
+                "--min-clients",
+                "1",
+                "--min-fit-clients",
+                "1",
+                "--heartbeat-interval-seconds",
+                "1",
+                "--run-dir",
+                str(tmp_path / name),
+                "--state-dir",
+                str(tmp_path / "state"),
+            ],
+            tmp_path / f"{name}.log",
+        )
+
+    first = coordinator(10_000, "first")
+    cert, key, ca = pki.client("survivor")
+    client = fedlink_process(
+        [
+            "client",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--cert",
+            str(cert),
+            "--key",
+            str(key),
+            "--ca",
+            str(ca),
+            "--task",
+            "digits",
+        ],
+        tmp_path / "client.log",
+    )
+    second = None
+    try:
+        metrics = tmp_path / "first" / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+            assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+            time.sleep(0.2)
+        first.kill()  # SIGKILL: no goodbye to the client
+        first.wait()
+        second = coordinator(2, "second")
+        assert second.wait(timeout=180) == 0, (tmp_path / "second.log").read_text()
+        assert client.wait(timeout=60) == 0, (tmp_path / "client.log").read_text()
+    finally:
+        _kill_all([p for p in (first, client, second) if p is not None])
+    assert (tmp_path / "client.log").read_text().count("joined federation") == 2
