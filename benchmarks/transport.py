@@ -71,8 +71,9 @@ STARTUP_TIMEOUT_SECONDS = 180.0
 CLIENT_EXIT_SECONDS = 60.0
 
 
-def default_rounds(model: str) -> int:
-    return 2 if model == "100m" else 3
+DEFAULT_ROUNDS = 3
+# Repetitions of the (cheap) wire measurement; the first is a warm-up, as fedlink's round 1.
+MIN_WIRE_REPEATS = 4
 
 
 def memory_limit_bytes(payload_bytes: int) -> int:
@@ -135,17 +136,71 @@ class Exit:
     peak_rss_bytes: int
 
 
+def try_reap(process: subprocess.Popen[bytes]) -> Exit | None:
+    """Reap `process` with os.wait4 (for its peak RSS) if it has exited; never blocks."""
+    pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+    if pid != process.pid:
+        return None
+    code = os.waitstatus_to_exitcode(status)
+    process.returncode = code  # reaped here; Popen must not wait for it again
+    return Exit(code, usage.ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
+
+
 def reap(process: subprocess.Popen[bytes], deadline: float) -> Exit:
-    """Wait for `process` with os.wait4 (for its peak RSS), until `deadline` (monotonic)."""
+    """Wait for `process` until `deadline` (monotonic)."""
     while True:
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if pid == process.pid:
-            code = os.waitstatus_to_exitcode(status)
-            process.returncode = code  # reaped here; Popen must not wait for it again
-            return Exit(code, usage.ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
+        result = try_reap(process)
+        if result is not None:
+            return result
         if time.monotonic() > deadline:
             raise TimeoutError(f"process {process.pid} ({process.args!r}) did not exit in time")
         time.sleep(0.05)
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Cpu:
+    """CPU seconds (user, system) of the server and of all clients together."""
+
+    server_user: float = 0.0
+    server_sys: float = 0.0
+    clients_user: float = 0.0
+    clients_sys: float = 0.0
+
+    def __sub__(self, other: Cpu) -> Cpu:
+        return Cpu(
+            self.server_user - other.server_user,
+            self.server_sys - other.server_sys,
+            self.clients_user - other.clients_user,
+            self.clients_sys - other.clients_sys,
+        )
+
+    @property
+    def total(self) -> float:
+        return self.server_user + self.server_sys + self.clients_user + self.clients_sys
+
+
+def process_cpu(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds a live process has used so far; zeros once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+
+def sample_cpu(server: subprocess.Popen[bytes], clients: Sequence[subprocess.Popen[bytes]]) -> Cpu:
+    server_user, server_sys = process_cpu(server.pid)
+    per_client = [process_cpu(c.pid) for c in clients]
+    return Cpu(
+        server_user,
+        server_sys,
+        sum(user for user, _ in per_client),
+        sum(system for _, system in per_client),
+    )
 
 
 def child_env(model: str) -> dict[str, str]:
@@ -278,6 +333,8 @@ class FedlinkRun:
     client_peak_rss_bytes: int = 0
     system_peak_used_bytes: int = 0
     wall_seconds: float = 0.0
+    # CPU used between the ends of consecutive rounds (rounds 2..R), sampled from /proc.
+    round_cpu: list[Cpu] = field(default_factory=list)
     error: str | None = None
 
 
@@ -358,7 +415,9 @@ def run_fedlink(
                         work,
                     )
                 )
-            server_exit = reap(server, deadline)
+            server_exit = follow_rounds(
+                server, clients, run_dir / "metrics.jsonl", deadline, result
+            )
             client_exits = [reap(c, time.monotonic() + CLIENT_EXIT_SECONDS) for c in clients]
         except (TimeoutError, RuntimeError) as exc:
             result.error = str(exc)
@@ -389,6 +448,32 @@ def run_fedlink(
     return result
 
 
+def follow_rounds(
+    server: subprocess.Popen[bytes],
+    clients: Sequence[subprocess.Popen[bytes]],
+    metrics: Path,
+    deadline: float,
+    result: FedlinkRun,
+) -> Exit:
+    """Wait for the coordinator to exit, sampling everyone's CPU time as each round ends."""
+    rounds_seen = 0
+    previous: Cpu | None = None
+    while True:
+        exited = try_reap(server)
+        if exited is not None:
+            return exited
+        if metrics.exists():
+            rounds = metrics.read_bytes().count(b"\n")
+            if rounds > rounds_seen:
+                cpu = sample_cpu(server, clients)
+                if previous is not None and rounds == rounds_seen + 1:
+                    result.round_cpu.append(cpu - previous)
+                previous, rounds_seen = cpu, rounds
+        if time.monotonic() > deadline:
+            raise TimeoutError("the federation did not finish in time")
+        time.sleep(0.02)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -403,6 +488,7 @@ class WireRun:
     seconds: list[float] = field(default_factory=list)
     server_peak_rss_bytes: int = 0
     system_peak_used_bytes: int = 0
+    cpu: list[Cpu] = field(default_factory=list)  # per repetition
     error: str | None = None
 
 
@@ -491,6 +577,7 @@ def run_wire(
                 clients.append(client)
             for _ in range(repeats):
                 collect("ready")
+                before = sample_cpu(server, clients)
                 started = time.monotonic()
                 for client in clients:
                     assert client.stdin is not None
@@ -498,6 +585,7 @@ def run_wire(
                     client.stdin.flush()
                 reports = [json.loads(line) for line in collect("results")]
                 result.seconds.append(time.monotonic() - started)
+                result.cpu.append(sample_cpu(server, clients) - before)
                 for report in reports:
                     if report["bytes_down"] != info.payload_bytes or (
                         report["bytes_up"] != info.payload_bytes
@@ -523,6 +611,12 @@ def after_first(values: Sequence[float]) -> float:
     return statistics.fmean(values[1:] if len(values) > 1 else values)
 
 
+def mean_cpu(samples: Sequence[Cpu]) -> Cpu:
+    return Cpu(
+        *(statistics.fmean(getattr(c, f.name) for c in samples) for f in dataclasses.fields(Cpu))
+    )
+
+
 def run_case(
     info: ModelInfo,
     num_clients: int,
@@ -542,7 +636,14 @@ def run_case(
             print(f"    rounds (s): {', '.join(f'{s:.2f}' for s in fed.round_seconds)}", flush=True)
         print(f"  {info.name} x {num_clients} clients: wire limit ...", flush=True)
         wire = run_wire(
-            info, num_clients, rounds, certs, work / "wire", timeout, processes, chunk_size
+            info,
+            num_clients,
+            max(rounds, MIN_WIRE_REPEATS),
+            certs,
+            work / "wire",
+            timeout,
+            processes,
+            chunk_size,
         )
         if wire.error:
             print(f"    wire FAILED: {wire.error}", flush=True)
@@ -552,6 +653,9 @@ def run_case(
         processes.kill_all()
     round_s = after_first(fed.round_seconds) if fed.round_seconds else None
     wire_s = after_first(wire.seconds) if wire.seconds else None
+    # fedlink's round_cpu already starts at round 2.
+    round_cpu = mean_cpu(fed.round_cpu) if fed.round_cpu else None
+    wire_cpu = mean_cpu(wire.cpu[1:] or wire.cpu) if wire.cpu else None
     limit = memory_limit_bytes(info.payload_bytes)
     return {
         "model": info.name,
@@ -562,6 +666,8 @@ def run_case(
         "round_seconds": round_s,
         "wire_seconds": wire_s,
         "ratio": round_s / wire_s if round_s and wire_s else None,
+        "round_cpu_seconds": dataclasses.asdict(round_cpu) if round_cpu else None,
+        "wire_cpu_seconds": dataclasses.asdict(wire_cpu) if wire_cpu else None,
         "server_peak_rss_bytes": fed.server_peak_rss_bytes or None,
         "memory_limit_bytes": limit,
         "memory_ok": fed.server_peak_rss_bytes < limit if fed.server_peak_rss_bytes else None,
@@ -628,7 +734,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
     header = (
         f"{'model':<9} {'params':>12} {'MiB':>7} {'clients':>7} {'round s':>8} {'wire s':>7} "
-        f"{'ratio':>6} {'srv peak MiB':>12} {'limit MiB':>9} {'sys peak GiB':>12}"
+        f"{'ratio':>6} {'srv peak MiB':>12} {'limit MiB':>9} {'sys peak GiB':>12} "
+        f"{'CPU s/round':>11} {'wire CPU s':>10}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -641,9 +748,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{row['clients']:>7} {num(row['round_seconds'], '.2f'):>8} "
             f"{num(row['wire_seconds'], '.2f'):>7} {num(row['ratio'], '.2f'):>6} "
             f"{num(peak / MIB if peak else None, '.0f'):>12} "
-            f"{row['memory_limit_bytes'] / MIB:>9.0f} {system / (1 << 30):>12.1f}"
+            f"{row['memory_limit_bytes'] / MIB:>9.0f} {system / (1 << 30):>12.1f} "
+            f"{num(cpu_total(row['round_cpu_seconds']), '.1f'):>11} "
+            f"{num(cpu_total(row['wire_cpu_seconds']), '.1f'):>10}"
         )
     return "\n".join(lines)
+
+
+def cpu_total(cpu: dict[str, float] | None) -> float | None:
+    return None if cpu is None else sum(cpu.values())
 
 
 def parse_list(values: Sequence[str]) -> list[str]:
@@ -664,7 +777,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=None,
-        help="rounds per federation (default: 3, or 2 for 100m); the first is a warm-up",
+        help=f"rounds per federation (default {DEFAULT_ROUNDS}); the first is a warm-up",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument(
@@ -716,7 +829,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             certs = make_certificates(work / "certs", max(args.clients))
             for model in args.models:
                 info = model_info(model)
-                rounds = args.rounds or default_rounds(model)
+                rounds = args.rounds or DEFAULT_ROUNDS
                 print(
                     f"{model}: {info.parameters:,} parameters, {info.payload_bytes:,} bytes "
                     "as safetensors",

@@ -18,14 +18,13 @@ from fedlink.client.connection import TRANSIENT_CODES, Backoff, open_channel
 from fedlink.common.errors import ConfigError, FedlinkError, PayloadError
 from fedlink.common.tasks import load_task
 from fedlink.common.tasks.base import ClientData, DataRequest, TaskModule, TrainConfig
-from fedlink.common.tensors import encode_state, open_state_file
+from fedlink.common.tensors import open_state_file, save_state_file
 from fedlink.common.wire import (
     JOIN_REQUIRED,
     SESSION_METADATA_KEY,
     PayloadAssembler,
+    PayloadFile,
     PayloadInfo,
-    describe,
-    iter_chunks,
 )
 from fedlink.v1 import federation_pb2 as pb
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
@@ -195,14 +194,17 @@ class FederationClient:
         config = train_config_from(self._join.task_config, seed=header.seed)
         torch.manual_seed(header.seed)
         result = self._task.train(self._model, self._data, config, self._device)
-        payload = encode_state(self._model.state_dict())
         log.info(
             "round %d: trained on %d examples, loss %.4f",
             header.round,
             result.num_examples,
             result.loss,
         )
-        self._push(header, result.num_examples, {"loss": result.loss}, payload)
+        # Serialized to disk and streamed from there: no second in-memory copy of the model.
+        with tempfile.TemporaryDirectory(dir=self._config.spool_dir) as spool:
+            path = Path(spool) / "update.safetensors"
+            save_state_file(self._model.state_dict(), path)
+            self._push(header, result.num_examples, {"loss": result.loss}, PayloadFile.seal(path))
 
     def _evaluate(self, header: pb.TaskHeader) -> None:
         dataset = self._data.test if self._data.test is not None else self._data.train
@@ -215,7 +217,7 @@ class FederationClient:
         header: pb.TaskHeader,
         num_examples: int,
         metrics: Mapping[str, float],
-        payload: bytes | None,
+        payload: PayloadFile | None,
     ) -> None:
         assert self._join is not None
         chunk_size = self._join.chunk_size
@@ -228,13 +230,13 @@ class FederationClient:
                 metrics=metrics,
             )
             if payload is not None:
-                info = describe(payload)
+                info = payload.info
                 result.payload.CopyFrom(
                     pb.PayloadInfo(size=info.size, sha256=info.sha256, encoding=info.encoding)
                 )
             yield pb.ResultMessage(header=result)
             if payload is not None:
-                for offset, data in iter_chunks(payload, chunk_size):
+                for offset, data in payload.chunks(chunk_size):
                     yield pb.ResultMessage(chunk=pb.Chunk(offset=offset, data=data))
 
         try:

@@ -7,6 +7,7 @@ execute code (unlike Python object serialization, which fedlink never uses for t
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,20 +54,8 @@ def manifest_of(state: Mapping[str, torch.Tensor]) -> Manifest:
 
 
 def encode_state(state: Mapping[str, torch.Tensor]) -> bytes:
-    """Serialize a state_dict to safetensors bytes (CPU, contiguous; tied tensors copied)."""
-    tensors: StateDict = {}
-    seen_storages: set[int] = set()
-    for name, tensor in state.items():
-        if tensor.dtype not in SUPPORTED_DTYPES:
-            raise TensorFormatError(f"tensor {name!r} has unsupported dtype {tensor.dtype}")
-        cpu = tensor.detach().to("cpu").contiguous()
-        # safetensors refuses tensors that share storage (tied weights); give each its own copy.
-        ptr = cpu.untyped_storage().data_ptr()
-        if ptr in seen_storages and cpu.numel() > 0:
-            cpu = cpu.clone()
-        seen_storages.add(ptr)
-        tensors[name] = cpu
-    return safetensors.torch.save(tensors)
+    """Serialize a state_dict to safetensors bytes in memory."""
+    return safetensors.torch.save(_prepare(state))
 
 
 def decode_state(data: bytes) -> StateDict:
@@ -97,17 +86,42 @@ def open_state_file(path: Path) -> Iterator[StateDict]:
 
 
 def save_state_file(state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Write a state_dict as a safetensors file atomically (temp file, fsync, rename)."""
-    write_bytes_atomic(path, encode_state(state))
+    """Write a state_dict as a safetensors file atomically (temp file, fsync, rename).
 
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
+    safetensors writes straight from the tensors' memory, so no second copy of the model is
+    ever held, which is what keeps the coordinator's memory at O(model) for 100M+ parameters.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
+    safetensors.torch.save_file(_prepare(state), str(tmp))
+    with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     tmp.replace(path)
+
+
+def publish_file(source: Path, destination: Path) -> None:
+    """Copy a finished file into place atomically (temp file, fsync, rename)."""
+    tmp = destination.with_name(destination.name + ".tmp")
+    shutil.copyfile(source, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    tmp.replace(destination)
+
+
+def _prepare(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """CPU, contiguous tensors of supported dtypes; tied (shared-storage) tensors copied."""
+    tensors: StateDict = {}
+    seen_storages: set[int] = set()
+    for name, tensor in state.items():
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            raise TensorFormatError(f"tensor {name!r} has unsupported dtype {tensor.dtype}")
+        cpu = tensor.detach().to("cpu").contiguous()
+        # safetensors refuses tensors that share storage (tied weights); give each its own copy.
+        ptr = cpu.untyped_storage().data_ptr()
+        if ptr in seen_storages and cpu.numel() > 0:
+            cpu = cpu.clone()
+        seen_storages.add(ptr)
+        tensors[name] = cpu
+    return tensors
 
 
 def _check_dtypes(state: Mapping[str, torch.Tensor]) -> None:

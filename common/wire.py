@@ -8,8 +8,10 @@ before accepting the first chunk.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from fedlink.common.errors import PayloadError
@@ -34,16 +36,31 @@ class PayloadInfo:
     encoding: str = ENCODING
 
 
-def describe(data: bytes) -> PayloadInfo:
-    return PayloadInfo(size=len(data), sha256=hashlib.sha256(data).digest())
+@dataclass(frozen=True)
+class PayloadFile:
+    """A payload kept on disk and streamed from there: memory stays one chunk per stream, and
+    one file serves every client that downloads it."""
 
+    path: Path
+    info: PayloadInfo
 
-def iter_chunks(data: bytes, chunk_size: int) -> Iterator[tuple[int, bytes]]:
-    """Yield (offset, bytes) slices of `data`; each slice is one gRPC message."""
-    check_chunk_size(chunk_size)
-    view = memoryview(data)
-    for offset in range(0, len(data), chunk_size):
-        yield offset, bytes(view[offset : offset + chunk_size])
+    @classmethod
+    def seal(cls, path: Path) -> PayloadFile:
+        """Describe a finished file (size + SHA-256); it must not change afterwards."""
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(DEFAULT_CHUNK_SIZE):
+                digest.update(block)
+        return cls(path, PayloadInfo(size=path.stat().st_size, sha256=digest.digest()))
+
+    def chunks(self, chunk_size: int) -> Iterator[tuple[int, bytes]]:
+        check_chunk_size(chunk_size)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for offset in range(0, self.info.size, chunk_size):
+                yield offset, os.pread(fd, min(chunk_size, self.info.size - offset), offset)
+        finally:
+            os.close(fd)
 
 
 def check_chunk_size(chunk_size: int) -> None:

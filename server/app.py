@@ -17,11 +17,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedlink.common.pki import load_credentials
 from fedlink.common.tasks import load_task
-from fedlink.common.tensors import StateDict, save_state_file
+from fedlink.common.tasks.base import TaskModule
+from fedlink.common.tensors import StateDict, publish_file
 from fedlink.common.wire import MESSAGE_OVERHEAD
 from fedlink.server.config import ServerConfig
 from fedlink.server.report import MetricsLog, plot_accuracy, read_metrics, table_header, table_row
-from fedlink.server.rounds import RoundEngine, RoundRecord
+from fedlink.server.rounds import Evaluator, RoundEngine, RoundRecord
 from fedlink.server.service import FederationServicer
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
@@ -102,16 +103,10 @@ def run_server(config: ServerConfig) -> int:
     task = load_task(config.task)
     torch.manual_seed(config.seed)
     model = task.build_model()
-    test_set = task.load_test_data()
-    device = torch.device("cpu")
-
-    def evaluate_centrally(state: StateDict) -> tuple[float, float] | None:
-        if test_set is None:
-            return None
-        model.load_state_dict(state)
-        result = task.evaluate(model, test_set, device)
-        return result.loss, result.accuracy
-
+    initial_state = model.state_dict()
+    evaluate_centrally = _central_evaluator(task, model)
+    if evaluate_centrally is None:
+        del model  # nothing to evaluate on: hold only the serialized global model
     config.run_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(config.run_dir / "metrics.jsonl")
 
@@ -120,11 +115,9 @@ def run_server(config: ServerConfig) -> int:
         print(table_row(dataclasses.asdict(record)), flush=True)
 
     engine = RoundEngine(
-        config,
-        {name: t.detach().clone() for name, t in model.state_dict().items()},
-        evaluate_centrally=evaluate_centrally,
-        on_round=on_round,
+        config, initial_state, evaluate_centrally=evaluate_centrally, on_round=on_round
     )
+    del initial_state
     listening = start_server(config, engine)
     port = listening.port
     host = config.listen.rsplit(":", 1)[0]
@@ -148,7 +141,7 @@ def run_server(config: ServerConfig) -> int:
         listening.set_serving(False)
         _restore_signal_handlers(previous)
 
-    save_state_file(summary.final_state, config.run_dir / "final_model.safetensors")
+    publish_file(summary.final_model, config.run_dir / "final_model.safetensors")
     records = read_metrics(metrics.path)
     if records:
         plot_accuracy(records, config.run_dir / "accuracy.png")
@@ -165,6 +158,21 @@ def run_server(config: ServerConfig) -> int:
         return 1
     log.info("federation finished: %d rounds", summary.rounds_completed)
     return 0
+
+
+def _central_evaluator(task: TaskModule, model: torch.nn.Module) -> Evaluator | None:
+    """Evaluation of each new global model on the task's centralized test set, if it has one."""
+    test_set = task.load_test_data()
+    if test_set is None:
+        return None
+    device = torch.device("cpu")
+
+    def evaluate(state: StateDict) -> tuple[float, float]:
+        model.load_state_dict(state)
+        result = task.evaluate(model, test_set, device)
+        return result.loss, result.accuracy
+
+    return evaluate
 
 
 def _install_signal_handlers(stop: threading.Event) -> dict[int, object]:

@@ -25,12 +25,11 @@ from fedlink.common.errors import PayloadError, TensorFormatError, UpdateRejecte
 from fedlink.common.tensors import (
     Manifest,
     StateDict,
-    decode_state,
-    encode_state,
     manifest_of,
     open_state_file,
+    save_state_file,
 )
-from fedlink.common.wire import JOIN_REQUIRED, PayloadAssembler, PayloadInfo, describe
+from fedlink.common.wire import JOIN_REQUIRED, PayloadAssembler, PayloadFile, PayloadInfo
 from fedlink.server.aggregation import StreamingFedAvg
 from fedlink.server.config import ServerConfig
 from fedlink.server.validation import check_metrics, check_num_examples, check_update
@@ -58,8 +57,7 @@ class TaskOffer:
     task_id: str = ""
     round: int = 0
     seed: int = 0
-    payload: bytes | None = None
-    payload_info: PayloadInfo | None = None
+    payload: PayloadFile | None = None
 
 
 @dataclass(frozen=True)
@@ -79,8 +77,7 @@ class _Phase:
     round: int
     task_id: str
     participants: frozenset[str]
-    payload: bytes
-    payload_info: PayloadInfo
+    payload: PayloadFile
     pending: set[str]
     submitted: set[str] = field(default_factory=set)
     finished: set[str] = field(default_factory=set)
@@ -161,7 +158,7 @@ class RunSummary:
     rounds_completed: int
     completed: bool
     stopped_by_signal: bool
-    final_state: StateDict
+    final_model: Path  # the last global model, a safetensors file in the state directory
     records: list[RoundRecord]
 
 
@@ -186,14 +183,14 @@ class RoundEngine:
     ) -> None:
         self._config = config
         self._manifest: Manifest = manifest_of(initial_state)
-        self._global_payload = encode_state(initial_state)
-        self._global_info = describe(self._global_payload)
         self._evaluate_centrally = evaluate_centrally
         self._on_round = on_round
         self._spool_dir = config.state_dir / "incoming"
         self._spool_dir.mkdir(parents=True, exist_ok=True)
         for stale in self._spool_dir.glob("*.part"):
             stale.unlink()
+        self._global_files: list[PayloadFile] = []
+        self._global = self._write_global(initial_state, round_number=0)
         self._cond = threading.Condition()
         self._clients: dict[str, _ClientInfo] = {}
         self._phase: _Phase | None = None
@@ -250,7 +247,6 @@ class RoundEngine:
                         round=phase.round,
                         seed=self._client_seed(phase.round, identity),
                         payload=phase.payload,
-                        payload_info=phase.payload_info,
                     )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -293,7 +289,7 @@ class RoundEngine:
             spool = None
             if header.payload is not None:
                 spool = self._spool_dir / f"{uuid.uuid4().hex}.part"
-            max_size = len(self._global_payload) + PAYLOAD_SLACK_BYTES
+            max_size = self._global.info.size + PAYLOAD_SLACK_BYTES
             try:
                 return ResultUpload(identity, header, phase, spool, max_size)
             except PayloadError as exc:
@@ -412,7 +408,9 @@ class RoundEngine:
                 assert train.aggregator is not None
                 state = train.aggregator.result()
                 train.aggregator = None
-                self._set_global(state)
+                global_file = self._write_global(state, round_number)
+                with self._cond:
+                    self._global = global_file
                 central = self._evaluate_centrally(state) if self._evaluate_centrally else None
                 del state  # the serialized global model is the only copy kept between rounds
                 federated: tuple[float, float] | None = None
@@ -442,12 +440,7 @@ class RoundEngine:
         finally:
             self.request_stop()
         completed = len(records) == cfg.num_rounds
-        return RunSummary(len(records), completed, stop.is_set(), self.global_state(), records)
-
-    def global_state(self) -> StateDict:
-        with self._cond:
-            payload = self._global_payload
-        return decode_state(payload)
+        return RunSummary(len(records), completed, stop.is_set(), self._global.path, records)
 
     def wait_for_stop_delivery(self, grace_seconds: float) -> None:
         """Give connected clients a moment to pull their STOP before the server goes away."""
@@ -469,8 +462,7 @@ class RoundEngine:
             round=round_number,
             task_id=uuid.uuid4().hex,
             participants=frozenset(participants),
-            payload=self._global_payload,
-            payload_info=self._global_info,
+            payload=self._global,
             pending=set(participants),
             aggregator=StreamingFedAvg(self._manifest) if kind is TaskKind.TRAIN else None,
         )
@@ -536,11 +528,19 @@ class RoundEngine:
         digest = hashlib.sha256(f"{self._config.seed}:{round_number}:{identity}".encode()).digest()
         return int.from_bytes(digest[:8], "little") >> 1
 
-    def _set_global(self, state: StateDict) -> None:
-        payload = encode_state(state)
-        with self._cond:
-            self._global_payload = payload
-            self._global_info = describe(payload)
+    def _write_global(self, state: StateDict, round_number: int) -> PayloadFile:
+        """Serialize the global model once per round; every download streams from this file.
+
+        The previous file is kept (a download that started just before the switch may still be
+        reading it); older ones are deleted.
+        """
+        path = self._config.state_dir / f"global-{round_number:06d}.safetensors"
+        save_state_file(state, path)
+        payload = PayloadFile.seal(path)
+        self._global_files.append(payload)
+        while len(self._global_files) > 2:
+            self._global_files.pop(0).path.unlink(missing_ok=True)
+        return payload
 
     def _reset_byte_counters(self) -> None:
         with self._cond:

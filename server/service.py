@@ -12,7 +12,7 @@ import grpc
 
 from fedlink.common.errors import PKIError, UpdateRejected
 from fedlink.common.pki import identity_from_pem
-from fedlink.common.wire import JOIN_REQUIRED, SESSION_METADATA_KEY, PayloadInfo, iter_chunks
+from fedlink.common.wire import JOIN_REQUIRED, SESSION_METADATA_KEY, PayloadInfo
 from fedlink.server.config import ServerConfig
 from fedlink.server.rounds import ResultHeader, RoundEngine, TaskKind, TaskOffer
 from fedlink.v1 import federation_pb2 as pb
@@ -69,7 +69,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         if offer.payload is None:
             return
         sent = 0
-        for offset, data in iter_chunks(offer.payload, self._config.chunk_size):
+        for offset, data in offer.payload.chunks(self._config.chunk_size):
             if not context.is_active():
                 break
             yield pb.TaskMessage(chunk=pb.Chunk(offset=offset, data=data))
@@ -147,13 +147,10 @@ def _task_header(offer: TaskOffer) -> pb.TaskHeader:
     )
     if offer.kind is TaskKind.WAIT:
         header.retry_after_seconds = 0.0
-    if offer.payload_info is not None:
+    if offer.payload is not None:
+        info = offer.payload.info
         header.payload.CopyFrom(
-            pb.PayloadInfo(
-                size=offer.payload_info.size,
-                sha256=offer.payload_info.sha256,
-                encoding=offer.payload_info.encoding,
-            )
+            pb.PayloadInfo(size=info.size, sha256=info.sha256, encoding=info.encoding)
         )
     return header
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -14,10 +16,9 @@ from fedlink.common.wire import (
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
     PayloadAssembler,
+    PayloadFile,
     PayloadInfo,
     check_chunk_size,
-    describe,
-    iter_chunks,
 )
 
 CHUNK = MIN_CHUNK_SIZE
@@ -25,6 +26,24 @@ CHUNK = MIN_CHUNK_SIZE
 
 def _payload(size: int) -> bytes:
     return os.urandom(size)
+
+
+_FILES = Path(tempfile.mkdtemp(prefix="fedlink-wire-"))
+
+
+def _sealed(data: bytes) -> PayloadFile:
+    """The payload as fedlink sends it: a file, described once, streamed in chunks."""
+    path = _FILES / f"{hashlib.sha256(data).hexdigest()}-{len(data)}"
+    path.write_bytes(data)
+    return PayloadFile.seal(path)
+
+
+def describe(data: bytes) -> PayloadInfo:
+    return _sealed(data).info
+
+
+def iter_chunks(data: bytes, chunk_size: int) -> list[tuple[int, bytes]]:
+    return list(_sealed(data).chunks(chunk_size))
 
 
 def _assembler(data: bytes, *, max_size: int | None = None) -> tuple[PayloadAssembler, io.BytesIO]:
