@@ -10,7 +10,9 @@ Import it as the task `noop_task` with this directory on PYTHONPATH.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 
 import torch
 import torchvision
@@ -26,6 +28,7 @@ from fedlink.common.tasks.base import (
     TrainResult,
 )
 from fedlink.common.tasks.mnist import FedAvgCNN
+from fedlink.common.tensors import encode_state
 
 MODEL_ENV = "FEDLINK_BENCH_MODEL"
 DEFAULT_MODEL = "cnn1.66m"
@@ -92,3 +95,20 @@ def train(
 
 def evaluate(model: nn.Module, dataset: ExampleDataset, device: torch.device) -> EvalResult:
     return EvalResult(num_examples=NUM_EXAMPLES, loss=0.0, accuracy=0.0)
+
+
+def describe_model(name: str) -> dict[str, object]:
+    """Parameter count and safetensors size (the bytes fedlink streams) of one model."""
+    model = MODELS[name]()
+    return {
+        "name": name,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "payload_bytes": len(encode_state(model.state_dict())),
+        "torch": torch.__version__,
+    }
+
+
+if __name__ == "__main__":
+    # `python noop_task.py MODEL`: one JSON line, so the benchmark driver never imports torch
+    # (a child's ru_maxrss includes its parent's RSS at fork time).
+    print(json.dumps(describe_model(sys.argv[1])))

@@ -203,7 +203,7 @@ class FederationClient:
         # Serialized to disk and streamed from there: no second in-memory copy of the model.
         with tempfile.TemporaryDirectory(dir=self._config.spool_dir) as spool:
             path = Path(spool) / "update.safetensors"
-            save_state_file(self._model.state_dict(), path)
+            save_state_file(self._model.state_dict(), path, durable=False)
             self._push(header, result.num_examples, {"loss": result.loss}, PayloadFile.seal(path))
 
     def _evaluate(self, header: pb.TaskHeader) -> None:

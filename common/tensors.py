@@ -85,16 +85,18 @@ def open_state_file(path: Path) -> Iterator[StateDict]:
         yield state
 
 
-def save_state_file(state: Mapping[str, torch.Tensor], path: Path) -> None:
+def save_state_file(state: Mapping[str, torch.Tensor], path: Path, *, durable: bool = True) -> None:
     """Write a state_dict as a safetensors file atomically (temp file, fsync, rename).
 
     safetensors writes straight from the tensors' memory, so no second copy of the model is
     ever held, which is what keeps the coordinator's memory at O(model) for 100M+ parameters.
+    `durable=False` skips the fsync for scratch files that need not survive a crash.
     """
     tmp = path.with_name(path.name + ".tmp")
     safetensors.torch.save_file(_prepare(state), str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    if durable:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
     tmp.replace(path)
 
 

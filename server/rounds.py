@@ -535,7 +535,8 @@ class RoundEngine:
         reading it); older ones are deleted.
         """
         path = self._config.state_dir / f"global-{round_number:06d}.safetensors"
-        save_state_file(state, path)
+        # A working copy for downloads; the published final model is the durable one.
+        save_state_file(state, path, durable=False)
         payload = PayloadFile.seal(path)
         self._global_files.append(payload)
         while len(self._global_files) > 2:

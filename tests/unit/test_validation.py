@@ -147,3 +147,18 @@ def test_too_many_metrics_are_rejected() -> None:
     with pytest.raises(UpdateRejected, match=f"at most {MAX_METRICS} metrics") as info:
         check_metrics(metrics)
     assert info.value.code == "INVALID_ARGUMENT"
+
+
+def test_huge_but_finite_values_are_not_mistaken_for_inf() -> None:
+    # The fast finiteness check sums the tensor; a sum that overflows must fall back to the
+    # exact elementwise check instead of refusing a legitimate update.
+    state = {"w": torch.full((8,), 3e38), "h": torch.full((4,), 60000.0, dtype=torch.float16)}
+    check_update(state, manifest_of(state))
+
+
+def test_inf_hidden_among_huge_values_is_still_found() -> None:
+    weights = torch.full((8,), 3e38)
+    weights[3] = float("inf")
+    state = {"w": weights}
+    with pytest.raises(UpdateRejected, match="NaN or Inf"):
+        check_update(state, manifest_of({"w": torch.zeros(8)}))
