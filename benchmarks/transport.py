@@ -347,8 +347,10 @@ def run_fedlink(
     work: Path,
     timeout: float,
     processes: Processes,
+    verbose: bool = False,
 ) -> FedlinkRun:
     result = FedlinkRun()
+    log_flags = ["--verbose"] if verbose else []
     run_dir = work / "run"
     logs = work / "logs"
     for directory in (run_dir, logs):
@@ -362,6 +364,7 @@ def run_fedlink(
             sys.executable,
             "-m",
             "fedlink",
+            *log_flags,
             "server",
             "--listen",
             "127.0.0.1:0",
@@ -400,6 +403,7 @@ def run_fedlink(
                             sys.executable,
                             "-m",
                             "fedlink",
+                            *log_flags,
                             "client",
                             "--server",
                             address,
@@ -639,11 +643,14 @@ def run_case(
     work: Path,
     timeout: float,
     chunk_size: int,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     processes = Processes()
     try:
         print(f"  {info.name} x {num_clients} clients: fedlink, {rounds} rounds ...", flush=True)
-        fed = run_fedlink(info, num_clients, rounds, certs, work / "fedlink", timeout, processes)
+        fed = run_fedlink(
+            info, num_clients, rounds, certs, work / "fedlink", timeout, processes, verbose
+        )
         if fed.error:
             print(f"    fedlink FAILED: {fed.error}", flush=True)
         else:
@@ -800,6 +807,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temp dir")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, run dirs)")
     parser.add_argument(
+        "--verbose", action="store_true", help="debug logging in the fedlink processes' logs"
+    )
+    parser.add_argument(
         "--strict", action="store_true", help="exit 1 when a target is missed, not only on errors"
     )
     args = parser.parse_args(argv)
@@ -836,7 +846,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     rows: list[dict[str, Any]] = []
-    versions: dict[str, str] = {"grpcio": importlib.metadata.version("grpcio")}
+    versions: dict[str, str] = {"grpcio": importlib.metadata.version("grpcio"), **source_version()}
     failed = False
     with terminate_on_sigterm():
         try:
@@ -853,7 +863,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for num_clients in args.clients:
                     case_dir = work / f"{model}-{num_clients}"
                     row = run_case(
-                        info, num_clients, rounds, certs, case_dir, args.timeout, args.chunk_size
+                        info,
+                        num_clients,
+                        rounds,
+                        certs,
+                        case_dir,
+                        args.timeout,
+                        args.chunk_size,
+                        args.verbose,
                     )
                     failed = failed or bool(row["fedlink"]["error"] or row["wire"]["error"])
                     rows.append(row)
@@ -878,6 +895,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nwrote {args.out}")
     missed = any(not c["passed"] for c in results)
     return 1 if failed or (args.strict and missed) else 0
+
+
+def source_version() -> dict[str, str]:
+    """The fedlink commit measured, and whether its code (outside benchmarks/) had local edits."""
+
+    def git(*arguments: str) -> str:
+        return subprocess.run(
+            ["git", *arguments], cwd=BENCH_DIR.parent, capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        changed = [line[3:] for line in git("status", "--porcelain").splitlines() if line[3:]]
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    edited = [path for path in changed if not path.startswith("benchmarks/")]
+    return {"fedlink_commit": commit, "uncommitted_changes": ", ".join(edited) or "none"}
 
 
 def write_json(

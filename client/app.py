@@ -111,7 +111,9 @@ class FederationClient:
                         if not self._backoff.wait(f"{code.name}: {exc.details()}"):
                             raise FatalClientError("coordinator unreachable for too long") from None
                     else:
-                        raise
+                        raise FatalClientError(
+                            f"the coordinator ended the session: {code.name}: {exc.details()}"
+                        ) from None
         finally:
             self._stop_heartbeat.set()
             if heartbeat.is_alive():
