@@ -1,0 +1,71 @@
+"""Client-side decisions that need no network: device choice, the coordinator's settings, backoff."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from fedlink.client.app import FatalClientError, pick_device, train_config_from
+from fedlink.client.connection import Backoff
+from fedlink.common.errors import ConfigError
+
+
+def test_auto_device_is_cuda_only_when_cuda_exists() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert pick_device("auto").type == expected
+    assert pick_device("cpu").type == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_insisting_on_cuda_without_a_gpu_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        pick_device("cuda")
+
+
+def test_training_settings_from_the_coordinator_are_parsed() -> None:
+    config = train_config_from(
+        {"local_epochs": "2", "batch_size": "16", "learning_rate": "0.05", "momentum": "0.5"},
+        seed=7,
+    )
+    assert (config.local_epochs, config.batch_size, config.seed) == (2, 16, 7)
+    assert (config.learning_rate, config.momentum) == (0.05, 0.5)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"local_epochs": "many"},
+        {"local_epochs": "0"},
+        {"local_epochs": "1000000"},
+        {"batch_size": "0"},
+        {"learning_rate": "nan"},
+        {"learning_rate": "-1"},
+        {"learning_rate": "inf"},
+        {"momentum": "1.0"},
+    ],
+)
+def test_hostile_training_settings_are_refused(settings: dict[str, str]) -> None:
+    with pytest.raises(FatalClientError, match="coordinator sent"):
+        train_config_from(settings, seed=0)
+
+
+def test_backoff_delays_grow_with_jitter_and_give_up_after_the_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    delays: list[float] = []
+    monkeypatch.setattr(time, "sleep", delays.append)
+    clock = [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    backoff = Backoff(initial=1.0, maximum=8.0, give_up_after=100.0)
+    for _ in range(6):
+        assert backoff.wait("down")
+        clock[0] += 10
+    caps = [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    assert all(0 <= d <= cap for d, cap in zip(delays, caps, strict=True))
+    assert len(set(delays)) > 1  # jittered, so restarted clients do not reconnect in lockstep
+    clock[0] += 100
+    assert not backoff.wait("still down")
+    backoff.reset()
+    assert backoff.wait("down again")
