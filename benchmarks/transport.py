@@ -17,9 +17,16 @@ calls with raw-bytes messages of the same chunk size and fedlink's channel optio
 connect first and are released together, so start-up is not timed. ratio = round / wire.
 
 Targets (from the issue): ratio <= 1.3 for resnet18 and 100m with 10 clients; with 10 clients
-and the 100m model the coordinator's peak RSS < 3 x model size + 1 GiB.
+and the 100m model the coordinator's peak RSS < 3 x model size + 1 GiB, and no growth with the
+number of clients.
 
-Prints a table and writes JSON (default benchmarks/results/transport.json).
+Besides wall time it reports CPU seconds per round (server and clients, user and system, from
+/proc at round boundaries) for fedlink and for the wire limit: on a machine where the clients
+and the coordinator share the cores, the round time follows the CPU work. It also measures how
+much CPU *other* processes used meanwhile and warns when the machine was not quiet.
+
+Prints a table and writes JSON (default benchmarks/results/transport.json). The default matrix
+takes about 8 minutes on 2 cores; 100m with 10 clients needs about 12 GB of RAM.
 """
 
 from __future__ import annotations
@@ -66,12 +73,12 @@ TARGET_RATIO = 1.3
 RATIO_TARGET_MODELS = ("resnet18", "100m")
 TARGET_CLIENTS = 10
 MEMORY_TARGET_MODEL = "100m"
+# Warn when other processes took more than this share of the CPUs during a measurement.
+INTERFERENCE_WARNING = 0.10
 # Coordinator memory counts as "independent of the number of clients" below this growth.
 GROWTH_PER_CLIENT_MIB = 16.0
 STARTUP_TIMEOUT_SECONDS = 180.0
 CLIENT_EXIT_SECONDS = 60.0
-
-
 DEFAULT_ROUNDS = 3
 # Repetitions of the (cheap) wire measurement; the first is a warm-up, as fedlink's round 1.
 MIN_WIRE_REPEATS = 4
@@ -163,24 +170,33 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 @dataclass(frozen=True)
 class Cpu:
-    """CPU seconds (user, system) of the server and of all clients together."""
+    """CPU seconds (user, system) of the server and of all clients together, and of everything
+    else on the machine in the same interval (other processes, kernel threads): the benchmark
+    assumes a quiet machine, and `other` shows when it was not."""
 
     server_user: float = 0.0
     server_sys: float = 0.0
     clients_user: float = 0.0
     clients_sys: float = 0.0
+    other: float = 0.0
 
-    def __sub__(self, other: Cpu) -> Cpu:
+    def __sub__(self, earlier: Cpu) -> Cpu:
         return Cpu(
-            self.server_user - other.server_user,
-            self.server_sys - other.server_sys,
-            self.clients_user - other.clients_user,
-            self.clients_sys - other.clients_sys,
+            *(getattr(self, f.name) - getattr(earlier, f.name) for f in dataclasses.fields(Cpu))
         )
 
     @property
-    def total(self) -> float:
+    def ours(self) -> float:
         return self.server_user + self.server_sys + self.clients_user + self.clients_sys
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all CPUs, from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is already in user)
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
 
 
 def process_cpu(pid: int) -> tuple[float, float]:
@@ -194,14 +210,13 @@ def process_cpu(pid: int) -> tuple[float, float]:
 
 
 def sample_cpu(server: subprocess.Popen[bytes], clients: Sequence[subprocess.Popen[bytes]]) -> Cpu:
+    machine = machine_busy_seconds()
     server_user, server_sys = process_cpu(server.pid)
     per_client = [process_cpu(c.pid) for c in clients]
-    return Cpu(
-        server_user,
-        server_sys,
-        sum(user for user, _ in per_client),
-        sum(system for _, system in per_client),
-    )
+    clients_user = sum(user for user, _ in per_client)
+    clients_sys = sum(system for _, system in per_client)
+    ours = server_user + server_sys + clients_user + clients_sys
+    return Cpu(server_user, server_sys, clients_user, clients_sys, machine - ours)
 
 
 def child_env(model: str) -> dict[str, str]:
@@ -635,6 +650,13 @@ def mean_cpu(samples: Sequence[Cpu]) -> Cpu:
     )
 
 
+def busy_share(cpu: Cpu | None, seconds: float | None) -> float | None:
+    """The share of all CPUs that other processes used over `seconds` of wall time."""
+    if cpu is None or not seconds:
+        return None
+    return max(cpu.other, 0.0) / (seconds * (os.cpu_count() or 1))
+
+
 def run_case(
     info: ModelInfo,
     num_clients: int,
@@ -678,6 +700,17 @@ def run_case(
     round_cpu = mean_cpu(fed.round_cpu) if fed.round_cpu else None
     wire_cpu = mean_cpu(wire.cpu[1:] or wire.cpu) if wire.cpu else None
     limit = memory_limit_bytes(info.payload_bytes)
+    interference = {
+        "fedlink": busy_share(round_cpu, round_s),
+        "wire": busy_share(wire_cpu, wire_s),
+    }
+    for name, share in interference.items():
+        if share is not None and share > INTERFERENCE_WARNING:
+            print(
+                f"    WARNING: other processes used {share:.0%} of the machine's CPU during the "
+                f"{name} measurement; its timings are not reliable",
+                flush=True,
+            )
     return {
         "model": info.name,
         "parameters": info.parameters,
@@ -692,6 +725,8 @@ def run_case(
         "server_peak_rss_bytes": fed.server_peak_rss_bytes or None,
         "memory_limit_bytes": limit,
         "memory_ok": fed.server_peak_rss_bytes < limit if fed.server_peak_rss_bytes else None,
+        # Share of the machine's CPU used by anything else while measuring (0 = quiet machine).
+        "interference": interference,
         "fedlink": dataclasses.asdict(fed),
         "wire": dataclasses.asdict(wire),
     }
@@ -755,7 +790,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     header = (
         f"{'model':<9} {'params':>12} {'MiB':>7} {'clients':>7} {'round s':>8} {'wire s':>7} "
         f"{'ratio':>6} {'srv peak MiB':>12} {'limit MiB':>9} {'sys peak GiB':>12} "
-        f"{'CPU s/round':>11} {'wire CPU s':>10}"
+        f"{'CPU s/round':>11} {'wire CPU s':>10} {'noise %':>7}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -770,13 +805,21 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{num(peak / MIB if peak else None, '.0f'):>12} "
             f"{row['memory_limit_bytes'] / MIB:>9.0f} {system / (1 << 30):>12.1f} "
             f"{num(cpu_total(row['round_cpu_seconds']), '.1f'):>11} "
-            f"{num(cpu_total(row['wire_cpu_seconds']), '.1f'):>10}"
+            f"{num(cpu_total(row['wire_cpu_seconds']), '.1f'):>10} "
+            f"{num(noise_percent(row), '.0f'):>7}"
         )
     return "\n".join(lines)
 
 
+def noise_percent(row: dict[str, Any]) -> float | None:
+    """The larger share of the CPUs other processes took during either measurement, in %."""
+    shares = [v for v in row["interference"].values() if v is not None]
+    return 100 * max(shares) if shares else None
+
+
 def cpu_total(cpu: dict[str, float] | None) -> float | None:
-    return None if cpu is None else sum(cpu.values())
+    """CPU seconds of the benchmark's own processes (not `other`)."""
+    return None if cpu is None else sum(v for k, v in cpu.items() if k != "other")
 
 
 def parse_list(values: Sequence[str]) -> list[str]:

@@ -145,7 +145,7 @@ def run_server(config: ServerConfig) -> int:
     records = read_metrics(metrics.path)
     if records:
         plot_accuracy(records, config.run_dir / "accuracy.png")
-    engine.wait_for_stop_delivery(grace_seconds=5.0)
+    engine.wait_for_stop_delivery(grace_seconds=15.0)
     listening.server.stop(grace=2.0).wait()
     log.info("wrote %s", config.run_dir)
     if summary.stopped_by_signal:
