@@ -58,88 +58,99 @@ def test_the_demo_federation_converges_and_leaves_its_results(tmp_path: Path) ->
         assert "federation finished; exiting" in log.read_text()
 
 
+def _flags(**values: object) -> list[str]:
+    return [f"--{name.replace('_', '-')}={value}" for name, value in values.items()]
+
+
+def _server(
+    pki: Any | None, tmp: Path, name: str, env: dict[str, str] | None = None, **settings: object
+) -> subprocess.Popen[bytes]:
+    """`fedlink server` with the test federation's bundle (None: --insecure), run dir tmp/name."""
+    if pki is None:
+        tls = ["--insecure"]
+    else:
+        bundle = pki.server_dir
+        tls = _flags(cert=bundle / "server.pem", key=bundle / "server.key", ca=bundle / "ca.pem")
+    defaults: dict[str, object] = {
+        "min_clients": 1,
+        "min_fit_clients": 1,
+        "heartbeat_interval_seconds": 1,
+        "run_dir": tmp / name,
+        "state_dir": tmp / f"{name}-state",
+    }
+    arguments = ["server", *tls, *_flags(**{**defaults, **settings})]
+    return fedlink_process(arguments, tmp / f"{name}.log", env)
+
+
+def _client(
+    pki: Any | None,
+    tmp: Path,
+    name: str,
+    server: str,
+    env: dict[str, str] | None = None,
+    **settings: object,
+) -> subprocess.Popen[bytes]:
+    """`fedlink client` with its own certificate (None: --insecure), logging to tmp/name.log."""
+    if pki is None:
+        tls = ["--insecure"]
+    else:
+        cert, key, ca = pki.client(name)
+        tls = _flags(cert=cert, key=key, ca=ca)
+    arguments = ["client", *tls, *_flags(server=server, **{"task": "digits", **settings})]
+    return fedlink_process(arguments, tmp / f"{name}.log", env)
+
+
 def _start_federation(
     pki: Any,
     tmp_path: Path,
     rounds: int,
     clients: int,
     task: str = "digits",
-    extra_env: dict[str, str] | None = None,
-    **server_flags: str,
+    env: dict[str, str] | None = None,
+    **server_settings: object,
 ) -> tuple[subprocess.Popen[bytes], list[subprocess.Popen[bytes]], Path]:
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    address_file = run_dir / "address"
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in server_flags.items()]
-    server = fedlink_process(
-        [
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--address-file",
-            str(address_file),
-            "--cert",
-            str(pki.server_dir / "server.pem"),
-            "--key",
-            str(pki.server_dir / "server.key"),
-            "--ca",
-            str(pki.server_dir / "ca.pem"),
-            "--task",
-            task,
-            "--num-rounds",
-            str(rounds),
-            "--min-clients",
-            str(clients),
-            "--min-fit-clients",
-            str(clients),
-            "--heartbeat-interval-seconds",
-            "1",
-            "--run-dir",
-            str(run_dir),
-            "--state-dir",
-            str(tmp_path / "state"),
-            *flags,
-        ],
-        run_dir / "server.log",
-        extra_env,
+    address_file = tmp_path / "address"
+    server = _server(
+        pki,
+        tmp_path,
+        "run",
+        env,
+        listen="127.0.0.1:0",
+        address_file=address_file,
+        task=task,
+        num_rounds=rounds,
+        min_clients=clients,
+        min_fit_clients=clients,
+        **server_settings,
     )
     address = wait_for_file(address_file, server)
-    processes = []
-    for index in range(clients):
-        cert, key, ca = pki.client(f"site-{index}")
-        processes.append(
-            fedlink_process(
-                [
-                    "client",
-                    "--server",
-                    address,
-                    "--cert",
-                    str(cert),
-                    "--key",
-                    str(key),
-                    "--ca",
-                    str(ca),
-                    "--task",
-                    task,
-                    "--partition",
-                    "iid",
-                    "--partition-index",
-                    str(index),
-                    "--num-partitions",
-                    str(clients),
-                ],
-                run_dir / f"client-{index}.log",
-                extra_env,
-            )
+    processes = [
+        _client(
+            pki,
+            tmp_path,
+            f"site-{i}",
+            address,
+            env,
+            task=task,
+            partition="iid",
+            partition_index=i,
+            num_partitions=clients,
         )
+        for i in range(clients)
+    ]
     return server, processes, run_dir
 
 
-def _kill_all(processes: list[subprocess.Popen[bytes]]) -> None:
+def _kill_all(processes: list[subprocess.Popen[bytes] | None]) -> None:
     for process in processes:
-        if process.poll() is None:
+        if process is not None and process.poll() is None:
             process.kill()
             process.wait()
+
+
+def _log(tmp: Path, name: str) -> str:
+    return (tmp / f"{name}.log").read_text()
 
 
 def test_sigterm_stops_the_coordinator_cleanly_and_clients_exit(pki: Any, tmp_path: Path) -> None:
@@ -149,16 +160,16 @@ def test_sigterm_stops_the_coordinator_cleanly_and_clients_exit(pki: Any, tmp_pa
         deadline = time.monotonic() + 120
         while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
             assert time.monotonic() < deadline, "no round completed"
-            assert server.poll() is None, (run_dir / "server.log").read_text()
+            assert server.poll() is None, _log(tmp_path, "run")
             time.sleep(0.2)
         server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=60) == 0, (run_dir / "server.log").read_text()
+        assert server.wait(timeout=60) == 0, _log(tmp_path, "run")
         assert (run_dir / "final_model.safetensors").exists()
         for client in clients:
             assert client.wait(timeout=60) == 0
     finally:
         _kill_all([server, *clients])
-    assert "received SIGTERM" in (run_dir / "server.log").read_text()
+    assert "received SIGTERM" in _log(tmp_path, "run")
 
 
 def test_a_100_million_parameter_model_makes_a_round_trip(pki: Any, tmp_path: Path) -> None:
@@ -169,12 +180,12 @@ def test_a_100_million_parameter_model_makes_a_round_trip(pki: Any, tmp_path: Pa
         rounds=1,
         clients=1,
         task="big_model_task",
-        extra_env=env,
-        evaluate_every="0",
+        env=env,
+        evaluate_every=0,
     )
     try:
-        assert server.wait(timeout=600) == 0, (run_dir / "server.log").read_text()
-        assert clients[0].wait(timeout=60) == 0, (run_dir / "client-0.log").read_text()
+        assert server.wait(timeout=600) == 0, _log(tmp_path, "run")
+        assert clients[0].wait(timeout=60) == 0, _log(tmp_path, "site-0")
     finally:
         _kill_all([server, *clients])
     sys.path.insert(0, str(TASKS_DIR))
@@ -203,161 +214,55 @@ def _free_port() -> int:
 def test_a_client_started_before_the_coordinator_keeps_retrying_and_joins(
     pki: Any, tmp_path: Path
 ) -> None:
-    port = _free_port()
-    cert, key, ca = pki.client("early-bird")
-    client = fedlink_process(
-        [
-            "client",
-            "--server",
-            f"127.0.0.1:{port}",
-            "--cert",
-            str(cert),
-            "--key",
-            str(key),
-            "--ca",
-            str(ca),
-            "--task",
-            "digits",
-        ],
-        tmp_path / "client.log",
-    )
+    address = f"127.0.0.1:{_free_port()}"
+    client = _client(pki, tmp_path, "early-bird", address)
     server = None
     try:
         deadline = time.monotonic() + 60
-        while "retrying in" not in (tmp_path / "client.log").read_text():
+        while "retrying in" not in _log(tmp_path, "early-bird"):
             assert time.monotonic() < deadline and client.poll() is None
             time.sleep(0.2)
-        server = fedlink_process(
-            [
-                "server",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--cert",
-                str(pki.server_dir / "server.pem"),
-                "--key",
-                str(pki.server_dir / "server.key"),
-                "--ca",
-                str(pki.server_dir / "ca.pem"),
-                "--num-rounds",
-                "2",
-                "--min-clients",
-                "1",
-                "--min-fit-clients",
-                "1",
-                "--run-dir",
-                str(tmp_path / "run"),
-                "--state-dir",
-                str(tmp_path / "state"),
-            ],
-            tmp_path / "server.log",
-        )
-        assert server.wait(timeout=120) == 0, (tmp_path / "server.log").read_text()
-        assert client.wait(timeout=60) == 0, (tmp_path / "client.log").read_text()
+        server = _server(pki, tmp_path, "server", listen=address, num_rounds=2)
+        assert server.wait(timeout=120) == 0, _log(tmp_path, "server")
+        assert client.wait(timeout=60) == 0, _log(tmp_path, "early-bird")
     finally:
-        _kill_all([p for p in (client, server) if p is not None])
-    assert "joined federation" in (tmp_path / "client.log").read_text()
+        _kill_all([client, server])
+    assert "joined federation" in _log(tmp_path, "early-bird")
 
 
 def test_insecure_mode_works_only_when_asked_for_and_says_so_loudly(tmp_path: Path) -> None:
     address_file = tmp_path / "address"
-    server = fedlink_process(
-        [
-            "server",
-            "--insecure",
-            "--listen",
-            "127.0.0.1:0",
-            "--address-file",
-            str(address_file),
-            "--num-rounds",
-            "1",
-            "--min-clients",
-            "1",
-            "--min-fit-clients",
-            "1",
-            "--run-dir",
-            str(tmp_path / "run"),
-            "--state-dir",
-            str(tmp_path / "state"),
-        ],
-        tmp_path / "server.log",
+    server = _server(
+        None, tmp_path, "server", listen="127.0.0.1:0", address_file=address_file, num_rounds=1
     )
     client = None
     try:
-        address = wait_for_file(address_file, server)
-        client = fedlink_process(
-            ["client", "--insecure", "--server", address, "--task", "digits"],
-            tmp_path / "client.log",
-        )
-        assert server.wait(timeout=120) == 0, (tmp_path / "server.log").read_text()
-        assert client.wait(timeout=60) == 0, (tmp_path / "client.log").read_text()
+        client = _client(None, tmp_path, "dev", wait_for_file(address_file, server))
+        assert server.wait(timeout=120) == 0, _log(tmp_path, "server")
+        assert client.wait(timeout=60) == 0, _log(tmp_path, "dev")
     finally:
-        _kill_all([p for p in (client, server) if p is not None])
-    assert "INSECURE MODE" in (tmp_path / "server.log").read_text()
-    assert "INSECURE MODE" in (tmp_path / "client.log").read_text()
-    assert "joined federation" in (tmp_path / "client.log").read_text()
+        _kill_all([client, server])
+    assert "INSECURE MODE" in _log(tmp_path, "server")
+    assert "INSECURE MODE" in _log(tmp_path, "dev")
+    assert "joined federation" in _log(tmp_path, "dev")
 
 
 def test_clients_rejoin_a_restarted_coordinator_by_themselves(pki: Any, tmp_path: Path) -> None:
-    port = _free_port()
-
-    def coordinator(rounds: int, name: str) -> subprocess.Popen[bytes]:
-        return fedlink_process(
-            [
-                "server",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--cert",
-                str(pki.server_dir / "server.pem"),
-                "--key",
-                str(pki.server_dir / "server.key"),
-                "--ca",
-                str(pki.server_dir / "ca.pem"),
-                "--num-rounds",
-                str(rounds),
-                "--min-clients",
-                "1",
-                "--min-fit-clients",
-                "1",
-                "--heartbeat-interval-seconds",
-                "1",
-                "--run-dir",
-                str(tmp_path / name),
-                "--state-dir",
-                str(tmp_path / "state"),
-            ],
-            tmp_path / f"{name}.log",
-        )
-
-    first = coordinator(10_000, "first")
-    cert, key, ca = pki.client("survivor")
-    client = fedlink_process(
-        [
-            "client",
-            "--server",
-            f"127.0.0.1:{port}",
-            "--cert",
-            str(cert),
-            "--key",
-            str(key),
-            "--ca",
-            str(ca),
-            "--task",
-            "digits",
-        ],
-        tmp_path / "client.log",
-    )
+    address = f"127.0.0.1:{_free_port()}"
+    first = _server(pki, tmp_path, "first", listen=address, num_rounds=10_000)
+    client = _client(pki, tmp_path, "survivor", address)
     second = None
     try:
         metrics = tmp_path / "first" / "metrics.jsonl"
         deadline = time.monotonic() + 120
         while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
-            assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+            assert time.monotonic() < deadline, _log(tmp_path, "first")
             time.sleep(0.2)
         first.kill()  # SIGKILL: no goodbye to the client
         first.wait()
-        second = coordinator(2, "second")
-        assert second.wait(timeout=180) == 0, (tmp_path / "second.log").read_text()
-        assert client.wait(timeout=60) == 0, (tmp_path / "client.log").read_text()
+        second = _server(pki, tmp_path, "second", listen=address, num_rounds=2)
+        assert second.wait(timeout=180) == 0, _log(tmp_path, "second")
+        assert client.wait(timeout=60) == 0, _log(tmp_path, "survivor")
     finally:
-        _kill_all([p for p in (first, client, second) if p is not None])
-    assert (tmp_path / "client.log").read_text().count("joined federation") == 2
+        _kill_all([first, client, second])
+    assert _log(tmp_path, "survivor").count("joined federation") == 2
