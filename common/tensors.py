@@ -58,16 +58,6 @@ def encode_state(state: Mapping[str, torch.Tensor]) -> bytes:
     return safetensors.torch.save(_prepare(state))
 
 
-def decode_state(data: bytes) -> StateDict:
-    """Parse safetensors bytes into tensors (copies); raises TensorFormatError on bad input."""
-    try:
-        state = safetensors.torch.load(data)
-    except Exception as exc:  # the Rust parser raises several exception types
-        raise TensorFormatError(f"not a valid safetensors payload: {exc}") from exc
-    _check_dtypes(state)
-    return state
-
-
 @contextmanager
 def open_state_file(path: Path) -> Iterator[StateDict]:
     """Memory-map a safetensors file: tensors are read lazily, so memory stays bounded by what

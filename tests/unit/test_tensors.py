@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,20 @@ from fedlink.common.errors import TensorFormatError
 from fedlink.common.tensors import (
     SUPPORTED_DTYPES,
     TensorSpec,
-    decode_state,
     encode_state,
     manifest_of,
     open_state_file,
     save_state_file,
 )
+
+
+def decode_state(data: bytes) -> dict[str, torch.Tensor]:
+    """Decode bytes the way the coordinator does with an upload: from a file, memory-mapped."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "payload.safetensors"
+        path.write_bytes(data)
+        with open_state_file(path) as state:
+            return {name: tensor.clone() for name, tensor in state.items()}
 
 
 def _mixed_state() -> dict[str, torch.Tensor]:
