@@ -12,8 +12,9 @@ waits for a line on stdin; then it downloads SIZE bytes, uploads SIZE bytes and 
 line with its timings. It does that `--repeats` times. transport.py starts N clients, waits
 until all are ready, then releases them together, so process start-up is never timed.
 
-Channel and server options are fedlink's own (same message limits, keepalive, thread pool, mTLS
-credentials), so the only difference from fedlink is the framework itself.
+Channel and server options are fedlink's own (same message limits, keepalive and HTTP/2 flow
+control settings, thread pool, mTLS credentials), so the only difference from fedlink is the
+framework itself.
 """
 
 from __future__ import annotations
@@ -38,14 +39,6 @@ from fedlink.server.config import ServerConfig
 SERVICE = "fedlinkbench.Wire"
 DOWNLOAD = f"/{SERVICE}/Download"
 UPLOAD = f"/{SERVICE}/Upload"
-# fedlink's coordinator keepalive settings (server/app.py KEEPALIVE_OPTIONS); copied rather than
-# imported so this process does not import torch.
-KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
 
 
 def make_chunks(size: int, chunk_size: int) -> list[bytes]:
@@ -58,6 +51,10 @@ def make_chunks(size: int, chunk_size: int) -> list[bytes]:
 
 
 def serve(args: argparse.Namespace) -> int:
+    # The coordinator's own transport settings (keepalive, HTTP/2 flow control). Imported here,
+    # not at the top: fedlink.server.app imports torch, which the clients need not load.
+    from fedlink.server.app import KEEPALIVE_OPTIONS
+
     chunks = make_chunks(args.size, args.chunk_size)
     max_workers = ServerConfig(insecure=True).max_workers  # fedlink's default handler threads
 

@@ -650,6 +650,31 @@ def mean_cpu(samples: Sequence[Cpu]) -> Cpu:
     )
 
 
+def wait_for_quiet(max_wait: float, window: float = 1.0, needed: int = 3) -> None:
+    """Wait until other processes leave the CPUs alone (`needed` quiet windows in a row), or
+    `max_wait` seconds pass. Between cases none of the benchmark's processes run, so whatever
+    the machine is busy with is someone else's."""
+    deadline = time.monotonic() + max_wait
+    cpus = os.cpu_count() or 1
+    quiet = 0
+    announced = False
+    while quiet < needed and time.monotonic() < deadline:
+        before = machine_busy_seconds()
+        time.sleep(window)
+        share = (machine_busy_seconds() - before) / (window * cpus)
+        if share <= INTERFERENCE_WARNING:
+            quiet += 1
+            continue
+        quiet = 0
+        if not announced:
+            print(
+                f"    waiting for a quiet machine (others use {share:.0%} of the CPUs)", flush=True
+            )
+            announced = True
+    if quiet < needed:
+        print("    the machine is still busy; measuring anyway", flush=True)
+
+
 def busy_share(cpu: Cpu | None, seconds: float | None) -> float | None:
     """The share of all CPUs that other processes used over `seconds` of wall time."""
     if cpu is None or not seconds:
@@ -855,6 +880,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--strict", action="store_true", help="exit 1 when a target is missed, not only on errors"
     )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=300.0,
+        help="before each case, wait up to this many seconds for other processes to go quiet",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="measure a case again (keeping the quietest) when other processes disturbed it",
+    )
     args = parser.parse_args(argv)
     args.models = parse_list(args.models)
     unknown = [m for m in args.models if m not in MODELS]
@@ -866,6 +903,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--clients takes integers")
     if not args.clients or min(args.clients) < 1 or (args.rounds is not None and args.rounds < 1):
         parser.error("--clients and --rounds must be at least 1")
+    if args.retries < 0 or args.quiet_wait < 0:
+        parser.error("--retries and --quiet-wait must not be negative")
     return args
 
 
@@ -904,17 +943,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                     flush=True,
                 )
                 for num_clients in args.clients:
-                    case_dir = work / f"{model}-{num_clients}"
-                    row = run_case(
-                        info,
-                        num_clients,
-                        rounds,
-                        certs,
-                        case_dir,
-                        args.timeout,
-                        args.chunk_size,
-                        args.verbose,
-                    )
+                    row: dict[str, Any] | None = None
+                    for attempt in range(1 + args.retries):
+                        wait_for_quiet(args.quiet_wait)
+                        case_dir = work / f"{model}-{num_clients}" / f"attempt-{attempt + 1}"
+                        candidate = run_case(
+                            info,
+                            num_clients,
+                            rounds,
+                            certs,
+                            case_dir,
+                            args.timeout,
+                            args.chunk_size,
+                            args.verbose,
+                        )
+                        candidate["attempt"] = attempt + 1
+                        if row is None or (noise_percent(candidate) or 0) < (
+                            noise_percent(row) or 0
+                        ):
+                            row = candidate
+                        if (noise_percent(row) or 0) <= 100 * INTERFERENCE_WARNING:
+                            break
+                        if attempt < args.retries:
+                            print("    the machine was busy: measuring this case again", flush=True)
+                    assert row is not None
                     failed = failed or bool(row["fedlink"]["error"] or row["wire"]["error"])
                     rows.append(row)
                     write_json(args, rows, began, versions)
