@@ -998,10 +998,11 @@ def source_version() -> dict[str, str]:
     def git(*arguments: str) -> str:
         return subprocess.run(
             ["git", *arguments], cwd=BENCH_DIR.parent, capture_output=True, text=True, timeout=30
-        ).stdout.strip()
+        ).stdout
 
     try:
-        commit = git("rev-parse", "HEAD")
+        commit = git("rev-parse", "HEAD").strip()
+        # Porcelain lines are "XY path": the status letters take the first three columns.
         changed = [line[3:] for line in git("status", "--porcelain").splitlines() if line[3:]]
     except (OSError, subprocess.SubprocessError):
         return {}
