@@ -53,7 +53,7 @@ def make_chunks(size: int, chunk_size: int) -> list[bytes]:
 def serve(args: argparse.Namespace) -> int:
     # The coordinator's own transport settings (keepalive, HTTP/2 flow control). Imported here,
     # not at the top: fedlink.server.app imports torch, which the clients need not load.
-    from fedlink.server.app import KEEPALIVE_OPTIONS
+    from fedlink.server.app import TRANSPORT_OPTIONS
 
     chunks = make_chunks(args.size, args.chunk_size)
     max_workers = ServerConfig(insecure=True).max_workers  # fedlink's default handler threads
@@ -81,7 +81,7 @@ def serve(args: argparse.Namespace) -> int:
         options=[
             ("grpc.max_receive_message_length", args.chunk_size + MESSAGE_OVERHEAD),
             ("grpc.max_send_message_length", args.chunk_size + MESSAGE_OVERHEAD),
-            *KEEPALIVE_OPTIONS,
+            *TRANSPORT_OPTIONS,
         ],
     )
     creds = load_credentials(args.cert, args.key, args.ca, role="server")

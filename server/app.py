@@ -29,7 +29,7 @@ from fedlink.v1 import federation_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "fedlink.v1.Federation"
-KEEPALIVE_OPTIONS = [
+TRANSPORT_OPTIONS = [
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -82,7 +82,7 @@ def _build_server(
         options=[
             ("grpc.max_receive_message_length", config.chunk_size + MESSAGE_OVERHEAD),
             ("grpc.max_send_message_length", config.chunk_size + MESSAGE_OVERHEAD),
-            *KEEPALIVE_OPTIONS,
+            *TRANSPORT_OPTIONS,
         ],
     )
     pb_grpc.add_FederationServicer_to_server(servicer, server)
