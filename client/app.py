@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import FrameType
 
 import grpc
 import torch
@@ -88,7 +90,10 @@ class FederationClient:
         self._stub = pb_grpc.FederationStub(self._channel)
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._join: pb.JoinReply | None = None
-        self._backoff = Backoff(give_up_after=config.reconnect_timeout_seconds)
+        self._backoff = Backoff(
+            maximum=config.reconnect_max_delay_seconds,
+            give_up_after=config.reconnect_timeout_seconds,
+        )
         self._stop_heartbeat = threading.Event()
 
     def run(self) -> int:
@@ -263,9 +268,29 @@ class FederationClient:
                 log.debug("heartbeat failed: %s", exc.code().name)
 
 
+class ShutdownRequested(BaseException):
+    """Raised in the main thread by SIGTERM/SIGINT, wherever it is (polling, training, uploading).
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows
+    it. The task in hand is abandoned: the coordinator hands it to this client again if it comes
+    back while the round is open, or closes the round without it once it is silent.
+    """
+
+
+def _raise_shutdown(signum: int, frame: FrameType | None) -> None:
+    raise ShutdownRequested(signal.Signals(signum).name)
+
+
 def run_client(config: ClientConfig) -> int:
+    previous = {sig: signal.signal(sig, _raise_shutdown) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return FederationClient(config).run()
     except FatalClientError as exc:
         log.error("%s", exc)
         return 2
+    except ShutdownRequested as exc:
+        log.info("received %s: left the federation", exc)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

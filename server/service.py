@@ -82,9 +82,9 @@ class FederationServicer(pb_grpc.FederationServicer):
         identity = self._identity(context)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("message") != "header":
-            reason = "the first message must be a ResultHeader"
-            self._engine.reject_participant(identity, reason)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
+            error = UpdateRejected("INVALID_ARGUMENT", "the first message must be a ResultHeader")
+            self._engine.reject_participant(identity, error)
+            _abort(context, error)
         try:
             upload = self._engine.open_result(identity, _result_header(first.header))
         except UpdateRejected as exc:
@@ -98,11 +98,11 @@ class FederationServicer(pb_grpc.FederationServicer):
                 received += len(message.chunk.data)
             self._engine.finish_result(upload)
         except UpdateRejected as exc:
-            self._engine.abandon_result(upload, str(exc))
+            self._engine.reject_result(upload, exc)
             _abort(context, exc)
         except BaseException:
             # The client cancelled or disconnected mid-upload (grpc.RpcError), or worse.
-            self._engine.abandon_result(upload, "upload interrupted")
+            self._engine.abandon_result(upload)
             raise
         finally:
             self._engine.count_bytes(up=received)
