@@ -211,7 +211,9 @@ class FederationClient:
         with tempfile.TemporaryDirectory(dir=self._config.spool_dir) as spool:
             path = Path(spool) / "update.safetensors"
             save_state_file(self._model.state_dict(), path, durable=False)
-            self._push(header, result.num_examples, {"loss": result.loss}, PayloadFile.seal(path))
+            payload = PayloadFile.seal(path)
+            log.info("round %d: uploading update (%.1f MB)", header.round, payload.info.size / 1e6)
+            self._push(header, result.num_examples, {"loss": result.loss}, payload)
 
     def _evaluate(self, header: pb.TaskHeader) -> None:
         dataset = self._data.test if self._data.test is not None else self._data.train
