@@ -7,6 +7,7 @@ import logging
 import signal
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from types import FrameType
@@ -158,7 +159,7 @@ def run_server(config: ServerConfig) -> int:
         config.address_file.write_text(f"{host}:{port}\n")
 
     stop = threading.Event()
-    previous = _install_signal_handlers(stop)
+    previous = _install_signal_handlers(stop, on_signal=lambda: listening.set_serving(False))
     try:
         print(table_header(), flush=True)
         summary = engine.run(stop)
@@ -206,10 +207,13 @@ def _central_evaluator(task: TaskModule, model: torch.nn.Module) -> Evaluator | 
     return evaluate
 
 
-def _install_signal_handlers(stop: threading.Event) -> dict[int, object]:
+def _install_signal_handlers(
+    stop: threading.Event, on_signal: Callable[[], None]
+) -> dict[int, object]:
     def handle(signum: int, frame: FrameType | None) -> None:
         log.info("received %s: stopping after cleaning up", signal.Signals(signum).name)
         stop.set()
+        on_signal()
 
     previous: dict[int, object] = {}
     for sig in (signal.SIGTERM, signal.SIGINT):

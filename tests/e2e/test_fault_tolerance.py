@@ -17,7 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 from conftest import wait_for_file
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_federation_run import TASKS_DIR, _client, _free_port, _kill_all, _log, _server
 
 from fedlink.v1 import federation_pb2 as pb
@@ -250,8 +252,10 @@ def test_sigterm_stops_both_sides_cleanly_and_a_restart_resumes(pki: Any, tmp_pa
         leaves.send_signal(signal.SIGTERM)
         assert leaves.wait(timeout=30) == 0, _log(tmp_path, "leaves")
         _wait_until(lambda: _rounds_done(tmp_path / "run") >= 2, "round 2")
+        statuses = _watch_health(pki, address)
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=60) == 0, _log(tmp_path, "first")
+        assert _wait_for_list(statuses, 2)[:2] == ["SERVING", "NOT_SERVING"]
         assert stays.poll() is None, "a coordinator restart must not end the clients"
         second = _server(pki, tmp_path, "second", listen=address, num_rounds=5, **state, **LIVENESS)
         assert second.wait(timeout=120) == 0, _log(tmp_path, "second")
@@ -262,6 +266,31 @@ def test_sigterm_stops_both_sides_cleanly_and_a_restart_resumes(pki: Any, tmp_pa
     assert "received SIGTERM" in _log(tmp_path, "first")
     assert "start again on" in _log(tmp_path, "first")
     assert [r["round"] for r in _records(tmp_path / "run")] == [1, 2, 3, 4, 5]
+
+
+def _watch_health(pki: Any, address: str) -> list[str]:
+    """Follow the coordinator's health status (grpc.health.v1 Watch) from a background thread."""
+    statuses: list[str] = []
+    channel = pki.channel(address, "monitor")
+    stub = health_pb2_grpc.HealthStub(channel)
+    stream = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+
+    def follow() -> None:
+        try:
+            for reply in stream:
+                statuses.append(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+        except grpc.RpcError:
+            pass  # the coordinator went away
+        channel.close()
+
+    threading.Thread(target=follow, daemon=True).start()
+    _wait_until(lambda: len(statuses) >= 1, "the first health status", timeout=30)
+    return statuses
+
+
+def _wait_for_list(items: list[str], length: int) -> list[str]:
+    _wait_until(lambda: len(items) >= length, f"{length} items", timeout=30)
+    return items
 
 
 def _seeded_run(
