@@ -27,8 +27,8 @@ from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
 Process = subprocess.Popen[bytes]
 
-# Fast failure detection for tests: heartbeats every 0.5 s, silent for 2 s = gone.
-LIVENESS = {"heartbeat_interval_seconds": 0.5, "liveness_timeout_seconds": 2}
+# Fast failure detection for tests: heartbeats every 0.5 s, silent for 3 s = gone.
+LIVENESS = {"heartbeat_interval_seconds": 0.5, "liveness_timeout_seconds": 3}
 QUICK_RECONNECT = {"reconnect_max_delay_seconds": 1}
 
 
