@@ -33,7 +33,7 @@ COPY protos /src/protos
 RUN /opt/fedlink/bin/pip install --constraint /tmp/torch-pins.txt /src
 
 FROM ${PYTHON_IMAGE}
-RUN useradd --system --user-group --uid 10001 --create-home --home-dir /var/lib/fedlink fedlink
+RUN useradd --user-group --uid 10001 --create-home --home-dir /var/lib/fedlink fedlink
 COPY --from=build /opt/fedlink /opt/fedlink
 ENV PATH=/opt/fedlink/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 USER fedlink

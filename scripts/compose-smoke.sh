@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run docker-compose.yml's federation for real: build the image, `up`, check that the server
-# exited 0 and every client finished, print the server's round table, then remove the
-# containers and volumes (`down -v`).
+# exited 0 and every client finished, print the server's round table, check that running the
+# `certs` service again keeps every certificate, then remove the containers and volumes.
 #
 #   scripts/compose-smoke.sh                  # Docker (compose plugin or docker-compose)
 #   ENGINE=podman scripts/compose-smoke.sh    # podman, driven by docker-compose over its API socket
@@ -73,4 +73,17 @@ for service in certs server client-1 client-2 client-3; do
 done
 echo "== ${compose[*]} logs server"
 "${compose[@]}" logs --no-color server
+
+# Restarts keep identities: running `certs` again must leave every certificate as it was.
+fingerprints() {
+  "${compose[@]}" run --rm --entrypoint sha256sum certs /pki/ca/ca.pem /pki/coordinator/coordinator.pem \
+    /pki/client-1/client-1.pem /pki/client-2/client-2.pem /pki/client-3/client-3.pem
+}
+before=$(fingerprints)
+"${compose[@]}" up --no-build certs >/dev/null 2>&1
+if [ "$(fingerprints)" = "$before" ]; then
+  echo "certs run again: every certificate kept"
+else
+  echo "certs run again: certificates changed"; status=1
+fi
 exit $status
