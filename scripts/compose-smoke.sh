@@ -77,7 +77,7 @@ echo "== ${compose[*]} logs server"
 # Restarts keep identities: running `certs` again must leave every certificate as it was.
 fingerprints() {
   "${compose[@]}" run --rm --entrypoint sha256sum certs /pki/ca/ca.pem /pki/coordinator/coordinator.pem \
-    /pki/client-1/client-1.pem /pki/client-2/client-2.pem /pki/client-3/client-3.pem
+    /pki/client-1/client-1.pem /pki/client-2/client-2.pem /pki/client-3/client-3.pem 2>/dev/null
 }
 before=$(fingerprints)
 "${compose[@]}" up --no-build certs >/dev/null 2>&1
