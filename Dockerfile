@@ -1,7 +1,7 @@
 # One image for the coordinator, the clients and `fedlink certs`; `fedlink` is the entrypoint.
 #
 #   docker build -t fedlink .                                      # CPU (the default)
-#   docker build -t fedlink:cuda --build-arg TORCH_VARIANT=cu128 .  # CUDA 12.8
+#   docker build -t fedlink:cuda --build-arg TORCH_VARIANT=cu130 .  # CUDA 13.0
 #
 # PyTorch comes from its own index for TORCH_VARIANT: the CPU wheels are about 200 MB, where
 # PyPI's default torch is the multi-GB CUDA build. The CUDA wheels bring their CUDA libraries
