@@ -1,4 +1,4 @@
-"""The `fedlink` command: server, client, certs and demo subcommands."""
+"""The `fedlink` command: server, client, certs, health and demo subcommands."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from fedlink.certs import add_certs_parser
 from fedlink.common.config import add_config_arguments, load_config
 from fedlink.common.errors import FedlinkError
 from fedlink.common.logs import configure_logging
+from fedlink.health import add_health_parser
 
 
 def _run_server(args: argparse.Namespace) -> int:
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     client.set_defaults(func=_run_client)
 
     add_certs_parser(commands)
+    add_health_parser(commands)
 
     demo = commands.add_parser("demo", help="certificates + coordinator + N clients on localhost")
     add_demo_arguments(demo)
