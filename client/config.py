@@ -55,6 +55,13 @@ class ClientConfig:
         default=None,
         metadata=_help("where downloaded models are buffered (default: system temp dir)"),
     )
+    simulate_attack: str | None = field(
+        default=None,
+        metadata=_help(
+            "EVALUATION ONLY: send malicious updates (sign-flip, scaling, gaussian, label-flip, "
+            "alie; see docs/aggregation.md)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if not self.insecure and not (self.cert and self.key and self.ca):
