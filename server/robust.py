@@ -288,7 +288,8 @@ class MultiKrum(AggregationRule):
         scores = distances.sort(dim=1).values[:, :neighbours].sum(dim=1)
         m = self.m if self.m is not None else n - self.f
         chosen: list[int] = torch.argsort(scores, stable=True)[:m].tolist()
-        log.info("%s chose updates %s of %d (scores %s)", self.name, chosen, n, scores.tolist())
+        log.info("%s chose updates %s of %d", self.name, chosen, n)
+        log.debug("%s scores: %s", self.name, scores.tolist())
         return chosen
 
     def combine(self, updates: RoundUpdates) -> StateDict:
