@@ -15,6 +15,7 @@ import grpc
 import torch
 
 from fedlink import __version__
+from fedlink.client.attacks import Attack, parse_attack
 from fedlink.client.config import ClientConfig
 from fedlink.client.connection import TRANSIENT_CODES, Backoff, open_channel
 from fedlink.common.errors import ConfigError, FedlinkError, PayloadError
@@ -86,6 +87,9 @@ class FederationClient:
             )
         )
         self._model = self._task.build_model().to(self._device)
+        self._attack: Attack | None = None
+        if config.simulate_attack is not None:  # evaluation only, never a default
+            self._attack = parse_attack(config.simulate_attack, config.num_partitions)
         self._channel = open_channel(config)
         self._stub = pb_grpc.FederationStub(self._channel)
         self._metadata: tuple[tuple[str, str], ...] = ()
@@ -98,6 +102,11 @@ class FederationClient:
 
     def run(self) -> int:
         log.info("client running task %s on %s", self._config.task, self._device)
+        if self._attack is not None:
+            log.warning(
+                "SIMULATED ATTACK %r: this client sends malicious updates (evaluation only)",
+                self._config.simulate_attack,
+            )
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat")
         try:
             self._connect()
@@ -200,7 +209,15 @@ class FederationClient:
         assert self._join is not None
         config = train_config_from(self._join.task_config, seed=header.seed)
         torch.manual_seed(header.seed)
-        result = self._task.train(self._model, self._data, config, self._device)
+        if self._attack is None:
+            result = self._task.train(self._model, self._data, config, self._device)
+        else:
+            log.warning(
+                "round %d: SIMULATED %s ATTACK: poisoning this update",
+                header.round,
+                self._attack.name,
+            )
+            result = self._attack.train(self._task, self._model, self._data, config, self._device)
         log.info(
             "round %d: trained on %d examples, loss %.4f",
             header.round,

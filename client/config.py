@@ -59,6 +59,13 @@ class ClientConfig:
         default=None,
         metadata=_help("where downloaded models are buffered (default: system temp dir)"),
     )
+    simulate_attack: str | None = field(
+        default=None,
+        metadata=_help(
+            "EVALUATION ONLY: send malicious updates (sign-flip, scaling, gaussian, label-flip, "
+            "alie; see docs/aggregation.md)"
+        ),
+    )
     log_format: str = field(default="text", metadata=_help("log lines on stderr: text or json"))
 
     def __post_init__(self) -> None:
