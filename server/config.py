@@ -8,6 +8,7 @@ from pathlib import Path
 from fedlink.common.errors import ConfigError
 from fedlink.common.logs import check_log_format
 from fedlink.common.wire import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from fedlink.server.robust import parse_rule
 
 
 def _help(text: str) -> dict[str, str]:
@@ -41,6 +42,13 @@ class ServerConfig:
     min_fit_clients: int = field(default=2, metadata=_help("never sample fewer clients than this"))
     min_results: int = field(
         default=1, metadata=_help("quorum: accepted updates needed for a round to count")
+    )
+    aggregation: str = field(
+        default="fedavg",
+        metadata=_help(
+            "aggregation rule: fedavg, median, trimmed-mean,beta=B, krum,f=F, multi-krum,f=F[,m=M], "
+            "each optionally with ,clip=<norm> or ,clip=median (see docs/aggregation.md)"
+        ),
     )
     below_quorum: str = field(
         default="retry",
@@ -146,6 +154,12 @@ class ServerConfig:
         if self.below_quorum not in ("retry", "wait"):
             raise ConfigError(f"below_quorum must be retry or wait, got {self.below_quorum!r}")
         check_log_format(self.log_format)
+        rule = parse_rule(self.aggregation)
+        if self.min_results < rule.min_updates:
+            raise ConfigError(
+                f"aggregation {self.aggregation!r} needs at least {rule.min_updates} updates per "
+                f"round; set min_results (and min_fit_clients) to at least {rule.min_updates}"
+            )
         if not self.learning_rate > 0 or not 0.0 <= self.momentum < 1.0:
             raise ConfigError("learning_rate must be > 0 and momentum in [0, 1)")
         if self.evaluate_every < 0 or self.max_round_retries < 0:

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -35,6 +36,7 @@ from fedlink.server.aggregation import StreamingFedAvg
 from fedlink.server.checkpoints import Checkpoint, CheckpointStore, run_identity
 from fedlink.server.config import ServerConfig
 from fedlink.server.monitoring import CoordinatorMetrics
+from fedlink.server.robust import FedAvg, parse_rule
 from fedlink.server.validation import check_metrics, check_num_examples, check_update
 
 log = logging.getLogger(__name__)
@@ -224,6 +226,7 @@ class RoundEngine:
         self._bytes_down = 0
         self._bytes_up = 0
         self._validation_lock = threading.Lock()
+        self._rule = parse_rule(config.aggregation)
         if resume_from is None:
             self._completed_round = 0
             self._global = self._write_global(initial_state, round_number=0)
@@ -619,19 +622,28 @@ class RoundEngine:
             self._cond.notify_all()
 
     def _aggregate(self, phase: _Phase) -> StateDict:
-        """Weighted FedAvg of the accepted updates, folded in order of client identity.
+        """The new global model from the accepted updates, taken in order of client identity.
 
-        A fixed order makes the floating-point sum, and so the new model, the same whatever
-        order the uploads arrived in: that is what lets a seeded run be reproduced bit for bit.
-        Each update is memory-mapped and folded in turn, so memory stays one accumulator.
+        A fixed order makes floating-point sums, and so the new model, the same whatever order
+        the uploads arrived in: that is what lets a seeded run be reproduced bit for bit. Plain
+        FedAvg folds one memory-mapped update at a time, so memory stays one accumulator; the
+        robust rules need every update (mapped, read slice by slice) and the current global model.
         """
-        aggregator = StreamingFedAvg(self._manifest)
-        for identity in sorted(phase.accepted):
-            update = phase.accepted[identity]
-            with open_state_file(update.spool) as state:
-                aggregator.add(state, update.weight)
-        self._discard_updates(phase)
-        return aggregator.result()
+        updates = [phase.accepted[identity] for identity in sorted(phase.accepted)]
+        try:
+            if type(self._rule) is FedAvg:
+                average = StreamingFedAvg(self._manifest)
+                for update in updates:
+                    with open_state_file(update.spool) as state:
+                        average.add(state, update.weight)
+                return average.result()
+            with ExitStack() as files:
+                global_state = files.enter_context(open_state_file(phase.payload.path))
+                states = [files.enter_context(open_state_file(u.spool)) for u in updates]
+                weighted = [(u.weight, state) for u, state in zip(updates, states, strict=True)]
+                return self._rule.aggregate(global_state, weighted, self._manifest)
+        finally:
+            self._discard_updates(phase)
 
     def _discard_updates(self, phase: _Phase) -> None:
         for update in phase.accepted.values():

@@ -70,3 +70,58 @@ def test_a_gaussian_attacker_wrecks_plain_fedavg_and_warns_every_round(
     assert [r["clients_accepted"] for r in records] == [2, 2]
     # Half of every average is N(0, 200^2) noise: the model is no better than guessing.
     assert records[-1]["test_accuracy"] < 0.3
+
+
+def test_a_robust_rule_keeps_the_model_useful_under_the_same_attack(
+    pki: Any, tmp_path: Path
+) -> None:
+    address_file = tmp_path / "address"
+    server = fedlink_process(
+        [
+            "server",
+            *_tls(pki, "server"),
+            "--listen=127.0.0.1:0",
+            f"--address-file={address_file}",
+            "--task=digits",
+            "--num-rounds=5",
+            "--min-clients=4",
+            "--min-fit-clients=4",
+            "--min-results=4",
+            "--aggregation=median",
+            "--learning-rate=0.05",
+            "--local-epochs=2",
+            "--evaluate-every=0",
+            "--heartbeat-interval-seconds=1",
+            f"--run-dir={tmp_path / 'run'}",
+            f"--state-dir={tmp_path / 'state'}",
+        ],
+        tmp_path / "server.log",
+    )
+    processes = [server]
+    try:
+        address = wait_for_file(address_file, server)
+        for index, name in enumerate(("honest-1", "honest-2", "honest-3", "attacker")):
+            attack = ["--simulate-attack=gaussian,sigma=200"] if name == "attacker" else []
+            arguments = [
+                "client",
+                *_tls(pki, name),
+                f"--server={address}",
+                "--task=digits",
+                f"--partition-index={index}",
+                "--num-partitions=4",
+                *attack,
+            ]
+            processes.append(fedlink_process(arguments, tmp_path / f"{name}.log"))
+        assert server.wait(timeout=300) == 0, (tmp_path / "server.log").read_text()
+        for process in processes[1:]:
+            assert process.wait(timeout=60) == 0
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert (tmp_path / "attacker.log").read_text().count("poisoning this update") == 5
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["clients_accepted"] for r in records] == [4] * 5
+    # The coordinate-wise median ignores the one noisy update in four.
+    assert records[-1]["test_accuracy"] > 0.8

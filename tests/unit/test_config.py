@@ -406,3 +406,14 @@ def test_no_flag_turns_off_a_bool_set_in_the_environment() -> None:
 def test_a_liveness_timeout_shorter_than_two_heartbeats_is_rejected() -> None:
     with pytest.raises(ConfigError, match="at least twice heartbeat_interval_seconds"):
         _server(heartbeat_interval_seconds=10, liveness_timeout_seconds=15)
+
+
+def test_an_aggregation_rule_needing_more_updates_than_the_quorum_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="needs at least 5 updates per round"):
+        _server(aggregation="krum,f=1", min_results=2, min_fit_clients=4)
+    assert _server(aggregation="krum,f=1", min_results=5, min_fit_clients=5).aggregation
+
+
+def test_an_unknown_aggregation_rule_is_rejected_with_the_choices() -> None:
+    with pytest.raises(ConfigError, match="unknown aggregation 'mean'"):
+        _server(aggregation="mean")

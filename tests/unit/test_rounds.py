@@ -293,3 +293,27 @@ def test_only_the_newest_checkpoints_and_their_models_are_kept(
     assert checkpoints == ["round-000005.json", "round-000006.json"]
     models = sorted(p.name for p in config.state_dir.glob("global-*"))
     assert models == ["global-000005.safetensors", "global-000006.safetensors"]
+
+
+def test_a_robust_rule_keeps_a_huge_update_from_moving_the_model(
+    tmp_path: Path, running: list[Running]
+) -> None:
+    clients = [f"site-{i}" for i in range(5)]
+    config = _config(
+        tmp_path, min_clients=5, min_fit_clients=5, min_results=5, aggregation="median"
+    )
+    initial = _state(0)
+    engine = RoundEngine(config, initial)
+    for name in clients:
+        engine.join(name)
+    run = _run(engine)
+    running.append(run)
+    honest = {k: v.clone() for k, v in initial.items()}
+    honest["w"] += 1.0
+    for name in clients:
+        update = {k: v.clone() for k, v in honest.items()}
+        if name == "site-3":
+            update["w"] = initial["w"] + 1e6
+        _deliver(engine, name, _task(engine, name), update)
+    with open_state_file(run.summary().final_model) as state:
+        assert torch.equal(state["w"], honest["w"])
