@@ -32,7 +32,11 @@ from fedlink.common.tensors import StateDict
 
 def l2_norm(update: Mapping[str, torch.Tensor]) -> float:
     """The L2 norm of all floating tensors of `update` taken together, as one vector."""
-    squares = [t.detach().to(torch.float64).pow(2).sum() for t in update.values() if t.dtype.is_floating_point]
+    squares = [
+        t.detach().to(torch.float64).pow(2).sum()
+        for t in update.values()
+        if t.dtype.is_floating_point
+    ]
     return math.sqrt(float(torch.stack(squares).sum())) if squares else 0.0
 
 
@@ -48,7 +52,9 @@ def clip_update(update: Mapping[str, torch.Tensor], clip_norm: float) -> tuple[S
         raise ValueError("the update has non-finite values and cannot be clipped")
     factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     clipped = {
-        name: (tensor * factor).to(tensor.dtype) if tensor.dtype.is_floating_point else tensor.clone()
+        name: (tensor * factor).to(tensor.dtype)
+        if tensor.dtype.is_floating_point
+        else tensor.clone()
         for name, tensor in update.items()
     }
     return clipped, norm
@@ -68,7 +74,9 @@ def client_noise_std(noise_multiplier: float, clip_norm: float, min_contributors
     return sum_noise_std(noise_multiplier, clip_norm) / math.sqrt(min_contributors)
 
 
-def add_gaussian_noise(update: Mapping[str, torch.Tensor], std: float, *, key: bytes | None = None) -> StateDict:
+def add_gaussian_noise(
+    update: Mapping[str, torch.Tensor], std: float, *, key: bytes | None = None
+) -> StateDict:
     """`update` plus independent N(0, std^2) noise on every floating coordinate.
 
     `key` (32 bytes) makes the noise reproducible for tests; by default it is fresh randomness.

@@ -84,16 +84,17 @@ class FixedPoint:
                     f"{self.value_bound:.6g}; clip the update or raise the federation's bound"
                 )
         scaled: NDArray[np.int64] = np.rint(values * 2.0**self.frac_bits).astype(np.int64)
-        ring: NDArray[np.unsignedinteger]
-        if self.ring_bits == 64:
-            ring = scaled.view(np.uint64)
-        else:
-            ring = scaled.astype(np.uint32)  # two's complement truncation = reduction mod 2^32
+        # int64 -> uint32 keeps the low 32 bits: two's complement reduction modulo 2^32.
+        ring: NDArray[np.unsignedinteger] = (
+            scaled.view(np.uint64) if self.ring_bits == 64 else scaled.astype(np.uint32)
+        )
         return ring
 
     def decode(self, ring: NDArray[np.unsignedinteger]) -> NDArray[np.float64]:
         """The signed values of ring elements (e.g. an unmasked sum), as float64."""
-        signed = ring.astype(self.dtype, copy=False).view(np.int32 if self.ring_bits == 32 else np.int64)
+        signed = ring.astype(self.dtype, copy=False).view(
+            np.int32 if self.ring_bits == 32 else np.int64
+        )
         return signed.astype(np.float64) * 2.0**-self.frac_bits
 
     def sum_error_bound(self, num_clients: int) -> float:
@@ -117,17 +118,23 @@ class UpdateLayout:
     """
 
     def __init__(self, manifest: Manifest) -> None:
-        self.entries = [(name, spec) for name, spec in manifest.items() if spec.dtype.is_floating_point]
+        self.entries = [
+            (name, spec) for name, spec in manifest.items() if spec.dtype.is_floating_point
+        ]
         self.length = sum(math.prod(spec.shape) for _, spec in self.entries) + 1
 
-    def flatten(self, state: Mapping[str, torch.Tensor], weight_fraction: float) -> NDArray[np.float64]:
+    def flatten(
+        self, state: Mapping[str, torch.Tensor], weight_fraction: float
+    ) -> NDArray[np.float64]:
         """[weight_fraction * x for x in the floating tensors] + [weight_fraction], as float64."""
         out = np.empty(self.length, dtype=np.float64)
         offset = 0
         for name, spec in self.entries:
             tensor = state[name]
             if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-                raise ValueError(f"tensor {name!r} does not match the model: {tensor.dtype} {tuple(tensor.shape)}")
+                raise ValueError(
+                    f"tensor {name!r} does not match the model: {tensor.dtype} {tuple(tensor.shape)}"
+                )
             size = tensor.numel()
             flat = tensor.detach().to("cpu", torch.float64).reshape(-1).numpy()
             np.multiply(flat, weight_fraction, out=out[offset : offset + size])

@@ -38,7 +38,9 @@ def keystream_into(key: bytes, out: NDArray[np.generic]) -> None:
     if not out.flags.c_contiguous:
         raise ValueError("the PRG output array must be C-contiguous")
     if out.nbytes > MAX_STREAM_BYTES:
-        raise ValueError(f"a PRG stream is at most {MAX_STREAM_BYTES} bytes, asked for {out.nbytes}")
+        raise ValueError(
+            f"a PRG stream is at most {MAX_STREAM_BYTES} bytes, asked for {out.nbytes}"
+        )
     encryptor = Cipher(algorithms.ChaCha20(key, _ZERO_NONCE), mode=None).encryptor()
     view = out.reshape(-1).view(np.uint8).data
     for start in range(0, out.nbytes, _CHUNK_BYTES):

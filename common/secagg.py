@@ -154,13 +154,17 @@ def _context(purpose: str, session: str, *parties: str) -> bytes:
     return bytes(info)
 
 
-def pairwise_mask_key(private: X25519PrivateKey, peer_public: bytes, session: str, a: str, b: str) -> bytes:
+def pairwise_mask_key(
+    private: X25519PrivateKey, peer_public: bytes, session: str, a: str, b: str
+) -> bytes:
     """The PRG key of the pairwise mask between identities a and b (symmetric in a and b)."""
     low, high = sorted((a, b))
     return derive_key(_agree(private, peer_public), "pairwise-mask", session, low, high)
 
 
-def _share_key(private: X25519PrivateKey, peer_public: bytes, session: str, sender: str, recipient: str) -> bytes:
+def _share_key(
+    private: X25519PrivateKey, peer_public: bytes, session: str, sender: str, recipient: str
+) -> bytes:
     return derive_key(_agree(private, peer_public), "share-encryption", session, sender, recipient)
 
 
@@ -215,23 +219,31 @@ class SecAggClient:
         self._phase = _ClientPhase.ADVERTISE
         self._roster: dict[str, KeyAdvertisement] = {}
         self._indices: dict[str, int] = {}
-        self._held: dict[str, tuple[Share, Share]] = {}  # peer -> (its b share, its s share) we hold
+        self._held: dict[
+            str, tuple[Share, Share]
+        ] = {}  # peer -> (its b share, its s share) we hold
         self._contributors: frozenset[str] = frozenset()
 
     def advertise(self) -> KeyAdvertisement:
         self._expect(_ClientPhase.ADVERTISE)
         self._phase = _ClientPhase.SHARE
-        return KeyAdvertisement(_public_bytes(self._cipher_private), _public_bytes(self._mask_private))
+        return KeyAdvertisement(
+            _public_bytes(self._cipher_private), _public_bytes(self._mask_private)
+        )
 
     def share_keys(self, roster: Mapping[str, KeyAdvertisement]) -> dict[str, bytes]:
         """Encrypted shares of b_u and s_u for every other client of the roster U1."""
         self._expect(_ClientPhase.SHARE)
-        own = KeyAdvertisement(_public_bytes(self._cipher_private), _public_bytes(self._mask_private))
+        own = KeyAdvertisement(
+            _public_bytes(self._cipher_private), _public_bytes(self._mask_private)
+        )
         if roster.get(self.identity) != own:
             raise SecAggError(f"the roster does not carry {self.identity!r}'s own keys")
         threshold = self.params.threshold
         if len(roster) < threshold:
-            raise SecAggError(f"{len(roster)} clients advertised keys; the threshold is {threshold}")
+            raise SecAggError(
+                f"{len(roster)} clients advertised keys; the threshold is {threshold}"
+            )
         if 2 * threshold <= len(roster):
             raise SecAggRefused(
                 f"threshold {threshold} is at most half of the {len(roster)} clients; it must be "
@@ -244,17 +256,29 @@ class SecAggClient:
         self._indices = roster_indices(roster)
         holders = sorted(roster)
         xs = [self._indices[holder] for holder in holders]
-        mask_secret = self._mask_private.private_bytes(_RAW, _RAW_PRIVATE, serialization.NoEncryption())
+        mask_secret = self._mask_private.private_bytes(
+            _RAW, _RAW_PRIVATE, serialization.NoEncryption()
+        )
         self_mask_shares = split_secret(self._self_seed, threshold, xs)
         mask_key_shares = split_secret(mask_secret, threshold, xs)
         ciphertexts: dict[str, bytes] = {}
-        for holder, b_share, s_share in zip(holders, self_mask_shares, mask_key_shares, strict=True):
+        for holder, b_share, s_share in zip(
+            holders, self_mask_shares, mask_key_shares, strict=True
+        ):
             if holder == self.identity:
                 self._held[holder] = (b_share, s_share)
                 continue
-            key = _share_key(self._cipher_private, roster[holder].cipher_key, self.params.session, self.identity, holder)
+            key = _share_key(
+                self._cipher_private,
+                roster[holder].cipher_key,
+                self.params.session,
+                self.identity,
+                holder,
+            )
             aad = _associated_data(self.params.session, self.identity, holder)
-            ciphertexts[holder] = ChaCha20Poly1305(key).encrypt(_ZERO_NONCE, b_share.to_bytes() + s_share.to_bytes(), aad)
+            ciphertexts[holder] = ChaCha20Poly1305(key).encrypt(
+                _ZERO_NONCE, b_share.to_bytes() + s_share.to_bytes(), aad
+            )
         self._phase = _ClientPhase.MASK
         return ciphertexts
 
@@ -265,12 +289,22 @@ class SecAggClient:
         _check_vector(vector, self.params)
         unknown = set(ciphertexts) - set(self._roster)
         if unknown or self.identity in ciphertexts:
-            raise SecAggError(f"shares from clients outside the roster: {sorted(unknown | ({self.identity} & set(ciphertexts)))}")
+            raise SecAggError(
+                f"shares from clients outside the roster: {sorted(unknown | ({self.identity} & set(ciphertexts)))}"
+            )
         contributors = frozenset(ciphertexts) | {self.identity}
         if len(contributors) < self.params.threshold:
-            raise SecAggError(f"only {len(contributors)} clients shared keys; the threshold is {self.params.threshold}")
+            raise SecAggError(
+                f"only {len(contributors)} clients shared keys; the threshold is {self.params.threshold}"
+            )
         for sender, ciphertext in ciphertexts.items():
-            key = _share_key(self._cipher_private, self._roster[sender].cipher_key, self.params.session, sender, self.identity)
+            key = _share_key(
+                self._cipher_private,
+                self._roster[sender].cipher_key,
+                self.params.session,
+                sender,
+                self.identity,
+            )
             aad = _associated_data(self.params.session, sender, self.identity)
             try:
                 plain = ChaCha20Poly1305(key).decrypt(_ZERO_NONCE, ciphertext, aad)
@@ -278,8 +312,14 @@ class SecAggClient:
                 raise SecAggError(f"the shares from {sender!r} failed authentication") from exc
             if len(plain) != 2 * SHARE_BYTES:
                 raise SecAggError(f"the shares from {sender!r} have the wrong length")
-            b_share, s_share = Share.from_bytes(plain[:SHARE_BYTES]), Share.from_bytes(plain[SHARE_BYTES:])
-            if b_share.x != self._indices[self.identity] or s_share.x != self._indices[self.identity]:
+            b_share, s_share = (
+                Share.from_bytes(plain[:SHARE_BYTES]),
+                Share.from_bytes(plain[SHARE_BYTES:]),
+            )
+            if (
+                b_share.x != self._indices[self.identity]
+                or s_share.x != self._indices[self.identity]
+            ):
                 raise SecAggError(f"the shares from {sender!r} are addressed to another index")
             self._held[sender] = (b_share, s_share)
         self._contributors = contributors
@@ -288,7 +328,13 @@ class SecAggClient:
         scratch = np.empty_like(masked)
         _apply_mask(masked, self._self_seed, scratch, subtract=False)
         for peer in sorted(contributors - {self.identity}):
-            key = pairwise_mask_key(self._mask_private, self._roster[peer].mask_key, self.params.session, self.identity, peer)
+            key = pairwise_mask_key(
+                self._mask_private,
+                self._roster[peer].mask_key,
+                self.params.session,
+                self.identity,
+                peer,
+            )
             _apply_mask(masked, key, scratch, subtract=peer < self.identity)
         self._phase = _ClientPhase.UNMASK
         return masked
@@ -299,14 +345,22 @@ class SecAggClient:
         self._expect(_ClientPhase.UNMASK)
         survivors, dropped = set(request.survivors), set(request.dropped)
         if survivors & dropped:
-            raise SecAggRefused(f"the coordinator lists {sorted(survivors & dropped)} as both survived and dropped")
+            raise SecAggRefused(
+                f"the coordinator lists {sorted(survivors & dropped)} as both survived and dropped"
+            )
         if self.identity in dropped or self.identity not in survivors:
-            raise SecAggRefused(f"{self.identity!r} sent its masked input; the coordinator cannot count it as dropped")
+            raise SecAggRefused(
+                f"{self.identity!r} sent its masked input; the coordinator cannot count it as dropped"
+            )
         outside = (survivors | dropped) - self._contributors
         if outside:
-            raise SecAggError(f"unmasking asks about clients that did not share keys: {sorted(outside)}")
+            raise SecAggError(
+                f"unmasking asks about clients that did not share keys: {sorted(outside)}"
+            )
         if len(survivors) < self.params.threshold:
-            raise SecAggError(f"only {len(survivors)} clients survived; the threshold is {self.params.threshold}")
+            raise SecAggError(
+                f"only {len(survivors)} clients survived; the threshold is {self.params.threshold}"
+            )
         requests = {peer: ShareKind.SELF_MASK for peer in survivors}
         requests.update({peer: ShareKind.MASK_KEY for peer in dropped})
         self._guard.release(requests)
@@ -317,7 +371,9 @@ class SecAggClient:
 
     def _expect(self, phase: _ClientPhase) -> None:
         if self._phase != phase:
-            raise SecAggError(f"secure aggregation step out of order: expected {self._phase.name.lower()}, asked for {phase.name.lower()}")
+            raise SecAggError(
+                f"secure aggregation step out of order: expected {self._phase.name.lower()}, asked for {phase.name.lower()}"
+            )
 
 
 class _ServerPhase(Enum):
@@ -354,7 +410,9 @@ class SecAggServer:
             raise SecAggError(f"{identity!r} already advertised keys for this session")
         for key in (advertisement.cipher_key, advertisement.mask_key):
             if len(key) != PUBLIC_KEY_BYTES:
-                raise SecAggError(f"{identity!r} advertised a public key of {len(key)} bytes, not {PUBLIC_KEY_BYTES}")
+                raise SecAggError(
+                    f"{identity!r} advertised a public key of {len(key)} bytes, not {PUBLIC_KEY_BYTES}"
+                )
         self._keys[identity] = advertisement
 
     def close_advertisement(self) -> dict[str, KeyAdvertisement]:
@@ -372,7 +430,9 @@ class SecAggServer:
         if sender in self._outboxes:
             raise SecAggError(f"{sender!r} already sent its shares")
         if set(ciphertexts) != set(self._keys) - {sender}:
-            raise SecAggError(f"{sender!r} must send one encrypted share bundle to every other client of the roster")
+            raise SecAggError(
+                f"{sender!r} must send one encrypted share bundle to every other client of the roster"
+            )
         self._outboxes[sender] = dict(ciphertexts)
 
     def close_sharing(self) -> None:
@@ -386,8 +446,12 @@ class SecAggServer:
         """The share bundles addressed to `recipient` by the other members of U2."""
         self._expect(_ServerPhase.MASK)
         if recipient not in self._contributors:
-            raise SecAggError(f"{recipient!r} did not share its keys in time and cannot take part further")
-        return {sender: box[recipient] for sender, box in self._outboxes.items() if sender != recipient}
+            raise SecAggError(
+                f"{recipient!r} did not share its keys in time and cannot take part further"
+            )
+        return {
+            sender: box[recipient] for sender, box in self._outboxes.items() if sender != recipient
+        }
 
     # Step 3.
     def add_masked_input(self, identity: str, masked: RingVector) -> None:
@@ -421,7 +485,9 @@ class SecAggServer:
             raise SecAggError(f"{identity!r} is not a survivor of this session")
         if identity in self._responses:
             raise SecAggError(f"{identity!r} already answered the unmasking request")
-        if set(response.self_mask_shares) != set(self._request.survivors) or set(response.mask_key_shares) != set(self._request.dropped):
+        if set(response.self_mask_shares) != set(self._request.survivors) or set(
+            response.mask_key_shares
+        ) != set(self._request.dropped):
             raise SecAggError(f"{identity!r} answered with shares for other clients than requested")
         index = roster_indices(self._keys)[identity]
         shares = [*response.self_mask_shares.values(), *response.mask_key_shares.values()]
@@ -438,15 +504,23 @@ class SecAggServer:
         total = self._sum
         scratch = np.empty_like(total)
         for survivor in self._request.survivors:
-            seed = reconstruct_secret([r.self_mask_shares[survivor] for r in self._responses.values()], threshold)
+            seed = reconstruct_secret(
+                [r.self_mask_shares[survivor] for r in self._responses.values()], threshold
+            )
             _apply_mask(total, seed, scratch, subtract=True)
         for gone in self._request.dropped:
-            secret = reconstruct_secret([r.mask_key_shares[gone] for r in self._responses.values()], threshold)
+            secret = reconstruct_secret(
+                [r.mask_key_shares[gone] for r in self._responses.values()], threshold
+            )
             private = X25519PrivateKey.from_private_bytes(secret)
             if _public_bytes(private) != self._keys[gone].mask_key:
-                raise SecAggError(f"the reconstructed mask key of {gone!r} does not match its advertised key")
+                raise SecAggError(
+                    f"the reconstructed mask key of {gone!r} does not match its advertised key"
+                )
             for survivor in self._request.survivors:
-                key = pairwise_mask_key(private, self._keys[survivor].mask_key, self.params.session, gone, survivor)
+                key = pairwise_mask_key(
+                    private, self._keys[survivor].mask_key, self.params.session, gone, survivor
+                )
                 # The survivor added +PRG(s) when gone > survivor and -PRG(s) otherwise; undo it.
                 _apply_mask(total, key, scratch, subtract=gone > survivor)
         self._phase = _ServerPhase.DONE
@@ -462,5 +536,6 @@ class SecAggServer:
 
     def _expect(self, phase: _ServerPhase) -> None:
         if self._phase != phase:
-            raise SecAggError(f"secure aggregation step out of order: the session is at {self._phase.name.lower()}, not {phase.name.lower()}")
-
+            raise SecAggError(
+                f"secure aggregation step out of order: the session is at {self._phase.name.lower()}, not {phase.name.lower()}"
+            )

@@ -48,7 +48,9 @@ def split_secret(secret: bytes, threshold: int, xs: Sequence[int]) -> list[Share
     if len(set(xs)) != len(xs) or not all(1 <= x <= MAX_SHARES for x in xs):
         raise ValueError("share indices must be distinct integers in 1..65535")
     if not 1 <= threshold <= len(xs):
-        raise ValueError(f"threshold must be in 1..{len(xs)} (the number of shares), got {threshold}")
+        raise ValueError(
+            f"threshold must be in 1..{len(xs)} (the number of shares), got {threshold}"
+        )
     coefficients = [int.from_bytes(secret, "big")]
     coefficients += [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
     return [Share(x, _evaluate(coefficients, x)) for x in xs]
@@ -64,7 +66,9 @@ def reconstruct_secret(shares: Sequence[Share], threshold: int) -> bytes:
     if threshold < 1:
         raise ValueError(f"threshold must be >= 1, got {threshold}")
     if len(shares) < threshold:
-        raise SecAggError(f"cannot reconstruct a secret from {len(shares)} shares: the threshold is {threshold}")
+        raise SecAggError(
+            f"cannot reconstruct a secret from {len(shares)} shares: the threshold is {threshold}"
+        )
     for share in shares:
         _check_point(share)
     if len({share.x for share in shares}) != len(shares):
@@ -74,7 +78,9 @@ def reconstruct_secret(shares: Sequence[Share], threshold: int) -> bytes:
     if len(ordered) > threshold and _interpolate_at_zero(ordered[-threshold:]) != value:
         raise SecAggError("the secret shares are inconsistent: at least one was corrupted")
     if value >= 1 << (8 * SECRET_BYTES):
-        raise SecAggError("the reconstructed value is not a 32-byte secret: the shares were corrupted")
+        raise SecAggError(
+            "the reconstructed value is not a 32-byte secret: the shares were corrupted"
+        )
     return value.to_bytes(SECRET_BYTES, "big")
 
 

@@ -17,10 +17,14 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import NDArray
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 # Opacus's default orders: dense where the optimum usually lies, up to 63.
-DEFAULT_ORDERS: tuple[float, ...] = (*(1 + x / 10.0 for x in range(1, 100)), *map(float, range(12, 64)))
+DEFAULT_ORDERS: tuple[float, ...] = (
+    *(1 + x / 10.0 for x in range(1, 100)),
+    *map(float, range(12, 64)),
+)
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,9 @@ class MechanismStep:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
-            raise ValueError(f"the noise multiplier must be positive and finite, got {self.noise_multiplier}")
+            raise ValueError(
+                f"the noise multiplier must be positive and finite, got {self.noise_multiplier}"
+            )
         if not 0 < self.sample_rate <= 1:
             raise ValueError(f"the sampling rate must be in (0, 1], got {self.sample_rate}")
         if self.steps < 1:
@@ -43,14 +49,22 @@ class MechanismStep:
 class PrivacyAccountant:
     """Composes the rounds' RDP; `history` is all the state a checkpoint needs to resume."""
 
-    def __init__(self, history: tuple[MechanismStep, ...] = (), orders: tuple[float, ...] = DEFAULT_ORDERS) -> None:
+    def __init__(
+        self, history: tuple[MechanismStep, ...] = (), orders: tuple[float, ...] = DEFAULT_ORDERS
+    ) -> None:
         if not orders or min(orders) <= 1:
             raise ValueError("RDP orders must be > 1")
         self.orders = orders
         self.history: list[MechanismStep] = []
-        self._rdp = np.zeros(len(orders))
+        self._rdp: NDArray[np.float64] = np.zeros(len(orders))
         for step in history:
             self.step(step)
+
+    @property
+    def rdp(self) -> NDArray[np.float64]:
+        """The composed Renyi-DP at each of `orders`."""
+        copy: NDArray[np.float64] = self._rdp.copy()
+        return copy
 
     def step(self, step: MechanismStep) -> None:
         """Account for `step.steps` more rounds."""
@@ -72,14 +86,22 @@ class PrivacyAccountant:
         """The epsilon that accounting for `step` as well would give: lets a federation stop
         before the round that would exceed its budget instead of after it."""
         _check_delta(delta)
-        epsilon, _ = get_privacy_spent(orders=list(self.orders), rdp=self._rdp + self._rdp_of(step), delta=delta)
+        epsilon, _ = get_privacy_spent(
+            orders=list(self.orders), rdp=self._rdp + self._rdp_of(step), delta=delta
+        )
         return float(epsilon)
 
-    def _rdp_of(self, step: MechanismStep) -> np.ndarray:
-        return np.asarray(
-            compute_rdp(q=step.sample_rate, noise_multiplier=step.noise_multiplier, steps=step.steps, orders=list(self.orders)),
+    def _rdp_of(self, step: MechanismStep) -> NDArray[np.float64]:
+        rdp: NDArray[np.float64] = np.asarray(
+            compute_rdp(
+                q=step.sample_rate,
+                noise_multiplier=step.noise_multiplier,
+                steps=step.steps,
+                orders=list(self.orders),
+            ),
             dtype=np.float64,
         )
+        return rdp
 
 
 def _check_delta(delta: float) -> None:
