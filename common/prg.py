@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
 from numpy.typing import NDArray
 
 KEY_BYTES = 32
@@ -23,6 +23,8 @@ _ZERO_NONCE = bytes(16)
 # Keystream is produced by encrypting zeros; a fixed-size block of them is reused for every call.
 _CHUNK_BYTES = 1 << 22
 _ZEROS = bytes(_CHUNK_BYTES)
+# Masks are added a slice at a time, while the slice of keystream is still in the CPU's cache.
+_MASK_CHUNK_BYTES = 1 << 18
 
 UIntArray = NDArray[np.unsignedinteger]
 
@@ -46,6 +48,37 @@ def keystream_into(key: bytes, out: NDArray[np.generic]) -> None:
     for start in range(0, out.nbytes, _CHUNK_BYTES):
         stop = min(start + _CHUNK_BYTES, out.nbytes)
         encryptor.update_into(_ZEROS[: stop - start], view[start:stop])
+
+
+def add_keystream(key: bytes, target: UIntArray, *, subtract: bool = False) -> None:
+    """target += (or -=) the keystream of `key` viewed as target's dtype, modulo 2**bits.
+
+    Equals adding `expand(key, target.size, target.dtype)` without materialising it: the
+    stream is produced and added slice by slice, so the work stays in cache and the vector is
+    read and written once.
+    """
+    encryptor = _encryptor(key, target)
+    flat = target.reshape(-1)
+    per_chunk = max(1, _MASK_CHUNK_BYTES // flat.itemsize)
+    scratch = np.empty(min(per_chunk, flat.size), dtype=flat.dtype)
+    raw = scratch.view(np.uint8).data
+    operation = np.subtract if subtract else np.add
+    for start in range(0, flat.size, per_chunk):
+        part = flat[start : start + per_chunk]
+        encryptor.update_into(_ZEROS[: part.nbytes], raw[: part.nbytes])
+        operation(part, scratch[: part.size], out=part)
+
+
+def _encryptor(key: bytes, out: NDArray[np.generic]) -> CipherContext:
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"a PRG key is {KEY_BYTES} bytes, got {len(key)}")
+    if not out.flags.c_contiguous:
+        raise ValueError("the PRG output array must be C-contiguous")
+    if out.nbytes > MAX_STREAM_BYTES:
+        raise ValueError(
+            f"a PRG stream is at most {MAX_STREAM_BYTES} bytes, asked for {out.nbytes}"
+        )
+    return Cipher(algorithms.ChaCha20(key, _ZERO_NONCE), mode=None).encryptor()
 
 
 def expand(key: bytes, length: int, dtype: np.dtype[np.unsignedinteger] | type) -> UIntArray:

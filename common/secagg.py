@@ -191,14 +191,6 @@ def _check_vector(vector: RingVector, params: SecAggParams) -> None:
         )
 
 
-def _apply_mask(target: RingVector, key: bytes, scratch: RingVector, *, subtract: bool) -> None:
-    prg.keystream_into(key, scratch)
-    if subtract:
-        np.subtract(target, scratch, out=target)
-    else:
-        np.add(target, scratch, out=target)
-
-
 class _ClientPhase(Enum):
     ADVERTISE = 1
     SHARE = 2
@@ -325,8 +317,7 @@ class SecAggClient:
         self._contributors = contributors
 
         masked: RingVector = vector.copy()
-        scratch = np.empty_like(masked)
-        _apply_mask(masked, self._self_seed, scratch, subtract=False)
+        prg.add_keystream(self._self_seed, masked)
         for peer in sorted(contributors - {self.identity}):
             key = pairwise_mask_key(
                 self._mask_private,
@@ -335,7 +326,7 @@ class SecAggClient:
                 self.identity,
                 peer,
             )
-            _apply_mask(masked, key, scratch, subtract=peer < self.identity)
+            prg.add_keystream(key, masked, subtract=peer < self.identity)
         self._phase = _ClientPhase.UNMASK
         return masked
 
@@ -502,12 +493,11 @@ class SecAggServer:
         self._require(len(self._responses), "answered the unmasking request")
         threshold = self.params.threshold
         total = self._sum
-        scratch = np.empty_like(total)
         for survivor in self._request.survivors:
             seed = reconstruct_secret(
                 [r.self_mask_shares[survivor] for r in self._responses.values()], threshold
             )
-            _apply_mask(total, seed, scratch, subtract=True)
+            prg.add_keystream(seed, total, subtract=True)
         for gone in self._request.dropped:
             secret = reconstruct_secret(
                 [r.mask_key_shares[gone] for r in self._responses.values()], threshold
@@ -522,7 +512,7 @@ class SecAggServer:
                     private, self._keys[survivor].mask_key, self.params.session, gone, survivor
                 )
                 # The survivor added +PRG(s) when gone > survivor and -PRG(s) otherwise; undo it.
-                _apply_mask(total, key, scratch, subtract=gone > survivor)
+                prg.add_keystream(key, total, subtract=gone > survivor)
         self._phase = _ServerPhase.DONE
         return total
 

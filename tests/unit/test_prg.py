@@ -26,6 +26,19 @@ def test_expansion_is_deterministic_per_key_and_a_prefix_across_lengths() -> Non
     assert np.array_equal(prg.expand(key, 500, np.uint64).view(np.uint32), long[:1000])
 
 
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+def test_adding_the_keystream_in_place_equals_adding_the_expanded_mask(dtype: type) -> None:
+    key = b"m" * 32
+    length = (1 << 18) // np.dtype(dtype).itemsize * 3 + 17  # several slices and a remainder
+    start = np.arange(length, dtype=dtype)
+    target = start.copy()
+    prg.add_keystream(key, target)
+    mask = prg.expand(key, length, dtype)
+    assert np.array_equal(target, start + mask)  # numpy wraps unsigned sums modulo 2^bits
+    prg.add_keystream(key, target, subtract=True)
+    assert np.array_equal(target, start)
+
+
 def test_keystream_bytes_are_uniform() -> None:
     data = prg.expand(b"k" * 32, 1 << 16, np.uint64).view(np.uint8)
     counts = np.bincount(data, minlength=256)
@@ -47,5 +60,7 @@ def test_bad_keys_and_arrays_are_refused() -> None:
         prg.expand(b"short", 4, np.uint64)
     with pytest.raises(ValueError, match="C-contiguous"):
         prg.keystream_into(bytes(32), np.zeros((4, 4), dtype=np.uint64)[:, 0])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        prg.add_keystream(bytes(32), np.zeros((4, 4), dtype=np.uint64)[:, 0])
     with pytest.raises(ValueError, match="standard deviation"):
         prg.gaussian(bytes(32), 4, float("nan"))
