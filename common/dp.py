@@ -13,6 +13,11 @@ Who adds the noise:
   the sum carries variance m / t * sigma^2 >= sigma^2, so the guarantee holds whatever the
   dropouts, at the price of up to n / t times the variance when nobody drops. Dividing by n
   instead would leave less noise than accounted for as soon as one client drops.
+Weights: the argument needs every client's contribution to the sum bounded by S. Secure
+aggregation's vector (fixedpoint.py) holds (w / W) * update, at most S, but also the weight slot
+sum(w / W), released without noise and dependent on how much data each client has. Under DP use
+uniform weights (w = W = 1): the slot is then the number of survivors, which the coordinator
+knows anyway, and the model moves by the noised sum divided by it.
 Either way the noise is drawn from a ChaCha20 stream keyed from the OS's randomness (prg.py),
 not from a statistical generator an adversary could predict. Floating-point sampling still has
 the known weaknesses of textbook Gaussian samplers (Mironov, CCS 2012); this is not hardened.
@@ -23,6 +28,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Mapping
+from statistics import NormalDist
 
 import torch
 
@@ -72,6 +78,25 @@ def client_noise_std(noise_multiplier: float, clip_norm: float, min_contributors
     if min_contributors < 1:
         raise ValueError(f"min_contributors must be >= 1, got {min_contributors}")
     return sum_noise_std(noise_multiplier, clip_norm) / math.sqrt(min_contributors)
+
+
+def secure_value_bound(
+    clip_norm: float, noise_std: float, dimension: int, failure_probability: float = 1e-9
+) -> float:
+    """The bound V to give secure aggregation's fixed-point encoding for clipped, noised updates.
+
+    A coordinate of an update clipped to S is at most S in magnitude; with noise N(0, s^2) added,
+    all `dimension` coordinates stay within S + s * Phi^-1(1 - p / (2 d)) except with probability
+    p (union bound), so the encoder's refusal of out-of-bound values practically never fires.
+    """
+    if dimension < 1:
+        raise ValueError(f"dimension must be >= 1, got {dimension}")
+    if not 0 < failure_probability < 1:
+        raise ValueError(f"failure_probability must be in (0, 1), got {failure_probability}")
+    _check_noise(0.0, clip_norm)
+    if noise_std == 0:
+        return clip_norm
+    return clip_norm + noise_std * NormalDist().inv_cdf(1 - failure_probability / (2 * dimension))
 
 
 def add_gaussian_noise(

@@ -12,6 +12,7 @@ from fedlink.common.dp import (
     client_noise_std,
     clip_update,
     l2_norm,
+    secure_value_bound,
     sum_noise_std,
 )
 
@@ -65,6 +66,17 @@ def test_split_noise_of_threshold_clients_adds_up_to_the_noise_of_the_sum() -> N
     assert float(total.std()) == pytest.approx(sum_noise_std(z, clip), rel=0.02)
     # Noise of different clients is independent.
     assert abs(float(torch.corrcoef(torch.stack([noisy[0], noisy[1]]))[0, 1])) < 0.03
+
+
+def test_secure_value_bound_covers_clipped_noisy_coordinates() -> None:
+    assert secure_value_bound(2.0, 0.0, 10) == 2.0
+    bound = secure_value_bound(1.0, 0.5, 1_000_000)
+    # 1 + 0.5 * Phi^-1(1 - 5e-16) = 1 + 0.5 * 8.03
+    assert bound == pytest.approx(1.0 + 0.5 * 8.03, abs=0.01)
+    noisy = add_gaussian_noise({"w": torch.zeros(1_000_000, dtype=torch.float64)}, 0.5)["w"]
+    assert float(noisy.abs().max()) < bound - 1.0
+    with pytest.raises(ValueError, match="failure_probability"):
+        secure_value_bound(1.0, 0.5, 10, failure_probability=0.0)
 
 
 def test_noise_is_added_to_floating_tensors_only_and_reproducible_with_a_key() -> None:

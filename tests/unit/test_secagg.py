@@ -10,6 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from fedlink.common.dp import (
+    add_gaussian_noise,
+    client_noise_std,
+    clip_update,
+    secure_value_bound,
+    sum_noise_std,
+)
 from fedlink.common.errors import SecAggError, SecAggRefused
 from fedlink.common.fixedpoint import (
     FixedPoint,
@@ -382,6 +389,53 @@ def test_a_masked_vector_is_independent_of_the_update_it_hides() -> None:
     assert np.abs(
         encoding.decode(server.result()) - expected_sum
     ).max() <= encoding.sum_error_bound(n)
+
+
+def test_split_dp_noise_through_secure_aggregation_gives_the_sum_its_full_noise() -> None:
+    """DP-FedAvg with secure aggregation: clients clip, add N(0, sigma^2 / t) each and mask; with
+    m >= t survivors the unmasked sum is the clipped sum plus noise of variance m / t * sigma^2,
+    so never less than the accounted sigma^2, and nobody saw a less noisy sum."""
+    n, threshold, dimension = 10, 6, 20_000
+    z, clip = 1.0, 0.5
+    generator = torch.Generator().manual_seed(7)
+    updates = [
+        {"w": torch.randn(dimension, generator=generator, dtype=torch.float64)} for _ in range(n)
+    ]
+    client_std = client_noise_std(z, clip, threshold)
+    bound = secure_value_bound(clip, client_std, dimension)
+    encoding = FixedPoint.for_sum(num_clients=n, value_bound=bound)
+    layout = UpdateLayout(manifest_of(updates[0]))
+    params = SecAggParams(session="dp", threshold=threshold, vector_length=layout.length)
+    ids = [f"c{i}" for i in range(n)]
+    clients = {i: SecAggClient(i, params) for i in ids}
+    server = SecAggServer(params)
+    for identity in ids:
+        server.add_keys(identity, clients[identity].advertise())
+    roster = server.close_advertisement()
+    for identity in ids:
+        server.add_shares(identity, clients[identity].share_keys(roster))
+    server.close_sharing()
+    clipped_sum = torch.zeros(dimension, dtype=torch.float64)
+    for k, identity in enumerate(ids[2:], start=2):  # two clients drop before masking
+        clipped, _ = clip_update(updates[k], clip)
+        clipped_sum += clipped["w"]
+        noisy = add_gaussian_noise(clipped, client_std)
+        vector = encode_weighted_update(
+            noisy, 1.0, max_weight=1.0, layout=layout, encoding=encoding
+        )
+        server.add_masked_input(
+            identity, clients[identity].masked_input(vector, server.shares_for(identity))
+        )
+    request = server.close_masked_inputs()
+    for identity in request.survivors:
+        server.add_unmask_response(identity, clients[identity].unmask(request))
+    decoded = encoding.decode(server.result())
+    survivors = n - 2
+    assert decoded[-1] == pytest.approx(survivors)  # the weight slot: the number of survivors
+    noise = torch.from_numpy(decoded[:-1]) - clipped_sum
+    expected_std = sum_noise_std(z, clip) * (survivors / threshold) ** 0.5
+    assert float(noise.std()) == pytest.approx(expected_std, rel=0.03)
+    assert abs(float(noise.mean())) < 4 * expected_std / dimension**0.5
 
 
 def test_steps_out_of_order_are_refused() -> None:
