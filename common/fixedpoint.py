@@ -13,9 +13,10 @@ Bounds (V = `value_bound`, the agreed bound on every |entry|, n = `num_clients`)
   of n of them lies in (-2^(k-1), 2^(k-1)) when n (V 2^f + 1/2) < 2^(k-1); `FixedPoint.for_sum`
   picks the largest f for which this holds, and also V 2^f <= 2^52 so that every scaled value
   is an integer float64 represents exactly.
-- quantization: rounding moves each entry by at most 2^-(f+1), and forming (w / W) * x in float64
-  by at most V 2^-53, so every coordinate of the decoded sum is within
-  e = n (2^-(f+1) + V 2^-53) of the exact sum (`sum_error_bound`). The decoded average S/T then
+- quantization: rounding moves each entry by at most 2^-(f+1), forming (w / W) * x in float64
+  by at most V 2^-53, and converting the integer sum (up to n V 2^f) back to float64 by at most
+  n V 2^-53, so every coordinate of the decoded sum is within e = n (2^-(f+1) + V 2^-52) of the
+  exact sum (`sum_error_bound`). The decoded average S/T then
   differs from the plaintext weighted FedAvg by at most e (1 + V) / (T - e), T being the sum of
   the clients' w / W (`average_error_bound`).
 Entries outside [-V, V] are refused rather than clipped: a silent clip or a wrap would corrupt
@@ -99,7 +100,7 @@ class FixedPoint:
 
     def sum_error_bound(self, num_clients: int) -> float:
         """Largest difference between a decoded sum of `num_clients` entries and the exact sum."""
-        return num_clients * (2.0 ** -(self.frac_bits + 1) + self.value_bound * 2.0**-53)
+        return num_clients * (2.0 ** -(self.frac_bits + 1) + self.value_bound * 2.0**-52)
 
     def average_error_bound(self, num_clients: int, weight_fraction_sum: float) -> float:
         """Largest difference between the decoded weighted average and plaintext FedAvg, for

@@ -211,9 +211,8 @@ class SecAggClient:
         self._phase = _ClientPhase.ADVERTISE
         self._roster: dict[str, KeyAdvertisement] = {}
         self._indices: dict[str, int] = {}
-        self._held: dict[
-            str, tuple[Share, Share]
-        ] = {}  # peer -> (its b share, its s share) we hold
+        # peer -> (our share of its self-mask seed, our share of its mask key)
+        self._held: dict[str, tuple[Share, Share]] = {}
         self._contributors: frozenset[str] = frozenset()
 
     def advertise(self) -> KeyAdvertisement:
@@ -279,16 +278,15 @@ class SecAggClient:
         other members of U2 (the clients whose shares the coordinator received)."""
         self._expect(_ClientPhase.MASK)
         _check_vector(vector, self.params)
-        unknown = set(ciphertexts) - set(self._roster)
-        if unknown or self.identity in ciphertexts:
-            raise SecAggError(
-                f"shares from clients outside the roster: {sorted(unknown | ({self.identity} & set(ciphertexts)))}"
-            )
+        unexpected = set(ciphertexts) - (set(self._roster) - {self.identity})
+        if unexpected:
+            raise SecAggError(f"share bundles from unexpected senders: {sorted(unexpected)}")
         contributors = frozenset(ciphertexts) | {self.identity}
         if len(contributors) < self.params.threshold:
             raise SecAggError(
                 f"only {len(contributors)} clients shared keys; the threshold is {self.params.threshold}"
             )
+        received: dict[str, tuple[Share, Share]] = {}
         for sender, ciphertext in ciphertexts.items():
             key = _share_key(
                 self._cipher_private,
@@ -313,7 +311,8 @@ class SecAggClient:
                 or s_share.x != self._indices[self.identity]
             ):
                 raise SecAggError(f"the shares from {sender!r} are addressed to another index")
-            self._held[sender] = (b_share, s_share)
+            received[sender] = (b_share, s_share)
+        self._held.update(received)
         self._contributors = contributors
 
         masked: RingVector = vector.copy()

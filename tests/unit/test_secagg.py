@@ -307,6 +307,8 @@ def test_tampered_or_misrouted_share_bundles_fail_authentication() -> None:
     tampered[5] ^= 1
     with pytest.raises(SecAggError, match="from 'b' failed authentication"):
         clients["a"].masked_input(vector, {"b": bytes(tampered), "c": outboxes["c"]["a"]})
+    with pytest.raises(SecAggError, match=r"unexpected senders: \['a', 'mallory'\]"):
+        clients["a"].masked_input(vector, {"a": outboxes["b"]["a"], "mallory": outboxes["c"]["a"]})
     # c's bundle for b, relayed to a as if it came from c, does not decrypt either.
     with pytest.raises(SecAggError, match="from 'c' failed authentication"):
         clients["a"].masked_input(vector, {"b": outboxes["b"]["a"], "c": outboxes["c"]["b"]})
