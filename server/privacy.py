@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 # Opacus's default orders: dense where the optimum usually lies, up to 63.
 DEFAULT_ORDERS: tuple[float, ...] = (
@@ -76,8 +75,7 @@ class PrivacyAccountant:
         _check_delta(delta)
         if not self.history:
             return 0.0, math.nan
-        epsilon, order = get_privacy_spent(orders=list(self.orders), rdp=self._rdp, delta=delta)
-        return float(epsilon), float(order)
+        return _convert(self.orders, self._rdp, delta)
 
     def epsilon(self, delta: float) -> float:
         return self.spent(delta)[0]
@@ -86,12 +84,11 @@ class PrivacyAccountant:
         """The epsilon that accounting for `step` as well would give: lets a federation stop
         before the round that would exceed its budget instead of after it."""
         _check_delta(delta)
-        epsilon, _ = get_privacy_spent(
-            orders=list(self.orders), rdp=self._rdp + self._rdp_of(step), delta=delta
-        )
-        return float(epsilon)
+        return _convert(self.orders, self._rdp + self._rdp_of(step), delta)[0]
 
     def _rdp_of(self, step: MechanismStep) -> NDArray[np.float64]:
+        from opacus.accountants.analysis.rdp import compute_rdp  # see _convert
+
         rdp: NDArray[np.float64] = np.asarray(
             compute_rdp(
                 q=step.sample_rate,
@@ -102,6 +99,17 @@ class PrivacyAccountant:
             dtype=np.float64,
         )
         return rdp
+
+
+def _convert(
+    orders: tuple[float, ...], rdp: NDArray[np.float64], delta: float
+) -> tuple[float, float]:
+    # Opacus is imported on first use: importing it takes seconds (it loads its whole training
+    # machinery), and a federation without differential privacy never needs it.
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    epsilon, order = get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)
+    return float(epsilon), float(order)
 
 
 def _check_delta(delta: float) -> None:
