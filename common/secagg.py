@@ -80,7 +80,15 @@ class SecAggParams:
 
     @property
     def dtype(self) -> np.dtype[np.unsignedinteger]:
-        return np.dtype(np.uint32 if self.ring_bits == 32 else np.uint64)
+        """Little-endian uint32 or uint64: the ring's elements, also as they travel."""
+        return np.dtype("<u4" if self.ring_bits == 32 else "<u8")
+
+    def vector_from_bytes(self, data: bytes) -> RingVector:
+        """A ring vector received as raw little-endian bytes (`vector.tobytes()`), read-only."""
+        expected = self.vector_length * self.dtype.itemsize
+        if len(data) != expected:
+            raise SecAggError(f"a masked vector is {expected} bytes, got {len(data)}")
+        return np.frombuffer(data, dtype=self.dtype)
 
 
 @dataclass(frozen=True)

@@ -440,6 +440,17 @@ def test_split_dp_noise_through_secure_aggregation_gives_the_sum_its_full_noise(
     assert abs(float(noise.mean())) < 4 * expected_std / dimension**0.5
 
 
+def test_masked_vectors_travel_as_raw_little_endian_bytes() -> None:
+    _, clients, server = _through_masking(drop_after_shares={4})
+    params = clients["c4"].params
+    masked = clients["c4"].masked_input(np.arange(16, dtype=np.uint64), server.shares_for("c4"))
+    received = params.vector_from_bytes(masked.tobytes())
+    assert np.array_equal(received, masked)
+    server.add_masked_input("c4", received)  # read-only input is fine: the sum is the server's
+    with pytest.raises(SecAggError, match="a masked vector is 128 bytes, got 127"):
+        params.vector_from_bytes(masked.tobytes()[:-1])
+
+
 def test_steps_out_of_order_are_refused() -> None:
     params = SecAggParams(session="s", threshold=2, vector_length=4)
     client = SecAggClient("a", params)
