@@ -38,3 +38,13 @@ class TaskError(FedlinkError):
 
 class DataUnavailableError(TaskError):
     """A data set cannot be loaded (e.g. it must be downloaded and there is no network)."""
+
+
+class SecAggError(FedlinkError):
+    """A secure-aggregation step cannot go on: too few participants or shares for the threshold,
+    or a malformed, inconsistent or unauthenticated message."""
+
+
+class SecAggRefused(SecAggError):
+    """A client refuses a request that would reveal its secrets, e.g. both the self-mask share and
+    the masking-key share of the same peer (which would let the server unmask that peer's input)."""

@@ -1,0 +1,538 @@
+"""Secure aggregation (Bonawitz et al., CCS 2017) against an honest-but-curious coordinator.
+
+The coordinator learns the sum of the clients' ring vectors (see fixedpoint.py) and nothing else
+about any one of them, even when clients drop out, as long as at least `threshold` remain.
+
+The four steps, each a message through the coordinator (which only relays and sums):
+1. advertise: each client sends two X25519 public keys, one to encrypt shares (c) and one to
+   agree pairwise masks (s). The coordinator's list of them is the roster U1.
+2. share keys: each client draws a self-mask seed b_u and Shamir-shares both b_u and its mask
+   private key s_u among U1 (threshold t). Each share travels to its holder encrypted and
+   authenticated with a key agreed between the c keys, so the coordinator cannot read it.
+   U2 = the clients whose shares arrived.
+3. masked input: y_u = x_u + PRG(b_u) + sum_{v in U2, v > u} PRG(s_uv) - sum_{v in U2, v < u} PRG(s_uv)
+   (mod 2^k), s_uv being HKDF of the X25519 agreement of s_u and s_v bound to the session and both
+   identities. Pairwise masks cancel in the sum; the self mask hides y_u even if the coordinator
+   later learns s_uv for a peer it (wrongly) declared dropped. U3 = the clients whose y_u arrived.
+4. unmask: each survivor reveals its share of b_u for every u in U3 and its share of s_u for every
+   u in U2 \\ U3, never both kinds for one peer (`ShareGuard`). From t shares of each the
+   coordinator removes the self masks of U3 and the pairwise masks the dropped clients left.
+
+Every key comes from a full 32-byte secret and every mask from the ChaCha20 stream of such a key
+(prg.py). Clients also refuse a threshold of at most half the roster: with t > |U1| / 2 no two
+disjoint groups of t clients exist, so even a coordinator that tells clients different stories
+about who dropped cannot collect t shares of both kinds for one client. (The malicious-server
+variant of the paper adds a signed consistency round; this implementation does not.)
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from numpy.typing import NDArray
+
+from fedlink.common import prg
+from fedlink.common.errors import SecAggError, SecAggRefused
+from fedlink.common.fixedpoint import RING_BITS
+from fedlink.common.shamir import SHARE_BYTES, Share, reconstruct_secret, split_secret
+
+PROTOCOL = b"fedlink-secagg-v1"
+PUBLIC_KEY_BYTES = 32
+_ZERO_NONCE = bytes(12)
+_RAW = serialization.Encoding.Raw
+_RAW_PUBLIC = serialization.PublicFormat.Raw
+_RAW_PRIVATE = serialization.PrivateFormat.Raw
+
+RingVector = NDArray[np.unsignedinteger]
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    """What every participant of one secure-aggregation session agrees on.
+
+    `session` must be unique per federation and round (e.g. the round's task id): it is bound
+    into every derived key, so keys and masks of one round are useless in any other.
+    """
+
+    session: str
+    threshold: int
+    vector_length: int
+    ring_bits: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.session:
+            raise ValueError("the secure-aggregation session id must not be empty")
+        if self.threshold < 2:
+            raise ValueError(f"the threshold must be >= 2, got {self.threshold}")
+        if self.vector_length < 1:
+            raise ValueError(f"the vector length must be >= 1, got {self.vector_length}")
+        if self.ring_bits not in RING_BITS:
+            raise ValueError(f"ring_bits must be one of {RING_BITS}, got {self.ring_bits}")
+
+    @property
+    def dtype(self) -> np.dtype[np.unsignedinteger]:
+        """Little-endian uint32 or uint64: the ring's elements, also as they travel."""
+        return np.dtype("<u4" if self.ring_bits == 32 else "<u8")
+
+    def vector_from_bytes(self, data: bytes) -> RingVector:
+        """A ring vector received as raw little-endian bytes (`vector.tobytes()`), read-only."""
+        expected = self.vector_length * self.dtype.itemsize
+        if len(data) != expected:
+            raise SecAggError(f"a masked vector is {expected} bytes, got {len(data)}")
+        return np.frombuffer(data, dtype=self.dtype)
+
+
+@dataclass(frozen=True)
+class KeyAdvertisement:
+    """A client's two X25519 public keys (raw 32 bytes each)."""
+
+    cipher_key: bytes
+    mask_key: bytes
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """The coordinator's view after step 3: whose masked input it holds and who dropped."""
+
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class UnmaskResponse:
+    """One survivor's shares: of b_u for each surviving u, of s_u for each dropped u."""
+
+    self_mask_shares: dict[str, Share] = field(default_factory=dict)
+    mask_key_shares: dict[str, Share] = field(default_factory=dict)
+
+
+class ShareKind(Enum):
+    SELF_MASK = "self-mask seed"
+    MASK_KEY = "mask key"
+
+
+class ShareGuard:
+    """Reveals, for each peer, shares of one kind only, for the whole session.
+
+    A coordinator holding t shares of both b_u and s_u could strip every mask from u's input;
+    the guard refuses the second kind whatever order or number of requests asks for it.
+    """
+
+    def __init__(self) -> None:
+        self._revealed: dict[str, ShareKind] = {}
+
+    def release(self, requests: Mapping[str, ShareKind]) -> None:
+        """Record the release of `requests` (peer -> kind), all or nothing."""
+        for peer, kind in requests.items():
+            earlier = self._revealed.get(peer, kind)
+            if earlier != kind:
+                raise SecAggRefused(
+                    f"refusing to reveal the {kind.value} share of {peer!r}: its "
+                    f"{earlier.value} share was already revealed, and both together unmask its input"
+                )
+        self._revealed.update(requests)
+
+
+def roster_indices(identities: Iterable[str]) -> dict[str, int]:
+    """Each identity's Shamir x-coordinate: its 1-based position in sorted order."""
+    return {identity: position for position, identity in enumerate(sorted(identities), start=1)}
+
+
+def derive_key(secret: bytes, purpose: str, session: str, *parties: str) -> bytes:
+    """A 32-byte key from an agreed secret, bound to the purpose, the session and the parties."""
+    info = _context(purpose, session, *parties)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+
+
+def _context(purpose: str, session: str, *parties: str) -> bytes:
+    # Length-prefixed, so no two different tuples of strings encode to the same bytes.
+    info = bytearray(PROTOCOL)
+    for part in (purpose, session, *parties):
+        encoded = part.encode()
+        info += len(encoded).to_bytes(4, "big") + encoded
+    return bytes(info)
+
+
+def pairwise_mask_key(
+    private: X25519PrivateKey, peer_public: bytes, session: str, a: str, b: str
+) -> bytes:
+    """The PRG key of the pairwise mask between identities a and b (symmetric in a and b)."""
+    low, high = sorted((a, b))
+    return derive_key(_agree(private, peer_public), "pairwise-mask", session, low, high)
+
+
+def _share_key(
+    private: X25519PrivateKey, peer_public: bytes, session: str, sender: str, recipient: str
+) -> bytes:
+    return derive_key(_agree(private, peer_public), "share-encryption", session, sender, recipient)
+
+
+def _agree(private: X25519PrivateKey, peer_public: bytes) -> bytes:
+    try:
+        return private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError as exc:  # wrong length, or a low-order point giving an all-zero secret
+        raise SecAggError(f"invalid X25519 public key: {exc}") from exc
+
+
+def _public_bytes(private: X25519PrivateKey) -> bytes:
+    return private.public_key().public_bytes(_RAW, _RAW_PUBLIC)
+
+
+def _associated_data(session: str, sender: str, recipient: str) -> bytes:
+    return _context("share-bundle", session, sender, recipient)
+
+
+def _check_vector(vector: RingVector, params: SecAggParams) -> None:
+    if vector.dtype != params.dtype or vector.shape != (params.vector_length,):
+        raise SecAggError(
+            f"expected a ring vector of {params.vector_length} {params.dtype} entries, "
+            f"got {vector.shape} {vector.dtype}"
+        )
+
+
+class _ClientPhase(Enum):
+    ADVERTISE = 1
+    SHARE = 2
+    MASK = 3
+    UNMASK = 4
+
+
+class SecAggClient:
+    """One client's side of a session: fresh keys and self-mask seed, used for one round only."""
+
+    def __init__(self, identity: str, params: SecAggParams) -> None:
+        self.identity = identity
+        self.params = params
+        self._cipher_private = X25519PrivateKey.generate()
+        self._mask_private = X25519PrivateKey.generate()
+        self._self_seed = secrets.token_bytes(32)
+        self._guard = ShareGuard()
+        self._phase = _ClientPhase.ADVERTISE
+        self._roster: dict[str, KeyAdvertisement] = {}
+        self._indices: dict[str, int] = {}
+        # peer -> (our share of its self-mask seed, our share of its mask key)
+        self._held: dict[str, tuple[Share, Share]] = {}
+        self._contributors: frozenset[str] = frozenset()
+
+    def advertise(self) -> KeyAdvertisement:
+        self._expect(_ClientPhase.ADVERTISE)
+        self._phase = _ClientPhase.SHARE
+        return KeyAdvertisement(
+            _public_bytes(self._cipher_private), _public_bytes(self._mask_private)
+        )
+
+    def share_keys(self, roster: Mapping[str, KeyAdvertisement]) -> dict[str, bytes]:
+        """Encrypted shares of b_u and s_u for every other client of the roster U1."""
+        self._expect(_ClientPhase.SHARE)
+        own = KeyAdvertisement(
+            _public_bytes(self._cipher_private), _public_bytes(self._mask_private)
+        )
+        if roster.get(self.identity) != own:
+            raise SecAggError(f"the roster does not carry {self.identity!r}'s own keys")
+        threshold = self.params.threshold
+        if len(roster) < threshold:
+            raise SecAggError(
+                f"{len(roster)} clients advertised keys; the threshold is {threshold}"
+            )
+        if 2 * threshold <= len(roster):
+            raise SecAggRefused(
+                f"threshold {threshold} is at most half of the {len(roster)} clients; it must be "
+                f"at least {len(roster) // 2 + 1} so that no coordinator can collect both kinds of share"
+            )
+        public_keys = [key for ad in roster.values() for key in (ad.cipher_key, ad.mask_key)]
+        if len(set(public_keys)) != len(public_keys):
+            raise SecAggError("the roster repeats a public key; every key must be fresh")
+        self._roster = dict(roster)
+        self._indices = roster_indices(roster)
+        holders = sorted(roster)
+        xs = [self._indices[holder] for holder in holders]
+        mask_secret = self._mask_private.private_bytes(
+            _RAW, _RAW_PRIVATE, serialization.NoEncryption()
+        )
+        self_mask_shares = split_secret(self._self_seed, threshold, xs)
+        mask_key_shares = split_secret(mask_secret, threshold, xs)
+        ciphertexts: dict[str, bytes] = {}
+        for holder, b_share, s_share in zip(
+            holders, self_mask_shares, mask_key_shares, strict=True
+        ):
+            if holder == self.identity:
+                self._held[holder] = (b_share, s_share)
+                continue
+            key = _share_key(
+                self._cipher_private,
+                roster[holder].cipher_key,
+                self.params.session,
+                self.identity,
+                holder,
+            )
+            aad = _associated_data(self.params.session, self.identity, holder)
+            ciphertexts[holder] = ChaCha20Poly1305(key).encrypt(
+                _ZERO_NONCE, b_share.to_bytes() + s_share.to_bytes(), aad
+            )
+        self._phase = _ClientPhase.MASK
+        return ciphertexts
+
+    def masked_input(self, vector: RingVector, ciphertexts: Mapping[str, bytes]) -> RingVector:
+        """y_u for the encoded update `vector`, given the shares addressed to this client by the
+        other members of U2 (the clients whose shares the coordinator received)."""
+        self._expect(_ClientPhase.MASK)
+        _check_vector(vector, self.params)
+        unexpected = set(ciphertexts) - (set(self._roster) - {self.identity})
+        if unexpected:
+            raise SecAggError(f"share bundles from unexpected senders: {sorted(unexpected)}")
+        contributors = frozenset(ciphertexts) | {self.identity}
+        if len(contributors) < self.params.threshold:
+            raise SecAggError(
+                f"only {len(contributors)} clients shared keys; the threshold is {self.params.threshold}"
+            )
+        received: dict[str, tuple[Share, Share]] = {}
+        for sender, ciphertext in ciphertexts.items():
+            key = _share_key(
+                self._cipher_private,
+                self._roster[sender].cipher_key,
+                self.params.session,
+                sender,
+                self.identity,
+            )
+            aad = _associated_data(self.params.session, sender, self.identity)
+            try:
+                plain = ChaCha20Poly1305(key).decrypt(_ZERO_NONCE, ciphertext, aad)
+            except InvalidTag as exc:
+                raise SecAggError(f"the shares from {sender!r} failed authentication") from exc
+            if len(plain) != 2 * SHARE_BYTES:
+                raise SecAggError(f"the shares from {sender!r} have the wrong length")
+            b_share, s_share = (
+                Share.from_bytes(plain[:SHARE_BYTES]),
+                Share.from_bytes(plain[SHARE_BYTES:]),
+            )
+            if (
+                b_share.x != self._indices[self.identity]
+                or s_share.x != self._indices[self.identity]
+            ):
+                raise SecAggError(f"the shares from {sender!r} are addressed to another index")
+            received[sender] = (b_share, s_share)
+        self._held.update(received)
+        self._contributors = contributors
+
+        masked: RingVector = vector.copy()
+        prg.add_keystream(self._self_seed, masked)
+        for peer in sorted(contributors - {self.identity}):
+            key = pairwise_mask_key(
+                self._mask_private,
+                self._roster[peer].mask_key,
+                self.params.session,
+                self.identity,
+                peer,
+            )
+            prg.add_keystream(key, masked, subtract=peer < self.identity)
+        self._phase = _ClientPhase.UNMASK
+        return masked
+
+    def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
+        """Shares of b_u for the survivors and of s_u for the dropped; refuses anything that
+        would reveal both kinds for one peer, or an inconsistent or too small survivor set."""
+        self._expect(_ClientPhase.UNMASK)
+        survivors, dropped = set(request.survivors), set(request.dropped)
+        if survivors & dropped:
+            raise SecAggRefused(
+                f"the coordinator lists {sorted(survivors & dropped)} as both survived and dropped"
+            )
+        if self.identity in dropped or self.identity not in survivors:
+            raise SecAggRefused(
+                f"{self.identity!r} sent its masked input; the coordinator cannot count it as dropped"
+            )
+        outside = (survivors | dropped) - self._contributors
+        if outside:
+            raise SecAggError(
+                f"unmasking asks about clients that did not share keys: {sorted(outside)}"
+            )
+        if len(survivors) < self.params.threshold:
+            raise SecAggError(
+                f"only {len(survivors)} clients survived; the threshold is {self.params.threshold}"
+            )
+        requests = {peer: ShareKind.SELF_MASK for peer in survivors}
+        requests.update({peer: ShareKind.MASK_KEY for peer in dropped})
+        self._guard.release(requests)
+        return UnmaskResponse(
+            self_mask_shares={peer: self._held[peer][0] for peer in sorted(survivors)},
+            mask_key_shares={peer: self._held[peer][1] for peer in sorted(dropped)},
+        )
+
+    def _expect(self, phase: _ClientPhase) -> None:
+        if self._phase != phase:
+            raise SecAggError(
+                f"secure aggregation step out of order: expected {self._phase.name.lower()}, asked for {phase.name.lower()}"
+            )
+
+
+class _ServerPhase(Enum):
+    ADVERTISE = 1
+    SHARE = 2
+    MASK = 3
+    UNMASK = 4
+    DONE = 5
+
+
+class SecAggServer:
+    """The coordinator's side of a session: relays keys and shares, sums masked inputs as they
+    arrive (memory O(vector), not O(clients x vector)) and removes the masks at the end.
+
+    Each `close_*` call ends a step, e.g. when the round engine's deadline for it passes; from
+    then on the clients heard from are the set the next step works with.
+    """
+
+    def __init__(self, params: SecAggParams) -> None:
+        self.params = params
+        self._phase = _ServerPhase.ADVERTISE
+        self._keys: dict[str, KeyAdvertisement] = {}
+        self._outboxes: dict[str, dict[str, bytes]] = {}  # sender -> recipient -> ciphertext
+        self._contributors: frozenset[str] = frozenset()
+        self._sum: RingVector = np.zeros(params.vector_length, dtype=params.dtype)
+        self._masked_from: set[str] = set()
+        self._request: UnmaskRequest | None = None
+        self._responses: dict[str, UnmaskResponse] = {}
+
+    # Step 1.
+    def add_keys(self, identity: str, advertisement: KeyAdvertisement) -> None:
+        self._expect(_ServerPhase.ADVERTISE)
+        if identity in self._keys:
+            raise SecAggError(f"{identity!r} already advertised keys for this session")
+        for key in (advertisement.cipher_key, advertisement.mask_key):
+            if len(key) != PUBLIC_KEY_BYTES:
+                raise SecAggError(
+                    f"{identity!r} advertised a public key of {len(key)} bytes, not {PUBLIC_KEY_BYTES}"
+                )
+        self._keys[identity] = advertisement
+
+    def close_advertisement(self) -> dict[str, KeyAdvertisement]:
+        """End step 1; the roster U1 every advertiser receives."""
+        self._expect(_ServerPhase.ADVERTISE)
+        self._require(len(self._keys), "advertised keys")
+        self._phase = _ServerPhase.SHARE
+        return dict(self._keys)
+
+    # Step 2.
+    def add_shares(self, sender: str, ciphertexts: Mapping[str, bytes]) -> None:
+        self._expect(_ServerPhase.SHARE)
+        if sender not in self._keys:
+            raise SecAggError(f"{sender!r} is not in this session's roster")
+        if sender in self._outboxes:
+            raise SecAggError(f"{sender!r} already sent its shares")
+        if set(ciphertexts) != set(self._keys) - {sender}:
+            raise SecAggError(
+                f"{sender!r} must send one encrypted share bundle to every other client of the roster"
+            )
+        self._outboxes[sender] = dict(ciphertexts)
+
+    def close_sharing(self) -> None:
+        """End step 2: U2 = the clients whose shares arrived."""
+        self._expect(_ServerPhase.SHARE)
+        self._require(len(self._outboxes), "shared their keys")
+        self._contributors = frozenset(self._outboxes)
+        self._phase = _ServerPhase.MASK
+
+    def shares_for(self, recipient: str) -> dict[str, bytes]:
+        """The share bundles addressed to `recipient` by the other members of U2."""
+        self._expect(_ServerPhase.MASK)
+        if recipient not in self._contributors:
+            raise SecAggError(
+                f"{recipient!r} did not share its keys in time and cannot take part further"
+            )
+        return {
+            sender: box[recipient] for sender, box in self._outboxes.items() if sender != recipient
+        }
+
+    # Step 3.
+    def add_masked_input(self, identity: str, masked: RingVector) -> None:
+        """Fold one client's masked vector into the running sum (modulo 2^k)."""
+        self._expect(_ServerPhase.MASK)
+        if identity not in self._contributors:
+            raise SecAggError(f"{identity!r} is not among the clients that shared keys")
+        if identity in self._masked_from:
+            raise SecAggError(f"{identity!r} already sent its masked input")
+        _check_vector(masked, self.params)
+        np.add(self._sum, masked, out=self._sum)
+        self._masked_from.add(identity)
+
+    def close_masked_inputs(self) -> UnmaskRequest:
+        """End step 3: the request every survivor answers (U3 and U2 minus U3)."""
+        self._expect(_ServerPhase.MASK)
+        self._require(len(self._masked_from), "sent masked inputs")
+        self._request = UnmaskRequest(
+            survivors=tuple(sorted(self._masked_from)),
+            dropped=tuple(sorted(self._contributors - self._masked_from)),
+        )
+        self._outboxes.clear()
+        self._phase = _ServerPhase.UNMASK
+        return self._request
+
+    # Step 4.
+    def add_unmask_response(self, identity: str, response: UnmaskResponse) -> None:
+        self._expect(_ServerPhase.UNMASK)
+        assert self._request is not None
+        if identity not in self._request.survivors:
+            raise SecAggError(f"{identity!r} is not a survivor of this session")
+        if identity in self._responses:
+            raise SecAggError(f"{identity!r} already answered the unmasking request")
+        if set(response.self_mask_shares) != set(self._request.survivors) or set(
+            response.mask_key_shares
+        ) != set(self._request.dropped):
+            raise SecAggError(f"{identity!r} answered with shares for other clients than requested")
+        index = roster_indices(self._keys)[identity]
+        shares = [*response.self_mask_shares.values(), *response.mask_key_shares.values()]
+        if any(share.x != index for share in shares):
+            raise SecAggError(f"{identity!r} sent shares with another client's index")
+        self._responses[identity] = response
+
+    def result(self) -> RingVector:
+        """The unmasked sum of the survivors' vectors; needs `threshold` unmasking responses."""
+        self._expect(_ServerPhase.UNMASK)
+        assert self._request is not None
+        self._require(len(self._responses), "answered the unmasking request")
+        threshold = self.params.threshold
+        total = self._sum
+        for survivor in self._request.survivors:
+            seed = reconstruct_secret(
+                [r.self_mask_shares[survivor] for r in self._responses.values()], threshold
+            )
+            prg.add_keystream(seed, total, subtract=True)
+        for gone in self._request.dropped:
+            secret = reconstruct_secret(
+                [r.mask_key_shares[gone] for r in self._responses.values()], threshold
+            )
+            private = X25519PrivateKey.from_private_bytes(secret)
+            if _public_bytes(private) != self._keys[gone].mask_key:
+                raise SecAggError(
+                    f"the reconstructed mask key of {gone!r} does not match its advertised key"
+                )
+            for survivor in self._request.survivors:
+                key = pairwise_mask_key(
+                    private, self._keys[survivor].mask_key, self.params.session, gone, survivor
+                )
+                # The survivor added +PRG(s) when gone > survivor and -PRG(s) otherwise; undo it.
+                prg.add_keystream(key, total, subtract=gone > survivor)
+        self._phase = _ServerPhase.DONE
+        return total
+
+    def _require(self, count: int, what: str) -> None:
+        if count < self.params.threshold:
+            self._phase = _ServerPhase.DONE
+            raise SecAggError(
+                f"only {count} clients {what}; secure aggregation needs at least "
+                f"{self.params.threshold}, so this round's sum cannot be recovered"
+            )
+
+    def _expect(self, phase: _ServerPhase) -> None:
+        if self._phase != phase:
+            raise SecAggError(
+                f"secure aggregation step out of order: the session is at {self._phase.name.lower()}, not {phase.name.lower()}"
+            )

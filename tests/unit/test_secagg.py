@@ -1,0 +1,460 @@
+"""Secure aggregation end to end, in process: n clients and a coordinator exchanging the real
+messages (keys, encrypted shares, masked vectors, unmasking shares), with dropouts at every step."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pytest
+import torch
+
+from fedlink.common.dp import (
+    add_gaussian_noise,
+    client_noise_std,
+    clip_update,
+    secure_value_bound,
+    sum_noise_std,
+)
+from fedlink.common.errors import SecAggError, SecAggRefused
+from fedlink.common.fixedpoint import (
+    FixedPoint,
+    UpdateLayout,
+    decode_weighted_average,
+    encode_weighted_update,
+)
+from fedlink.common.secagg import (
+    SecAggClient,
+    SecAggParams,
+    SecAggServer,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from fedlink.common.shamir import Share
+from fedlink.common.tensors import StateDict, manifest_of
+from fedlink.server.aggregation import StreamingFedAvg
+
+MAX_WEIGHT = 1000.0
+VALUE_BOUND = 8.0
+
+
+def _states(n: int, seed: int = 0) -> tuple[list[StateDict], list[float]]:
+    generator = torch.Generator().manual_seed(seed)
+    states = [
+        {
+            "conv.weight": torch.randn(8, 3, 3, 3, generator=generator),
+            "conv.bias": torch.randn(8, generator=generator),
+            "fc.weight": torch.randn(10, 72, generator=generator, dtype=torch.float64),
+            "bn.num_batches_tracked": torch.tensor(7),
+        }
+        for _ in range(n)
+    ]
+    weights = [float(w) for w in torch.randint(1, int(MAX_WEIGHT), (n,), generator=generator)]
+    return states, weights
+
+
+@dataclass
+class Session:
+    ids: list[str]
+    clients: dict[str, SecAggClient]
+    server: SecAggServer
+    vectors: dict[str, np.ndarray]
+    masked: dict[str, np.ndarray]
+
+
+def _run(
+    states: list[StateDict],
+    weights: list[float],
+    threshold: int,
+    *,
+    drop_after_keys: Collection[int] = (),
+    drop_after_shares: Collection[int] = (),
+    drop_after_masked: Collection[int] = (),
+    ring_bits: int = 64,
+) -> tuple[Session, np.ndarray, UpdateLayout, FixedPoint]:
+    n = len(states)
+    layout = UpdateLayout(manifest_of(states[0]))
+    encoding = FixedPoint.for_sum(num_clients=n, value_bound=VALUE_BOUND, ring_bits=ring_bits)
+    params = SecAggParams(
+        session="federation-a/round-3/task-9",
+        threshold=threshold,
+        vector_length=layout.length,
+        ring_bits=ring_bits,
+    )
+    ids = [f"site-{i:02d}" for i in range(n)]
+    session = Session(ids, {i: SecAggClient(i, params) for i in ids}, SecAggServer(params), {}, {})
+    server = session.server
+    for identity in ids:
+        server.add_keys(identity, session.clients[identity].advertise())
+    roster = server.close_advertisement()
+    for k, identity in enumerate(ids):
+        if k not in drop_after_keys:
+            server.add_shares(identity, session.clients[identity].share_keys(roster))
+    server.close_sharing()
+    for k, identity in enumerate(ids):
+        if k in drop_after_keys or k in drop_after_shares:
+            continue
+        vector = encode_weighted_update(
+            states[k], weights[k], max_weight=MAX_WEIGHT, layout=layout, encoding=encoding
+        )
+        session.vectors[identity] = vector
+        session.masked[identity] = session.clients[identity].masked_input(
+            vector, server.shares_for(identity)
+        )
+        server.add_masked_input(identity, session.masked[identity])
+    request = server.close_masked_inputs()
+    for k, identity in enumerate(ids):
+        if identity in request.survivors and k not in drop_after_masked:
+            server.add_unmask_response(identity, session.clients[identity].unmask(request))
+    return session, server.result(), layout, encoding
+
+
+def _check_matches_fedavg(
+    total: np.ndarray,
+    layout: UpdateLayout,
+    encoding: FixedPoint,
+    states: list[StateDict],
+    weights: list[float],
+    included: list[int],
+) -> None:
+    """The decoded average equals exact weighted FedAvg over `included` within the documented
+    bound, and the model tensors equal the plaintext aggregator's to float32 rounding."""
+    total_weight = sum(weights[k] for k in included)
+    bound = encoding.average_error_bound(len(included), total_weight / MAX_WEIGHT)
+    decoded = encoding.decode(total)
+    decoded_average = decoded[:-1] / decoded[-1]
+    exact = torch.cat(
+        [
+            sum(states[k][name].double() * weights[k] for k in included).reshape(-1) / total_weight
+            for name, _ in layout.entries
+        ]  # type: ignore[union-attr]
+    ).numpy()
+    assert np.abs(decoded_average - exact).max() <= bound
+    assert bound < 1e-9  # the 64-bit ring is far finer than float32
+
+    secure = decode_weighted_average(total, layout=layout, encoding=encoding)
+    plain = StreamingFedAvg(manifest_of(states[0]))
+    for k in included:
+        plain.add(states[k], weights[k])
+    reference = plain.result()
+    for name, spec in layout.entries:
+        assert secure[name].dtype == spec.dtype
+        assert torch.allclose(secure[name], reference[name], rtol=0, atol=1e-6), name
+    assert "bn.num_batches_tracked" not in secure  # counters are not part of the secure sum
+
+
+@pytest.mark.parametrize("n", [5, 10, 20])
+def test_sum_of_masked_inputs_equals_plaintext_fedavg_without_dropouts(n: int) -> None:
+    states, weights = _states(n, seed=n)
+    session, total, layout, encoding = _run(states, weights, threshold=n // 2 + 1)
+    _check_matches_fedavg(total, layout, encoding, states, weights, list(range(n)))
+    # Every masked vector differs from the encoded update it hides.
+    for identity, vector in session.vectors.items():
+        assert np.mean(session.masked[identity] == vector) < 0.01
+
+
+def test_sum_is_recovered_when_clients_drop_at_every_step_down_to_the_threshold() -> None:
+    n, threshold = 12, 7
+    states, weights = _states(n, seed=1)
+    # 2 drop after advertising keys, 3 after sharing theirs (their pairwise masks are in the
+    # others' inputs), leaving exactly 7 masked inputs; then no survivor drops.
+    _, total, layout, encoding = _run(
+        states, weights, threshold, drop_after_keys={0, 5}, drop_after_shares={1, 6, 11}
+    )
+    _check_matches_fedavg(total, layout, encoding, states, weights, [2, 3, 4, 7, 8, 9, 10])
+
+
+def test_sum_is_recovered_when_survivors_drop_after_sending_masked_input() -> None:
+    n, threshold = 10, 6
+    states, weights = _states(n, seed=2)
+    # All ten masked inputs count; four senders vanish before unmasking, six shares remain.
+    _, total, layout, encoding = _run(
+        states, weights, threshold, drop_after_shares={3}, drop_after_masked={0, 4, 8}
+    )
+    _check_matches_fedavg(total, layout, encoding, states, weights, [0, 1, 2, 4, 5, 6, 7, 8, 9])
+
+
+def test_dropouts_in_every_step_with_a_32_bit_ring() -> None:
+    states, weights = _states(9, seed=3)
+    _, total, layout, encoding = _run(
+        states,
+        weights,
+        5,
+        drop_after_keys={8},
+        drop_after_shares={2},
+        drop_after_masked={0, 1},
+        ring_bits=32,
+    )
+    included = [0, 1, 3, 4, 5, 6, 7]
+    bound = encoding.average_error_bound(
+        len(included), sum(weights[k] for k in included) / MAX_WEIGHT
+    )
+    secure = decode_weighted_average(total, layout=layout, encoding=encoding)
+    total_weight = sum(weights[k] for k in included)
+    for name, _ in layout.entries:
+        exact = sum(states[k][name].double() * weights[k] for k in included) / total_weight
+        assert isinstance(exact, torch.Tensor)
+        # Plus float32 rounding of the result (values are below 8).
+        assert (secure[name].double() - exact).abs().max() <= bound + 8 * 2.0**-24, name
+
+
+def test_round_fails_cleanly_when_fewer_than_threshold_masked_inputs_arrive() -> None:
+    states, weights = _states(8, seed=4)
+    with pytest.raises(
+        SecAggError, match=r"only 4 clients sent masked inputs; secure aggregation needs at least 5"
+    ):
+        _run(states, weights, 5, drop_after_keys={0, 1}, drop_after_shares={2, 3})
+
+
+def test_round_fails_cleanly_when_fewer_than_threshold_survivors_answer() -> None:
+    states, weights = _states(8, seed=5)
+    with pytest.raises(SecAggError, match=r"only 4 clients answered the unmasking request"):
+        _run(states, weights, 5, drop_after_masked={0, 1, 2, 3})
+
+
+def test_round_fails_cleanly_when_too_few_clients_advertise_or_share() -> None:
+    params = SecAggParams(session="s", threshold=3, vector_length=4)
+    server = SecAggServer(params)
+    for identity in ("a", "b"):
+        server.add_keys(identity, SecAggClient(identity, params).advertise())
+    with pytest.raises(SecAggError, match="only 2 clients advertised keys"):
+        server.close_advertisement()
+    with pytest.raises(SecAggError, match="out of order"):  # the session is over
+        server.add_keys("c", SecAggClient("c", params).advertise())
+
+
+def _through_masking(
+    n: int = 5, threshold: int = 3, drop_after_shares: Collection[int] = ()
+) -> tuple[list[str], dict[str, SecAggClient], SecAggServer]:
+    params = SecAggParams(session="s", threshold=threshold, vector_length=16)
+    ids = [f"c{i}" for i in range(n)]
+    clients = {i: SecAggClient(i, params) for i in ids}
+    server = SecAggServer(params)
+    for identity in ids:
+        server.add_keys(identity, clients[identity].advertise())
+    roster = server.close_advertisement()
+    for identity in ids:
+        server.add_shares(identity, clients[identity].share_keys(roster))
+    server.close_sharing()
+    for k, identity in enumerate(ids):
+        if k not in drop_after_shares:
+            server.add_masked_input(
+                identity,
+                clients[identity].masked_input(
+                    np.arange(16, dtype=np.uint64), server.shares_for(identity)
+                ),
+            )
+    return ids, clients, server
+
+
+def test_client_refuses_to_reveal_both_shares_of_one_peer_in_one_request() -> None:
+    ids, clients, _ = _through_masking()
+    greedy = UnmaskRequest(survivors=tuple(ids), dropped=("c1",))
+    with pytest.raises(SecAggRefused, match="both survived and dropped"):
+        clients["c0"].unmask(greedy)
+
+
+def test_client_refuses_to_reveal_the_other_share_in_a_later_request() -> None:
+    ids, clients, server = _through_masking()
+    honest = server.close_masked_inputs()
+    first = clients["c0"].unmask(honest)
+    assert set(first.self_mask_shares) == set(ids) and not first.mask_key_shares
+    # The coordinator now claims c1 dropped, to get c1's mask-key share as well.
+    lying = UnmaskRequest(survivors=tuple(i for i in ids if i != "c1"), dropped=("c1",))
+    with pytest.raises(
+        SecAggRefused,
+        match=r"refusing to reveal the mask key share of 'c1'.*self-mask seed share was already revealed",
+    ):
+        clients["c0"].unmask(lying)
+    # Refusal releases nothing and the honest request can still be answered identically.
+    assert clients["c0"].unmask(honest) == first
+
+
+def test_client_refuses_to_be_counted_as_dropped_and_to_unmask_below_threshold() -> None:
+    _, clients, _ = _through_masking()
+    with pytest.raises(SecAggRefused, match="cannot count it as dropped"):
+        clients["c0"].unmask(UnmaskRequest(survivors=("c1", "c2", "c3"), dropped=("c0",)))
+    with pytest.raises(SecAggError, match="only 2 clients survived"):
+        clients["c0"].unmask(UnmaskRequest(survivors=("c0", "c1"), dropped=("c2", "c3", "c4")))
+
+
+def test_client_refuses_a_threshold_of_half_the_roster_or_less() -> None:
+    params = SecAggParams(session="s", threshold=3, vector_length=4)
+    clients = {i: SecAggClient(i, params) for i in ("a", "b", "c", "d", "e", "f")}
+    roster = {i: c.advertise() for i, c in clients.items()}
+    with pytest.raises(SecAggRefused, match="must be at least 4"):
+        clients["a"].share_keys(roster)
+
+
+def test_client_refuses_a_roster_that_replaces_its_keys_or_repeats_one() -> None:
+    params = SecAggParams(session="s", threshold=2, vector_length=4)
+    a, b, c = (SecAggClient(i, params) for i in "abc")
+    ads = {"a": a.advertise(), "b": b.advertise(), "c": c.advertise()}
+    with pytest.raises(SecAggError, match="own keys"):
+        a.share_keys({**ads, "a": ads["b"]})
+    with pytest.raises(SecAggError, match="repeats a public key"):
+        b.share_keys({**ads, "c": replace(ads["c"], mask_key=ads["a"].mask_key)})
+
+
+def test_tampered_or_misrouted_share_bundles_fail_authentication() -> None:
+    params = SecAggParams(session="s", threshold=2, vector_length=4)
+    clients = {i: SecAggClient(i, params) for i in "abc"}
+    roster = {i: c.advertise() for i, c in clients.items()}
+    outboxes = {i: c.share_keys(roster) for i, c in clients.items()}
+    vector = np.zeros(4, dtype=np.uint64)
+    tampered = bytearray(outboxes["b"]["a"])
+    tampered[5] ^= 1
+    with pytest.raises(SecAggError, match="from 'b' failed authentication"):
+        clients["a"].masked_input(vector, {"b": bytes(tampered), "c": outboxes["c"]["a"]})
+    with pytest.raises(SecAggError, match=r"unexpected senders: \['a', 'mallory'\]"):
+        clients["a"].masked_input(vector, {"a": outboxes["b"]["a"], "mallory": outboxes["c"]["a"]})
+    # c's bundle for b, relayed to a as if it came from c, does not decrypt either.
+    with pytest.raises(SecAggError, match="from 'c' failed authentication"):
+        clients["a"].masked_input(vector, {"b": outboxes["b"]["a"], "c": outboxes["c"]["b"]})
+
+
+def test_share_bundles_relayed_by_the_coordinator_do_not_contain_the_shares_in_clear() -> None:
+    params = SecAggParams(session="s", threshold=2, vector_length=4)
+    clients = {i: SecAggClient(i, params) for i in "xyz"}
+    roster = {i: c.advertise() for i, c in clients.items()}
+    outboxes = {i: c.share_keys(roster) for i, c in clients.items()}
+    clients["y"].masked_input(
+        np.zeros(4, dtype=np.uint64), {"x": outboxes["x"]["y"], "z": outboxes["z"]["y"]}
+    )
+    revealed = clients["y"].unmask(UnmaskRequest(survivors=("x", "y", "z"), dropped=()))
+    share_value = revealed.self_mask_shares["x"].to_bytes()[2:]
+    assert share_value not in outboxes["x"]["y"]
+
+
+def test_server_detects_a_corrupted_unmasking_share() -> None:
+    _, clients, server = _through_masking(drop_after_shares={4})
+    request = server.close_masked_inputs()
+    for identity in request.survivors:
+        response = clients[identity].unmask(request)
+        if identity == "c0":
+            share = response.mask_key_shares["c4"]
+            response = UnmaskResponse(
+                response.self_mask_shares, {"c4": Share(share.x, (share.y + 1) % (1 << 521))}
+            )
+        server.add_unmask_response(identity, response)
+    with pytest.raises(SecAggError, match=r"inconsistent|corrupted|does not match"):
+        server.result()
+
+
+def test_server_refuses_inputs_from_outside_the_session_and_duplicates() -> None:
+    _, _, server = _through_masking(drop_after_shares={4})
+    with pytest.raises(SecAggError, match="already sent its masked input"):
+        server.add_masked_input("c0", np.zeros(16, dtype=np.uint64))
+    with pytest.raises(SecAggError, match="not among the clients that shared keys"):
+        server.add_masked_input("mallory", np.zeros(16, dtype=np.uint64))
+    with pytest.raises(SecAggError, match="expected a ring vector of 16"):
+        server.add_masked_input("c4", np.zeros(15, dtype=np.uint64))
+
+
+def test_a_masked_vector_is_independent_of_the_update_it_hides() -> None:
+    """What the coordinator receives from one client looks uniformly random: its bytes are
+    uniform and its values uncorrelated with the encoded update, even for a structured update."""
+    n, length = 5, 1 << 16
+    params = SecAggParams(session="s", threshold=3, vector_length=length)
+    ids = [f"c{i}" for i in range(n)]
+    clients = {i: SecAggClient(i, params) for i in ids}
+    server = SecAggServer(params)
+    for identity in ids:
+        server.add_keys(identity, clients[identity].advertise())
+    roster = server.close_advertisement()
+    for identity in ids:
+        server.add_shares(identity, clients[identity].share_keys(roster))
+    server.close_sharing()
+    encoding = FixedPoint.for_sum(num_clients=n, value_bound=1.0)
+    ramp = np.linspace(-1.0, 1.0, length)
+    vectors = {i: encoding.encode(ramp * (k + 1) / n) for k, i in enumerate(ids)}
+    masked = {}
+    for identity in ids:
+        masked[identity] = clients[identity].masked_input(
+            vectors[identity], server.shares_for(identity)
+        )
+        server.add_masked_input(identity, masked[identity])
+
+    one = masked["c0"]
+    counts = np.bincount(one.view(np.uint8), minlength=256)
+    expected = one.nbytes / 256
+    chi_square = float(((counts - expected) ** 2 / expected).sum())
+    assert chi_square < 400  # 255 degrees of freedom: mean 255, sd 22.6
+    correlation = np.corrcoef(one.astype(np.float64), encoding.decode(vectors["c0"]))[0, 1]
+    assert abs(correlation) < 5 / np.sqrt(length)
+
+    request = server.close_masked_inputs()
+    for identity in ids:
+        server.add_unmask_response(identity, clients[identity].unmask(request))
+    expected_sum = sum(ramp * (k + 1) / n for k in range(n))
+    assert np.abs(
+        encoding.decode(server.result()) - expected_sum
+    ).max() <= encoding.sum_error_bound(n)
+
+
+def test_split_dp_noise_through_secure_aggregation_gives_the_sum_its_full_noise() -> None:
+    """DP-FedAvg with secure aggregation: clients clip, add N(0, sigma^2 / t) each and mask; with
+    m >= t survivors the unmasked sum is the clipped sum plus noise of variance m / t * sigma^2,
+    so never less than the accounted sigma^2, and nobody saw a less noisy sum."""
+    n, threshold, dimension = 10, 6, 20_000
+    z, clip = 1.0, 0.5
+    generator = torch.Generator().manual_seed(7)
+    updates = [
+        {"w": torch.randn(dimension, generator=generator, dtype=torch.float64)} for _ in range(n)
+    ]
+    client_std = client_noise_std(z, clip, threshold)
+    bound = secure_value_bound(clip, client_std, dimension)
+    encoding = FixedPoint.for_sum(num_clients=n, value_bound=bound)
+    layout = UpdateLayout(manifest_of(updates[0]))
+    params = SecAggParams(session="dp", threshold=threshold, vector_length=layout.length)
+    ids = [f"c{i}" for i in range(n)]
+    clients = {i: SecAggClient(i, params) for i in ids}
+    server = SecAggServer(params)
+    for identity in ids:
+        server.add_keys(identity, clients[identity].advertise())
+    roster = server.close_advertisement()
+    for identity in ids:
+        server.add_shares(identity, clients[identity].share_keys(roster))
+    server.close_sharing()
+    clipped_sum = torch.zeros(dimension, dtype=torch.float64)
+    for k, identity in enumerate(ids[2:], start=2):  # two clients drop before masking
+        clipped, _ = clip_update(updates[k], clip)
+        clipped_sum += clipped["w"]
+        noisy = add_gaussian_noise(clipped, client_std)
+        vector = encode_weighted_update(
+            noisy, 1.0, max_weight=1.0, layout=layout, encoding=encoding
+        )
+        server.add_masked_input(
+            identity, clients[identity].masked_input(vector, server.shares_for(identity))
+        )
+    request = server.close_masked_inputs()
+    for identity in request.survivors:
+        server.add_unmask_response(identity, clients[identity].unmask(request))
+    decoded = encoding.decode(server.result())
+    survivors = n - 2
+    assert decoded[-1] == pytest.approx(survivors)  # the weight slot: the number of survivors
+    noise = torch.from_numpy(decoded[:-1]) - clipped_sum
+    expected_std = sum_noise_std(z, clip) * (survivors / threshold) ** 0.5
+    assert float(noise.std()) == pytest.approx(expected_std, rel=0.03)
+    assert abs(float(noise.mean())) < 4 * expected_std / dimension**0.5
+
+
+def test_masked_vectors_travel_as_raw_little_endian_bytes() -> None:
+    _, clients, server = _through_masking(drop_after_shares={4})
+    params = clients["c4"].params
+    masked = clients["c4"].masked_input(np.arange(16, dtype=np.uint64), server.shares_for("c4"))
+    received = params.vector_from_bytes(masked.tobytes())
+    assert np.array_equal(received, masked)
+    server.add_masked_input("c4", received)  # read-only input is fine: the sum is the server's
+    with pytest.raises(SecAggError, match="a masked vector is 128 bytes, got 127"):
+        params.vector_from_bytes(masked.tobytes()[:-1])
+
+
+def test_steps_out_of_order_are_refused() -> None:
+    params = SecAggParams(session="s", threshold=2, vector_length=4)
+    client = SecAggClient("a", params)
+    with pytest.raises(SecAggError, match="out of order"):
+        client.masked_input(np.zeros(4, dtype=np.uint64), {})
+    with pytest.raises(ValueError, match="threshold must be >= 2"):
+        SecAggParams(session="s", threshold=1, vector_length=4)
