@@ -171,6 +171,39 @@ def test_a_client_that_never_answers_is_cut_off_at_the_deadline(pki: Any, tmp_pa
     assert "deadline passed; no result from mute" in _log(tmp_path, "run")
 
 
+def test_a_client_training_far_longer_than_the_liveness_timeout_stays_in_the_round(
+    pki: Any, tmp_path: Path
+) -> None:
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(TASKS_DIR), os.environ.get("PYTHONPATH", "")]),
+        "SLOW_TRAIN_SECONDS": "10",  # more than three liveness timeouts
+    }
+    address_file = tmp_path / "address"
+    server = _server(
+        pki,
+        tmp_path,
+        "run",
+        env,
+        listen="127.0.0.1:0",
+        address_file=address_file,
+        task="slow_digits_task",
+        num_rounds=1,
+        evaluate_every=0,
+        **LIVENESS,
+    )
+    client = None
+    try:
+        client = _client(
+            pki, tmp_path, "slow", wait_for_file(address_file, server), env, task="slow_digits_task"
+        )
+        assert server.wait(timeout=120) == 0, _log(tmp_path, "run")
+        assert client.wait(timeout=60) == 0
+    finally:
+        _kill_all([server, client])
+    record = _records(tmp_path / "run")[0]
+    assert record["clients_accepted"] == 1 and record["seconds"] >= 10
+
+
 def test_a_coordinator_killed_mid_round_resumes_and_its_clients_come_back_by_themselves(
     pki: Any, tmp_path: Path
 ) -> None:
