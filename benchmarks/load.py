@@ -1,6 +1,6 @@
 """Load benchmark: one coordinator serving hundreds of concurrent clients over mutual TLS.
 
-    .venv/bin/python benchmarks/load.py                        # 300 clients, 5 rounds
+    .venv/bin/python benchmarks/load.py                        # 300 clients, 10 rounds
     .venv/bin/python benchmarks/load.py --clients 600 --workers 6
 
 A real coordinator (`fedlink server`) runs the no-op task (benchmarks/noop_task.py) with its tiny
@@ -294,7 +294,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     worker.add_argument("--count", type=int, required=True)
     parser.add_argument("--clients", type=int, default=300)
     parser.add_argument("--workers", type=int, default=4, help="client processes")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--model", choices=MODELS, default="tiny")
     parser.add_argument("--round-timeout", type=float, default=300.0, help="seconds per round")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds for the whole run")
