@@ -61,6 +61,12 @@ class Big(nn.Module):
 # it: ~160 MiB of the coordinator's memory would otherwise be the benchmark task's, not fedlink's.
 
 
+def _tiny_mlp() -> nn.Module:
+    """64 -> 32 -> 10 (2,410 parameters, about 10 KB on the wire): for soak and load tests, where
+    the coordinator's own overhead per round and per client is what is measured."""
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
 def _fedavg_cnn() -> nn.Module:
     from fedlink.common.tasks.mnist import FedAvgCNN
 
@@ -74,7 +80,7 @@ def _resnet18() -> nn.Module:
     return model
 
 
-MODELS = {"cnn1.66m": _fedavg_cnn, "resnet18": _resnet18, "100m": Big}
+MODELS = {"tiny": _tiny_mlp, "cnn1.66m": _fedavg_cnn, "resnet18": _resnet18, "100m": Big}
 
 
 def model_name() -> str:

@@ -6,6 +6,8 @@ execute code (unlike Python object serialization, which fedlink never uses for t
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -21,21 +23,21 @@ from fedlink.common.storage import commit
 
 StateDict = dict[str, torch.Tensor]
 
-# Every dtype a PyTorch state_dict holds in practice; anything else is refused on decode.
-SUPPORTED_DTYPES: frozenset[torch.dtype] = frozenset(
-    {
-        torch.float64,
-        torch.float32,
-        torch.float16,
-        torch.bfloat16,
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.int8,
-        torch.uint8,
-        torch.bool,
-    }
-)
+# Every dtype a PyTorch state_dict holds in practice, by its name in a safetensors header;
+# anything else is refused on decode.
+_HEADER_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+SUPPORTED_DTYPES: frozenset[torch.dtype] = frozenset(_HEADER_DTYPES.values())
 
 
 @dataclass(frozen=True)
@@ -61,18 +63,47 @@ def encode_state(state: Mapping[str, torch.Tensor]) -> bytes:
 @contextmanager
 def open_state_file(path: Path) -> Iterator[StateDict]:
     """Memory-map a safetensors file: tensors are read lazily, so memory stays bounded by what
-    is touched and is released when the context exits."""
+    is touched and is released when the context exits.
+
+    safetensors checks the header (offsets, dtypes, shapes, no gaps or trailing bytes); the
+    tensors are then mapped here rather than with its `get_tensor`, which leaks two Python ints
+    per tensor (the slice bounds it builds; measured with safetensors 0.4.5 to 0.8.0): about
+    64 bytes per tensor read, which the coordinator does twice per update, every round.
+    """
     try:
-        handle = safetensors.safe_open(str(path), framework="pt")
+        with safetensors.safe_open(str(path), framework="pt"):
+            pass  # a header it accepts
+        state = _map_tensors(path)
+    except TensorFormatError:
+        raise
     except Exception as exc:
         raise TensorFormatError(f"not a valid safetensors payload: {exc}") from exc
-    with handle as f:
-        try:
-            state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
-        except Exception as exc:
-            raise TensorFormatError(f"not a valid safetensors payload: {exc}") from exc
-        _check_dtypes(state)
-        yield state
+    yield state
+
+
+def _map_tensors(path: Path) -> StateDict:
+    """The tensors of a safetensors file whose header safetensors has accepted, as views of one
+    private, read-only-on-disk mapping of the file (as safetensors itself maps it)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    base = 8 + header_size
+    state: StateDict = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _HEADER_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise TensorFormatError(f"tensor {name!r} has unsupported dtype {info['dtype']}")
+        shape = [int(n) for n in info["shape"]]
+        start, stop = (base + int(offset) for offset in info["data_offsets"])
+        if stop - start != math.prod(shape) * dtype.itemsize or stop > size:
+            raise TensorFormatError(f"tensor {name!r} does not match its data offsets")
+        raw = torch.asarray(storage[start:stop], dtype=torch.uint8)
+        state[name] = raw.view(dtype).reshape(shape)
+    return state
 
 
 def save_state_file(state: Mapping[str, torch.Tensor], path: Path, *, durable: bool = True) -> None:
@@ -107,9 +138,3 @@ def _prepare(state: Mapping[str, torch.Tensor]) -> StateDict:
         seen_storages.add(ptr)
         tensors[name] = cpu
     return tensors
-
-
-def _check_dtypes(state: Mapping[str, torch.Tensor]) -> None:
-    for name, tensor in state.items():
-        if tensor.dtype not in SUPPORTED_DTYPES:
-            raise TensorFormatError(f"tensor {name!r} has unsupported dtype {tensor.dtype}")

@@ -180,7 +180,9 @@ class RunSummary:
     completed: bool
     stopped_by_signal: bool
     final_model: Path  # the last global model, a safetensors file in the state directory
-    records: list[RoundRecord]  # the rounds this process ran
+    # The last round this process ran. Only the last: the rows of a long run are in
+    # metrics.jsonl (via `on_round`), never accumulated in the coordinator's memory.
+    last_record: RoundRecord | None
 
 
 Evaluator = Callable[[StateDict], tuple[float, float] | None]
@@ -442,7 +444,7 @@ class RoundEngine:
         """Run rounds until `num_rounds` are complete, the run fails, or `stop` is set (a signal:
         the process is going away, so clients are not told to stop and will retry)."""
         cfg = self._config
-        records: list[RoundRecord] = []
+        last_record: RoundRecord | None = None
         round_number = self._completed_round + 1
         failures = 0
         avoid: frozenset[str] = frozenset()
@@ -506,7 +508,7 @@ class RoundEngine:
                     bytes_up=self._bytes_up,
                 )
                 self._checkpoint(global_file, record)
-                records.append(record)
+                last_record = record
                 self.metrics.rounds_completed.inc()
                 self.metrics.round_duration.observe(record.seconds)
                 if self._on_round:
@@ -524,7 +526,7 @@ class RoundEngine:
             completed=self._completed_round >= cfg.num_rounds,
             stopped_by_signal=stop.is_set(),
             final_model=self._global.path,
-            records=records,
+            last_record=last_record,
         )
 
     def wait_for_stop_delivery(self, grace_seconds: float) -> None:

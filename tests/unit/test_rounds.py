@@ -161,7 +161,8 @@ def test_a_client_whose_upload_broke_off_gets_the_task_again(
     assert again.task_id == offer.task_id and again.seed == offer.seed
     _deliver(engine, "site-a", again, _state(1))
     summary = run.summary()
-    assert summary.completed and summary.records[0].clients_accepted == 1
+    assert summary.completed and summary.last_record is not None
+    assert summary.last_record.clients_accepted == 1
     assert list((tmp_path / "state" / "incoming").iterdir()) == []
 
 
@@ -187,7 +188,8 @@ def test_a_silent_participant_is_dropped_once_its_liveness_timeout_passes(
         summary = run.summary(timeout=20)
     finally:
         stop_beating.set()
-    record = summary.records[0]
+    record = summary.last_record
+    assert record is not None
     assert (record.clients_sampled, record.clients_accepted) == (2, 1)
 
 
@@ -240,7 +242,8 @@ def test_below_quorum_wait_keeps_the_round_open_for_a_client_that_comes_back(
     assert (again.task_id, again.seed) == (lost.task_id, lost.seed)
     _deliver(engine, "b", again, _state(2))
     summary = run.summary()
-    assert summary.completed and summary.records[0].clients_accepted == 2
+    assert summary.completed and summary.last_record is not None
+    assert summary.last_record.clients_accepted == 2
 
 
 def test_a_stopped_coordinator_asks_clients_to_retry_instead_of_stopping_them(
@@ -263,8 +266,9 @@ def _completed_run(config: ServerConfig, running: list[Running], resume: Any = N
     engine.join("a")
     run = _run(engine)
     running.append(run)
-    for _ in range(config.num_rounds - (resume.round if resume else 0)):
+    for expected in range((resume.round if resume else 0) + 1, config.num_rounds + 1):
         offer = _task(engine, "a")
+        assert offer.round == expected  # a resumed run starts after its checkpoint
         _deliver(engine, "a", offer, _state(100 + offer.round))
     return run.summary()
 
@@ -279,7 +283,7 @@ def test_a_resumed_run_continues_after_the_last_checkpoint_and_ends_identically(
     checkpoint = CheckpointStore(split.state_dir, keep=3).latest()
     assert checkpoint is not None and checkpoint.round == 2 and checkpoint.clients == ("a",)
     second_half = _completed_run(split, running, resume=checkpoint)
-    assert [r.round for r in second_half.records] == [3, 4]
+    assert second_half.last_record is not None and second_half.last_record.round == 4
     assert second_half.rounds_completed == 4 and second_half.completed
     assert _model_bytes(second_half) == _model_bytes(whole)
 
