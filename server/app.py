@@ -79,6 +79,8 @@ def _build_server(
     asked for explicitly, plaintext). Returns the server and the bound port."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
+        # Beyond this many calls in progress or queued, gRPC answers RESOURCE_EXHAUSTED itself.
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", config.chunk_size + MESSAGE_OVERHEAD),
             ("grpc.max_send_message_length", config.chunk_size + MESSAGE_OVERHEAD),
