@@ -85,11 +85,6 @@ class ClientLimits:
             client.calls += 1
         return CallSlot(self, identity)
 
-    def calls_in_progress(self, identity: str) -> int:
-        with self._lock:
-            client = self._clients.get(identity)
-            return client.calls if client is not None else 0
-
     def _release(self, identity: str) -> None:
         with self._lock:
             self._clients[identity].calls -= 1
