@@ -59,6 +59,7 @@ class FuzzClient:
     """One participant that sends hostile uploads for its current task over a raw channel."""
 
     channel: grpc.Channel
+    outsider: grpc.Channel  # a CA-signed client the coordinator's allow-list refuses
     timeout: float = 30.0
     outcomes: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
     history: list[pb.TaskHeader] = field(default_factory=list)
@@ -559,3 +560,91 @@ def stale_upload(
 
 def honest_payload(client: FuzzClient) -> bytes:
     return encode_state(client.honest_state())
+
+
+# --- the families of cases ------------------------------------------------------------------------
+
+REFUSED_UPLOAD = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.DATA_LOSS,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+)
+
+
+def protobuf_case(client: FuzzClient, data: st.DataObject) -> None:
+    """Malformed protobuf bytes in an upload stream."""
+    messages = data.draw(malformed_streams(client.task(), honest_payload(client)))
+    allowed = [*REFUSED_UPLOAD, grpc.StatusCode.FAILED_PRECONDITION, UNPARSEABLE]
+    client.send("protobuf", messages, allowed=allowed)
+    client.settle()
+
+
+def chunks_case(client: FuzzClient, data: st.DataObject) -> None:
+    """The honest payload in a broken chunk sequence or under a lying header."""
+    messages = data.draw(chunk_sequences(client.task(), honest_payload(client)))
+    client.send("chunks", messages, allowed=REFUSED_UPLOAD)
+    client.settle()
+
+
+def safetensors_case(client: FuzzClient, data: st.DataObject) -> None:
+    """A crafted safetensors document, sent with the right size and SHA-256, so only the tensor
+    parser and the validator stand in the way."""
+    payload = data.draw(crafted_safetensors(honest_payload(client)))
+    client.send(
+        "safetensors", upload(client.task(), payload), allowed=[grpc.StatusCode.INVALID_ARGUMENT]
+    )
+    client.settle()
+
+
+def stale_case(client: FuzzClient, data: st.DataObject) -> None:
+    """An honest payload for an earlier, mistyped or invented task id or round."""
+    task = client.task()
+    task_id, round_number = data.draw(stale_headers(task, client.history))
+    messages = stale_upload(task, task_id, round_number, honest_payload(client))
+    client.send("stale-task", messages, allowed=[grpc.StatusCode.FAILED_PRECONDITION])
+    # The live task was untouched: this client's one submission for it is still available.
+    if client.settle() != grpc.StatusCode.INVALID_ARGUMENT:
+        raise ServerFailure("a refused stale upload used up the client's submission")
+
+
+OUTSIDER_REQUESTS = {
+    "Join": pb.JoinRequest,
+    "Heartbeat": pb.HeartbeatRequest,
+    "PullTask": pb.PullTaskRequest,
+    "PushResult": pb.ResultMessage,
+}
+
+
+def outsider_case(client: FuzzClient, data: st.DataObject) -> None:
+    """Random bytes to every method from a CA-signed client that is not on the allow-list: gRPC
+    parses a unary request before the handler runs, so unparseable bytes get INTERNAL and the
+    rest PERMISSION_DENIED; a stream's messages are read only after the identity check."""
+    method = data.draw(st.sampled_from(sorted(OUTSIDER_REQUESTS)))
+    blob = data.draw(st.binary(max_size=256))
+    path = SERVICE + method
+    channel = client.outsider
+    code = grpc.StatusCode.OK
+    try:
+        if method == "PushResult":
+            channel.stream_unary(path)(iter([blob]), timeout=client.timeout)
+        elif method == "PullTask":
+            list(channel.unary_stream(path)(blob, timeout=client.timeout))
+        else:
+            channel.unary_unary(path)(blob, timeout=client.timeout)
+    except grpc.RpcError as error:
+        code = error.code()
+    expected = grpc.StatusCode.PERMISSION_DENIED
+    if method != "PushResult" and unparseable(OUTSIDER_REQUESTS[method])(blob):
+        expected = UNPARSEABLE
+    client.outcomes[("outsider", code.name)] += 1
+    if code != expected:
+        raise ServerFailure(f"outsider {method}: expected {expected.name}, got {code.name}")
+
+
+FAMILIES: dict[str, Callable[[FuzzClient, st.DataObject], None]] = {
+    "protobuf": protobuf_case,
+    "chunks": chunks_case,
+    "safetensors": safetensors_case,
+    "stale-task": stale_case,
+    "outsider": outsider_case,
+}

@@ -18,15 +18,13 @@ from typing import Any
 import grpc
 import pytest
 from fuzzing import (
-    UNPARSEABLE,
     FuzzClient,
-    chunk_sequences,
-    crafted_safetensors,
+    chunks_case,
     honest_payload,
-    malformed_streams,
-    stale_headers,
-    stale_upload,
-    unparseable,
+    outsider_case,
+    protobuf_case,
+    safetensors_case,
+    stale_case,
     upload,
     would_accept,
 )
@@ -36,7 +34,6 @@ from hypothesis import strategies as st
 from fedlink.common.tensors import StateDict, open_state_file
 from fedlink.server.app import start_server
 from fedlink.server.rounds import RoundEngine, RunSummary
-from fedlink.v1 import federation_pb2 as pb
 
 # Examples per property: 1,250 cases in all, about 15 s on 2 cores.
 EXAMPLES = 250
@@ -51,7 +48,6 @@ FUZZ = settings(
 @dataclass
 class Target:
     client: FuzzClient
-    outsider: grpc.Channel
     engine: RoundEngine
     stop: threading.Event
     thread: threading.Thread
@@ -94,10 +90,10 @@ def target(pki: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Targe
     thread = threading.Thread(target=lambda: result.update(summary=engine.run(stop)))
     thread.start()
     address = f"127.0.0.1:{listening.port}"
-    client = FuzzClient(pki.channel(address, "fuzzer"))
+    client = FuzzClient(pki.channel(address, "fuzzer"), pki.channel(address, "outsider"))
     client.join()
     try:
-        yield Target(client, pki.channel(address, "outsider"), engine, stop, thread, result)
+        yield Target(client, engine, stop, thread, result)
     finally:
         print(f"\nfuzz cases run: {client.cases}")
         for (family, code), count in sorted(client.outcomes.items()):
@@ -111,40 +107,19 @@ def target(pki: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Targe
 @FUZZ
 @given(data=st.data())
 def test_malformed_protobuf_messages_are_refused(target: Target, data: st.DataObject) -> None:
-    client = target.client
-    task = client.task()
-    messages = data.draw(malformed_streams(task, honest_payload(client)))
-    client.send("protobuf", messages, allowed=[*_refused(), UNPARSEABLE])
-    client.settle()
+    protobuf_case(target.client, data)
 
 
 @FUZZ
 @given(data=st.data())
 def test_broken_chunk_sequences_are_refused(target: Target, data: st.DataObject) -> None:
-    client = target.client
-    task = client.task()
-    messages = data.draw(chunk_sequences(task, honest_payload(client)))
-    client.send(
-        "chunks",
-        messages,
-        allowed=[
-            grpc.StatusCode.INVALID_ARGUMENT,
-            grpc.StatusCode.DATA_LOSS,
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-        ],
-    )
-    client.settle()
+    chunks_case(target.client, data)
 
 
 @FUZZ
 @given(data=st.data())
 def test_crafted_safetensors_headers_are_refused(target: Target, data: st.DataObject) -> None:
-    client = target.client
-    task = client.task()
-    payload = data.draw(crafted_safetensors(honest_payload(client)))
-    # Size and SHA-256 are right, so only the tensor parser and the validator stand in the way.
-    client.send("safetensors", upload(task, payload), allowed=[grpc.StatusCode.INVALID_ARGUMENT])
-    client.settle()
+    safetensors_case(target.client, data)
 
 
 @FUZZ
@@ -152,47 +127,15 @@ def test_crafted_safetensors_headers_are_refused(target: Target, data: st.DataOb
 def test_stale_and_replayed_task_ids_are_refused_without_using_up_the_submission(
     target: Target, data: st.DataObject
 ) -> None:
-    client = target.client
-    task = client.task()
-    task_id, round_number = data.draw(stale_headers(task, client.history))
-    messages = stale_upload(task, task_id, round_number, honest_payload(client))
-    client.send("stale-task", messages, allowed=[grpc.StatusCode.FAILED_PRECONDITION])
-    # The live task was untouched: this client's one submission for it is still available.
-    assert client.settle() == grpc.StatusCode.INVALID_ARGUMENT
+    stale_case(target.client, data)
 
 
 @FUZZ
-@given(
-    method=st.sampled_from(["Join", "Heartbeat", "PullTask", "PushResult"]),
-    data=st.data(),
-)
+@given(data=st.data())
 def test_malformed_requests_from_a_client_off_the_allow_list_are_refused(
-    target: Target, method: str, data: st.DataObject
+    target: Target, data: st.DataObject
 ) -> None:
-    """Each method's request parser, reached by a CA-signed client the allow-list refuses."""
-    request_types = {
-        "Join": pb.JoinRequest,
-        "Heartbeat": pb.HeartbeatRequest,
-        "PullTask": pb.PullTaskRequest,
-        "PushResult": pb.ResultMessage,
-    }
-    blob = data.draw(st.binary(max_size=256))
-    path = f"/fedlink.v1.Federation/{method}"
-    channel = target.outsider
-    with pytest.raises(grpc.RpcError) as refused:
-        if method == "PushResult":
-            channel.stream_unary(path)(iter([blob]), timeout=30)
-        elif method == "PullTask":
-            list(channel.unary_stream(path)(blob, timeout=30))
-        else:
-            channel.unary_unary(path)(blob, timeout=30)
-    # gRPC parses a unary request before the handler runs; a stream's messages are read only
-    # after the caller's identity has been checked.
-    if method != "PushResult" and unparseable(request_types[method])(blob):
-        assert refused.value.code() == UNPARSEABLE
-    else:
-        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    target.client.outcomes[("outsider", refused.value.code().name)] += 1
+    outsider_case(target.client, data)
 
 
 def test_zz_the_model_is_unchanged_and_an_honest_update_still_goes_through(
@@ -215,12 +158,3 @@ def test_zz_the_model_is_unchanged_and_an_honest_update_still_goes_through(
         assert final.keys() == expected.keys()
         for name, tensor in expected.items():
             assert (final[name] == tensor).all(), name
-
-
-def _refused() -> list[grpc.StatusCode]:
-    return [
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.DATA_LOSS,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.FAILED_PRECONDITION,
-    ]
