@@ -55,9 +55,8 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         if self._config.insecure:
-            token, _ = self._sessions.open(f"insecure-{secrets.token_hex(4)}", context.peer())
-            identity = self._sessions.identity_of(token)
-            assert identity is not None
+            identity = f"insecure-{secrets.token_hex(4)}"
+            token, _ = self._sessions.open(identity, context.peer())
             slot = None
         else:
             identity = self._verified_identity(context)
