@@ -166,13 +166,15 @@ def run_family(name: str, client: FuzzClient, cases: int, seed: int) -> float:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        f"{'family':<12} {'cases':>7} {'cases/s':>8}  statuses",
-        "-" * 78,
+        f"{'family':<12} {'cases':>7} {'cases/s':>8} {'RSS MiB':>8}  statuses",
+        "-" * 90,
     ]
     for row in rows:
         statuses = ", ".join(f"{code} {count}" for code, count in sorted(row["statuses"].items()))
+        rss = row["rss_after_bytes"] / 2**20
         lines.append(
-            f"{row['family']:<12} {row['cases']:>7} {row['cases_per_second']:>8.0f}  {statuses}"
+            f"{row['family']:<12} {row['cases']:>7} {row['cases_per_second']:>8.0f} "
+            f"{rss:>8.0f}  {statuses}"
         )
     return "\n".join(lines)
 
@@ -226,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "cases": total,
                         "seconds": round(seconds, 2),
                         "cases_per_second": total / seconds if seconds else 0.0,
+                        "rss_after_bytes": rss_bytes(process.pid)["VmRSS"],
                         "statuses": statuses,
                     }
                 )

@@ -23,7 +23,7 @@ from fedlink.common.wire import MESSAGE_OVERHEAD
 from fedlink.server.config import ServerConfig
 from fedlink.server.report import MetricsLog, plot_accuracy, read_metrics, table_header, table_row
 from fedlink.server.rounds import Evaluator, RoundEngine, RoundRecord
-from fedlink.server.service import FederationServicer
+from fedlink.server.service import FederationServicer, RequestParsing
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ def _build_server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
         # Beyond this many calls in progress or queued, gRPC answers RESOURCE_EXHAUSTED itself.
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        interceptors=[RequestParsing()],
         options=[
             ("grpc.max_receive_message_length", config.chunk_size + MESSAGE_OVERHEAD),
             ("grpc.max_send_message_length", config.chunk_size + MESSAGE_OVERHEAD),

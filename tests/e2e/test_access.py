@@ -402,6 +402,18 @@ def test_a_client_over_its_concurrent_calls_gets_resource_exhausted_until_one_en
             time.sleep(0.05)
 
 
+def _long_poll(stub: pb_grpc.FederationStub) -> Any:
+    """A PullTask that is still waiting for work (no round runs), retried while the cap is
+    still counting a call that has just finished."""
+    deadline = time.monotonic() + 10
+    while True:
+        poll = stub.PullTask(pb.PullTaskRequest(), timeout=60)
+        time.sleep(0.1)
+        if not poll.done():
+            return poll
+        assert time.monotonic() < deadline, "a long poll could not start"
+
+
 def test_calls_beyond_the_coordinators_concurrency_cap_get_resource_exhausted(
     pki: Any, start_coordinator: Any, small_state: StateDict
 ) -> None:
@@ -409,17 +421,9 @@ def test_calls_beyond_the_coordinators_concurrency_cap_get_resource_exhausted(
     holders = [coordinator.stub(pki, f"holder-{i}") for i in range(2)]
     for stub in holders:
         _join(stub)
-    polls = [stub.PullTask(pb.PullTaskRequest(), timeout=60) for stub in holders]
-    late = coordinator.stub(pki, "late")
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            late.Join(pb.JoinRequest(), timeout=10)
-        except grpc.RpcError as exc:
-            refused = exc
-            break
-        assert time.monotonic() < deadline, "two long polls never filled the cap"
-        time.sleep(0.05)
+    polls = [_long_poll(stub) for stub in holders]
+    refused = _refusal(coordinator.stub(pki, "late").Join, pb.JoinRequest())
     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "Concurrent RPC limit exceeded" in (refused.details() or "")
     for poll in polls:
         poll.cancel()

@@ -138,6 +138,20 @@ def test_malformed_requests_from_a_client_off_the_allow_list_are_refused(
     outsider_case(target.client, data)
 
 
+@pytest.mark.parametrize(
+    "path", ["/fedlink.v1.Federation/Heartbeat", "/grpc.health.v1.Health/Check"]
+)
+def test_a_malformed_request_is_refused_by_the_coordinator_not_by_grpc(
+    target: Target, path: str
+) -> None:
+    # gRPC's own "Exception deserializing request!" (INTERNAL) never frees the call's memory;
+    # the coordinator parses requests in its handlers and answers INVALID_ARGUMENT instead.
+    with pytest.raises(grpc.RpcError) as refused:
+        target.client.channel.unary_unary(path)(b"\xff\xff\xff", timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == "malformed request: not a valid protobuf message"
+
+
 def test_zz_the_model_is_unchanged_and_an_honest_update_still_goes_through(
     target: Target,
 ) -> None:
