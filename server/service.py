@@ -35,12 +35,7 @@ _KINDS = {
 
 
 class FederationServicer(pb_grpc.FederationServicer):
-    def __init__(
-        self,
-        engine: RoundEngine,
-        config: ServerConfig,
-        federation_id: str,
-    ) -> None:
+    def __init__(self, engine: RoundEngine, config: ServerConfig, federation_id: str) -> None:
         self._engine = engine
         self._config = config
         self._federation_id = federation_id
@@ -90,22 +85,27 @@ class FederationServicer(pb_grpc.FederationServicer):
     ) -> Iterator[pb.TaskMessage]:
         identity, slot = self._caller(context)
         try:
-            try:
-                offer = self._engine.next_task(identity)
-            except UpdateRejected as exc:
-                _abort(context, exc)
-            yield pb.TaskMessage(header=_task_header(offer))
-            if offer.payload is None:
-                return
-            sent = 0
-            for offset, data in offer.payload.chunks(self._config.chunk_size):
-                if not context.is_active():
-                    break
-                yield pb.TaskMessage(chunk=pb.Chunk(offset=offset, data=data))
-                sent += len(data)
-            self._engine.count_bytes(down=sent)
+            yield from self._task_stream(identity, context)
         finally:
             slot.release()
+
+    def _task_stream(
+        self, identity: str, context: grpc.ServicerContext
+    ) -> Iterator[pb.TaskMessage]:
+        try:
+            offer = self._engine.next_task(identity)
+        except UpdateRejected as exc:
+            _abort(context, exc)
+        yield pb.TaskMessage(header=_task_header(offer))
+        if offer.payload is None:
+            return
+        sent = 0
+        for offset, data in offer.payload.chunks(self._config.chunk_size):
+            if not context.is_active():
+                break
+            yield pb.TaskMessage(chunk=pb.Chunk(offset=offset, data=data))
+            sent += len(data)
+        self._engine.count_bytes(down=sent)
 
     def PushResult(
         self, request_iterator: Iterator[pb.ResultMessage], context: grpc.ServicerContext
