@@ -119,7 +119,7 @@ def add_certs_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     which.add_argument(
         "--serial",
         type=_serial_number,
-        help="its serial number in hex, when the file is lost (the coordinator logs it)",
+        help="its serial number in hex, when the certificate file is lost",
     )
     revoke.add_argument("--reason", choices=sorted(REASONS), help="why (recorded in the CRL entry)")
     revoke.set_defaults(func=_run_revoke)

@@ -124,7 +124,13 @@ class AccessPolicy:
         (PKIError), so the coordinator never starts believing nobody is revoked."""
         revocations = None
         if config.revocation_list is not None and config.ca is not None:
-            revocations = RevocationWatch(config.revocation_list, config.ca.read_bytes())
+            try:
+                ca_pem = config.ca.read_bytes()
+            except OSError as exc:
+                raise PKIError(
+                    f"cannot read the CA certificate {config.ca}: {exc.strerror}"
+                ) from None
+            revocations = RevocationWatch(config.revocation_list, ca_pem)
         return cls(config.allowed_clients, revocations)
 
     def check(self, peer: PeerCertificate) -> None:
