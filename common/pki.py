@@ -449,6 +449,11 @@ def revoke_certificate(
 def load_revocation_list(path: Path, ca_pem: bytes) -> RevocationList:
     """Read a CRL and check that the federation CA (`ca_pem`) issued and signed it."""
     path = Path(path)
+    if not path.is_file():
+        raise PKIError(
+            f"revocation list {path} not found; copy crl.pem from the CA directory "
+            "(`fedlink certs revoke` writes it there)"
+        )
     data = _read(path)
     try:
         crl = x509.load_pem_x509_crl(data)

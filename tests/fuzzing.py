@@ -1,4 +1,4 @@
-"""Hostile inputs for a live coordinator, shared by `tests/e2e/test_fuzz.py` (a few hundred cases
+"""Hostile inputs for a live coordinator, shared by `tests/e2e/test_fuzz.py` (about 1,250 cases
 in CI) and `benchmarks/fuzz.py` (as many as asked for, against a `fedlink server` process).
 
 `FuzzClient` is one participant of a coordinator that runs a single one-client round over and

@@ -528,6 +528,8 @@ def test_a_tampered_or_garbage_crl_is_refused(ca_dir: Path, tmp_path: Path) -> N
     garbage.write_text("not a crl")
     with pytest.raises(PKIError, match="not a PEM certificate revocation list"):
         load_revocation_list(garbage, (ca_dir / "ca.pem").read_bytes())
+    with pytest.raises(PKIError, match=r"not found; copy crl\.pem from the CA directory"):
+        load_revocation_list(tmp_path / "missing.pem", (ca_dir / "ca.pem").read_bytes())
 
 
 def test_revoke_needs_exactly_one_certificate(ca_dir: Path, client: CertPaths) -> None:
