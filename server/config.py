@@ -108,7 +108,7 @@ class ServerConfig:
         default=8, metadata=_help("calls one client may have in progress at the same time")
     )
     max_concurrent_rpcs: int = field(
-        default=512, metadata=_help("calls in progress or queued across all clients")
+        default=2048, metadata=_help("calls in progress or queued across all clients")
     )
 
     def __post_init__(self) -> None:

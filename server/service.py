@@ -124,10 +124,9 @@ class FederationServicer(pb_grpc.FederationServicer):
     ) -> pb.PushResultReply:
         try:
             first = next(request_iterator, None)
-        except Exception:
-            # A malformed first message (RequestParsing aborted the call): drop the participant.
-            self._engine.reject_participant(identity, "malformed result stream")
-            raise
+        except UpdateRejected as exc:  # a malformed message (see RequestParsing)
+            self._engine.reject_participant(identity, str(exc))
+            _abort(context, exc)
         if first is None or first.WhichOneof("message") != "header":
             reason = "the first message must be a ResultHeader"
             self._engine.reject_participant(identity, reason)
@@ -234,7 +233,8 @@ class RequestParsing(grpc.ServerInterceptor):
     ("Exception deserializing request!"): about 19 KB stays allocated per malformed request, so
     any client with a certificate could grow the coordinator's memory without bound. With the
     parsing moved into the handler, a malformed message is answered INVALID_ARGUMENT and the call
-    ends normally. Applies to every service on the server, the health service included.
+    ends normally. Applies to every service on the server, the health service included (only
+    PushResult takes a request stream; its handler turns a malformed message into a status).
     """
 
     def intercept_service(
@@ -275,18 +275,28 @@ def _parsing_unary(behavior: Behavior, parse: Callable[[bytes], Any]) -> Behavio
 
 def _parsing_stream(behavior: Behavior, parse: Callable[[bytes], Any]) -> Behavior:
     def parsed(raw: Iterator[bytes], context: grpc.ServicerContext) -> Any:
-        return behavior((_parse(parse, message, context) for message in raw), context)
+        return behavior((_parse_streamed(parse, message) for message in raw), context)
 
     return parsed
+
+
+MALFORMED = "malformed request: not a valid protobuf message"
 
 
 def _parse(parse: Callable[[bytes], Any], raw: bytes, context: grpc.ServicerContext) -> Any:
     try:
         return parse(raw)
     except Exception:  # protobuf's DecodeError, or anything else the parser raises
-        context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT, "malformed request: not a valid protobuf message"
-        )
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED)
+
+
+def _parse_streamed(parse: Callable[[bytes], Any], raw: bytes) -> Any:
+    """A message of a request stream. A malformed one raises UpdateRejected in the handler
+    reading the stream, which ends the upload as misbehaviour, not as a client that went away."""
+    try:
+        return parse(raw)
+    except Exception:  # protobuf's DecodeError, or anything else the parser raises
+        raise UpdateRejected("INVALID_ARGUMENT", MALFORMED) from None
 
 
 def _abort(context: grpc.ServicerContext, exc: UpdateRejected | AccessDenied) -> NoReturn:
