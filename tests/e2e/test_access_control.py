@@ -349,6 +349,19 @@ def test_a_call_before_join_or_after_a_restart_is_told_to_join(
 # --- resource limits -------------------------------------------------------------------------
 
 
+def test_a_message_over_the_size_limit_is_refused_before_it_is_buffered(
+    pki: Any, start_coordinator: Any, small_state: StateDict
+) -> None:
+    coordinator = _waiting(start_coordinator, small_state, chunk_size=64 << 10)
+    stub = coordinator.stub(pki, "bulky")
+    _join(stub)
+    # gRPC's receive limit is chunk_size + 64 KiB of framing; this message is 8 MiB.
+    huge = pb.ResultMessage(chunk=pb.Chunk(offset=0, data=bytes(8 << 20)))
+    refused = _refusal(stub.PushResult, iter([huge]))
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in (refused.details() or "")
+
+
 def test_a_client_over_its_request_rate_gets_resource_exhausted(
     pki: Any, start_coordinator: Any, small_state: StateDict
 ) -> None:

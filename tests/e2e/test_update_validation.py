@@ -103,12 +103,6 @@ def _cases(
         header.header.payload.size = 1 << 40
         return [header]
 
-    def oversized_message(task: pb.TaskHeader) -> list[pb.ResultMessage]:
-        # An honest-looking header, then one message far beyond gRPC's receive limit
-        # (chunk_size + framing): gRPC refuses it before a byte is buffered for the handler.
-        huge = pb.ResultMessage(chunk=pb.Chunk(offset=0, data=bytes(8 << 20)))
-        return [_header(task, good_payload), huge]
-
     def chunk_first(task: pb.TaskHeader) -> list[pb.ResultMessage]:
         return _chunks(good_payload)
 
@@ -143,7 +137,6 @@ def _cases(
         "hash-mismatch": (wrong_hash, grpc.StatusCode.DATA_LOSS),
         "not-safetensors": (not_safetensors, invalid),
         "oversized-payload": (oversized, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        "oversized-message": (oversized_message, grpc.StatusCode.RESOURCE_EXHAUSTED),
         "no-header": (chunk_first, invalid),
     }
 
