@@ -1,38 +1,35 @@
-"""The `fedlink` command: server, client, certs and demo subcommands."""
+"""The `fedlink` command: server, client, certs, health and demo subcommands."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 
 from fedlink import __version__
 from fedlink.certs import add_certs_parser
 from fedlink.common.config import add_config_arguments, load_config
 from fedlink.common.errors import FedlinkError
-
-
-def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+from fedlink.common.logs import configure_logging
+from fedlink.health import add_health_parser
 
 
 def _run_server(args: argparse.Namespace) -> int:
     from fedlink.server.app import run_server
     from fedlink.server.config import ServerConfig
 
-    return run_server(load_config(ServerConfig, path=args.config, overrides=vars(args)))
+    config = load_config(ServerConfig, path=args.config, overrides=vars(args))
+    configure_logging(verbose=args.verbose, log_format=config.log_format)
+    return run_server(config)
 
 
 def _run_client(args: argparse.Namespace) -> int:
     from fedlink.client.app import run_client
     from fedlink.client.config import ClientConfig
 
-    return run_client(load_config(ClientConfig, path=args.config, overrides=vars(args)))
+    config = load_config(ClientConfig, path=args.config, overrides=vars(args))
+    configure_logging(verbose=args.verbose, log_format=config.log_format)
+    return run_client(config)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -62,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     client.set_defaults(func=_run_client)
 
     add_certs_parser(commands)
+    add_health_parser(commands)
 
     demo = commands.add_parser("demo", help="certificates + coordinator + N clients on localhost")
     add_demo_arguments(demo)
@@ -71,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    configure_logging(verbose=args.verbose)
     try:
         code: int = args.func(args)
     except FedlinkError as exc:

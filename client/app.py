@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import FrameType
 
 import grpc
 import torch
 
 from fedlink import __version__
+from fedlink.client.attacks import Attack, parse_attack
 from fedlink.client.config import ClientConfig
 from fedlink.client.connection import TRANSIENT_CODES, Backoff, open_channel
 from fedlink.common.errors import ConfigError, FedlinkError, PayloadError
@@ -84,15 +87,26 @@ class FederationClient:
             )
         )
         self._model = self._task.build_model().to(self._device)
+        self._attack: Attack | None = None
+        if config.simulate_attack is not None:  # evaluation only, never a default
+            self._attack = parse_attack(config.simulate_attack, config.num_partitions)
         self._channel = open_channel(config)
         self._stub = pb_grpc.FederationStub(self._channel)
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._join: pb.JoinReply | None = None
-        self._backoff = Backoff(give_up_after=config.reconnect_timeout_seconds)
+        self._backoff = Backoff(
+            maximum=config.reconnect_max_delay_seconds,
+            give_up_after=config.reconnect_timeout_seconds,
+        )
         self._stop_heartbeat = threading.Event()
 
     def run(self) -> int:
         log.info("client running task %s on %s", self._config.task, self._device)
+        if self._attack is not None:
+            log.warning(
+                "SIMULATED ATTACK %r: this client sends malicious updates (evaluation only)",
+                self._config.simulate_attack,
+            )
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat")
         try:
             self._connect()
@@ -195,7 +209,15 @@ class FederationClient:
         assert self._join is not None
         config = train_config_from(self._join.task_config, seed=header.seed)
         torch.manual_seed(header.seed)
-        result = self._task.train(self._model, self._data, config, self._device)
+        if self._attack is None:
+            result = self._task.train(self._model, self._data, config, self._device)
+        else:
+            log.warning(
+                "round %d: SIMULATED %s ATTACK: poisoning this update",
+                header.round,
+                self._attack.name,
+            )
+            result = self._attack.train(self._task, self._model, self._data, config, self._device)
         log.info(
             "round %d: trained on %d examples, loss %.4f",
             header.round,
@@ -206,7 +228,9 @@ class FederationClient:
         with tempfile.TemporaryDirectory(dir=self._config.spool_dir) as spool:
             path = Path(spool) / "update.safetensors"
             save_state_file(self._model.state_dict(), path, durable=False)
-            self._push(header, result.num_examples, {"loss": result.loss}, PayloadFile.seal(path))
+            payload = PayloadFile.seal(path)
+            log.info("round %d: uploading update (%.1f MB)", header.round, payload.info.size / 1e6)
+            self._push(header, result.num_examples, {"loss": result.loss}, payload)
 
     def _evaluate(self, header: pb.TaskHeader) -> None:
         dataset = self._data.test if self._data.test is not None else self._data.train
@@ -263,9 +287,29 @@ class FederationClient:
                 log.debug("heartbeat failed: %s", exc.code().name)
 
 
+class ShutdownRequested(BaseException):
+    """Raised in the main thread by SIGTERM/SIGINT, wherever it is (polling, training, uploading).
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows
+    it. The task in hand is abandoned: the coordinator hands it to this client again if it comes
+    back while the round is open, or closes the round without it once it is silent.
+    """
+
+
+def _raise_shutdown(signum: int, frame: FrameType | None) -> None:
+    raise ShutdownRequested(signal.Signals(signum).name)
+
+
 def run_client(config: ClientConfig) -> int:
+    previous = {sig: signal.signal(sig, _raise_shutdown) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return FederationClient(config).run()
     except FatalClientError as exc:
         log.error("%s", exc)
         return 2
+    except ShutdownRequested as exc:
+        log.info("received %s: left the federation", exc)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedlink.common.errors import ConfigError
+from fedlink.common.logs import check_log_format
 
 
 def _help(text: str) -> dict[str, str]:
@@ -51,10 +52,21 @@ class ClientConfig:
         default=300.0,
         metadata=_help("give up after the coordinator has been unreachable this long"),
     )
+    reconnect_max_delay_seconds: float = field(
+        default=30.0, metadata=_help("longest wait between two reconnection attempts")
+    )
     spool_dir: Path | None = field(
         default=None,
         metadata=_help("where downloaded models are buffered (default: system temp dir)"),
     )
+    simulate_attack: str | None = field(
+        default=None,
+        metadata=_help(
+            "EVALUATION ONLY: send malicious updates (sign-flip, scaling, gaussian, label-flip, "
+            "alie; see docs/aggregation.md)"
+        ),
+    )
+    log_format: str = field(default="text", metadata=_help("log lines on stderr: text or json"))
 
     def __post_init__(self) -> None:
         if not self.insecure and not (self.cert and self.key and self.ca):
@@ -68,5 +80,7 @@ class ClientConfig:
             raise ConfigError(
                 f"partition_index must be in 0..{self.num_partitions - 1}, got {self.partition_index}"
             )
-        if not self.reconnect_timeout_seconds > 0:  # also refuses NaN
-            raise ConfigError("reconnect_timeout_seconds must be positive")
+        for name in ("reconnect_timeout_seconds", "reconnect_max_delay_seconds"):
+            if not getattr(self, name) > 0:  # also refuses NaN
+                raise ConfigError(f"{name} must be positive")
+        check_log_format(self.log_format)

@@ -54,8 +54,10 @@ def load_config(
     path: Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    env_prefix: str = ENV_PREFIX,
 ) -> T:
-    """Build a `cls` from defaults, then the TOML file, then FEDLINK_* variables, then overrides.
+    """Build a `cls` from defaults, then the TOML file, then `env_prefix`* variables (FEDLINK_*
+    unless a command needs its own namespace), then overrides.
 
     Overrides with value None are ignored, so a parsed argparse Namespace can be passed as-is.
     """
@@ -66,7 +68,7 @@ def load_config(
     if path is not None:
         values.update(_read_toml(path, names))
     for name in names:
-        key = ENV_PREFIX + name.upper()
+        key = env_prefix + name.upper()
         if key in environ:
             values[name] = environ[key]
     for name, value in (overrides or {}).items():

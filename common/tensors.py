@@ -7,7 +7,6 @@ execute code (unlike Python object serialization, which fedlink never uses for t
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import safetensors.torch
 import torch
 
 from fedlink.common.errors import TensorFormatError
+from fedlink.common.storage import commit
 
 StateDict = dict[str, torch.Tensor]
 
@@ -84,19 +84,12 @@ def save_state_file(state: Mapping[str, torch.Tensor], path: Path, *, durable: b
     """
     tmp = path.with_name(path.name + ".tmp")
     safetensors.torch.save_file(_prepare(state), str(tmp))
-    if durable:
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-def publish_file(source: Path, destination: Path) -> None:
-    """Copy a finished file into place atomically (temp file, fsync, rename)."""
-    tmp = destination.with_name(destination.name + ".tmp")
-    shutil.copyfile(source, tmp)
+    if not durable:
+        tmp.replace(path)
+        return
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
-    tmp.replace(destination)
+    commit(tmp, path)
 
 
 def _prepare(state: Mapping[str, torch.Tensor]) -> StateDict:

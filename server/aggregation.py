@@ -14,7 +14,7 @@ import torch
 from fedlink.common.tensors import Manifest, StateDict
 
 
-def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     # Half-precision sums lose too much; accumulate in float32 (float64 stays float64).
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -40,7 +40,7 @@ class StreamingFedAvg:
         for name, spec in self._manifest.items():
             tensor = state[name]
             if spec.dtype.is_floating_point:
-                acc_dtype = _accumulator_dtype(spec.dtype)
+                acc_dtype = accumulator_dtype(spec.dtype)
                 if name not in self._sums:
                     self._sums[name] = torch.zeros(spec.shape, dtype=acc_dtype)
                 self._sums[name].add_(tensor.to(acc_dtype), alpha=weight)

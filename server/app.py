@@ -7,6 +7,7 @@ import logging
 import signal
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from types import FrameType
@@ -16,11 +17,14 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedlink.common.pki import load_credentials
+from fedlink.common.storage import publish_file
 from fedlink.common.tasks import load_task
 from fedlink.common.tasks.base import TaskModule
-from fedlink.common.tensors import StateDict, publish_file
+from fedlink.common.tensors import StateDict
 from fedlink.common.wire import MESSAGE_OVERHEAD
+from fedlink.server.checkpoints import CheckpointStore, check_resumable, run_identity
 from fedlink.server.config import ServerConfig
+from fedlink.server.monitoring import MetricsEndpoint
 from fedlink.server.report import MetricsLog, plot_accuracy, read_metrics, table_header, table_row
 from fedlink.server.rounds import Evaluator, RoundEngine, RoundRecord
 from fedlink.server.service import FederationServicer, RequestParsing
@@ -112,6 +116,9 @@ def _build_server(
 
 def run_server(config: ServerConfig) -> int:
     task = load_task(config.task)
+    checkpoint = CheckpointStore(config.state_dir, keep=config.keep_checkpoints).latest()
+    if checkpoint is not None:
+        check_resumable(checkpoint, run_identity(config))
     torch.manual_seed(config.seed)
     model = task.build_model()
     initial_state = model.state_dict()
@@ -120,15 +127,26 @@ def run_server(config: ServerConfig) -> int:
         del model  # nothing to evaluate on: hold only the serialized global model
     config.run_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(config.run_dir / "metrics.jsonl")
+    if checkpoint is None:
+        metrics.start()
+    else:
+        metrics.resume(checkpoint.round, checkpoint.record)
 
     def on_round(record: RoundRecord) -> None:
         metrics.append(record)
         print(table_row(dataclasses.asdict(record)), flush=True)
 
     engine = RoundEngine(
-        config, initial_state, evaluate_centrally=evaluate_centrally, on_round=on_round
+        config,
+        initial_state,
+        evaluate_centrally=evaluate_centrally,
+        on_round=on_round,
+        resume_from=checkpoint,
     )
     del initial_state
+    endpoint = (
+        MetricsEndpoint(config.metrics_listen, engine.metrics) if config.metrics_listen else None
+    )
     listening = start_server(config, engine)
     port = listening.port
     host = config.listen.rsplit(":", 1)[0]
@@ -144,7 +162,7 @@ def run_server(config: ServerConfig) -> int:
         config.address_file.write_text(f"{host}:{port}\n")
 
     stop = threading.Event()
-    previous = _install_signal_handlers(stop)
+    previous = _install_signal_handlers(stop, on_signal=lambda: listening.set_serving(False))
     try:
         print(table_header(), flush=True)
         summary = engine.run(stop)
@@ -158,9 +176,15 @@ def run_server(config: ServerConfig) -> int:
         plot_accuracy(records, config.run_dir / "accuracy.png")
     engine.wait_for_stop_delivery(grace_seconds=15.0)
     listening.server.stop(grace=2.0).wait()
+    if endpoint is not None:
+        endpoint.close()
     log.info("wrote %s", config.run_dir)
     if summary.stopped_by_signal:
-        log.info("stopped by signal after %d completed rounds", summary.rounds_completed)
+        log.info(
+            "stopped by signal after round %d; start again on %s to resume",
+            summary.rounds_completed,
+            config.state_dir,
+        )
         return 0
     if not summary.completed:
         log.error(
@@ -186,10 +210,13 @@ def _central_evaluator(task: TaskModule, model: torch.nn.Module) -> Evaluator | 
     return evaluate
 
 
-def _install_signal_handlers(stop: threading.Event) -> dict[int, object]:
+def _install_signal_handlers(
+    stop: threading.Event, on_signal: Callable[[], None]
+) -> dict[int, object]:
     def handle(signum: int, frame: FrameType | None) -> None:
         log.info("received %s: stopping after cleaning up", signal.Signals(signum).name)
         stop.set()
+        on_signal()
 
     previous: dict[int, object] = {}
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedlink.common.errors import ConfigError, PKIError
+from fedlink.common.logs import check_log_format
 from fedlink.common.pki import validate_name
 from fedlink.common.wire import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
@@ -41,9 +42,13 @@ class ServerConfig:
     )
     min_fit_clients: int = field(default=2, metadata=_help("never sample fewer clients than this"))
     min_results: int = field(
-        default=1,
+        default=1, metadata=_help("quorum: accepted updates needed for a round to count")
+    )
+    below_quorum: str = field(
+        default="retry",
         metadata=_help(
-            "accepted updates needed for a round to count; below it the round is repeated"
+            "retry: at the deadline, repeat the round with a new sample of live clients; "
+            "wait: keep the round open until its sampled clients deliver the quorum"
         ),
     )
     max_round_retries: int = field(
@@ -51,6 +56,10 @@ class ServerConfig:
     )
     round_timeout_seconds: float = field(
         default=600.0, metadata=_help("deadline for collecting a round's results")
+    )
+    liveness_timeout_seconds: float = field(
+        default=30.0,
+        metadata=_help("a client silent this long (no heartbeat, poll or upload) counts as gone"),
     )
     evaluate_every: int = field(
         default=1, metadata=_help("federated evaluation every N rounds (0 = only centralized)")
@@ -71,22 +80,38 @@ class ServerConfig:
     heartbeat_interval_seconds: float = field(
         default=10.0, metadata=_help("how often clients send heartbeats")
     )
-    seed: int = field(default=0, metadata=_help("seed for initial model and client sampling"))
+    seed: int = field(
+        default=0,
+        metadata=_help(
+            "seed for the initial model, client sampling and each client's local training"
+        ),
+    )
     run_dir: Path = field(
         default=Path("fedlink-run"),
         metadata=_help("where metrics.jsonl, the final model and the plot are written"),
     )
     state_dir: Path = field(
         default=Path("fedlink-state"),
-        metadata=_help("working state (incoming uploads are spooled here)"),
+        metadata=_help(
+            "checkpoints, global models and spooled uploads; a restart on it resumes the run "
+            "(in containers: a volume)"
+        ),
+    )
+    keep_checkpoints: int = field(
+        default=3, metadata=_help("completed-round checkpoints kept in the state directory")
     )
     address_file: Path | None = field(
         default=None, metadata=_help("write the bound host:port here once listening")
     )
     max_workers: int = field(
-        default=64,
+        default=512,
         metadata=_help("gRPC handler threads (each connected client holds one while polling)"),
     )
+    metrics_listen: str | None = field(
+        default=None,
+        metadata=_help("host:port for the Prometheus metrics endpoint (plain HTTP; unset = off)"),
+    )
+    log_format: str = field(default="text", metadata=_help("log lines on stderr: text or json"))
     # Access control and resource limits (docs/security.md).
     allowed_clients: tuple[str, ...] = field(
         default=(),
@@ -129,6 +154,7 @@ class ServerConfig:
             "rate_limit_burst": self.rate_limit_burst,
             "max_calls_per_client": self.max_calls_per_client,
             "max_concurrent_rpcs": self.max_concurrent_rpcs,
+            "keep_checkpoints": self.keep_checkpoints,
         }
         for name, value in positive.items():
             if value < 1:
@@ -140,6 +166,14 @@ class ServerConfig:
         # Written as "not > 0" so that NaN is refused too.
         if not (self.round_timeout_seconds > 0 and self.heartbeat_interval_seconds > 0):
             raise ConfigError("timeouts and intervals must be positive")
+        if not self.liveness_timeout_seconds >= 2 * self.heartbeat_interval_seconds:
+            raise ConfigError(
+                "liveness_timeout_seconds must be at least twice heartbeat_interval_seconds, or "
+                "one late heartbeat would drop a healthy client"
+            )
+        if self.below_quorum not in ("retry", "wait"):
+            raise ConfigError(f"below_quorum must be retry or wait, got {self.below_quorum!r}")
+        check_log_format(self.log_format)
         if not self.learning_rate > 0 or not 0.0 <= self.momentum < 1.0:
             raise ConfigError("learning_rate must be > 0 and momentum in [0, 1)")
         if self.evaluate_every < 0 or self.max_round_retries < 0:

@@ -19,7 +19,29 @@ class MetricsLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")
+
+    def start(self) -> None:
+        """A new run: an empty log."""
+        self.path.write_text("")
+
+    def resume(self, last_round: int, last_record: Mapping[str, Any]) -> None:
+        """A resumed run: keep rows up to the checkpointed round, which is restored from the
+        checkpoint itself when the coordinator died before writing its row."""
+        kept: list[dict[str, Any]] = []
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a row cut short by the crash
+            if (
+                isinstance(row, dict)
+                and isinstance(row.get("round"), int)
+                and row["round"] < last_round
+            ):
+                kept.append(row)
+        kept.append(dict(last_record))
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def append(self, record: RoundRecord) -> None:
         with open(self.path, "a") as f:

@@ -8,6 +8,7 @@ all shared state.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import logging
@@ -31,7 +32,9 @@ from fedlink.common.tensors import (
 )
 from fedlink.common.wire import JOIN_REQUIRED, PayloadAssembler, PayloadFile, PayloadInfo
 from fedlink.server.aggregation import StreamingFedAvg
+from fedlink.server.checkpoints import Checkpoint, CheckpointStore, run_identity
 from fedlink.server.config import ServerConfig
+from fedlink.server.monitoring import CoordinatorMetrics
 from fedlink.server.validation import check_metrics, check_num_examples, check_update
 
 log = logging.getLogger(__name__)
@@ -69,25 +72,40 @@ class ResultHeader:
     payload: PayloadInfo | None
 
 
+@dataclass(frozen=True)
+class _AcceptedUpdate:
+    weight: float
+    spool: Path  # validated, kept on disk until the round is aggregated
+
+
 @dataclass
 class _Phase:
-    """One train or evaluate step of a round: who was asked, what came back."""
+    """One train or evaluate step of a round: who was asked, what came back.
+
+    A participant is offered the task whenever it pulls without having a result in flight or
+    done, so a client that crashed or lost its connection mid-round can pick the task up again
+    after it restarts. `finished` holds participants with an accepted or rejected result.
+    """
 
     kind: TaskKind
     round: int
     task_id: str
     participants: frozenset[str]
     payload: PayloadFile
-    pending: set[str]
+    pulled: set[str] = field(default_factory=set)
     submitted: set[str] = field(default_factory=set)
     finished: set[str] = field(default_factory=set)
     open: bool = True
-    aggregator: StreamingFedAvg | None = None
+    accepted: dict[str, _AcceptedUpdate] = field(default_factory=dict)
     metrics: list[tuple[int, Mapping[str, float]]] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
+    overdue_logged: bool = False
 
     def done(self) -> bool:
         return self.finished >= self.participants
+
+    def results(self) -> int:
+        return len(self.accepted) if self.kind is TaskKind.TRAIN else len(self.metrics)
 
 
 class ResultUpload:
@@ -128,10 +146,11 @@ class ResultUpload:
         except PayloadError as exc:
             raise UpdateRejected("DATA_LOSS", str(exc)) from None
 
-    def discard(self) -> None:
+    def close(self, *, keep: bool) -> None:
+        """Close the spool file; unless `keep`, delete it."""
         if self._file is not None:
             self._file.close()
-        if self.spool is not None:
+        if self.spool is not None and not keep:
             self.spool.unlink(missing_ok=True)
 
 
@@ -155,11 +174,11 @@ class RoundRecord:
 
 @dataclass
 class RunSummary:
-    rounds_completed: int
+    rounds_completed: int  # the last completed round, counting rounds done before a resume
     completed: bool
     stopped_by_signal: bool
     final_model: Path  # the last global model, a safetensors file in the state directory
-    records: list[RoundRecord]
+    records: list[RoundRecord]  # the rounds this process ran
 
 
 Evaluator = Callable[[StateDict], tuple[float, float] | None]
@@ -167,7 +186,7 @@ RoundListener = Callable[[RoundRecord], None]
 
 
 @dataclass
-class _ClientInfo:
+class _Session:
     joined_at: float
     last_seen: float
 
@@ -180,67 +199,100 @@ class RoundEngine:
         *,
         evaluate_centrally: Evaluator | None = None,
         on_round: RoundListener | None = None,
+        resume_from: Checkpoint | None = None,
     ) -> None:
         self._config = config
         self._manifest: Manifest = manifest_of(initial_state)
         self._evaluate_centrally = evaluate_centrally
         self._on_round = on_round
+        self.metrics = CoordinatorMetrics()
+        self.metrics.count_clients_with(lambda: len(self._alive_clients()))
+        self._checkpoints = CheckpointStore(config.state_dir, keep=config.keep_checkpoints)
         self._spool_dir = config.state_dir / "incoming"
         self._spool_dir.mkdir(parents=True, exist_ok=True)
         for stale in self._spool_dir.glob("*.part"):
             stale.unlink()
-        self._global_files: list[PayloadFile] = []
-        self._global = self._write_global(initial_state, round_number=0)
         self._cond = threading.Condition()
-        self._clients: dict[str, _ClientInfo] = {}
+        self._sessions: dict[str, _Session] = {}
+        # Everyone who ever joined this federation (restored from the checkpoint on restart):
+        # the population that `below_quorum = "wait"` samples from.
+        self._known: set[str] = set()
         self._phase: _Phase | None = None
-        self._stopping = False
+        self._stopping = False  # the run is over: clients are told to stop
+        self._shutting_down = False  # this process is going away: clients retry elsewhen
         self._told_to_stop: set[str] = set()
         self._bytes_down = 0
         self._bytes_up = 0
-        self._fold_lock = threading.Lock()
+        self._validation_lock = threading.Lock()
+        if resume_from is None:
+            self._completed_round = 0
+            self._global = self._write_global(initial_state, round_number=0)
+        else:
+            self._completed_round = resume_from.round
+            self._global = PayloadFile.seal(resume_from.model)
+            self._known.update(resume_from.clients)
+            self.metrics.current_round.set(resume_from.round)
+            log.info(
+                "resuming after round %d from %s (%d known clients)",
+                resume_from.round,
+                resume_from.model.name,
+                len(resume_from.clients),
+            )
 
     # ---- called from gRPC handler threads -------------------------------------------------
 
     def join(self, identity: str) -> None:
         now = time.monotonic()
         with self._cond:
-            info = self._clients.get(identity)
-            if info is None:
-                self._clients[identity] = _ClientInfo(joined_at=now, last_seen=now)
-                log.info("client %s joined (%d connected)", identity, len(self._clients))
+            session = self._sessions.get(identity)
+            if session is None:
+                self._sessions[identity] = _Session(joined_at=now, last_seen=now)
+                log.info("client %s joined (%d connected)", identity, len(self._sessions))
             else:
-                info.last_seen = now
+                session.last_seen = now
+            self._known.add(identity)
             self._cond.notify_all()
 
     def touch(self, identity: str) -> bool:
-        """Record a sign of life; False when the client never joined."""
+        """Record a sign of life; False when the client has not joined this coordinator."""
         with self._cond:
-            info = self._clients.get(identity)
-            if info is None:
+            session = self._sessions.get(identity)
+            if session is None:
                 return False
-            info.last_seen = time.monotonic()
+            session.last_seen = time.monotonic()
             return True
 
     @property
     def active(self) -> bool:
-        return not self._stopping
+        return not (self._stopping or self._shutting_down)
 
     def next_task(self, identity: str, timeout: float = LONG_POLL_SECONDS) -> TaskOffer:
         """Block until this client has a task, the federation stops, or `timeout` passes."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            if identity not in self._clients:
+            if identity not in self._sessions:
                 raise UpdateRejected("FAILED_PRECONDITION", JOIN_REQUIRED)
             while True:
-                self._clients[identity].last_seen = time.monotonic()
+                self._sessions[identity].last_seen = time.monotonic()
+                if self._shutting_down:
+                    raise UpdateRejected(
+                        "UNAVAILABLE", "the coordinator is shutting down; retry after it restarts"
+                    )
                 if self._stopping:
                     self._told_to_stop.add(identity)
                     self._cond.notify_all()
                     return TaskOffer(TaskKind.STOP)
                 phase = self._phase
-                if phase is not None and phase.open and identity in phase.pending:
-                    phase.pending.discard(identity)
+                if (
+                    phase is not None
+                    and phase.open
+                    and identity in phase.participants
+                    and identity not in phase.submitted
+                    and identity not in phase.finished
+                ):
+                    if identity in phase.pulled:
+                        log.info("round %d: handing the task to %s again", phase.round, identity)
+                    phase.pulled.add(identity)
                     return TaskOffer(
                         kind=phase.kind,
                         task_id=phase.task_id,
@@ -273,7 +325,7 @@ class RoundEngine:
                 raise UpdateRejected(
                     "PERMISSION_DENIED", f"{identity} was not assigned task {phase.task_id}"
                 )
-            if identity in phase.submitted:
+            if identity in phase.submitted or identity in phase.finished:
                 raise UpdateRejected(
                     "ALREADY_EXISTS",
                     f"{identity} already submitted a result for round {phase.round}",
@@ -298,57 +350,67 @@ class RoundEngine:
                 )
                 raise UpdateRejected(code, str(exc)) from None
         except UpdateRejected as exc:
-            self._mark_finished(phase, identity, rejected=str(exc))
+            self._reject(phase, identity, exc)
             raise
 
     def finish_result(self, upload: ResultUpload) -> None:
-        """Verify the complete payload, validate it, and fold it into the round's aggregate."""
+        """Verify the complete payload and validate it; an accepted update waits on disk until
+        the round is aggregated."""
         phase = upload.phase
+        accepted = False
         try:
             upload.complete_payload()
             if phase.kind is TaskKind.TRAIN:
-                assert upload.spool is not None and phase.aggregator is not None
-                # One fold at a time: the accumulator is shared, and a mapped update costs memory.
-                with self._fold_lock:
-                    if not phase.open:
-                        raise UpdateRejected(
-                            "DEADLINE_EXCEEDED",
-                            f"round {phase.round} closed before the upload finished",
-                        )
+                assert upload.spool is not None
+                # One validation at a time: each reads a whole mapped update.
+                with self._validation_lock:
                     try:
                         with open_state_file(upload.spool) as state:
                             check_update(state, self._manifest)
-                            phase.aggregator.add(state, float(upload.header.num_examples))
                     except TensorFormatError as exc:
                         raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
-            else:
-                with self._cond:
-                    if not phase.open:
-                        raise UpdateRejected(
-                            "DEADLINE_EXCEEDED",
-                            f"round {phase.round} closed before the result arrived",
-                        )
-                    phase.metrics.append((upload.header.num_examples, dict(upload.header.metrics)))
+            with self._cond:
+                if not phase.open:
+                    raise UpdateRejected(
+                        "DEADLINE_EXCEEDED",
+                        f"round {phase.round} closed before the result arrived",
+                    )
+                phase.metrics.append((upload.header.num_examples, dict(upload.header.metrics)))
+                if phase.kind is TaskKind.TRAIN:
+                    assert upload.spool is not None
+                    phase.accepted[upload.identity] = _AcceptedUpdate(
+                        float(upload.header.num_examples), upload.spool
+                    )
+                phase.finished.add(upload.identity)
+                self._cond.notify_all()
+            accepted = True
         except UpdateRejected as exc:
-            self._mark_finished(phase, upload.identity, rejected=str(exc))
+            self._reject(phase, upload.identity, exc)
             raise
         finally:
-            upload.discard()
-        with self._cond:
-            if phase.kind is TaskKind.TRAIN:
-                phase.metrics.append((upload.header.num_examples, dict(upload.header.metrics)))
-        self._mark_finished(phase, upload.identity, rejected=None)
+            upload.close(keep=accepted and phase.kind is TaskKind.TRAIN)
+        self.metrics.updates.labels(phase.kind.value, "accepted").inc()
         log.debug(
             "accepted %s result from %s (round %d)", phase.kind.value, upload.identity, phase.round
         )
 
-    def abandon_result(self, upload: ResultUpload, reason: str) -> None:
-        """The upload failed or the client went away mid-upload: drop it from this phase."""
-        upload.discard()
+    def reject_result(self, upload: ResultUpload, error: UpdateRejected) -> None:
+        """The upload broke the protocol: drop this participant's result for the phase."""
+        upload.close(keep=False)
         if upload.identity not in upload.phase.finished:
-            self._mark_finished(upload.phase, upload.identity, rejected=reason)
+            self._reject(upload.phase, upload.identity, error)
 
-    def reject_participant(self, identity: str, reason: str) -> None:
+    def abandon_result(self, upload: ResultUpload) -> None:
+        """The client went away mid-upload: forget the partial upload. This is not misbehaviour,
+        so the client may pull the task again and retry while the round is open."""
+        upload.close(keep=False)
+        self.metrics.updates.labels(upload.phase.kind.value, "interrupted").inc()
+        with self._cond:
+            if upload.identity not in upload.phase.finished:
+                upload.phase.submitted.discard(upload.identity)
+            self._cond.notify_all()
+
+    def reject_participant(self, identity: str, error: UpdateRejected) -> None:
         """A participant broke the protocol (e.g. a result stream with no header): drop it from
         the current phase so it never holds up the round."""
         with self._cond:
@@ -356,14 +418,17 @@ class RoundEngine:
             if phase is None or identity not in phase.participants or identity in phase.finished:
                 return
             phase.submitted.add(identity)
-        self._mark_finished(phase, identity, rejected=reason)
+        self._reject(phase, identity, error)
 
     def count_bytes(self, *, down: int = 0, up: int = 0) -> None:
         with self._cond:
             self._bytes_down += down
             self._bytes_up += up
+        self.metrics.bytes_sent.inc(down)
+        self.metrics.bytes_received.inc(up)
 
     def request_stop(self) -> None:
+        """The run is over: every client that pulls is told to stop."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -371,26 +436,32 @@ class RoundEngine:
     # ---- the round loop ---------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> RunSummary:
+        """Run rounds until `num_rounds` are complete, the run fails, or `stop` is set (a signal:
+        the process is going away, so clients are not told to stop and will retry)."""
         cfg = self._config
         records: list[RoundRecord] = []
-        round_number = 1
+        round_number = self._completed_round + 1
         failures = 0
+        avoid: frozenset[str] = frozenset()
         try:
             while round_number <= cfg.num_rounds and not stop.is_set():
-                sampled = self._sample(round_number, stop)
+                sampled = self._sample(round_number, failures, avoid, stop)
                 if sampled is None:
                     break
+                self.metrics.current_round.set(round_number)
                 started = time.monotonic()
                 self._reset_byte_counters()
                 train = self._run_phase(TaskKind.TRAIN, round_number, sampled, stop)
                 if train is None:
                     break
-                accepted = train.aggregator.num_updates if train.aggregator else 0
+                accepted = len(train.accepted)
                 if accepted < cfg.min_results:
+                    self._discard_updates(train)
                     failures += 1
+                    avoid = frozenset(sampled) - train.finished
                     log.warning(
                         "round %d: %d of %d updates accepted, fewer than min_results=%d; "
-                        "repeating the round (%d/%d)",
+                        "repeating the round with other clients where possible (%d/%d)",
                         round_number,
                         accepted,
                         len(sampled),
@@ -404,10 +475,8 @@ class RoundEngine:
                         )
                         break
                     continue
-                failures = 0
-                assert train.aggregator is not None
-                state = train.aggregator.result()
-                train.aggregator = None
+                failures, avoid = 0, frozenset()
+                state = self._aggregate(train)
                 global_file = self._write_global(state, round_number)
                 with self._cond:
                     self._global = global_file
@@ -433,20 +502,33 @@ class RoundEngine:
                     bytes_down=self._bytes_down,
                     bytes_up=self._bytes_up,
                 )
+                self._checkpoint(global_file, record)
                 records.append(record)
+                self.metrics.rounds_completed.inc()
+                self.metrics.round_duration.observe(record.seconds)
                 if self._on_round:
                     self._on_round(record)
                 round_number += 1
         finally:
-            self.request_stop()
-        completed = len(records) == cfg.num_rounds
-        return RunSummary(len(records), completed, stop.is_set(), self._global.path, records)
+            if stop.is_set():
+                with self._cond:
+                    self._shutting_down = True
+                    self._cond.notify_all()
+            else:
+                self.request_stop()
+        return RunSummary(
+            rounds_completed=self._completed_round,
+            completed=self._completed_round >= cfg.num_rounds,
+            stopped_by_signal=stop.is_set(),
+            final_model=self._global.path,
+            records=records,
+        )
 
     def wait_for_stop_delivery(self, grace_seconds: float) -> None:
         """Give connected clients a moment to pull their STOP before the server goes away."""
         deadline = time.monotonic() + grace_seconds
         with self._cond:
-            while set(self._alive_clients()) - self._told_to_stop:
+            while self._stopping and set(self._alive_clients()) - self._told_to_stop:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
@@ -463,30 +545,19 @@ class RoundEngine:
             task_id=uuid.uuid4().hex,
             participants=frozenset(participants),
             payload=self._global,
-            pending=set(participants),
-            aggregator=StreamingFedAvg(self._manifest) if kind is TaskKind.TRAIN else None,
         )
         deadline = time.monotonic() + self._config.round_timeout_seconds
         with self._cond:
             self._phase = phase
             self._cond.notify_all()
-            while not phase.done() and not stop.is_set():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    missing = sorted(phase.participants - phase.finished)
-                    log.warning(
-                        "round %d %s: deadline passed; no result from %s",
-                        round_number,
-                        kind.value,
-                        ", ".join(missing),
-                    )
-                    break
-                self._cond.wait(min(remaining, 0.5))
-        # Closing under the fold lock waits for an in-progress fold and blocks later ones.
-        with self._fold_lock, self._cond:
+            while not stop.is_set() and not self._can_close(phase, deadline):
+                self._cond.wait(0.5)
+        # Closing under the validation lock lets an upload that is being checked finish first.
+        with self._validation_lock, self._cond:
             phase.open = False
             self._phase = None
         if stop.is_set():
+            self._discard_updates(phase)
             return None
         for identity, reason in phase.rejected.items():
             log.warning(
@@ -494,54 +565,147 @@ class RoundEngine:
             )
         return phase
 
-    def _mark_finished(self, phase: _Phase, identity: str, *, rejected: str | None) -> None:
+    def _can_close(self, phase: _Phase, deadline: float) -> bool:
+        """Whether the phase has all it will get (called with the lock held).
+
+        Every participant has answered; or the deadline passed; or everyone still missing is
+        gone (silent past the liveness timeout, no upload in flight). Under
+        `below_quorum = "wait"` a training phase short of its quorum stays open regardless.
+        """
+        if phase.done():
+            return True
+        quorum_met = (
+            phase.kind is TaskKind.EVALUATE
+            or self._config.below_quorum == "retry"
+            or len(phase.accepted) >= self._config.min_results
+        )
+        missing = sorted(phase.participants - phase.finished)
+        if time.monotonic() >= deadline:
+            if quorum_met:
+                log.warning(
+                    "round %d %s: deadline passed; no result from %s",
+                    phase.round,
+                    phase.kind.value,
+                    ", ".join(missing),
+                )
+                return True
+            if not phase.overdue_logged:
+                log.warning(
+                    "round %d: deadline passed with %d of %d results needed; waiting for %s",
+                    phase.round,
+                    len(phase.accepted),
+                    self._config.min_results,
+                    ", ".join(missing),
+                )
+                phase.overdue_logged = True
+            return False
+        alive = set(self._alive_clients())
+        gone = [i for i in missing if i not in alive and i not in phase.submitted]
+        if quorum_met and len(gone) == len(missing):
+            log.warning(
+                "round %d %s: closing early, no sign of life from %s",
+                phase.round,
+                phase.kind.value,
+                ", ".join(gone),
+            )
+            return True
+        return False
+
+    def _reject(self, phase: _Phase, identity: str, error: UpdateRejected) -> None:
+        self.metrics.updates.labels(phase.kind.value, error.code).inc()
         with self._cond:
             phase.finished.add(identity)
-            if rejected is not None:
-                phase.rejected[identity] = rejected
+            phase.rejected[identity] = str(error)
             self._cond.notify_all()
 
-    def _sample(self, round_number: int, stop: threading.Event) -> list[str] | None:
-        """Wait until enough clients are alive, then pick this round's participants (seeded)."""
+    def _aggregate(self, phase: _Phase) -> StateDict:
+        """Weighted FedAvg of the accepted updates, folded in order of client identity.
+
+        A fixed order makes the floating-point sum, and so the new model, the same whatever
+        order the uploads arrived in: that is what lets a seeded run be reproduced bit for bit.
+        Each update is memory-mapped and folded in turn, so memory stays one accumulator.
+        """
+        aggregator = StreamingFedAvg(self._manifest)
+        for identity in sorted(phase.accepted):
+            update = phase.accepted[identity]
+            with open_state_file(update.spool) as state:
+                aggregator.add(state, update.weight)
+        self._discard_updates(phase)
+        return aggregator.result()
+
+    def _discard_updates(self, phase: _Phase) -> None:
+        for update in phase.accepted.values():
+            update.spool.unlink(missing_ok=True)
+
+    def _sample(
+        self, round_number: int, attempt: int, avoid: frozenset[str], stop: threading.Event
+    ) -> list[str] | None:
+        """Wait until enough clients are available, then pick this round's participants.
+
+        "retry" samples among live clients, avoiding those that failed the previous attempt
+        when enough others are available; "wait" samples among every client that has joined,
+        so a crash does not change who takes part (a reproducible run depends on that). The
+        choice is seeded by (seed, round, attempt).
+        """
         cfg = self._config
         needed = max(cfg.min_fit_clients, cfg.min_clients if round_number == 1 else 0)
         announced = False
         with self._cond:
             while not stop.is_set():
-                alive = self._alive_clients()
-                if len(alive) >= needed:
-                    count = max(cfg.min_fit_clients, math.ceil(cfg.fraction_fit * len(alive)))
-                    rng = random.Random(f"{cfg.seed}:{round_number}")
-                    return sorted(rng.sample(alive, min(count, len(alive))))
+                if cfg.below_quorum == "wait":
+                    population = sorted(self._known)
+                else:
+                    population = self._alive_clients()
+                if len(population) >= needed:
+                    others = [c for c in population if c not in avoid]
+                    if len(others) >= cfg.min_fit_clients:
+                        population = others
+                    count = max(cfg.min_fit_clients, math.ceil(cfg.fraction_fit * len(population)))
+                    rng = random.Random(f"{cfg.seed}:{round_number}:{attempt}")
+                    return sorted(rng.sample(population, min(count, len(population))))
                 if not announced:
-                    log.info("waiting for clients: %d of %d connected", len(alive), needed)
+                    log.info("waiting for clients: %d of %d connected", len(population), needed)
                     announced = True
                 self._cond.wait(0.5)
         return None
 
     def _alive_clients(self) -> list[str]:
-        window = 3 * self._config.heartbeat_interval_seconds + LONG_POLL_SECONDS
+        window = self._config.liveness_timeout_seconds
         now = time.monotonic()
-        return sorted(i for i, c in self._clients.items() if now - c.last_seen <= window)
+        return sorted(i for i, s in self._sessions.items() if now - s.last_seen <= window)
 
     def _client_seed(self, round_number: int, identity: str) -> int:
         digest = hashlib.sha256(f"{self._config.seed}:{round_number}:{identity}".encode()).digest()
         return int.from_bytes(digest[:8], "little") >> 1
 
     def _write_global(self, state: StateDict, round_number: int) -> PayloadFile:
-        """Serialize the global model once per round; every download streams from this file.
-
-        The previous file is kept (a download that started just before the switch may still be
-        reading it); older ones are deleted.
-        """
+        """Serialize the global model once per round, durably: every download streams from this
+        file, and the round's checkpoint refers to it."""
         path = self._config.state_dir / f"global-{round_number:06d}.safetensors"
-        # A working copy for downloads; the published final model is the durable one.
-        save_state_file(state, path, durable=False)
-        payload = PayloadFile.seal(path)
-        self._global_files.append(payload)
-        while len(self._global_files) > 2:
-            self._global_files.pop(0).path.unlink(missing_ok=True)
-        return payload
+        save_state_file(state, path, durable=True)
+        return PayloadFile.seal(path)
+
+    def _checkpoint(self, global_file: PayloadFile, record: RoundRecord) -> None:
+        with self._cond:
+            clients = tuple(sorted(self._known))
+        self._checkpoints.save(
+            Checkpoint(
+                round=record.round,
+                model=global_file.path,
+                model_sha256=global_file.info.sha256.hex(),
+                clients=clients,
+                record=dataclasses.asdict(record),
+                run=run_identity(self._config),
+            )
+        )
+        self._completed_round = record.round
+        # Keep the models that retained checkpoints name, plus the previous round's (a download
+        # that started just before the switch may still be reading it).
+        keep = {*self._checkpoints.retained_rounds(), record.round - 1}
+        for path in self._config.state_dir.glob("global-*.safetensors"):
+            number = path.name.removeprefix("global-").removesuffix(".safetensors")
+            if number.isdigit() and int(number) not in keep:
+                path.unlink(missing_ok=True)
 
     def _reset_byte_counters(self) -> None:
         with self._cond:

@@ -58,12 +58,13 @@ class FederationServicer(pb_grpc.FederationServicer):
             slot = self._admit(context, identity)
             token, superseded = self._sessions.open(identity, context.peer())
             if superseded:
+                # The round engine hands a task that was pulled but not delivered to the new
+                # session, so a restarted client picks up where the old process stopped.
                 log.warning(
                     "%s joined again from %s; its previous session is superseded",
                     identity,
                     context.peer(),
                 )
-                self._engine.reject_participant(identity, "session superseded by a new Join")
         try:
             context.set_trailing_metadata(((SESSION_METADATA_KEY, token),))
             self._engine.join(identity)
@@ -125,12 +126,12 @@ class FederationServicer(pb_grpc.FederationServicer):
         try:
             first = next(request_iterator, None)
         except UpdateRejected as exc:  # a malformed message (see RequestParsing)
-            self._engine.reject_participant(identity, str(exc))
+            self._engine.reject_participant(identity, exc)
             _abort(context, exc)
         if first is None or first.WhichOneof("message") != "header":
-            reason = "the first message must be a ResultHeader"
-            self._engine.reject_participant(identity, reason)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
+            error = UpdateRejected("INVALID_ARGUMENT", "the first message must be a ResultHeader")
+            self._engine.reject_participant(identity, error)
+            _abort(context, error)
         try:
             upload = self._engine.open_result(identity, _result_header(first.header))
         except UpdateRejected as exc:
@@ -144,11 +145,11 @@ class FederationServicer(pb_grpc.FederationServicer):
                 received += len(message.chunk.data)
             self._engine.finish_result(upload)
         except UpdateRejected as exc:
-            self._engine.abandon_result(upload, str(exc))
+            self._engine.reject_result(upload, exc)
             _abort(context, exc)
         except BaseException:
             # The client cancelled or disconnected mid-upload (grpc.RpcError), or worse.
-            self._engine.abandon_result(upload, "upload interrupted")
+            self._engine.abandon_result(upload)
             raise
         finally:
             self._engine.count_bytes(up=received)
@@ -196,7 +197,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             self._policy.check(peer)
         except AccessDenied as exc:
             # Revoked or expired mid-run: drop it from the current round, which must not wait.
-            self._engine.reject_participant(peer.identity, str(exc))
+            self._engine.reject_participant(peer.identity, UpdateRejected(exc.code, str(exc)))
             self._refuse(context, peer.identity, exc)
         return peer.identity
 

@@ -272,6 +272,7 @@ def test_chunk_size_at_bounds_is_accepted(chunk_size: int) -> None:
         "rate_limit_burst",
         "max_calls_per_client",
         "max_concurrent_rpcs",
+        "keep_checkpoints",
     ],
 )
 def test_counts_below_one_are_rejected_naming_the_field(field: str) -> None:
@@ -294,6 +295,9 @@ def test_min_results_above_min_fit_clients_is_rejected() -> None:
         {"momentum": -0.1},
         {"evaluate_every": -1},
         {"max_round_retries": -1},
+        {"liveness_timeout_seconds": float("nan")},
+        {"below_quorum": "hope"},
+        {"log_format": "xml"},
     ],
 )
 def test_out_of_range_server_values_are_rejected(overrides: dict[str, float]) -> None:
@@ -429,3 +433,8 @@ def test_no_flag_turns_off_a_bool_set_in_the_environment() -> None:
     config = load_config(ClientConfig, overrides=vars(args), environ=DEV)
     assert config.insecure is False
     assert config.cert == Path("c.pem")
+
+
+def test_a_liveness_timeout_shorter_than_two_heartbeats_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="at least twice heartbeat_interval_seconds"):
+        _server(heartbeat_interval_seconds=10, liveness_timeout_seconds=15)

@@ -11,10 +11,12 @@ import pytest
 
 from fedlink.client.config import ClientConfig
 from fedlink.common.config import load_config
+from fedlink.health import HealthConfig
 from fedlink.server.config import ServerConfig
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
-SECTIONS = {ServerConfig: "Coordinator", ClientConfig: "Client"}
+SECTIONS = {ServerConfig: "Coordinator", ClientConfig: "Client", HealthConfig: "Health check"}
+ENV_PREFIXES = {ServerConfig: "FEDLINK_", ClientConfig: "FEDLINK_", HealthConfig: "FEDLINK_HEALTH_"}
 SAMPLES = {ServerConfig: "server.toml", ClientConfig: "client.toml"}
 
 
@@ -54,14 +56,14 @@ def _documented_default(value: Any) -> str:
     return f"`{value}`"
 
 
-@pytest.mark.parametrize("cls", [ServerConfig, ClientConfig])
+@pytest.mark.parametrize("cls", list(SECTIONS))
 def test_every_field_name_appears_in_the_doc(cls: type[Any]) -> None:
     text = DOC.read_text()
     missing = [f.name for f in dataclasses.fields(cls) if f"`{f.name}`" not in text]
     assert missing == [], f"document {missing} in {DOC}"
 
 
-@pytest.mark.parametrize("cls", [ServerConfig, ClientConfig])
+@pytest.mark.parametrize("cls", list(SECTIONS))
 def test_field_table_lists_exactly_the_fields_with_flag_env_and_default(cls: type[Any]) -> None:
     rows = _table_rows(_section(SECTIONS[cls]))
     fields = dataclasses.fields(cls)
@@ -69,7 +71,7 @@ def test_field_table_lists_exactly_the_fields_with_flag_env_and_default(cls: typ
     for field in fields:
         _, flag, env, _, default, meaning = rows[field.name]
         assert flag == f"`--{field.name.replace('_', '-')}`"
-        assert env == f"`FEDLINK_{field.name.upper()}`"
+        assert env == f"`{ENV_PREFIXES[cls]}{field.name.upper()}`"
         assert default.startswith(_documented_default(field.default)), field.name
         assert meaning, field.name
 

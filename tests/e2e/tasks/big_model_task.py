@@ -1,7 +1,10 @@
 """A test task with a 100-million-parameter model whose "training" adds 1 to every weight, so the
-coordinator's result after one round is exactly predictable."""
+coordinator's result after one round is exactly predictable. BIG_MODEL_WIDTH makes it smaller
+(10 layers of WIDTH x WIDTH) for tests that only need uploads that take a while."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -16,7 +19,7 @@ from fedlink.common.tasks.base import (
     TrainResult,
 )
 
-WIDTH = 3162  # 10 layers of 3162 x 3162 (+ bias) = 100,014,060 parameters
+WIDTH = int(os.environ.get("BIG_MODEL_WIDTH", "3162"))  # 3162: 100,014,060 parameters
 LAYERS = 10
 
 

@@ -1,0 +1,127 @@
+"""Checkpoints: what a restarted coordinator needs to resume from the last completed round.
+
+A checkpoint is a small JSON file, `checkpoints/round-NNNNNN.json`, that names the round's global
+model file in the state directory and holds its SHA-256, the round state (clients known to the
+federation, the round's metrics record) and what the run was started with. Both files are
+written atomically and durably (temp file, fsync, rename, fsync of the directory) and the JSON
+only after the model it names, so a crash never leaves a checkpoint pointing at a partial model.
+A checkpoint whose JSON does not parse, or whose model is missing or does not hash to the
+recorded digest, is skipped with a warning and the one before it is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlink.common.errors import ConfigError
+from fedlink.common.storage import file_sha256, write_durably
+from fedlink.server.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fedlink-checkpoint/1"
+_NAME = re.compile(r"round-(\d{6,})\.json")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int
+    model: Path  # the round's global model (safetensors), in the state directory
+    model_sha256: str
+    clients: tuple[str, ...]  # every identity that has joined, for sampling after a restart
+    record: Mapping[str, Any]  # the round's metrics.jsonl row
+    run: Mapping[str, Any]  # what the run was started with (task, seed): must match on resume
+
+
+class CheckpointStore:
+    """Writes a checkpoint after each completed round and finds the newest good one."""
+
+    def __init__(self, state_dir: Path, keep: int) -> None:
+        self._state_dir = state_dir
+        self._dir = state_dir / "checkpoints"
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._keep = keep
+
+    def save(self, checkpoint: Checkpoint) -> None:
+        document = {
+            "format": FORMAT,
+            "round": checkpoint.round,
+            "model": checkpoint.model.name,
+            "model_sha256": checkpoint.model_sha256,
+            "clients": list(checkpoint.clients),
+            "record": dict(checkpoint.record),
+            "run": dict(checkpoint.run),
+        }
+        path = self._dir / f"round-{checkpoint.round:06d}.json"
+        write_durably(path, json.dumps(document, indent=1).encode())
+        for old in self._rounds()[: -self._keep]:
+            (self._dir / f"round-{old:06d}.json").unlink(missing_ok=True)
+
+    def retained_rounds(self) -> list[int]:
+        """Rounds whose checkpoints are kept (their model files must be kept too)."""
+        return self._rounds()
+
+    def latest(self) -> Checkpoint | None:
+        """The newest checkpoint that verifies; None when there is none at all.
+
+        Raises ConfigError when checkpoints exist but none of them is usable: silently starting
+        a new run over a damaged one would throw away the training done so far.
+        """
+        rounds = self._rounds()
+        for number in reversed(rounds):
+            path = self._dir / f"round-{number:06d}.json"
+            try:
+                return self._load(path)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("checkpoint %s is unusable (%s); trying the previous one", path, exc)
+        if rounds:
+            raise ConfigError(
+                f"none of the {len(rounds)} checkpoints in {self._dir} is usable; move the state "
+                "directory away to start a new run"
+            )
+        return None
+
+    def _load(self, path: Path) -> Checkpoint:
+        document = json.loads(path.read_text())
+        if document.get("format") != FORMAT:
+            raise ValueError(f"unknown checkpoint format {document.get('format')!r}")
+        model = self._state_dir / Path(document["model"]).name
+        expected = str(document["model_sha256"])
+        actual = file_sha256(model)
+        if actual != expected:
+            raise ValueError(f"{model.name} has SHA-256 {actual[:12]}…, expected {expected[:12]}…")
+        return Checkpoint(
+            round=int(document["round"]),
+            model=model,
+            model_sha256=expected,
+            clients=tuple(str(c) for c in document["clients"]),
+            record=dict(document["record"]),
+            run=dict(document["run"]),
+        )
+
+    def _rounds(self) -> list[int]:
+        return sorted(
+            int(m.group(1)) for p in self._dir.iterdir() if (m := _NAME.fullmatch(p.name))
+        )
+
+
+def run_identity(config: ServerConfig) -> dict[str, Any]:
+    """What a resumed run must share with the original: the same task and the same seed."""
+    return {"task": config.task, "seed": config.seed}
+
+
+def check_resumable(checkpoint: Checkpoint, run: Mapping[str, Any]) -> None:
+    """Refuse to resume a run that was started with a different task or seed."""
+    for key, value in run.items():
+        if checkpoint.run.get(key) != value:
+            raise ConfigError(
+                f"the state directory holds a run with {key}={checkpoint.run.get(key)!r}, but this "
+                f"coordinator was started with {key}={value!r}; use the original settings to "
+                "resume it, or another --state-dir for a new run"
+            )
