@@ -14,9 +14,15 @@ from fedlink.common.wire import MAX_CHUNK_SIZE, MESSAGE_OVERHEAD
 
 log = logging.getLogger(__name__)
 
-# Failures that mean "the coordinator is not reachable right now": retry with backoff.
+# Failures that mean "the coordinator cannot serve us right now": retry with backoff.
+# RESOURCE_EXHAUSTED is the coordinator's rate or concurrency limit telling us to slow down.
 TRANSIENT_CODES = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
 )
 
 

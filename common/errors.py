@@ -32,6 +32,18 @@ class UpdateRejected(FedlinkError):
         self.code = code
 
 
+class AccessDenied(FedlinkError):
+    """A caller may not use the coordinator right now: not on the allow-list, revoked, outside
+    its certificate's validity, a superseded session, or over a rate or concurrency limit.
+
+    `code` names the gRPC status the coordinator answers with.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class TaskError(FedlinkError):
     """A task module is missing, incomplete, or cannot provide the requested data."""
 

@@ -6,7 +6,8 @@ coordinator uses the client certificate's common name as the client's identity. 
 P-256 and signatures SHA-256: small, fast, and accepted by every TLS stack gRPC ships with.
 
 The CA key (`ca.key`) never leaves the CA directory; `issue_certificate` copies only `ca.pem`
-into a participant's bundle.
+into a participant's bundle. `revoke_certificate` keeps the CA's revocation list (`crl.pem`, a
+signed X.509 CRL) that the coordinator checks on every call.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ Role = Literal["server", "client"]
 
 CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
+CRL_FILE = "crl.pem"
 DEFAULT_CA_NAME = "fedlink federation CA"
 DEFAULT_CA_DAYS = 3650
 DEFAULT_CERT_DAYS = 825
@@ -148,7 +150,7 @@ def issue_certificate(
     host names and IP addresses clients connect to; a client certificate lists none.
     `days=0` yields an already-expired certificate, which is only useful in tests.
     """
-    _validate_name(name)
+    _validate_issued_name(name)
     if role not in ("server", "client"):
         raise PKIError(f"unknown certificate role {role!r}; use 'server' or 'client'")
     if days < 0:
@@ -306,8 +308,19 @@ def load_credentials(cert: Path, key: Path, ca: Path, *, role: Role | None = Non
     return Credentials(cert_pem=cert_pem, key_pem=key_pem, ca_pem=ca_pem)
 
 
-def identity_from_pem(cert_pem: bytes) -> str:
-    """Return the subject common name of a PEM certificate: the identity of a federation peer."""
+@dataclass(frozen=True)
+class PeerCertificate:
+    """What the coordinator needs from a verified peer certificate: who it names, which serial
+    number the CA gave it (for revocation), and when it is valid."""
+
+    identity: str
+    serial: int
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+
+def peer_certificate(cert_pem: bytes) -> PeerCertificate:
+    """Parse a peer's PEM certificate; its subject common name is the peer's fedlink identity."""
     try:
         certificate = x509.load_pem_x509_certificate(cert_pem)
     except ValueError as exc:
@@ -319,15 +332,162 @@ def identity_from_pem(cert_pem: bytes) -> str:
             "issue it with `fedlink certs issue --name NAME`"
         )
     value = attributes[0].value
-    return value.decode("utf-8") if isinstance(value, bytes) else value
+    return PeerCertificate(
+        identity=value.decode("utf-8") if isinstance(value, bytes) else value,
+        serial=certificate.serial_number,
+        not_before=certificate.not_valid_before_utc,
+        not_after=certificate.not_valid_after_utc,
+    )
 
 
-def _validate_name(name: str) -> None:
+@dataclass(frozen=True)
+class RevocationList:
+    """A verified certificate revocation list: revoked serial numbers and when each was revoked."""
+
+    revoked: dict[int, dt.datetime]
+    last_update: dt.datetime
+    next_update: dt.datetime | None
+    number: int
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """What `revoke_certificate` did."""
+
+    crl: Path
+    serial: int
+    already_revoked: bool
+    total: int
+
+
+def validate_name(name: str) -> None:
+    """Refuse names that cannot be a fedlink certificate name (and so never an identity)."""
     if not _NAME_PATTERN.fullmatch(name):
         raise PKIError(
             f"invalid certificate name {name!r}: use 1-64 characters of letters, digits, '.', "
             "'_' or '-', starting with a letter or digit (e.g. client-1)"
         )
+
+
+def revoke_certificate(
+    ca_dir: Path,
+    *,
+    cert: Path | None = None,
+    serial: int | None = None,
+    reason: x509.ReasonFlags | None = None,
+) -> Revocation:
+    """Add a certificate (by file or serial number) to the CA's revocation list, `crl.pem`.
+
+    The list is an X.509 CRL signed by the federation CA, re-signed with a higher CRL number on
+    every change. It is public: copy it to the coordinator, which reloads it when the file
+    changes. Revoking an already revoked certificate changes nothing.
+    """
+    if (cert is None) == (serial is None):
+        raise PKIError("name the certificate to revoke: pass either --cert FILE or --serial N")
+    ca_dir = Path(ca_dir)
+    ca_cert_path = ca_dir / CA_CERT_FILE
+    ca_key_path = ca_dir / CA_KEY_FILE
+    for path in (ca_cert_path, ca_key_path):
+        if not path.is_file():
+            raise PKIError(
+                f"no federation CA in {ca_dir} ({path.name} is missing); revoke with the "
+                "--ca-dir that issued the certificate"
+            )
+    ca_pem = _read(ca_cert_path)
+    ca_cert = _parse_certificate(ca_pem, ca_cert_path)
+    ca_key = _parse_private_key(_read(ca_key_path), ca_key_path)
+    if not _same_public_key(ca_key.public_key(), ca_cert.public_key()):
+        raise PKIError(
+            f"{ca_key_path} does not belong to {ca_cert_path}; restore the matching pair"
+        )
+    if cert is not None:
+        certificate = _parse_certificate(_read(Path(cert)), Path(cert))
+        try:
+            certificate.verify_directly_issued_by(ca_cert)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise PKIError(
+                f"certificate {cert} was not issued by the CA in {ca_dir}; revoke it with the "
+                "CA that issued it"
+            ) from exc
+        serial = certificate.serial_number
+    assert serial is not None
+    if serial <= 0:
+        raise PKIError(f"serial numbers are positive, got {serial}")
+
+    crl_path = ca_dir / CRL_FILE
+    entries: list[x509.RevokedCertificate] = []
+    number = 0
+    if crl_path.exists():
+        existing = load_revocation_list(crl_path, ca_pem)
+        if serial in existing.revoked:
+            return Revocation(crl_path, serial, already_revoked=True, total=len(existing.revoked))
+        crl = x509.load_pem_x509_crl(_read(crl_path))
+        entries = list(crl)
+        number = existing.number
+
+    now = dt.datetime.now(dt.timezone.utc)
+    entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now)
+    if reason is not None:
+        entry = entry.add_extension(x509.CRLReason(reason), critical=False)
+    entries.append(entry.build())
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - CLOCK_SKEW)
+        # fedlink publishes no CRL schedule; the list stays authoritative while the CA is valid.
+        .next_update(ca_cert.not_valid_after_utc)
+        .add_extension(x509.CRLNumber(number + 1), critical=False)
+        .add_extension(_authority_key_identifier(ca_cert), critical=False)
+    )
+    for revoked in entries:
+        builder = builder.add_revoked_certificate(revoked)
+    signed = builder.sign(ca_key, hashes.SHA256())
+    _write_file(crl_path, signed.public_bytes(serialization.Encoding.PEM), private=False)
+    return Revocation(crl_path, serial, already_revoked=False, total=len(entries))
+
+
+def load_revocation_list(path: Path, ca_pem: bytes) -> RevocationList:
+    """Read a CRL and check that the federation CA (`ca_pem`) issued and signed it."""
+    path = Path(path)
+    if not path.is_file():
+        raise PKIError(
+            f"revocation list {path} not found; copy crl.pem from the CA directory "
+            "(`fedlink certs revoke` writes it there)"
+        )
+    data = _read(path)
+    try:
+        crl = x509.load_pem_x509_crl(data)
+    except ValueError as exc:
+        raise PKIError(
+            f"{path} is not a PEM certificate revocation list; pass the crl.pem written by "
+            "`fedlink certs revoke`"
+        ) from exc
+    ca_cert = x509.load_pem_x509_certificate(ca_pem)
+    public_key = ca_cert.public_key()
+    if crl.issuer != ca_cert.subject or not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise PKIError(
+            f"revocation list {path} was not issued by this federation's CA; pass the crl.pem "
+            "from the CA directory that issued the client certificates"
+        )
+    if not crl.is_signature_valid(public_key):
+        raise PKIError(
+            f"revocation list {path} has an invalid signature (tampered, or from another CA); "
+            "copy crl.pem again from the CA directory"
+        )
+    try:
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        number = 0
+    return RevocationList(
+        revoked={entry.serial_number: entry.revocation_date_utc for entry in crl},
+        last_update=crl.last_update_utc,
+        next_update=crl.next_update_utc,
+        number=number,
+    )
+
+
+def _validate_issued_name(name: str) -> None:
+    validate_name(name)
     # The bundle already holds ca.pem; a participant called "ca" would overwrite it.
     if name.lower() == Path(CA_CERT_FILE).stem:
         raise PKIError(f"the name {name!r} is reserved for the CA certificate; choose another")

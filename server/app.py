@@ -27,7 +27,7 @@ from fedlink.server.config import ServerConfig
 from fedlink.server.monitoring import MetricsEndpoint
 from fedlink.server.report import MetricsLog, plot_accuracy, read_metrics, table_header, table_row
 from fedlink.server.rounds import Evaluator, RoundEngine, RoundRecord
-from fedlink.server.service import FederationServicer
+from fedlink.server.service import FederationServicer, RequestParsing
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,9 @@ def _build_server(
     asked for explicitly, plaintext). Returns the server and the bound port."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
+        # Beyond this many calls in progress or queued, gRPC answers RESOURCE_EXHAUSTED itself.
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        interceptors=[RequestParsing()],
         options=[
             ("grpc.max_receive_message_length", config.chunk_size + MESSAGE_OVERHEAD),
             ("grpc.max_send_message_length", config.chunk_size + MESSAGE_OVERHEAD),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedlink.common.errors import ConfigError
+from fedlink.common.errors import ConfigError, PKIError
 from fedlink.common.logs import check_log_format
+from fedlink.common.pki import validate_name
 from fedlink.common.wire import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from fedlink.server.robust import parse_rule
 
@@ -118,6 +120,29 @@ class ServerConfig:
         metadata=_help("host:port for the Prometheus metrics endpoint (plain HTTP; unset = off)"),
     )
     log_format: str = field(default="text", metadata=_help("log lines on stderr: text or json"))
+    # Access control and resource limits (docs/security.md).
+    allowed_clients: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "client identities (certificate names) allowed to join; empty = any the CA signed"
+        ),
+    )
+    revocation_list: Path | None = field(
+        default=None,
+        metadata=_help("CRL from `fedlink certs revoke` (crl.pem); reloaded when the file changes"),
+    )
+    rate_limit_per_second: float = field(
+        default=50.0, metadata=_help("calls per second each client may make on average")
+    )
+    rate_limit_burst: int = field(
+        default=100, metadata=_help("calls a client may make at once before the rate applies")
+    )
+    max_calls_per_client: int = field(
+        default=8, metadata=_help("calls one client may have in progress at the same time")
+    )
+    max_concurrent_rpcs: int = field(
+        default=2048, metadata=_help("calls in progress or queued across all clients")
+    )
 
     def __post_init__(self) -> None:
         if not self.insecure and not (self.cert and self.key and self.ca):
@@ -134,6 +159,9 @@ class ServerConfig:
             "batch_size": self.batch_size,
             "max_num_examples": self.max_num_examples,
             "max_workers": self.max_workers,
+            "rate_limit_burst": self.rate_limit_burst,
+            "max_calls_per_client": self.max_calls_per_client,
+            "max_concurrent_rpcs": self.max_concurrent_rpcs,
             "keep_checkpoints": self.keep_checkpoints,
         }
         for name, value in positive.items():
@@ -166,6 +194,23 @@ class ServerConfig:
             raise ConfigError("evaluate_every and max_round_retries must be >= 0")
         if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
             raise ConfigError(f"chunk_size must be in {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
+        self._check_access()
+
+    def _check_access(self) -> None:
+        if not (self.rate_limit_per_second > 0 and math.isfinite(self.rate_limit_per_second)):
+            raise ConfigError(
+                f"rate_limit_per_second must be a positive number, got {self.rate_limit_per_second}"
+            )
+        if self.insecure and (self.allowed_clients or self.revocation_list is not None):
+            raise ConfigError(
+                "allowed_clients and revocation_list need certificates; they cannot be used "
+                "with --insecure"
+            )
+        for name in self.allowed_clients:
+            try:
+                validate_name(name)
+            except PKIError as exc:
+                raise ConfigError(f"allowed_clients: {exc}") from None
 
     def task_config(self) -> dict[str, str]:
         """The training hyper-parameters every client receives when it joins."""

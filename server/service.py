@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import logging
+import math
 import secrets
-import threading
-from collections.abc import Iterator
-from typing import NoReturn
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn, TypeAlias
 
 import grpc
 
-from fedlink.common.errors import PKIError, UpdateRejected
-from fedlink.common.pki import identity_from_pem
+from fedlink.common.errors import AccessDenied, PKIError, UpdateRejected
 from fedlink.common.wire import JOIN_REQUIRED, SESSION_METADATA_KEY, PayloadInfo
+from fedlink.server.access import AccessPolicy, Sessions, parse_peer
 from fedlink.server.config import ServerConfig
+from fedlink.server.limits import CallSlot, ClientLimits
 from fedlink.server.rounds import ResultHeader, RoundEngine, TaskKind, TaskOffer
 from fedlink.v1 import federation_pb2 as pb
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+# Seconds between log lines about the same client being refused for the same reason.
+REFUSAL_LOG_INTERVAL = 60.0
 
 
 _KINDS = {
@@ -34,33 +39,60 @@ class FederationServicer(pb_grpc.FederationServicer):
         self._engine = engine
         self._config = config
         self._federation_id = federation_id
-        self._sessions: dict[str, str] = {}
-        self._sessions_lock = threading.Lock()
+        self._policy = AccessPolicy.from_config(config)
+        self._sessions = Sessions()
+        self._limits = ClientLimits(
+            rate=config.rate_limit_per_second,
+            burst=config.rate_limit_burst,
+            max_calls=config.max_calls_per_client,
+        )
+        self._refusals_logged: dict[tuple[str, str], float] = {}
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         if self._config.insecure:
-            token = secrets.token_hex(16)
-            identity = f"insecure-{token[:8]}"
-            with self._sessions_lock:
-                self._sessions[token] = identity
-            context.set_trailing_metadata(((SESSION_METADATA_KEY, token),))
+            identity = f"insecure-{secrets.token_hex(4)}"
+            token, _ = self._sessions.open(identity, context.peer())
+            slot = None
         else:
-            identity = self._identity(context)
-        self._engine.join(identity)
-        return pb.JoinReply(
-            federation_id=self._federation_id,
-            identity=identity,
-            task=self._config.task,
-            task_config=self._config.task_config(),
-            chunk_size=self._config.chunk_size,
-            heartbeat_interval_seconds=self._config.heartbeat_interval_seconds,
-            num_rounds=self._config.num_rounds,
-        )
+            identity = self._verified_identity(context)
+            slot = self._admit(context, identity)
+            token, superseded = self._sessions.open(identity, context.peer())
+            if superseded:
+                # The round engine hands a task that was pulled but not delivered to the new
+                # session, so a restarted client picks up where the old process stopped.
+                log.warning(
+                    "%s joined again from %s; its previous session is superseded",
+                    identity,
+                    context.peer(),
+                )
+        try:
+            context.set_trailing_metadata(((SESSION_METADATA_KEY, token),))
+            self._engine.join(identity)
+            return pb.JoinReply(
+                federation_id=self._federation_id,
+                identity=identity,
+                task=self._config.task,
+                task_config=self._config.task_config(),
+                chunk_size=self._config.chunk_size,
+                heartbeat_interval_seconds=self._config.heartbeat_interval_seconds,
+                num_rounds=self._config.num_rounds,
+            )
+        finally:
+            if slot is not None:
+                slot.release()
 
     def PullTask(
         self, request: pb.PullTaskRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.TaskMessage]:
-        identity = self._identity(context)
+        identity, slot = self._caller(context)
+        try:
+            yield from self._task_stream(identity, context)
+        finally:
+            slot.release()
+
+    def _task_stream(
+        self, identity: str, context: grpc.ServicerContext
+    ) -> Iterator[pb.TaskMessage]:
         try:
             offer = self._engine.next_task(identity)
         except UpdateRejected as exc:
@@ -79,8 +111,23 @@ class FederationServicer(pb_grpc.FederationServicer):
     def PushResult(
         self, request_iterator: Iterator[pb.ResultMessage], context: grpc.ServicerContext
     ) -> pb.PushResultReply:
-        identity = self._identity(context)
-        first = next(request_iterator, None)
+        identity, slot = self._caller(context)
+        try:
+            return self._receive_result(identity, request_iterator, context)
+        finally:
+            slot.release()
+
+    def _receive_result(
+        self,
+        identity: str,
+        request_iterator: Iterator[pb.ResultMessage],
+        context: grpc.ServicerContext,
+    ) -> pb.PushResultReply:
+        try:
+            first = next(request_iterator, None)
+        except UpdateRejected as exc:  # a malformed message (see RequestParsing)
+            self._engine.reject_participant(identity, exc)
+            _abort(context, exc)
         if first is None or first.WhichOneof("message") != "header":
             error = UpdateRejected("INVALID_ARGUMENT", "the first message must be a ResultHeader")
             self._engine.reject_participant(identity, error)
@@ -111,33 +158,149 @@ class FederationServicer(pb_grpc.FederationServicer):
     def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
     ) -> pb.HeartbeatReply:
-        identity = self._identity(context)
-        if not self._engine.touch(identity):
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, JOIN_REQUIRED)
-        return pb.HeartbeatReply(federation_active=self._engine.active)
+        identity, slot = self._caller(context)
+        try:
+            if not self._engine.touch(identity):
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, JOIN_REQUIRED)
+            return pb.HeartbeatReply(federation_active=self._engine.active)
+        finally:
+            slot.release()
 
-    def _identity(self, context: grpc.ServicerContext) -> str:
-        """Who is calling: the verified client certificate's common name (or, in insecure
-        development mode, the session token handed out by Join)."""
+    def _caller(self, context: grpc.ServicerContext) -> tuple[str, CallSlot]:
+        """Who is calling, checked (access policy, session) and admitted (rate, calls in
+        progress). The returned slot must be released when the call ends."""
+        token = dict(context.invocation_metadata()).get(SESSION_METADATA_KEY)
+        token = token if isinstance(token, str) else None
         if self._config.insecure:
-            metadata = dict(context.invocation_metadata())
-            token = metadata.get(SESSION_METADATA_KEY)
-            with self._sessions_lock:
-                identity = self._sessions.get(token) if isinstance(token, str) else None
+            identity = self._sessions.identity_of(token)
             if identity is None:
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, JOIN_REQUIRED)
-            return identity
+        else:
+            identity = self._verified_identity(context)
+            try:
+                self._sessions.check(identity, token)
+            except AccessDenied as exc:
+                self._refuse(context, identity, exc)
+        return identity, self._admit(context, identity)
+
+    def _verified_identity(self, context: grpc.ServicerContext) -> str:
+        """The verified client certificate's common name, once the access policy allows it."""
         certs = context.auth_context().get("x509_pem_cert")
         if not certs:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+        pem = certs[0]
         try:
-            pem = certs[0]
-            return identity_from_pem(pem if isinstance(pem, bytes) else str(pem).encode())
+            peer = parse_peer(pem if isinstance(pem, bytes) else str(pem).encode())
         except PKIError as exc:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        try:
+            self._policy.check(peer)
+        except AccessDenied as exc:
+            # Revoked or expired mid-run: drop it from the current round, which must not wait.
+            self._engine.reject_participant(peer.identity, UpdateRejected(exc.code, str(exc)))
+            self._refuse(context, peer.identity, exc)
+        return peer.identity
+
+    def _admit(self, context: grpc.ServicerContext, identity: str) -> CallSlot:
+        try:
+            slot = self._limits.admit(identity)
+        except AccessDenied as exc:
+            self._refuse(context, identity, exc)
+        # Released by the handler's `finally`, or here when gRPC ends the call without resuming
+        # the handler (a cancelled stream).
+        context.add_callback(slot.release)
+        return slot
+
+    def _refuse(self, context: grpc.ServicerContext, identity: str, exc: AccessDenied) -> NoReturn:
+        # One log line per identity and kind of refusal per minute: a client hammering the
+        # coordinator must not flood its log.
+        key = (identity, exc.code)
+        now = time.monotonic()
+        if now - self._refusals_logged.get(key, -math.inf) >= REFUSAL_LOG_INTERVAL:
+            self._refusals_logged[key] = now
+            log.warning("refused %s (%s): %s", identity, context.peer(), exc)
+        context.abort(grpc.StatusCode[exc.code], str(exc))
 
 
-def _abort(context: grpc.ServicerContext, exc: UpdateRejected) -> NoReturn:
+# Generic only in the type stubs, so the alias is a string.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Behavior = Callable[[Any, grpc.ServicerContext], Any]
+
+
+class RequestParsing(grpc.ServerInterceptor):
+    """Parse every request message inside the handler instead of in gRPC.
+
+    gRPC Python (1.85) never releases the state of a call whose request fails to deserialize
+    ("Exception deserializing request!"): about 19 KB stays allocated per malformed request, so
+    any client with a certificate could grow the coordinator's memory without bound. With the
+    parsing moved into the handler, a malformed message is answered INVALID_ARGUMENT and the call
+    ends normally. Applies to every service on the server, the health service included (only
+    PushResult takes a request stream; its handler turns a malformed message into a status).
+    """
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+        serialize = handler.response_serializer
+        if handler.request_streaming:
+            stream = handler.stream_stream if handler.response_streaming else handler.stream_unary
+            assert stream is not None
+            parsed_stream = _parsing_stream(stream, parse)
+            if handler.response_streaming:
+                return grpc.stream_stream_rpc_method_handler(
+                    parsed_stream, response_serializer=serialize
+                )
+            return grpc.stream_unary_rpc_method_handler(
+                parsed_stream, response_serializer=serialize
+            )
+        unary = handler.unary_stream if handler.response_streaming else handler.unary_unary
+        assert unary is not None
+        parsed_unary = _parsing_unary(unary, parse)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(parsed_unary, response_serializer=serialize)
+        return grpc.unary_unary_rpc_method_handler(parsed_unary, response_serializer=serialize)
+
+
+def _parsing_unary(behavior: Behavior, parse: Callable[[bytes], Any]) -> Behavior:
+    def parsed(raw: bytes, context: grpc.ServicerContext) -> Any:
+        return behavior(_parse(parse, raw, context), context)
+
+    return parsed
+
+
+def _parsing_stream(behavior: Behavior, parse: Callable[[bytes], Any]) -> Behavior:
+    def parsed(raw: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+        return behavior((_parse_streamed(parse, message) for message in raw), context)
+
+    return parsed
+
+
+MALFORMED = "malformed request: not a valid protobuf message"
+
+
+def _parse(parse: Callable[[bytes], Any], raw: bytes, context: grpc.ServicerContext) -> Any:
+    try:
+        return parse(raw)
+    except Exception:  # protobuf's DecodeError, or anything else the parser raises
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED)
+
+
+def _parse_streamed(parse: Callable[[bytes], Any], raw: bytes) -> Any:
+    """A message of a request stream. A malformed one raises UpdateRejected in the handler
+    reading the stream, which ends the upload as misbehaviour, not as a client that went away."""
+    try:
+        return parse(raw)
+    except Exception:  # protobuf's DecodeError, or anything else the parser raises
+        raise UpdateRejected("INVALID_ARGUMENT", MALFORMED) from None
+
+
+def _abort(context: grpc.ServicerContext, exc: UpdateRejected | AccessDenied) -> NoReturn:
     context.abort(grpc.StatusCode[exc.code], str(exc))
 
 

@@ -269,6 +269,9 @@ def test_chunk_size_at_bounds_is_accepted(chunk_size: int) -> None:
         "batch_size",
         "max_num_examples",
         "max_workers",
+        "rate_limit_burst",
+        "max_calls_per_client",
+        "max_concurrent_rpcs",
         "keep_checkpoints",
     ],
 )
@@ -329,6 +332,35 @@ def test_nan_for_a_positive_float_is_rejected(cls: type[Any], field: str) -> Non
 def test_out_of_range_client_values_are_rejected(overrides: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         load_config(ClientConfig, environ=DEV, overrides=overrides)
+
+
+def test_allowed_clients_is_a_toml_list_or_a_comma_separated_string(tmp_path: Path) -> None:
+    path = _toml(tmp_path, 'allowed_clients = ["site-a", "site-b"]\n')
+    from_file = load_config(ServerConfig, path=path, overrides=TLS, environ={})
+    assert from_file.allowed_clients == ("site-a", "site-b")
+    from_env = load_config(
+        ServerConfig, overrides=TLS, environ={"FEDLINK_ALLOWED_CLIENTS": "site-a, site-c"}
+    )
+    assert from_env.allowed_clients == ("site-a", "site-c")
+
+
+def test_an_allowed_client_that_cannot_be_a_certificate_name_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="allowed_clients: invalid certificate name 'a b'"):
+        load_config(ServerConfig, overrides={**TLS, "allowed_clients": ("a b",)}, environ={})
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"allowed_clients": ("site-a",)}, {"revocation_list": "crl.pem"}]
+)
+def test_access_control_needs_tls(overrides: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="cannot be used with --insecure"):
+        _server(**overrides)
+
+
+@pytest.mark.parametrize("rate", ["0", "-1", "nan", "inf"])
+def test_rate_limit_must_be_a_positive_number(rate: str) -> None:
+    with pytest.raises(ConfigError, match="rate_limit_per_second"):
+        load_config(ServerConfig, environ={**DEV, "FEDLINK_RATE_LIMIT_PER_SECOND": rate})
 
 
 def test_task_config_sends_training_hyperparameters_as_strings() -> None:

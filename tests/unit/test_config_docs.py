@@ -49,6 +49,8 @@ def _toml_blocks(section: str) -> list[str]:
 def _documented_default(value: Any) -> str:
     if value is None:
         return "unset"
+    if isinstance(value, tuple):
+        return f"`{list(value)}`"  # a TOML list
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
     return f"`{value}`"

@@ -21,10 +21,12 @@ from fedlink.common.errors import PKIError
 from fedlink.common.pki import (
     CertPaths,
     Credentials,
-    identity_from_pem,
     init_ca,
     issue_certificate,
     load_credentials,
+    load_revocation_list,
+    peer_certificate,
+    revoke_certificate,
 )
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX-only")
@@ -430,17 +432,111 @@ def test_load_credentials_is_quiet_about_an_owner_only_key(
     assert caplog.records == []
 
 
-# --- identity_from_pem ---------------------------------------------------------------------------
+# --- peer_certificate ----------------------------------------------------------------------------
 
 
-def test_identity_from_pem_is_the_common_name(client: CertPaths, server: CertPaths) -> None:
-    assert identity_from_pem(client.cert.read_bytes()) == "client-1"
-    assert identity_from_pem(server.cert.read_bytes()) == "coordinator"
+def test_peer_certificate_names_the_common_name_serial_and_validity(
+    client: CertPaths, server: CertPaths
+) -> None:
+    peer = peer_certificate(client.cert.read_bytes())
+    issued = _cert(client.cert)
+    assert peer.identity == "client-1"
+    assert peer.serial == issued.serial_number
+    assert (peer.not_before, peer.not_after) == (
+        issued.not_valid_before_utc,
+        issued.not_valid_after_utc,
+    )
+    assert peer_certificate(server.cert.read_bytes()).identity == "coordinator"
 
 
-def test_identity_from_pem_rejects_garbage() -> None:
+def test_peer_certificate_rejects_garbage() -> None:
     with pytest.raises(PKIError):
-        identity_from_pem(b"not a certificate")
+        peer_certificate(b"not a certificate")
+
+
+# --- revocation ----------------------------------------------------------------------------------
+
+
+def test_revoke_writes_a_crl_signed_by_the_ca_listing_the_serial(
+    ca_dir: Path, client: CertPaths
+) -> None:
+    result = revoke_certificate(ca_dir, cert=client.cert, reason=x509.ReasonFlags.key_compromise)
+
+    assert result.crl == ca_dir / "crl.pem" and not result.already_revoked
+    crl = x509.load_pem_x509_crl(result.crl.read_bytes())
+    ca_cert = _cert(ca_dir / "ca.pem")
+    ca_key = ca_cert.public_key()
+    assert isinstance(ca_key, ec.EllipticCurvePublicKey)
+    assert crl.is_signature_valid(ca_key)
+    assert crl.issuer == ca_cert.subject
+    entry = crl.get_revoked_certificate_by_serial_number(_cert(client.cert).serial_number)
+    assert entry is not None
+    reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    assert reason == x509.ReasonFlags.key_compromise
+    loaded = load_revocation_list(result.crl, (ca_dir / "ca.pem").read_bytes())
+    assert set(loaded.revoked) == {_cert(client.cert).serial_number}
+    assert loaded.number == 1
+
+
+def test_revoking_again_keeps_earlier_entries_and_raises_the_crl_number(
+    ca_dir: Path, client: CertPaths, tmp_path: Path
+) -> None:
+    other = issue_certificate(ca_dir, tmp_path / "c2", "client-2", role="client")
+    revoke_certificate(ca_dir, cert=client.cert)
+    revoke_certificate(ca_dir, serial=0xABC)
+    result = revoke_certificate(ca_dir, cert=other.cert)
+    again = revoke_certificate(ca_dir, cert=other.cert)
+
+    loaded = load_revocation_list(result.crl, (ca_dir / "ca.pem").read_bytes())
+    assert set(loaded.revoked) == {
+        _cert(client.cert).serial_number,
+        0xABC,
+        _cert(other.cert).serial_number,
+    }
+    assert loaded.number == 3
+    assert again.already_revoked and again.total == 3
+
+
+def test_revoke_refuses_a_certificate_from_another_ca(ca_dir: Path, tmp_path: Path) -> None:
+    init_ca(tmp_path / "other-ca")
+    foreign = issue_certificate(tmp_path / "other-ca", tmp_path / "f", "client-1", role="client")
+    with pytest.raises(PKIError, match="not issued by the CA"):
+        revoke_certificate(ca_dir, cert=foreign.cert)
+    assert not (ca_dir / "crl.pem").exists()
+
+
+def test_a_crl_signed_by_another_ca_is_refused(ca_dir: Path, tmp_path: Path) -> None:
+    init_ca(tmp_path / "other-ca", name="fedlink federation CA")  # same name, other key
+    crl = revoke_certificate(tmp_path / "other-ca", serial=5).crl
+    with pytest.raises(PKIError, match="invalid signature"):
+        load_revocation_list(crl, (ca_dir / "ca.pem").read_bytes())
+
+
+def test_a_tampered_or_garbage_crl_is_refused(ca_dir: Path, tmp_path: Path) -> None:
+    crl = revoke_certificate(ca_dir, serial=5).crl
+    der = x509.load_pem_x509_crl(crl.read_bytes()).public_bytes(serialization.Encoding.DER)
+    tampered = bytearray(der)
+    index = der.index((5).to_bytes(1, "big") + b"\x17")  # serial 5, then the revocation UTCTime
+    tampered[index] = 6
+    forged = tmp_path / "forged.pem"
+    forged.write_bytes(
+        x509.load_der_x509_crl(bytes(tampered)).public_bytes(serialization.Encoding.PEM)
+    )
+    with pytest.raises(PKIError, match="invalid signature"):
+        load_revocation_list(forged, (ca_dir / "ca.pem").read_bytes())
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a crl")
+    with pytest.raises(PKIError, match="not a PEM certificate revocation list"):
+        load_revocation_list(garbage, (ca_dir / "ca.pem").read_bytes())
+    with pytest.raises(PKIError, match=r"not found; copy crl\.pem from the CA directory"):
+        load_revocation_list(tmp_path / "missing.pem", (ca_dir / "ca.pem").read_bytes())
+
+
+def test_revoke_needs_exactly_one_certificate(ca_dir: Path, client: CertPaths) -> None:
+    with pytest.raises(PKIError, match="--cert FILE or --serial N"):
+        revoke_certificate(ca_dir)
+    with pytest.raises(PKIError, match="--cert FILE or --serial N"):
+        revoke_certificate(ca_dir, cert=client.cert, serial=1)
 
 
 # --- fedlink certs -------------------------------------------------------------------------------
@@ -502,3 +598,17 @@ def test_cli_requires_exactly_one_role(tmp_path: Path) -> None:
         _cli(*common)
     with pytest.raises(SystemExit):
         _cli(*common, "--server", "--client")
+
+
+def test_cli_revoke_takes_a_file_or_a_hex_serial(
+    ca_dir: Path, client: CertPaths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _cli("certs", "revoke", "--ca-dir", str(ca_dir), "--cert", str(client.cert)) == 0
+    assert _cli("certs", "revoke", "--ca-dir", str(ca_dir), "--serial", "0a:bc") == 0
+    printed = capsys.readouterr().out
+    assert f"revoked serial {_cert(client.cert).serial_number:x}" in printed
+    assert "(2 revoked)" in printed
+    revoked = load_revocation_list(ca_dir / "crl.pem", (ca_dir / "ca.pem").read_bytes()).revoked
+    assert set(revoked) == {_cert(client.cert).serial_number, 0xABC}
+    assert _cli("certs", "revoke", "--ca-dir", str(ca_dir / "missing"), "--serial", "1") == 2
+    assert "no federation CA" in capsys.readouterr().err
