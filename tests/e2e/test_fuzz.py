@@ -166,7 +166,7 @@ def test_zz_the_model_is_unchanged_and_an_honest_update_still_goes_through(
     assert accepted == grpc.StatusCode.OK
     target.thread.join(60)
     summary = target.result["summary"]
-    assert summary.completed and summary.records[-1].clients_accepted == 1
+    assert summary.completed and summary.last_record.clients_accepted == 1
     with open_state_file(Path(summary.final_model)) as final:
         expected = client.honest_state()
         assert final.keys() == expected.keys()
