@@ -234,6 +234,14 @@ class RoundEngine:
         if config.dp_clip_norm is not None:
             self._rule = DPFedAvg(self._rule, config.dp_noise_multiplier, config.dp_clip_norm)
             self._accountant = PrivacyAccountant(resume_from.privacy if resume_from else ())
+            log.info(
+                "differential privacy: DP-FedAvg with clip norm %g, noise multiplier %g, "
+                "delta %g, budget %s",
+                config.dp_clip_norm,
+                config.dp_noise_multiplier,
+                config.dp_delta,
+                "none" if config.dp_max_epsilon is None else f"epsilon {config.dp_max_epsilon:g}",
+            )
         if resume_from is not None:
             _check_privacy_history(resume_from.round, len(resume_from.privacy), self._accountant)
         self.metrics.dp_epsilon.set(self._epsilon() if self._accountant else math.inf)
