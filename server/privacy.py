@@ -145,7 +145,9 @@ class DPFedAvg(AggregationRule):
     (up to `max_num_examples`), so with count weights one client could move the average by up to
     S times its share of the weight, and the count itself would leak; with uniform weights each
     client changes the sum by at most S, which is what z S is calibrated to. m is known to the
-    coordinator anyway, so dividing by it is post-processing.
+    coordinator anyway, so dividing by it is post-processing. The sensitivity S is for adding or
+    removing one client's data (its update replaced by at most a zero update); replacing one
+    client's update by an arbitrary other one would be 2 S.
     """
 
     def __init__(self, inner: AggregationRule, noise_multiplier: float, clip_norm: float) -> None:
