@@ -186,6 +186,15 @@ def run_server(config: ServerConfig) -> int:
             config.state_dir,
         )
         return 0
+    if summary.budget_spent:
+        log.info(
+            "federation finished early: privacy budget dp_max_epsilon=%g spent after round %d "
+            "of %d",
+            config.dp_max_epsilon,
+            summary.rounds_completed,
+            config.num_rounds,
+        )
+        return 0
     if not summary.completed:
         log.error(
             "run failed: %d of %d rounds completed", summary.rounds_completed, config.num_rounds

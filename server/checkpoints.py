@@ -7,6 +7,10 @@ written atomically and durably (temp file, fsync, rename, fsync of the directory
 only after the model it names, so a crash never leaves a checkpoint pointing at a partial model.
 A checkpoint whose JSON does not parse, or whose model is missing or does not hash to the
 recorded digest, is skipped with a warning and the one before it is used.
+
+With differential privacy on, `privacy` holds the accountant's history (each mechanism applied
+and for how many rounds), so a resumed run continues the accounting where it stopped. The field
+is optional: a checkpoint written before it existed loads with an empty history.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 from fedlink.common.errors import ConfigError
 from fedlink.common.storage import file_sha256, write_durably
 from fedlink.server.config import ServerConfig
+from fedlink.server.privacy import MechanismStep, compact
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,7 @@ class Checkpoint:
     clients: tuple[str, ...]  # every identity that has joined, for sampling after a restart
     record: Mapping[str, Any]  # the round's metrics.jsonl row
     run: Mapping[str, Any]  # what the run was started with (task, seed): must match on resume
+    privacy: tuple[MechanismStep, ...] = ()  # the privacy accountant's history (DP runs)
 
 
 class CheckpointStore:
@@ -57,6 +63,14 @@ class CheckpointStore:
             "clients": list(checkpoint.clients),
             "record": dict(checkpoint.record),
             "run": dict(checkpoint.run),
+            "privacy": [
+                {
+                    "noise_multiplier": step.noise_multiplier,
+                    "sample_rate": step.sample_rate,
+                    "steps": step.steps,
+                }
+                for step in compact(checkpoint.privacy)
+            ],
         }
         path = self._dir / f"round-{checkpoint.round:06d}.json"
         write_durably(path, json.dumps(document, indent=1).encode())
@@ -103,6 +117,12 @@ class CheckpointStore:
             clients=tuple(str(c) for c in document["clients"]),
             record=dict(document["record"]),
             run=dict(document["run"]),
+            privacy=tuple(
+                MechanismStep(
+                    float(step["noise_multiplier"]), float(step["sample_rate"]), int(step["steps"])
+                )
+                for step in document.get("privacy", [])
+            ),
         )
 
     def _rounds(self) -> list[int]:

@@ -10,7 +10,7 @@ from fedlink.common.errors import ConfigError, PKIError
 from fedlink.common.logs import check_log_format
 from fedlink.common.pki import validate_name
 from fedlink.common.wire import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
-from fedlink.server.robust import parse_rule
+from fedlink.server.robust import AggregationRule, FedAvg, parse_rule
 
 
 def _help(text: str) -> dict[str, str]:
@@ -143,6 +143,22 @@ class ServerConfig:
     max_concurrent_rpcs: int = field(
         default=2048, metadata=_help("calls in progress or queued across all clients")
     )
+    # Client-level differential privacy (DP-FedAvg, docs/privacy.md): on when dp_clip_norm is set.
+    dp_clip_norm: float | None = field(
+        default=None,
+        metadata=_help(
+            "client-level DP-FedAvg: clip each update's change to this L2 norm S, average with "
+            "uniform weights and add N(0, (z S)^2) to the sum (unset = off)"
+        ),
+    )
+    dp_noise_multiplier: float = field(
+        default=1.0, metadata=_help("DP noise multiplier z: noise std z * dp_clip_norm on the sum")
+    )
+    dp_delta: float = field(default=1e-5, metadata=_help("DP delta the epsilon is reported at"))
+    dp_max_epsilon: float | None = field(
+        default=None,
+        metadata=_help("DP budget: stop before the round that would take epsilon past this"),
+    )
 
     def __post_init__(self) -> None:
         if not self.insecure and not (self.cert and self.key and self.ca):
@@ -195,6 +211,7 @@ class ServerConfig:
         if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
             raise ConfigError(f"chunk_size must be in {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
         self._check_access()
+        self._check_privacy(rule)
 
     def _check_access(self) -> None:
         if not (self.rate_limit_per_second > 0 and math.isfinite(self.rate_limit_per_second)):
@@ -211,6 +228,33 @@ class ServerConfig:
                 validate_name(name)
             except PKIError as exc:
                 raise ConfigError(f"allowed_clients: {exc}") from None
+
+    def _check_privacy(self, rule: AggregationRule) -> None:
+        if self.dp_clip_norm is None:
+            if self.dp_max_epsilon is not None:
+                raise ConfigError(
+                    "dp_max_epsilon needs differential privacy: set dp_clip_norm (and "
+                    "dp_noise_multiplier) as well"
+                )
+            return
+        # Written as "not > 0" so that NaN is refused too.
+        if not (math.isfinite(self.dp_clip_norm) and self.dp_clip_norm > 0):
+            raise ConfigError(f"dp_clip_norm must be positive and finite, got {self.dp_clip_norm}")
+        if not (math.isfinite(self.dp_noise_multiplier) and self.dp_noise_multiplier > 0):
+            raise ConfigError(
+                f"dp_noise_multiplier must be positive and finite, got {self.dp_noise_multiplier} "
+                "(without noise there is no privacy guarantee: unset dp_clip_norm instead)"
+            )
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+        if self.dp_max_epsilon is not None and not self.dp_max_epsilon > 0:
+            raise ConfigError(f"dp_max_epsilon must be positive, got {self.dp_max_epsilon}")
+        if type(rule) is not FedAvg:
+            raise ConfigError(
+                f"differential privacy averages clipped updates (DP-FedAvg), so it needs "
+                f'aggregation = "fedavg", got {self.aggregation!r}: the noise is calibrated to '
+                "a mean, not to a median or Krum"
+            )
 
     def task_config(self) -> dict[str, str]:
         """The training hyper-parameters every client receives when it joins."""

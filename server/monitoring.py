@@ -54,6 +54,12 @@ class CoordinatorMetrics:
             registry=self.registry,
         )
 
+        self.dp_epsilon = Gauge(
+            "fedlink_dp_epsilon",
+            "Differential privacy spent so far (epsilon at dp_delta); +Inf when DP is off",
+            registry=self.registry,
+        )
+
     def count_clients_with(self, live_clients: Callable[[], int]) -> None:
         """Read the live-client count when scraped, so it is never stale."""
         self.clients_connected.set_function(lambda: float(live_clients()))

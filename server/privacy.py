@@ -1,4 +1,5 @@
-"""Privacy accounting for client-level DP-FedAvg: (epsilon, delta) spent after every round.
+"""Client-level DP-FedAvg on the coordinator (`DPFedAvg`, a wrapper around the FedAvg rule) and
+its privacy accounting: (epsilon, delta) spent after every round.
 
 Each noised round is a subsampled Gaussian mechanism with noise multiplier z (noise sigma = z * S
 on the sum of updates clipped to S) and sampling rate q (the chance that a given client takes
@@ -13,11 +14,26 @@ full participation use q = 1: there is no amplification by sampling then.
 
 from __future__ import annotations
 
+import logging
 import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
+
+from fedlink.common.dp import add_gaussian_noise, sum_noise_std
+from fedlink.common.errors import ConfigError
+from fedlink.common.tensors import Manifest, StateDict
+from fedlink.server.robust import AggregationRule, FedAvg, RoundUpdates, Update
+
+log = logging.getLogger(__name__)
+
+# The engine's sampling is a seeded fixed-size cohort, not secret Poisson sampling: no
+# amplification by sampling can be claimed, so every round is accounted at q = 1.
+ROUND_SAMPLE_RATE = 1.0
 
 # Opacus's default orders: dense where the optimum usually lies, up to 63.
 DEFAULT_ORDERS: tuple[float, ...] = (
@@ -99,6 +115,74 @@ class PrivacyAccountant:
             dtype=np.float64,
         )
         return rdp
+
+
+def compact(history: Iterable[MechanismStep]) -> tuple[MechanismStep, ...]:
+    """`history` with consecutive steps of the same mechanism merged (what a checkpoint stores)."""
+    merged: list[MechanismStep] = []
+    for step in history:
+        last = merged[-1] if merged else None
+        if last is not None and (last.noise_multiplier, last.sample_rate) == (
+            step.noise_multiplier,
+            step.sample_rate,
+        ):
+            merged[-1] = MechanismStep(
+                last.noise_multiplier, last.sample_rate, last.steps + step.steps
+            )
+        else:
+            merged.append(step)
+    return tuple(merged)
+
+
+class DPFedAvg(AggregationRule):
+    """DP-FedAvg (McMahan et al., ICLR 2018) wrapped around the FedAvg rule.
+
+    Each update's change from the global model is clipped to L2 norm S (all floating tensors
+    together), the clipped changes are summed with uniform weights, N(0, (z S)^2) is added to
+    every coordinate of the sum and the result is divided by the number of updates m.
+
+    Uniform weights, not sample counts: a client's sample count is self-reported and unbounded
+    (up to `max_num_examples`), so with count weights one client could move the average by up to
+    S times its share of the weight, and the count itself would leak; with uniform weights each
+    client changes the sum by at most S, which is what z S is calibrated to. m is known to the
+    coordinator anyway, so dividing by it is post-processing. The sensitivity S is for adding or
+    removing one client's data (its update replaced by at most a zero update); replacing one
+    client's update by an arbitrary other one would be 2 S.
+    """
+
+    def __init__(self, inner: AggregationRule, noise_multiplier: float, clip_norm: float) -> None:
+        if type(inner) is not FedAvg:
+            raise ConfigError(f"DP-FedAvg wraps the fedavg rule, not {inner.name}")
+        self.inner = inner
+        self.noise_multiplier = noise_multiplier
+        self.clip_norm = clip_norm
+        self.sum_std = sum_noise_std(noise_multiplier, clip_norm)
+        self.name = f"dp {inner.name}"
+
+    def aggregate(
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        updates: Sequence[Update],
+        manifest: Manifest,
+    ) -> StateDict:
+        uniform = [(1.0, state) for _, state in updates]
+        return super().aggregate(global_state, uniform, manifest)
+
+    def combine(self, updates: RoundUpdates) -> StateDict:
+        norms = updates.norms()
+        factors = [min(1.0, self.clip_norm / n) if n > 0 else 1.0 for n in norms]
+        log.info(
+            "DP: clipped %d of %d updates to norm %.4g (median norm %.4g); noise std %.4g on the "
+            "sum",
+            sum(f < 1.0 for f in factors),
+            len(norms),
+            self.clip_norm,
+            statistics.median(norms),
+            self.sum_std,
+        )
+        mean = self.inner.combine(updates.rescaled(factors))
+        # Noise N(0, (z S)^2) on the sum is N(0, (z S / m)^2) on the mean.
+        return add_gaussian_noise(mean, self.sum_std / len(updates))
 
 
 def _convert(

@@ -10,7 +10,16 @@ from typing import Any
 
 from fedlink.server.rounds import RoundRecord
 
-TABLE_COLUMNS = ("round", "clients", "accuracy", "loss", "fed acc", "seconds", "MB moved")
+TABLE_COLUMNS = (
+    "round",
+    "clients",
+    "accuracy",
+    "loss",
+    "fed acc",
+    "seconds",
+    "MB moved",
+    "epsilon",
+)
 
 
 class MetricsLog:
@@ -70,6 +79,7 @@ def table_row(record: Mapping[str, Any]) -> str:
         number(record["federated_accuracy"], ".4f"),
         f"{record['seconds']:.2f}",
         f"{moved:.2f}",
+        number(record.get("epsilon"), ".3f"),  # DP only; rows written before DP existed lack it
     )
     return "  ".join(f"{c:>9}" for c in cells)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from fedlink.common.errors import PayloadError, TensorFormatError, UpdateRejected
+from fedlink.common.errors import ConfigError, PayloadError, TensorFormatError, UpdateRejected
 from fedlink.common.tensors import (
     Manifest,
     StateDict,
@@ -36,6 +36,7 @@ from fedlink.server.aggregation import StreamingFedAvg
 from fedlink.server.checkpoints import Checkpoint, CheckpointStore, run_identity
 from fedlink.server.config import ServerConfig
 from fedlink.server.monitoring import CoordinatorMetrics
+from fedlink.server.privacy import ROUND_SAMPLE_RATE, DPFedAvg, MechanismStep, PrivacyAccountant
 from fedlink.server.robust import FedAvg, parse_rule
 from fedlink.server.validation import check_metrics, check_num_examples, check_update
 
@@ -172,6 +173,7 @@ class RoundRecord:
     seconds: float
     bytes_down: int
     bytes_up: int
+    epsilon: float | None = None  # DP: privacy spent after this round, at dp_delta
 
 
 @dataclass
@@ -183,6 +185,7 @@ class RunSummary:
     # The last round this process ran. Only the last: the rows of a long run are in
     # metrics.jsonl (via `on_round`), never accumulated in the coordinator's memory.
     last_record: RoundRecord | None
+    budget_spent: bool = False  # DP: stopped before a round that would exceed dp_max_epsilon
 
 
 Evaluator = Callable[[StateDict], tuple[float, float] | None]
@@ -229,6 +232,21 @@ class RoundEngine:
         self._bytes_up = 0
         self._validation_lock = threading.Lock()
         self._rule = parse_rule(config.aggregation)
+        self._accountant: PrivacyAccountant | None = None
+        if config.dp_clip_norm is not None:
+            self._rule = DPFedAvg(self._rule, config.dp_noise_multiplier, config.dp_clip_norm)
+            self._accountant = PrivacyAccountant(resume_from.privacy if resume_from else ())
+            log.info(
+                "differential privacy: DP-FedAvg with clip norm %g, noise multiplier %g, "
+                "delta %g, budget %s",
+                config.dp_clip_norm,
+                config.dp_noise_multiplier,
+                config.dp_delta,
+                "none" if config.dp_max_epsilon is None else f"epsilon {config.dp_max_epsilon:g}",
+            )
+        if resume_from is not None:
+            _check_privacy_history(resume_from.round, len(resume_from.privacy), self._accountant)
+        self.metrics.dp_epsilon.set(self._epsilon() if self._accountant else math.inf)
         if resume_from is None:
             self._completed_round = 0
             self._global = self._write_global(initial_state, round_number=0)
@@ -448,8 +466,12 @@ class RoundEngine:
         round_number = self._completed_round + 1
         failures = 0
         avoid: frozenset[str] = frozenset()
+        budget_spent = False
         try:
             while round_number <= cfg.num_rounds and not stop.is_set():
+                if self._budget_would_be_exceeded(round_number):
+                    budget_spent = True
+                    break
                 sampled = self._sample(round_number, failures, avoid, stop)
                 if sampled is None:
                     break
@@ -482,6 +504,7 @@ class RoundEngine:
                     continue
                 failures, avoid = 0, frozenset()
                 state = self._aggregate(train)
+                epsilon = self._account_round()
                 global_file = self._write_global(state, round_number)
                 with self._cond:
                     self._global = global_file
@@ -506,6 +529,7 @@ class RoundEngine:
                     seconds=time.monotonic() - started,
                     bytes_down=self._bytes_down,
                     bytes_up=self._bytes_up,
+                    epsilon=epsilon,
                 )
                 self._checkpoint(global_file, record)
                 last_record = record
@@ -527,6 +551,7 @@ class RoundEngine:
             stopped_by_signal=stop.is_set(),
             final_model=self._global.path,
             last_record=last_record,
+            budget_spent=budget_spent,
         )
 
     def wait_for_stop_delivery(self, grace_seconds: float) -> None:
@@ -540,6 +565,45 @@ class RoundEngine:
                 self._cond.wait(remaining)
 
     # ---- internals ----------------------------------------------------------------------------
+
+    def _round_mechanism(self) -> MechanismStep:
+        return MechanismStep(self._config.dp_noise_multiplier, ROUND_SAMPLE_RATE)
+
+    def _epsilon(self) -> float:
+        assert self._accountant is not None
+        return self._accountant.epsilon(self._config.dp_delta)
+
+    def _budget_would_be_exceeded(self, round_number: int) -> bool:
+        """Whether running `round_number` would take epsilon past dp_max_epsilon (logged)."""
+        budget = self._config.dp_max_epsilon
+        if self._accountant is None or budget is None:
+            return False
+        after = self._accountant.epsilon_after(self._round_mechanism(), self._config.dp_delta)
+        if after <= budget:
+            return False
+        log.warning(
+            "privacy budget spent: round %d would take epsilon from %.4g to %.4g, past "
+            "dp_max_epsilon=%g (delta=%g); stopping after round %d of %d",
+            round_number,
+            self._epsilon(),
+            after,
+            budget,
+            self._config.dp_delta,
+            round_number - 1,
+            self._config.num_rounds,
+        )
+        return True
+
+    def _account_round(self) -> float | None:
+        """Account for the noised model just released; the epsilon spent so far (None without
+        differential privacy)."""
+        if self._accountant is None:
+            return None
+        self._accountant.step(self._round_mechanism())
+        epsilon = self._epsilon()
+        self.metrics.dp_epsilon.set(epsilon)
+        log.info("privacy spent: epsilon=%.4g at delta=%g", epsilon, self._config.dp_delta)
+        return epsilon
 
     def _run_phase(
         self, kind: TaskKind, round_number: int, participants: list[str], stop: threading.Event
@@ -710,6 +774,7 @@ class RoundEngine:
                 clients=clients,
                 record=dataclasses.asdict(record),
                 run=run_identity(self._config),
+                privacy=tuple(self._accountant.history) if self._accountant else (),
             )
         )
         self._completed_round = record.round
@@ -725,6 +790,23 @@ class RoundEngine:
         with self._cond:
             self._bytes_down = 0
             self._bytes_up = 0
+
+
+def _check_privacy_history(
+    completed: int, accounted: int, accountant: PrivacyAccountant | None
+) -> None:
+    """Refuse to resume a run whose rounds were not all accounted by the same DP setting."""
+    if accountant is None and accounted:
+        raise ConfigError(
+            "the state directory holds a run with differential privacy; resume it with the same "
+            "dp_* settings (turning DP off mid-run would release un-noised models)"
+        )
+    if accountant is not None and sum(step.steps for step in accountant.history) != completed:
+        raise ConfigError(
+            f"the state directory holds a run whose {completed} completed rounds were not all "
+            "trained with differential privacy, so no epsilon can be claimed for it; start a new "
+            "run (another --state-dir) to train with DP"
+        )
 
 
 def _weighted_mean(results: list[tuple[int, Mapping[str, float]]], key: str) -> float | None:

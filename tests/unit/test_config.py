@@ -449,3 +449,34 @@ def test_an_aggregation_rule_needing_more_updates_than_the_quorum_is_rejected() 
 def test_an_unknown_aggregation_rule_is_rejected_with_the_choices() -> None:
     with pytest.raises(ConfigError, match="unknown aggregation 'mean'"):
         _server(aggregation="mean")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"dp_clip_norm": 0}, "dp_clip_norm must be positive"),
+        ({"dp_clip_norm": "nan"}, "dp_clip_norm must be positive"),
+        ({"dp_clip_norm": 1, "dp_noise_multiplier": 0}, "dp_noise_multiplier must be positive"),
+        ({"dp_clip_norm": 1, "dp_delta": 1}, r"dp_delta must be in \(0, 1\)"),
+        ({"dp_clip_norm": 1, "dp_max_epsilon": -1}, "dp_max_epsilon must be positive"),
+        ({"dp_max_epsilon": 3}, "dp_max_epsilon needs differential privacy"),
+        (
+            {"dp_clip_norm": 1, "aggregation": "median", "min_results": 2},
+            'needs aggregation = "fedavg"',
+        ),
+        ({"dp_clip_norm": 1, "aggregation": "fedavg,clip=3"}, 'needs aggregation = "fedavg"'),
+    ],
+)
+def test_bad_differential_privacy_settings_are_refused(
+    overrides: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _server(**overrides)
+
+
+def test_differential_privacy_settings_load_from_the_environment() -> None:
+    config = load_config(
+        ServerConfig,
+        environ={**DEV, "FEDLINK_DP_CLIP_NORM": "0.5", "FEDLINK_DP_MAX_EPSILON": "8"},
+    )
+    assert (config.dp_clip_norm, config.dp_max_epsilon, config.dp_noise_multiplier) == (0.5, 8, 1)

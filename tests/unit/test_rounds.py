@@ -4,6 +4,7 @@ checkpoints and shutdown."""
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,11 +14,12 @@ from typing import Any
 import pytest
 import torch
 
-from fedlink.common.errors import UpdateRejected
+from fedlink.common.errors import ConfigError, UpdateRejected
 from fedlink.common.tensors import StateDict, encode_state, open_state_file
 from fedlink.common.wire import PayloadInfo
 from fedlink.server.checkpoints import CheckpointStore
 from fedlink.server.config import ServerConfig
+from fedlink.server.privacy import MechanismStep, PrivacyAccountant
 from fedlink.server.rounds import ResultHeader, RoundEngine, RunSummary, TaskKind, TaskOffer
 
 
@@ -95,12 +97,14 @@ def _first_offer(engine: RoundEngine, names: list[str]) -> tuple[str, TaskOffer]
                 return name, offer
 
 
-def _deliver(engine: RoundEngine, identity: str, offer: TaskOffer, state: StateDict) -> None:
+def _deliver(
+    engine: RoundEngine, identity: str, offer: TaskOffer, state: StateDict, num_examples: int = 10
+) -> None:
     data = encode_state(state)
     header = ResultHeader(
         task_id=offer.task_id,
         round=offer.round,
-        num_examples=10,
+        num_examples=num_examples,
         metrics={"loss": 1.0},
         payload=PayloadInfo(size=len(data), sha256=hashlib.sha256(data).digest()),
     )
@@ -261,15 +265,24 @@ def test_a_stopped_coordinator_asks_clients_to_retry_instead_of_stopping_them(
     assert excinfo.value.code == "UNAVAILABLE"
 
 
-def _completed_run(config: ServerConfig, running: list[Running], resume: Any = None) -> RunSummary:
-    engine = RoundEngine(config, _state(0), resume_from=resume)
+def _completed_run(
+    config: ServerConfig,
+    running: list[Running],
+    resume: Any = None,
+    initial: StateDict | None = None,
+) -> RunSummary:
+    engine = RoundEngine(config, _state(0) if initial is None else initial, resume_from=resume)
     engine.join("a")
     run = _run(engine)
     running.append(run)
     for expected in range((resume.round if resume else 0) + 1, config.num_rounds + 1):
         offer = _task(engine, "a")
         assert offer.round == expected  # a resumed run starts after its checkpoint
-        _deliver(engine, "a", offer, _state(100 + offer.round))
+        if initial is None:
+            local = _state(100 + offer.round)
+        else:  # the same tensors as `initial`, moved a little
+            local = {k: v + offer.round if v.is_floating_point() else v for k, v in initial.items()}
+        _deliver(engine, "a", offer, local)
     return run.summary()
 
 
@@ -321,3 +334,148 @@ def test_a_robust_rule_keeps_a_huge_update_from_moving_the_model(
         _deliver(engine, name, _task(engine, name), update)
     with open_state_file(run.summary().final_model) as state:
         assert torch.equal(state["w"], honest["w"])
+
+
+# ---- client-level differential privacy (DP-FedAvg) ----------------------------------------------
+
+
+def _flat(size: int) -> StateDict:
+    return {"w": torch.zeros(size), "steps": torch.tensor(0, dtype=torch.int64)}
+
+
+def _dp_round(
+    tmp_path: Path,
+    running: list[Running],
+    initial: StateDict,
+    updates: dict[str, StateDict],
+    **overrides: Any,
+) -> StateDict:
+    """One DP round with `updates` (client -> local model); the new global model."""
+    n = len(updates)
+    config = _config(tmp_path, min_clients=n, min_fit_clients=n, min_results=n, **overrides)
+    engine = RoundEngine(config, initial)
+    for name in updates:
+        engine.join(name)
+    run = _run(engine)
+    running.append(run)
+    for i, (name, update) in enumerate(sorted(updates.items())):
+        _deliver(engine, name, _task(engine, name), update, num_examples=10**i)
+    summary = run.summary()
+    assert summary.completed
+    with open_state_file(summary.final_model) as state:
+        return {k: v.clone() for k, v in state.items()}
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")  # z ~ 0: epsilon huge
+def test_dp_clips_each_update_and_averages_with_uniform_weights(
+    tmp_path: Path, running: list[Running]
+) -> None:
+    initial = _flat(1000)
+    direction = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    big = {"w": direction * 1e4, "steps": torch.tensor(1)}  # norm ~3e5, clipped to 2
+    small = {"w": direction / direction.norm() * 0.5, "steps": torch.tensor(1)}  # norm 0.5: kept
+    result = _dp_round(
+        tmp_path,
+        running,
+        initial,
+        {"a": big, "b": small},
+        dp_clip_norm=2.0,
+        dp_noise_multiplier=1e-9,
+    )
+    unit = direction / direction.norm()
+    # (2 u + 0.5 u) / 2, whatever the sample counts (10 and 100) the clients reported.
+    assert torch.allclose(result["w"], 1.25 * unit, atol=1e-6)
+    assert float(result["w"].norm()) == pytest.approx(1.25, rel=1e-5)
+
+
+def test_dp_adds_gaussian_noise_of_z_times_s_to_the_sum(
+    tmp_path: Path, running: list[Running]
+) -> None:
+    initial = _flat(200_000)
+    unchanged = {name: _flat(200_000) for name in ("a", "b", "c", "d")}
+    result = _dp_round(
+        tmp_path, running, initial, unchanged, dp_clip_norm=2.0, dp_noise_multiplier=1.5
+    )
+    noise = result["w"].to(torch.float64)
+    # N(0, (1.5 * 2)^2) on the sum of 4 updates is N(0, 0.75^2) on their mean.
+    assert float(noise.std()) == pytest.approx(0.75, rel=0.02)
+    assert abs(float(noise.mean())) < 0.01
+    assert int(result["steps"]) == 0  # counters are not noised
+
+
+def _epsilon(rounds: int, z: float, delta: float = 1e-5) -> float:
+    return PrivacyAccountant((MechanismStep(z, 1.0, rounds),)).epsilon(delta)
+
+
+def test_dp_reports_epsilon_every_round_and_checkpoints_the_accountant(
+    tmp_path: Path, running: list[Running]
+) -> None:
+    config = _config(tmp_path, num_rounds=3, dp_clip_norm=1.0, dp_noise_multiplier=2.0)
+    summary = _completed_run(config, running, initial=_flat(100))
+    epsilons = [r.epsilon for r in summary.records]
+    assert epsilons == pytest.approx([_epsilon(k, 2.0) for k in (1, 2, 3)])
+    assert epsilons == sorted(epsilons) and epsilons[0] is not None and epsilons[0] > 0
+    checkpoint = CheckpointStore(config.state_dir, keep=3).latest()
+    assert checkpoint is not None
+    assert checkpoint.privacy == (MechanismStep(2.0, 1.0, 3),)
+    assert checkpoint.record["epsilon"] == pytest.approx(epsilons[-1])
+
+
+def test_dp_stops_cleanly_before_the_round_that_would_exceed_the_budget(
+    tmp_path: Path, running: list[Running]
+) -> None:
+    budget = (_epsilon(2, 2.0) + _epsilon(3, 2.0)) / 2
+    config = _config(
+        tmp_path, num_rounds=5, dp_clip_norm=1.0, dp_noise_multiplier=2.0, dp_max_epsilon=budget
+    )
+    engine = RoundEngine(config, _flat(100))
+    engine.join("a")
+    run = _run(engine)
+    running.append(run)
+    for _ in range(2):
+        offer = _task(engine, "a")
+        _deliver(engine, "a", offer, _flat(100))
+    summary = run.summary()
+    assert summary.budget_spent and not summary.completed
+    assert summary.rounds_completed == 2 and len(summary.records) == 2
+    exported = engine.metrics.registry.get_sample_value("fedlink_dp_epsilon")
+    assert exported == pytest.approx(_epsilon(2, 2.0))
+    assert engine.next_task("a", timeout=1).kind is TaskKind.STOP
+
+
+def test_a_resumed_dp_run_continues_the_accounting(tmp_path: Path, running: list[Running]) -> None:
+    dp = {"dp_clip_norm": 1.0, "dp_noise_multiplier": 2.0}
+    _completed_run(_config(tmp_path, num_rounds=2, **dp), running, initial=_flat(100))
+    config = _config(tmp_path, num_rounds=4, **dp)
+    checkpoint = CheckpointStore(config.state_dir, keep=3).latest()
+    assert checkpoint is not None and checkpoint.round == 2
+    resumed = _completed_run(config, running, resume=checkpoint, initial=_flat(100))
+    assert [r.epsilon for r in resumed.records] == pytest.approx(
+        [_epsilon(3, 2.0), _epsilon(4, 2.0)]
+    )
+    with pytest.raises(ConfigError, match="with differential privacy"):
+        RoundEngine(_config(tmp_path, num_rounds=4), _flat(100), resume_from=checkpoint)
+
+
+def test_dp_cannot_be_switched_on_in_the_middle_of_a_run(
+    tmp_path: Path, running: list[Running]
+) -> None:
+    _completed_run(_config(tmp_path, num_rounds=1), running, initial=_flat(100))
+    config = _config(tmp_path, num_rounds=2, dp_clip_norm=1.0)
+    checkpoint = CheckpointStore(config.state_dir, keep=3).latest()
+    assert checkpoint is not None and checkpoint.privacy == ()
+    with pytest.raises(ConfigError, match="not all trained with differential privacy"):
+        RoundEngine(config, _flat(100), resume_from=checkpoint)
+
+
+def test_a_checkpoint_written_before_dp_existed_still_loads(
+    tmp_path: Path, running: list[Running]
+) -> None:
+    config = _config(tmp_path, num_rounds=1)
+    _completed_run(config, running)
+    (path,) = (config.state_dir / "checkpoints").iterdir()
+    document = json.loads(path.read_text())
+    del document["privacy"]
+    path.write_text(json.dumps(document))
+    checkpoint = CheckpointStore(config.state_dir, keep=3).latest()
+    assert checkpoint is not None and checkpoint.round == 1 and checkpoint.privacy == ()
