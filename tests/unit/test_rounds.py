@@ -20,7 +20,14 @@ from fedlink.common.wire import PayloadInfo
 from fedlink.server.checkpoints import CheckpointStore
 from fedlink.server.config import ServerConfig
 from fedlink.server.privacy import MechanismStep, PrivacyAccountant
-from fedlink.server.rounds import ResultHeader, RoundEngine, RunSummary, TaskKind, TaskOffer
+from fedlink.server.rounds import (
+    ResultHeader,
+    RoundEngine,
+    RoundRecord,
+    RunSummary,
+    TaskKind,
+    TaskOffer,
+)
 
 
 def _state(seed: int) -> StateDict:
@@ -270,8 +277,14 @@ def _completed_run(
     running: list[Running],
     resume: Any = None,
     initial: StateDict | None = None,
+    records: list[RoundRecord] | None = None,
 ) -> RunSummary:
-    engine = RoundEngine(config, _state(0) if initial is None else initial, resume_from=resume)
+    engine = RoundEngine(
+        config,
+        _state(0) if initial is None else initial,
+        resume_from=resume,
+        on_round=None if records is None else records.append,
+    )
     engine.join("a")
     run = _run(engine)
     running.append(run)
@@ -411,8 +424,9 @@ def test_dp_reports_epsilon_every_round_and_checkpoints_the_accountant(
     tmp_path: Path, running: list[Running]
 ) -> None:
     config = _config(tmp_path, num_rounds=3, dp_clip_norm=1.0, dp_noise_multiplier=2.0)
-    summary = _completed_run(config, running, initial=_flat(100))
-    epsilons = [r.epsilon for r in summary.records]
+    records: list[RoundRecord] = []
+    _completed_run(config, running, initial=_flat(100), records=records)
+    epsilons = [r.epsilon for r in records]
     assert epsilons == pytest.approx([_epsilon(k, 2.0) for k in (1, 2, 3)])
     assert epsilons == sorted(epsilons) and epsilons[0] is not None and epsilons[0] > 0
     checkpoint = CheckpointStore(config.state_dir, keep=3).latest()
@@ -428,7 +442,8 @@ def test_dp_stops_cleanly_before_the_round_that_would_exceed_the_budget(
     config = _config(
         tmp_path, num_rounds=5, dp_clip_norm=1.0, dp_noise_multiplier=2.0, dp_max_epsilon=budget
     )
-    engine = RoundEngine(config, _flat(100))
+    records: list[RoundRecord] = []
+    engine = RoundEngine(config, _flat(100), on_round=records.append)
     engine.join("a")
     run = _run(engine)
     running.append(run)
@@ -437,7 +452,7 @@ def test_dp_stops_cleanly_before_the_round_that_would_exceed_the_budget(
         _deliver(engine, "a", offer, _flat(100))
     summary = run.summary()
     assert summary.budget_spent and not summary.completed
-    assert summary.rounds_completed == 2 and len(summary.records) == 2
+    assert summary.rounds_completed == 2 and len(records) == 2
     exported = engine.metrics.registry.get_sample_value("fedlink_dp_epsilon")
     assert exported == pytest.approx(_epsilon(2, 2.0))
     assert engine.next_task("a", timeout=1).kind is TaskKind.STOP
@@ -449,10 +464,9 @@ def test_a_resumed_dp_run_continues_the_accounting(tmp_path: Path, running: list
     config = _config(tmp_path, num_rounds=4, **dp)
     checkpoint = CheckpointStore(config.state_dir, keep=3).latest()
     assert checkpoint is not None and checkpoint.round == 2
-    resumed = _completed_run(config, running, resume=checkpoint, initial=_flat(100))
-    assert [r.epsilon for r in resumed.records] == pytest.approx(
-        [_epsilon(3, 2.0), _epsilon(4, 2.0)]
-    )
+    records: list[RoundRecord] = []
+    _completed_run(config, running, resume=checkpoint, initial=_flat(100), records=records)
+    assert [r.epsilon for r in records] == pytest.approx([_epsilon(3, 2.0), _epsilon(4, 2.0)])
     with pytest.raises(ConfigError, match="with differential privacy"):
         RoundEngine(_config(tmp_path, num_rounds=4), _flat(100), resume_from=checkpoint)
 
