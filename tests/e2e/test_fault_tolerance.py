@@ -382,7 +382,7 @@ def _seeded_run(
                 done = _rounds_done(run_dir)
                 if server_kills and done >= server_kills[0]:
                     server_kills.pop(0)
-                    time.sleep(chaos.uniform(0, 0.5))  # somewhere inside the next round
+                    time.sleep(chaos.uniform(0, 0.05))  # somewhere inside the next round
                     processes["server"].kill()
                     processes["server"].wait()
                     events.append(f"server killed after round {_rounds_done(run_dir)}")
@@ -390,7 +390,7 @@ def _seeded_run(
                 elif client_kills and done >= client_kills[0]:
                     client_kills.pop(0)
                     who = chaos.choice(names)
-                    time.sleep(chaos.uniform(0, 0.5))
+                    time.sleep(chaos.uniform(0, 0.05))
                     processes[who].kill()
                     processes[who].wait()
                     events.append(f"{who} killed after round {_rounds_done(run_dir)}")
@@ -399,7 +399,12 @@ def _seeded_run(
                 time.sleep(0.05)
         assert processes["server"].wait(timeout=600) == 0, _log(root, f"server-{starts['server']}")
         for who in names:
-            processes[who].wait(timeout=60)
+            try:
+                processes[who].wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                # Restarted just after the last round ended: no coordinator left to say STOP.
+                processes[who].send_signal(signal.SIGTERM)
+                assert processes[who].wait(timeout=30) == 0
     finally:
         _kill_all(list(processes.values()))
     assert [r["round"] for r in _records(run_dir)] == list(range(1, 21))
