@@ -15,10 +15,11 @@ process, on the FedAvg CNN of the MNIST task (1,663,370 float32 parameters):
    (n - 1 pairwise masks and a self mask), and the coordinator's unmasking, without dropouts and
    with 20% of the clients dropped after sharing keys (the coordinator then re-derives their
    pairwise masks with every survivor);
-3. bytes per client for the messages of the protocol, as raw encodings (keys 32 bytes, Shamir
-   shares 68 bytes, AEAD bundles 152 bytes, ring vectors 4 or 8 bytes per entry; the protobuf
-   framing of the real wire adds a few bytes per message), against the plaintext update: the
-   model's state_dict as safetensors, as a client sends it today.
+3. bytes per client: every message of the session crosses as the bytes it has on the wire
+   (fedlink.common.secagg_wire: the step messages serialized, the masked vector as raw ring
+   elements, the session setup each of the four task headers carries); the gRPC and chunk framing
+   around them is not counted. Counted for one client that survives, against the plaintext
+   update: the model's state_dict as safetensors, as a client sends it today.
 
 It checks that every session's decoded average matches plaintext FedAvg within the documented
 quantization bound. Prints a table and writes JSON (default benchmarks/results/privacy_core.json).
@@ -41,14 +42,14 @@ import numpy as np
 import torch
 
 from fedlink.common import prg
+from fedlink.common import secagg_wire as wire
 from fedlink.common.fixedpoint import (
     FixedPoint,
     UpdateLayout,
     decode_weighted_average,
     encode_weighted_update,
 )
-from fedlink.common.secagg import PUBLIC_KEY_BYTES, SecAggClient, SecAggParams, SecAggServer
-from fedlink.common.shamir import SHARE_BYTES
+from fedlink.common.secagg import SecAggClient, SecAggParams, SecAggServer
 from fedlink.common.tasks.mnist import build_model
 from fedlink.common.tensors import encode_state, manifest_of
 from fedlink.server.aggregation import StreamingFedAvg
@@ -59,7 +60,6 @@ DEFAULT_CLIENTS = (5, 10, 20)
 MAX_WEIGHT = 1000.0
 VALUE_BOUND = 4.0  # the CNN's weights plus perturbation stay far below this
 DROPOUT_SHARE = 0.2
-BUNDLE_BYTES = 2 * SHARE_BYTES + 16  # two shares and the Poly1305 tag
 GB = 1e9
 
 
@@ -111,6 +111,7 @@ def session(n: int, ring_bits: int, dropped: int) -> dict[str, Any]:
     encoding = FixedPoint.for_sum(num_clients=n, value_bound=VALUE_BOUND, ring_bits=ring_bits)
     threshold = n // 2 + 1
     params = SecAggParams("bench/round-1", threshold, layout.length, ring_bits)
+    setup = wire.SessionSetup(params, encoding, MAX_WEIGHT)
     ids = [f"site-{i:02d}" for i in range(n)]
     clients = {i: SecAggClient(i, params) for i in ids}
     server = SecAggServer(params)
@@ -121,14 +122,26 @@ def session(n: int, ring_bits: int, dropped: int) -> dict[str, Any]:
         "unmask_response": [],
     }
 
+    probe = ids[-1]  # never dropped: the client whose bytes are counted
+    sent: dict[str, int] = {}
+    received: dict[str, int] = {
+        "setup_in_4_task_headers": 4 * wire.setup_to_proto(setup).ByteSize()
+    }
     for identity in ids:
-        server.add_keys(identity, clients[identity].advertise())
-    roster = server.close_advertisement()
+        keys = wire.keys_to_bytes(clients[identity].advertise())
+        sent["keys"] = len(keys)
+        server.add_keys(identity, wire.keys_from_bytes(keys))
+    roster_bytes = wire.roster_to_bytes(server.close_advertisement())
+    received["roster"] = len(roster_bytes)
     for identity in ids:
+        roster = wire.roster_from_bytes(roster_bytes)
         start = time.perf_counter()
         outbox = clients[identity].share_keys(roster)
         timings["share_keys"].append(time.perf_counter() - start)
-        server.add_shares(identity, outbox)
+        outbox_bytes = wire.shares_to_bytes(outbox)
+        if identity == probe:
+            sent["share_bundles"] = len(outbox_bytes)
+        server.add_shares(identity, wire.shares_from_bytes(outbox_bytes))
     server.close_sharing()
     gone = set(ids[:dropped])
     folding = 0.0
@@ -140,18 +153,27 @@ def session(n: int, ring_bits: int, dropped: int) -> dict[str, Any]:
             states[k], weights[k], max_weight=MAX_WEIGHT, layout=layout, encoding=encoding
         )
         timings["encode"].append(time.perf_counter() - start)
+        inbox_bytes = wire.shares_to_bytes(server.shares_for(identity))
+        inbox = wire.shares_from_bytes(inbox_bytes)
         start = time.perf_counter()
-        masked = clients[identity].masked_input(vector, server.shares_for(identity))
+        masked = clients[identity].masked_input(vector, inbox).tobytes()
         timings["mask"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        server.add_masked_input(identity, masked)
+        server.add_masked_input(identity, params.vector_from_bytes(masked))
         folding += time.perf_counter() - start
-    request = server.close_masked_inputs()
+        if identity == probe:
+            received["share_bundles"] = len(inbox_bytes)
+            sent["masked_vector"] = len(masked)
+    request_bytes = wire.unmask_request_to_bytes(server.close_masked_inputs())
+    received["unmask_request"] = len(request_bytes)
+    request = wire.unmask_request_from_bytes(request_bytes)
     for identity in request.survivors:
         start = time.perf_counter()
-        response = clients[identity].unmask(request)
+        response = wire.unmask_response_to_bytes(clients[identity].unmask(request))
         timings["unmask_response"].append(time.perf_counter() - start)
-        server.add_unmask_response(identity, response)
+        if identity == probe:
+            sent["unmask_shares"] = len(response)
+        server.add_unmask_response(identity, wire.unmask_response_from_bytes(response))
     start = time.perf_counter()
     total = server.result()
     unmask_seconds = time.perf_counter() - start
@@ -185,19 +207,8 @@ def session(n: int, ring_bits: int, dropped: int) -> dict[str, Any]:
     )
 
     plaintext_bytes = len(encode_state(states[0]))
-    vector_bytes = layout.length * encoding.dtype.itemsize
-    survivors = len(request.survivors)
-    upload = {
-        "keys": 2 * PUBLIC_KEY_BYTES,
-        "share_bundles": (n - 1) * BUNDLE_BYTES,
-        "masked_vector": vector_bytes,
-        "unmask_shares": (survivors + len(request.dropped)) * SHARE_BYTES,
-    }
-    download = {
-        "roster": n * 2 * PUBLIC_KEY_BYTES,
-        "share_bundles": (n - dropped - 1) * BUNDLE_BYTES,
-        "unmask_request": 0,  # a list of identities; a few bytes each
-    }
+    vector_bytes = sent["masked_vector"]
+    upload, download = sent, received
     up = sum(upload.values())
     return {
         "clients": n,

@@ -1,0 +1,198 @@
+"""Secure aggregation's messages on the task channel (protos/fedlink/v1/federation.proto).
+
+Each step of a session (secagg.py) is a task kind; its payload is one small protobuf message,
+serialized and sent through the chunked payload machinery (wire.py) with
+`PayloadInfo.encoding` naming the message, and the masked vector travels as raw little-endian
+ring elements. Everything parsed here comes from the other side of the channel: malformed bytes,
+wrong key or share lengths and out-of-range settings raise SecAggError, never anything else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError, Message
+
+from fedlink.common.errors import SecAggError
+from fedlink.common.fixedpoint import FixedPoint
+from fedlink.common.secagg import (
+    PUBLIC_KEY_BYTES,
+    KeyAdvertisement,
+    SecAggParams,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from fedlink.common.shamir import Share
+from fedlink.v1 import federation_pb2 as pb
+
+KEYS_ENCODING = pb.SecAggKeys.DESCRIPTOR.full_name
+ROSTER_ENCODING = pb.SecAggRoster.DESCRIPTOR.full_name
+SHARES_ENCODING = pb.SecAggShares.DESCRIPTOR.full_name
+UNMASK_REQUEST_ENCODING = pb.SecAggUnmaskRequest.DESCRIPTOR.full_name
+UNMASK_RESPONSE_ENCODING = pb.SecAggUnmaskResponse.DESCRIPTOR.full_name
+_EXACT_FLOAT_BITS = 52
+
+_M = TypeVar("_M", bound=Message)
+
+
+def ring_encoding(ring_bits: int) -> str:
+    """The payload encoding of a masked vector: raw little-endian ring elements."""
+    return f"ring-u{ring_bits}le"
+
+
+@dataclass(frozen=True)
+class SessionSetup:
+    """Everything a client needs to take part in one session: TaskHeader.secagg."""
+
+    params: SecAggParams
+    encoding: FixedPoint
+    max_weight: float
+    noise_std: float = 0.0  # split-noise DP: this client's Gaussian std
+    clip_norm: float = 0.0  # DP clip norm (0: no clipping)
+
+    def __post_init__(self) -> None:
+        if self.encoding.ring_bits != self.params.ring_bits:
+            raise SecAggError(
+                f"the fixed-point encoding uses a {self.encoding.ring_bits}-bit ring, the session "
+                f"a {self.params.ring_bits}-bit one"
+            )
+        for name, value in (
+            ("max_weight", self.max_weight),
+            ("value_bound", self.encoding.value_bound),
+        ):
+            if not (math.isfinite(value) and value > 0):
+                raise SecAggError(f"secure aggregation's {name} must be positive, got {value}")
+        for name, value in (("noise_std", self.noise_std), ("clip_norm", self.clip_norm)):
+            if not (math.isfinite(value) and value >= 0):
+                raise SecAggError(f"secure aggregation's {name} must be >= 0, got {value}")
+        # V * 2^f <= 2^52: every scaled value is an integer float64 represents exactly.
+        largest = math.floor(_EXACT_FLOAT_BITS - math.log2(self.encoding.value_bound))
+        if not 0 <= self.encoding.frac_bits <= largest:
+            raise SecAggError(
+                f"frac_bits={self.encoding.frac_bits} is out of range for value bound "
+                f"{self.encoding.value_bound:g} (0..{largest})"
+            )
+
+
+def setup_to_proto(setup: SessionSetup) -> pb.SecAggSetup:
+    return pb.SecAggSetup(
+        session=setup.params.session,
+        threshold=setup.params.threshold,
+        ring_bits=setup.params.ring_bits,
+        vector_length=setup.params.vector_length,
+        frac_bits=setup.encoding.frac_bits,
+        value_bound=setup.encoding.value_bound,
+        max_weight=setup.max_weight,
+        noise_std=setup.noise_std,
+        clip_norm=setup.clip_norm,
+    )
+
+
+def setup_from_proto(message: pb.SecAggSetup) -> SessionSetup:
+    try:
+        params = SecAggParams(
+            session=message.session,
+            threshold=message.threshold,
+            vector_length=message.vector_length,
+            ring_bits=message.ring_bits,
+        )
+    except ValueError as exc:
+        raise SecAggError(
+            f"the coordinator sent an invalid secure-aggregation setup: {exc}"
+        ) from None
+    encoding = FixedPoint(
+        ring_bits=message.ring_bits, frac_bits=message.frac_bits, value_bound=message.value_bound
+    )
+    return SessionSetup(params, encoding, message.max_weight, message.noise_std, message.clip_norm)
+
+
+def keys_to_bytes(advertisement: KeyAdvertisement) -> bytes:
+    return pb.SecAggKeys(
+        cipher_key=advertisement.cipher_key, mask_key=advertisement.mask_key
+    ).SerializeToString()
+
+
+def keys_from_bytes(data: bytes) -> KeyAdvertisement:
+    return _keys(_parse(pb.SecAggKeys, data))
+
+
+def roster_to_bytes(roster: Mapping[str, KeyAdvertisement]) -> bytes:
+    message = pb.SecAggRoster()
+    for identity, advertisement in roster.items():
+        keys = message.keys[identity]
+        keys.cipher_key = advertisement.cipher_key
+        keys.mask_key = advertisement.mask_key
+    return message.SerializeToString(deterministic=True)
+
+
+def roster_from_bytes(data: bytes) -> dict[str, KeyAdvertisement]:
+    message = _parse(pb.SecAggRoster, data)
+    return {identity: _keys(keys) for identity, keys in sorted(message.keys.items())}
+
+
+def shares_to_bytes(bundles: Mapping[str, bytes]) -> bytes:
+    """Encrypted share bundles by peer (recipient when a client pushes, sender when it pulls)."""
+    return pb.SecAggShares(bundles=dict(bundles)).SerializeToString(deterministic=True)
+
+
+def shares_from_bytes(data: bytes) -> dict[str, bytes]:
+    return dict(sorted(_parse(pb.SecAggShares, data).bundles.items()))
+
+
+def unmask_request_to_bytes(request: UnmaskRequest) -> bytes:
+    return pb.SecAggUnmaskRequest(
+        survivors=request.survivors, dropped=request.dropped
+    ).SerializeToString()
+
+
+def unmask_request_from_bytes(data: bytes) -> UnmaskRequest:
+    message = _parse(pb.SecAggUnmaskRequest, data)
+    survivors, dropped = tuple(message.survivors), tuple(message.dropped)
+    if len(set(survivors)) != len(survivors) or len(set(dropped)) != len(dropped):
+        raise SecAggError("the unmasking request lists a client twice")
+    return UnmaskRequest(survivors=survivors, dropped=dropped)
+
+
+def unmask_response_to_bytes(response: UnmaskResponse) -> bytes:
+    return pb.SecAggUnmaskResponse(
+        self_mask_shares={
+            peer: share.to_bytes() for peer, share in response.self_mask_shares.items()
+        },
+        mask_key_shares={
+            peer: share.to_bytes() for peer, share in response.mask_key_shares.items()
+        },
+    ).SerializeToString(deterministic=True)
+
+
+def unmask_response_from_bytes(data: bytes) -> UnmaskResponse:
+    message = _parse(pb.SecAggUnmaskResponse, data)
+    return UnmaskResponse(
+        self_mask_shares={
+            peer: Share.from_bytes(share)
+            for peer, share in sorted(message.self_mask_shares.items())
+        },
+        mask_key_shares={
+            peer: Share.from_bytes(share) for peer, share in sorted(message.mask_key_shares.items())
+        },
+    )
+
+
+def _keys(message: pb.SecAggKeys) -> KeyAdvertisement:
+    for key in (message.cipher_key, message.mask_key):
+        if len(key) != PUBLIC_KEY_BYTES:
+            raise SecAggError(
+                f"an advertised public key is {len(key)} bytes, not {PUBLIC_KEY_BYTES}"
+            )
+    return KeyAdvertisement(cipher_key=message.cipher_key, mask_key=message.mask_key)
+
+
+def _parse(kind: type[_M], data: bytes) -> _M:
+    message = kind()
+    try:
+        message.ParseFromString(data)
+    except DecodeError as exc:
+        raise SecAggError(f"malformed {kind.DESCRIPTOR.name} message: {exc}") from None
+    return message
