@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from fedlink.common.errors import ConfigError
-from fedlink.common.storage import file_sha256, write_durably
+from fedlink.common.storage import write_durably
+from fedlink.common.wire import PayloadFile
 from fedlink.server.config import ServerConfig
 from fedlink.server.privacy import MechanismStep, compact
 
@@ -37,8 +38,7 @@ _NAME = re.compile(r"round-(\d{6,})\.json")
 @dataclass(frozen=True)
 class Checkpoint:
     round: int
-    model: Path  # the round's global model (safetensors), in the state directory
-    model_sha256: str
+    model: PayloadFile  # the round's global model (safetensors, in the state directory) and its SHA-256
     clients: tuple[str, ...]  # every identity that has joined, for sampling after a restart
     record: Mapping[str, Any]  # the round's metrics.jsonl row
     run: Mapping[str, Any]  # what the run was started with (task, seed): must match on resume
@@ -58,8 +58,8 @@ class CheckpointStore:
         document = {
             "format": FORMAT,
             "round": checkpoint.round,
-            "model": checkpoint.model.name,
-            "model_sha256": checkpoint.model_sha256,
+            "model": checkpoint.model.path.name,
+            "model_sha256": checkpoint.model.info.sha256.hex(),
             "clients": list(checkpoint.clients),
             "record": dict(checkpoint.record),
             "run": dict(checkpoint.run),
@@ -105,15 +105,17 @@ class CheckpointStore:
         document = json.loads(path.read_text())
         if document.get("format") != FORMAT:
             raise ValueError(f"unknown checkpoint format {document.get('format')!r}")
-        model = self._state_dir / Path(document["model"]).name
+        # Sealing hashes the model once; the resumed engine serves it as the global payload.
+        model = PayloadFile.seal(self._state_dir / Path(document["model"]).name)
         expected = str(document["model_sha256"])
-        actual = file_sha256(model)
+        actual = model.info.sha256.hex()
         if actual != expected:
-            raise ValueError(f"{model.name} has SHA-256 {actual[:12]}…, expected {expected[:12]}…")
+            raise ValueError(
+                f"{model.path.name} has SHA-256 {actual[:12]}…, expected {expected[:12]}…"
+            )
         return Checkpoint(
             round=int(document["round"]),
             model=model,
-            model_sha256=expected,
             clients=tuple(str(c) for c in document["clients"]),
             record=dict(document["record"]),
             run=dict(document["run"]),

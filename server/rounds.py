@@ -252,13 +252,13 @@ class RoundEngine:
             self._global = self._write_global(initial_state, round_number=0)
         else:
             self._completed_round = resume_from.round
-            self._global = PayloadFile.seal(resume_from.model)
+            self._global = resume_from.model
             self._known.update(resume_from.clients)
             self.metrics.current_round.set(resume_from.round)
             log.info(
                 "resuming after round %d from %s (%d known clients)",
                 resume_from.round,
-                resume_from.model.name,
+                resume_from.model.path.name,
                 len(resume_from.clients),
             )
 
@@ -769,8 +769,7 @@ class RoundEngine:
         self._checkpoints.save(
             Checkpoint(
                 round=record.round,
-                model=global_file.path,
-                model_sha256=global_file.info.sha256.hex(),
+                model=global_file,
                 clients=clients,
                 record=dataclasses.asdict(record),
                 run=run_identity(self._config),
