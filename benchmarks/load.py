@@ -19,18 +19,14 @@ benchmarks/results/load.json).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import logging
 import os
-import platform
-import shutil
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +41,8 @@ from transport import (
     make_certificates,
     process_cpu,
     reap,
-    source_version,
+    results_header,
+    save_results,
     terminate_on_sigterm,
     try_reap,
     wait_for_file,
@@ -348,15 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{'PASS' if result['passed'] else 'FAIL'}")
     failed = error is not None or result is None or not result["passed"]
     document = {
-        "benchmark": "load",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "grpcio": importlib.metadata.version("grpcio"),
-            **source_version(),
-        },
+        **results_header("load"),
         "settings": {
             "clients": args.clients,
             "workers": args.workers,
@@ -370,14 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "error": error,
         "result": result,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
-    if args.keep or failed:
-        print(f"work directory kept: {work}")
-    elif args.work_dir is None:
-        shutil.rmtree(work, ignore_errors=True)
-    return 1 if failed else 0
+    return save_results(args, document, work, failed)
 
 
 if __name__ == "__main__":

@@ -25,18 +25,13 @@ benchmarks/results/soak.json).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
-import resource
-import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +47,8 @@ from transport import (
     model_info,
     process_cpu,
     reap,
-    source_version,
+    results_header,
+    save_results,
     terminate_on_sigterm,
     try_reap,
     wait_for_file,
@@ -418,16 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for check in result["checks"]:
             print(f"{'PASS' if check['passed'] else 'FAIL'}  {check['check']}: {check['value']}")
     document = {
-        "benchmark": "soak",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "grpcio": importlib.metadata.version("grpcio"),
-            **source_version(),
-            "driver_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        },
+        **results_header("soak"),
         "settings": {
             "rounds": args.rounds,
             "clients": args.clients,
@@ -442,14 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "error": error,
         "result": result,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
-    if args.keep or failed:
-        print(f"work directory kept: {work}")
-    elif args.work_dir is None:
-        shutil.rmtree(work, ignore_errors=True)
-    return 1 if failed else 0
+    return save_results(args, document, work, failed)
 
 
 if __name__ == "__main__":

@@ -1010,6 +1010,36 @@ def source_version() -> dict[str, str]:
     return {"fedlink_commit": commit, "uncommitted_changes": ", ".join(edited) or "none"}
 
 
+def results_header(name: str) -> dict[str, Any]:
+    """What every benchmark's JSON starts with: its name, when, and on what machine and code."""
+    return {
+        "benchmark": name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "grpcio": importlib.metadata.version("grpcio"),
+            **source_version(),
+            "driver_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        },
+    }
+
+
+def save_results(
+    args: argparse.Namespace, document: dict[str, Any], work: Path, failed: bool
+) -> int:
+    """Write the JSON, keep the work directory when asked or when the run failed; exit code."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    if args.keep or failed:
+        print(f"work directory kept: {work}")
+    elif args.work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if failed else 0
+
+
 def write_json(
     args: argparse.Namespace, rows: list[dict[str, Any]], began: float, versions: dict[str, str]
 ) -> None:
