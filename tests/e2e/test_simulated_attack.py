@@ -18,9 +18,11 @@ def _tls(pki: Any, name: str) -> list[str]:
     return [f"--cert={cert}", f"--key={key}", f"--ca={ca}"]
 
 
-def test_a_gaussian_attacker_wrecks_plain_fedavg_and_warns_every_round(
-    pki: Any, tmp_path: Path
-) -> None:
+def _federation(
+    pki: Any, tmp_path: Path, clients: list[str], *server_flags: str
+) -> list[dict[str, Any]]:
+    """Run a digits federation whose client named "attacker" sends Gaussian noise (sigma 200);
+    the coordinator's metrics.jsonl rows."""
     address_file = tmp_path / "address"
     server = fedlink_process(
         [
@@ -29,20 +31,20 @@ def test_a_gaussian_attacker_wrecks_plain_fedavg_and_warns_every_round(
             "--listen=127.0.0.1:0",
             f"--address-file={address_file}",
             "--task=digits",
-            "--num-rounds=2",
-            "--min-clients=2",
-            "--min-fit-clients=2",
+            f"--min-clients={len(clients)}",
+            f"--min-fit-clients={len(clients)}",
             "--evaluate-every=0",
             "--heartbeat-interval-seconds=1",
             f"--run-dir={tmp_path / 'run'}",
             f"--state-dir={tmp_path / 'state'}",
+            *server_flags,
         ],
         tmp_path / "server.log",
     )
     processes = [server]
     try:
         address = wait_for_file(address_file, server)
-        for index, name in enumerate(("honest", "attacker")):
+        for index, name in enumerate(clients):
             attack = ["--simulate-attack=gaussian,sigma=200"] if name == "attacker" else []
             arguments = [
                 "client",
@@ -50,7 +52,7 @@ def test_a_gaussian_attacker_wrecks_plain_fedavg_and_warns_every_round(
                 f"--server={address}",
                 "--task=digits",
                 f"--partition-index={index}",
-                "--num-partitions=2",
+                f"--num-partitions={len(clients)}",
                 *attack,
             ]
             processes.append(fedlink_process(arguments, tmp_path / f"{name}.log"))
@@ -62,11 +64,17 @@ def test_a_gaussian_attacker_wrecks_plain_fedavg_and_warns_every_round(
             if process.poll() is None:
                 process.kill()
                 process.wait()
+    return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+
+
+def test_a_gaussian_attacker_wrecks_plain_fedavg_and_warns_every_round(
+    pki: Any, tmp_path: Path
+) -> None:
+    records = _federation(pki, tmp_path, ["honest", "attacker"], "--num-rounds=2")
     attacker_log = (tmp_path / "attacker.log").read_text()
     assert "SIMULATED ATTACK 'gaussian,sigma=200'" in attacker_log
     assert attacker_log.count("SIMULATED gaussian ATTACK: poisoning this update") == 2
     assert "SIMULATED" not in (tmp_path / "honest.log").read_text()
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["clients_accepted"] for r in records] == [2, 2]
     # Half of every average is N(0, 200^2) noise: the model is no better than guessing.
     assert records[-1]["test_accuracy"] < 0.3
@@ -75,53 +83,17 @@ def test_a_gaussian_attacker_wrecks_plain_fedavg_and_warns_every_round(
 def test_a_robust_rule_keeps_the_model_useful_under_the_same_attack(
     pki: Any, tmp_path: Path
 ) -> None:
-    address_file = tmp_path / "address"
-    server = fedlink_process(
-        [
-            "server",
-            *_tls(pki, "server"),
-            "--listen=127.0.0.1:0",
-            f"--address-file={address_file}",
-            "--task=digits",
-            "--num-rounds=5",
-            "--min-clients=4",
-            "--min-fit-clients=4",
-            "--min-results=4",
-            "--aggregation=median",
-            "--learning-rate=0.05",
-            "--local-epochs=2",
-            "--evaluate-every=0",
-            "--heartbeat-interval-seconds=1",
-            f"--run-dir={tmp_path / 'run'}",
-            f"--state-dir={tmp_path / 'state'}",
-        ],
-        tmp_path / "server.log",
+    records = _federation(
+        pki,
+        tmp_path,
+        ["honest-1", "honest-2", "honest-3", "attacker"],
+        "--num-rounds=5",
+        "--min-results=4",
+        "--aggregation=median",
+        "--learning-rate=0.05",
+        "--local-epochs=2",
     )
-    processes = [server]
-    try:
-        address = wait_for_file(address_file, server)
-        for index, name in enumerate(("honest-1", "honest-2", "honest-3", "attacker")):
-            attack = ["--simulate-attack=gaussian,sigma=200"] if name == "attacker" else []
-            arguments = [
-                "client",
-                *_tls(pki, name),
-                f"--server={address}",
-                "--task=digits",
-                f"--partition-index={index}",
-                "--num-partitions=4",
-                *attack,
-            ]
-            processes.append(fedlink_process(arguments, tmp_path / f"{name}.log"))
-        assert server.wait(timeout=300) == 0, (tmp_path / "server.log").read_text()
-        for process in processes[1:]:
-            assert process.wait(timeout=60) == 0
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
     assert (tmp_path / "attacker.log").read_text().count("poisoning this update") == 5
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["clients_accepted"] for r in records] == [4] * 5
     # The coordinate-wise median ignores the one noisy update in four.
     assert records[-1]["test_accuracy"] > 0.8
