@@ -107,9 +107,6 @@ class _Phase:
     def done(self) -> bool:
         return self.finished >= self.participants
 
-    def results(self) -> int:
-        return len(self.accepted) if self.kind is TaskKind.TRAIN else len(self.metrics)
-
 
 class ResultUpload:
     """One client's result in flight: header accepted, payload spooled to disk as it arrives."""
@@ -194,7 +191,6 @@ RoundListener = Callable[[RoundRecord], None]
 
 @dataclass
 class _Session:
-    joined_at: float
     last_seen: float
 
 
@@ -269,7 +265,7 @@ class RoundEngine:
         with self._cond:
             session = self._sessions.get(identity)
             if session is None:
-                self._sessions[identity] = _Session(joined_at=now, last_seen=now)
+                self._sessions[identity] = _Session(last_seen=now)
                 log.info("client %s joined (%d connected)", identity, len(self._sessions))
             else:
                 session.last_seen = now
