@@ -169,14 +169,9 @@ def issue_certificate(
 
     ca_dir = Path(ca_dir)
     out_dir = Path(out_dir)
-    ca_cert_path = ca_dir / CA_CERT_FILE
-    ca_key_path = ca_dir / CA_KEY_FILE
-    for path in (ca_cert_path, ca_key_path):
-        if not path.is_file():
-            raise PKIError(
-                f"no federation CA in {ca_dir} ({path.name} is missing); create one with "
-                f"`fedlink certs init --dir {ca_dir}` or pass the right --ca-dir"
-            )
+    ca_cert_path, ca_key_path = _ca_files(
+        ca_dir, f"create one with `fedlink certs init --dir {ca_dir}` or pass the right --ca-dir"
+    )
     ca_pem = _read(ca_cert_path)
     ca_cert = _parse_certificate(ca_pem, ca_cert_path)
     ca_key = _parse_private_key(_read(ca_key_path), ca_key_path)
@@ -385,14 +380,9 @@ def revoke_certificate(
     if (cert is None) == (serial is None):
         raise PKIError("name the certificate to revoke: pass either --cert FILE or --serial N")
     ca_dir = Path(ca_dir)
-    ca_cert_path = ca_dir / CA_CERT_FILE
-    ca_key_path = ca_dir / CA_KEY_FILE
-    for path in (ca_cert_path, ca_key_path):
-        if not path.is_file():
-            raise PKIError(
-                f"no federation CA in {ca_dir} ({path.name} is missing); revoke with the "
-                "--ca-dir that issued the certificate"
-            )
+    ca_cert_path, ca_key_path = _ca_files(
+        ca_dir, "revoke with the --ca-dir that issued the certificate"
+    )
     ca_pem = _read(ca_cert_path)
     ca_cert = _parse_certificate(ca_pem, ca_cert_path)
     ca_key = _parse_private_key(_read(ca_key_path), ca_key_path)
@@ -688,3 +678,12 @@ def _write_file(path: Path, data: bytes, *, private: bool) -> None:
     finally:
         if not done:
             tmp.unlink(missing_ok=True)
+
+
+def _ca_files(ca_dir: Path, hint: str) -> tuple[Path, Path]:
+    """The CA certificate and key in `ca_dir`; PKIError naming the missing one and `hint`."""
+    paths = (ca_dir / CA_CERT_FILE, ca_dir / CA_KEY_FILE)
+    for path in paths:
+        if not path.is_file():
+            raise PKIError(f"no federation CA in {ca_dir} ({path.name} is missing); {hint}")
+    return paths
