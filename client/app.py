@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import signal
@@ -15,16 +16,20 @@ import grpc
 import torch
 
 from fedlink import __version__
-from fedlink.client.attacks import Attack, parse_attack
+from fedlink.client.attacks import Attack, parse_attack, snapshot
 from fedlink.client.config import ClientConfig
 from fedlink.client.connection import TRANSIENT_CODES, Backoff, open_channel
-from fedlink.common.errors import ConfigError, FedlinkError, PayloadError
+from fedlink.client.secure import SECURE_STEPS, SecureParticipant, encode_update, step_encodings
+from fedlink.common.errors import ConfigError, FedlinkError, PayloadError, SecAggError
+from fedlink.common.secagg_wire import setup_from_proto
 from fedlink.common.tasks import load_task
-from fedlink.common.tasks.base import ClientData, DataRequest, TaskModule, TrainConfig
+from fedlink.common.tasks.base import ClientData, DataRequest, TaskModule, TrainConfig, TrainResult
 from fedlink.common.tensors import open_state_file, save_state_file
 from fedlink.common.wire import (
+    ENCODING,
     JOIN_REQUIRED,
     SESSION_METADATA_KEY,
+    ByteSink,
     PayloadAssembler,
     PayloadFile,
     PayloadInfo,
@@ -37,6 +42,9 @@ log = logging.getLogger(__name__)
 # A downloaded global model larger than this is refused (a hostile coordinator could otherwise
 # fill the client's disk).
 MAX_MODEL_BYTES = 64 << 30
+# Secure aggregation's step messages (roster, share bundles, unmasking request) are small: a few
+# hundred bytes per client of the session.
+MAX_MESSAGE_BYTES = 64 << 20
 
 
 class FatalClientError(FedlinkError):
@@ -99,6 +107,7 @@ class FederationClient:
             give_up_after=config.reconnect_timeout_seconds,
         )
         self._stop_heartbeat = threading.Event()
+        self._secure: SecureParticipant | None = None
 
     def run(self) -> int:
         log.info("client running task %s on %s", self._config.task, self._device)
@@ -162,6 +171,8 @@ class FederationClient:
             if key == SESSION_METADATA_KEY:
                 self._metadata = ((SESSION_METADATA_KEY, str(value)),)
         self._join = reply
+        if self._secure is None or reply.identity != self._secure.identity:
+            self._secure = SecureParticipant(reply.identity)
         self._backoff.reset()
         log.info("joined federation %s as %s", reply.federation_id[:8], reply.identity)
 
@@ -178,6 +189,9 @@ class FederationClient:
             if header.retry_after_seconds > 0:
                 self._stop_heartbeat.wait(min(header.retry_after_seconds, 60.0))
             return True
+        if header.kind in SECURE_STEPS:
+            self._secure_step(header, stream)
+            return True
         if header.kind not in (pb.TASK_KIND_TRAIN, pb.TASK_KIND_EVALUATE):
             raise FatalClientError(f"coordinator sent unknown task kind {header.kind}")
         self._load_global_model(header, stream)
@@ -187,25 +201,37 @@ class FederationClient:
             self._evaluate(header)
         return True
 
-    def _load_global_model(self, header: pb.TaskHeader, stream: Iterator[pb.TaskMessage]) -> None:
+    def _receive(
+        self,
+        header: pb.TaskHeader,
+        stream: Iterator[pb.TaskMessage],
+        sink: ByteSink,
+        *,
+        encoding: str,
+        max_size: int,
+    ) -> None:
+        """The task's payload chunks into `sink`, checked against the announced size and digest."""
         info = PayloadInfo(header.payload.size, header.payload.sha256, header.payload.encoding)
+        try:
+            assembler = PayloadAssembler(info, sink, max_size=max_size, encoding=encoding)
+            for message in stream:
+                if message.WhichOneof("message") != "chunk":
+                    raise PayloadError("unexpected second header in task stream")
+                assembler.add(message.chunk.offset, message.chunk.data)
+            assembler.finish()
+        except PayloadError as exc:
+            raise FatalClientError(f"task download failed: {exc}") from None
+
+    def _load_global_model(self, header: pb.TaskHeader, stream: Iterator[pb.TaskMessage]) -> None:
         with tempfile.NamedTemporaryFile(
             dir=self._config.spool_dir, suffix=".safetensors"
         ) as spool:
-            try:
-                assembler = PayloadAssembler(info, spool, max_size=MAX_MODEL_BYTES)
-                for message in stream:
-                    if message.WhichOneof("message") != "chunk":
-                        raise PayloadError("unexpected second header in task stream")
-                    assembler.add(message.chunk.offset, message.chunk.data)
-                spool.flush()
-                assembler.finish()
-            except PayloadError as exc:
-                raise FatalClientError(f"global model download failed: {exc}") from None
+            self._receive(header, stream, spool, encoding=ENCODING, max_size=MAX_MODEL_BYTES)
+            spool.flush()
             with open_state_file(Path(spool.name)) as state:
                 self._model.load_state_dict(state)
 
-    def _train(self, header: pb.TaskHeader) -> None:
+    def _train_locally(self, header: pb.TaskHeader) -> TrainResult:
         assert self._join is not None
         config = train_config_from(self._join.task_config, seed=header.seed)
         torch.manual_seed(header.seed)
@@ -224,6 +250,10 @@ class FederationClient:
             result.num_examples,
             result.loss,
         )
+        return result
+
+    def _train(self, header: pb.TaskHeader) -> None:
+        result = self._train_locally(header)
         # Serialized to disk and streamed from there: no second in-memory copy of the model.
         with tempfile.TemporaryDirectory(dir=self._config.spool_dir) as spool:
             path = Path(spool) / "update.safetensors"
@@ -231,6 +261,42 @@ class FederationClient:
             payload = PayloadFile.seal(path)
             log.info("round %d: uploading update (%.1f MB)", header.round, payload.info.size / 1e6)
             self._push(header, result.num_examples, {"loss": result.loss}, payload)
+
+    def _secure_step(self, header: pb.TaskHeader, stream: Iterator[pb.TaskMessage]) -> None:
+        """One step of a secure-aggregation round. The answer carries no sample count and no
+        metrics: the weight is inside the encoded update, and the coordinator learns only sums.
+        A step this client cannot or will not take is declined (a result without payload), so
+        the coordinator need not wait for it."""
+        assert self._secure is not None
+        step = pb.TaskKind.Name(header.kind).removeprefix("TASK_KIND_").lower()
+        try:
+            setup = setup_from_proto(header.secagg)
+            expected, answer_encoding = step_encodings(header.kind, setup)
+            if header.kind == pb.TASK_KIND_SECAGG_ADVERTISE:
+                self._load_global_model(header, stream)
+                answer = self._secure.given_answer(header.kind, setup)
+                if answer is None:
+                    global_state = snapshot(self._model)
+                    result = self._train_locally(header)
+                    vector = encode_update(
+                        setup, self._model.state_dict(), global_state, result.num_examples
+                    )
+                    answer = self._secure.advertise(setup, vector)
+            else:
+                message = io.BytesIO()
+                self._receive(
+                    header, stream, message, encoding=expected, max_size=MAX_MESSAGE_BYTES
+                )
+                answer = self._secure.respond(header.kind, setup, message.getvalue())
+        except SecAggError as exc:
+            log.warning("round %d: declining %s: %s", header.round, step, exc)
+            self._push(header, 0, {}, None)
+            return
+        with tempfile.TemporaryDirectory(dir=self._config.spool_dir) as spool:
+            path = Path(spool) / "answer"
+            path.write_bytes(answer)
+            log.info("round %d: %s (%d bytes)", header.round, step, len(answer))
+            self._push(header, 0, {}, PayloadFile.seal(path, answer_encoding))
 
     def _evaluate(self, header: pb.TaskHeader) -> None:
         dataset = self._data.test if self._data.test is not None else self._data.train

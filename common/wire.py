@@ -45,13 +45,14 @@ class PayloadFile:
     info: PayloadInfo
 
     @classmethod
-    def seal(cls, path: Path) -> PayloadFile:
+    def seal(cls, path: Path, encoding: str = ENCODING) -> PayloadFile:
         """Describe a finished file (size + SHA-256); it must not change afterwards."""
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             while block := f.read(DEFAULT_CHUNK_SIZE):
                 digest.update(block)
-        return cls(path, PayloadInfo(size=path.stat().st_size, sha256=digest.digest()))
+        size = path.stat().st_size
+        return cls(path, PayloadInfo(size=size, sha256=digest.digest(), encoding=encoding))
 
     def chunks(self, chunk_size: int) -> Iterator[tuple[int, bytes]]:
         check_chunk_size(chunk_size)
@@ -75,11 +76,17 @@ class ByteSink(Protocol):
 
 
 class PayloadAssembler:
-    """Checks and stores the chunks of one announced payload as they arrive."""
+    """Checks and stores the chunks of one announced payload as they arrive.
 
-    def __init__(self, info: PayloadInfo, sink: ByteSink, *, max_size: int) -> None:
-        if info.encoding != ENCODING:
-            raise PayloadError(f"unsupported payload encoding {info.encoding!r}; use {ENCODING!r}")
+    `encoding` is what the receiver expects at this point of the protocol (a model, or one of
+    secure aggregation's messages): a payload announced as anything else is refused up front.
+    """
+
+    def __init__(
+        self, info: PayloadInfo, sink: ByteSink, *, max_size: int, encoding: str = ENCODING
+    ) -> None:
+        if info.encoding != encoding:
+            raise PayloadError(f"unsupported payload encoding {info.encoding!r}; use {encoding!r}")
         if len(info.sha256) != hashlib.sha256().digest_size:
             raise PayloadError("payload SHA-256 digest must be 32 bytes")
         if info.size <= 0:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedlink.common.errors import ConfigError, PKIError
+from fedlink.common.fixedpoint import RING_BITS
 from fedlink.common.logs import check_log_format
 from fedlink.common.pki import validate_name
 from fedlink.common.wire import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
@@ -160,6 +161,39 @@ class ServerConfig:
         metadata=_help("DP budget: stop before the round that would take epsilon past this"),
     )
 
+    # Secure aggregation (docs/privacy.md): the coordinator learns only the sum of the updates.
+    secure_aggregation: bool = field(
+        default=False,
+        metadata=_help(
+            "secure aggregation (Bonawitz et al. 2017): clients send masked, fixed-point updates "
+            "and the coordinator recovers only their sum; needs aggregation = fedavg"
+        ),
+    )
+    secagg_ring_bits: int = field(
+        default=64,
+        metadata=_help("secure aggregation's ring Z_2^k: 64, or 32 to halve the upload"),
+    )
+    secagg_value_bound: float = field(
+        default=100.0,
+        metadata=_help(
+            "secure aggregation: bound on every model weight's magnitude; a client whose model "
+            "exceeds it declines the round (with DP the bound is derived from dp_clip_norm)"
+        ),
+    )
+    secagg_max_weight: float | None = field(
+        default=None,
+        metadata=_help(
+            "secure aggregation: the weight cap W (a client with more examples counts as W); "
+            "unset = max_num_examples"
+        ),
+    )
+    secagg_step_timeout_seconds: float = field(
+        default=60.0,
+        metadata=_help(
+            "deadline of each secure-aggregation step after training (keys, masked input, unmask)"
+        ),
+    )
+
     def __post_init__(self) -> None:
         if not self.insecure and not (self.cert and self.key and self.ca):
             raise ConfigError(
@@ -212,6 +246,7 @@ class ServerConfig:
             raise ConfigError(f"chunk_size must be in {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
         self._check_access()
         self._check_privacy(rule)
+        self._check_secure_aggregation(rule)
 
     def _check_access(self) -> None:
         if not (self.rate_limit_per_second > 0 and math.isfinite(self.rate_limit_per_second)):
@@ -254,6 +289,38 @@ class ServerConfig:
                 f"differential privacy averages clipped updates (DP-FedAvg), so it needs "
                 f'aggregation = "fedavg", got {self.aggregation!r}: the noise is calibrated to '
                 "a mean, not to a median or Krum"
+            )
+
+    def _check_secure_aggregation(self, rule: AggregationRule) -> None:
+        if not self.secure_aggregation:
+            return
+        if type(rule) is not FedAvg:
+            raise ConfigError(
+                f"secure aggregation reveals only the sum of the updates, so it needs "
+                f'aggregation = "fedavg", got {self.aggregation!r}: robust rules need every '
+                "individual update"
+            )
+        if self.min_fit_clients < 3:
+            raise ConfigError(
+                "secure aggregation needs min_fit_clients >= 3: with two clients, each learns "
+                "the other's update by subtracting its own from the sum"
+            )
+        if self.secagg_ring_bits not in RING_BITS:
+            raise ConfigError(
+                f"secagg_ring_bits must be one of {RING_BITS}, got {self.secagg_ring_bits}"
+            )
+        # Written as "not >= 1" so that NaN is refused too.
+        if not (math.isfinite(self.secagg_value_bound) and self.secagg_value_bound >= 1):
+            raise ConfigError(
+                f"secagg_value_bound must be finite and >= 1 (the weight slot holds up to 1), "
+                f"got {self.secagg_value_bound}"
+            )
+        weight = self.secagg_max_weight
+        if weight is not None and not (math.isfinite(weight) and weight >= 1):
+            raise ConfigError(f"secagg_max_weight must be finite and >= 1, got {weight}")
+        if not self.secagg_step_timeout_seconds > 0:
+            raise ConfigError(
+                f"secagg_step_timeout_seconds must be positive, got {self.secagg_step_timeout_seconds}"
             )
 
     def task_config(self) -> dict[str, str]:

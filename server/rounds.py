@@ -14,6 +14,7 @@ import hashlib
 import logging
 import math
 import random
+import shutil
 import threading
 import time
 import uuid
@@ -21,9 +22,35 @@ from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from fedlink.common.errors import ConfigError, PayloadError, TensorFormatError, UpdateRejected
+import torch
+
+from fedlink.common.dp import client_noise_std, secure_value_bound
+from fedlink.common.errors import (
+    ConfigError,
+    PayloadError,
+    SecAggError,
+    TensorFormatError,
+    UpdateRejected,
+)
+from fedlink.common.fixedpoint import FixedPoint, UpdateLayout
+from fedlink.common.secagg import SecAggParams, SecAggServer
+from fedlink.common.secagg_wire import (
+    KEYS_ENCODING,
+    ROSTER_ENCODING,
+    SHARES_ENCODING,
+    UNMASK_REQUEST_ENCODING,
+    UNMASK_RESPONSE_ENCODING,
+    SessionSetup,
+    keys_from_bytes,
+    ring_encoding,
+    roster_to_bytes,
+    shares_from_bytes,
+    shares_to_bytes,
+    unmask_request_to_bytes,
+    unmask_response_from_bytes,
+)
 from fedlink.common.tensors import (
     Manifest,
     StateDict,
@@ -31,7 +58,13 @@ from fedlink.common.tensors import (
     open_state_file,
     save_state_file,
 )
-from fedlink.common.wire import JOIN_REQUIRED, PayloadAssembler, PayloadFile, PayloadInfo
+from fedlink.common.wire import (
+    ENCODING,
+    JOIN_REQUIRED,
+    PayloadAssembler,
+    PayloadFile,
+    PayloadInfo,
+)
 from fedlink.server.aggregation import StreamingFedAvg
 from fedlink.server.checkpoints import Checkpoint, CheckpointStore, run_identity
 from fedlink.server.config import ServerConfig
@@ -46,6 +79,10 @@ log = logging.getLogger(__name__)
 LONG_POLL_SECONDS = 20.0
 # Bytes a result payload may exceed the global model's own encoding by (header formatting).
 PAYLOAD_SLACK_BYTES = 1 << 20
+# Secure aggregation's step messages (keys, share bundles, unmasking shares): at most this much
+# plus SECAGG_BYTES_PER_PEER for every other client of the session.
+SECAGG_MESSAGE_BYTES = 64 << 10
+SECAGG_BYTES_PER_PEER = 1 << 10
 
 
 class TaskKind(enum.Enum):
@@ -53,6 +90,19 @@ class TaskKind(enum.Enum):
     EVALUATE = "evaluate"
     WAIT = "wait"
     STOP = "stop"
+    # Secure aggregation's four steps, in order (docs/privacy.md).
+    SECAGG_ADVERTISE = "secagg-advertise"
+    SECAGG_SHARE_KEYS = "secagg-share-keys"
+    SECAGG_MASKED_INPUT = "secagg-masked-input"
+    SECAGG_UNMASK = "secagg-unmask"
+
+
+SECURE_STEPS = (
+    TaskKind.SECAGG_ADVERTISE,
+    TaskKind.SECAGG_SHARE_KEYS,
+    TaskKind.SECAGG_MASKED_INPUT,
+    TaskKind.SECAGG_UNMASK,
+)
 
 
 @dataclass(frozen=True)
@@ -64,6 +114,7 @@ class TaskOffer:
     round: int = 0
     seed: int = 0
     payload: PayloadFile | None = None
+    secagg: SessionSetup | None = None  # for the secure-aggregation steps
 
 
 @dataclass(frozen=True)
@@ -82,12 +133,25 @@ class _AcceptedUpdate:
 
 
 @dataclass
+class _SecureSession:
+    """One attempt at a round under secure aggregation: lives in memory only (never
+    checkpointed), so a coordinator restarted mid-round starts the round again with new keys."""
+
+    setup: SessionSetup
+    server: SecAggServer
+    directory: Path  # the roster, share inboxes and unmasking request served to clients
+
+
+@dataclass
 class _Phase:
-    """One train or evaluate step of a round: who was asked, what came back.
+    """One step of a round (train, evaluate, or a secure-aggregation step): who was asked, what
+    came back.
 
     A participant is offered the task whenever it pulls without having a result in flight or
     done, so a client that crashed or lost its connection mid-round can pick the task up again
-    after it restarts. `finished` holds participants with an accepted or rejected result.
+    after it restarts. `finished` holds participants with an accepted or rejected result,
+    `delivered` those with an accepted one. The phase's quorum is what `below_quorum = "wait"`
+    holds it open for.
     """
 
     kind: TaskKind
@@ -95,6 +159,10 @@ class _Phase:
     task_id: str
     participants: frozenset[str]
     payload: PayloadFile
+    quorum: int = 0
+    inboxes: Mapping[str, PayloadFile] = field(default_factory=dict)  # per-client payloads
+    secure: _SecureSession | None = None
+    delivered: set[str] = field(default_factory=set)
     pulled: set[str] = field(default_factory=set)
     submitted: set[str] = field(default_factory=set)
     finished: set[str] = field(default_factory=set)
@@ -112,7 +180,14 @@ class ResultUpload:
     """One client's result in flight: header accepted, payload spooled to disk as it arrives."""
 
     def __init__(
-        self, identity: str, header: ResultHeader, phase: _Phase, spool: Path | None, max_size: int
+        self,
+        identity: str,
+        header: ResultHeader,
+        phase: _Phase,
+        spool: Path | None,
+        *,
+        max_size: int,
+        encoding: str,
     ) -> None:
         self.identity = identity
         self.header = header
@@ -121,7 +196,9 @@ class ResultUpload:
         self._file: BinaryIO | None = None
         self._assembler: PayloadAssembler | None = None
         if header.payload is not None and spool is not None:
-            self._assembler = PayloadAssembler(header.payload, self, max_size=max_size)
+            self._assembler = PayloadAssembler(
+                header.payload, self, max_size=max_size, encoding=encoding
+            )
             self._file = open(spool, "wb")  # noqa: SIM115 (closed in finish/discard)
 
     def write(self, data: bytes) -> int:
@@ -185,6 +262,18 @@ class RunSummary:
     budget_spent: bool = False  # DP: stopped before a round that would exceed dp_max_epsilon
 
 
+@dataclass
+class _Training:
+    """What a round's training produced: the new global model, or None when the attempt fell
+    short (fewer than min_results updates, or secure aggregation below its threshold)."""
+
+    state: StateDict | None
+    accepted: int
+    answered: frozenset[str]  # participants that kept answering to the end
+    rejected: dict[str, str]
+    metrics: list[tuple[int, Mapping[str, float]]]
+
+
 Evaluator = Callable[[StateDict], tuple[float, float] | None]
 RoundListener = Callable[[RoundRecord], None]
 
@@ -215,6 +304,9 @@ class RoundEngine:
         self._spool_dir.mkdir(parents=True, exist_ok=True)
         for stale in self._spool_dir.glob("*.part"):
             stale.unlink()
+        for stale in self._spool_dir.glob("secagg-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        self._layout = UpdateLayout(self._manifest)
         self._cond = threading.Condition()
         self._sessions: dict[str, _Session] = {}
         # Everyone who ever joined this federation (restored from the checkpoint on restart):
@@ -317,7 +409,8 @@ class RoundEngine:
                         task_id=phase.task_id,
                         round=phase.round,
                         seed=self._client_seed(phase.round, identity),
-                        payload=phase.payload,
+                        payload=phase.inboxes.get(identity, phase.payload),
+                        secagg=phase.secure.setup if phase.secure else None,
                     )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -351,18 +444,28 @@ class RoundEngine:
                 )
             phase.submitted.add(identity)
         try:
-            check_num_examples(header.num_examples, self._config.max_num_examples)
-            check_metrics(header.metrics)
+            if phase.secure is None:
+                check_num_examples(header.num_examples, self._config.max_num_examples)
+                check_metrics(header.metrics)
+            # Under secure aggregation the weight is inside the masked vector and metrics would
+            # tell about one client's update: both fields are ignored.
             if phase.kind is TaskKind.TRAIN and header.payload is None:
                 raise UpdateRejected("INVALID_ARGUMENT", "a training result must carry a payload")
             if phase.kind is TaskKind.EVALUATE and header.payload is not None:
                 raise UpdateRejected("INVALID_ARGUMENT", "an evaluation result carries no payload")
+            if phase.secure is not None and header.payload is None:
+                raise UpdateRejected(
+                    "FAILED_PRECONDITION",
+                    f"{identity} declined secure-aggregation step {phase.kind.value}",
+                )
             spool = None
             if header.payload is not None:
                 spool = self._spool_dir / f"{uuid.uuid4().hex}.part"
-            max_size = self._global.info.size + PAYLOAD_SLACK_BYTES
+            encoding, max_size = self._expected_payload(phase)
             try:
-                return ResultUpload(identity, header, phase, spool, max_size)
+                return ResultUpload(
+                    identity, header, phase, spool, max_size=max_size, encoding=encoding
+                )
             except PayloadError as exc:
                 code = (
                     "RESOURCE_EXHAUSTED" if "exceeds the limit" in str(exc) else "INVALID_ARGUMENT"
@@ -372,36 +475,59 @@ class RoundEngine:
             self._reject(phase, identity, exc)
             raise
 
+    def _expected_payload(self, phase: _Phase) -> tuple[str, int]:
+        """The encoding and largest size of a result payload in `phase`."""
+        if phase.secure is None:
+            return ENCODING, self._global.info.size + PAYLOAD_SLACK_BYTES
+        params = phase.secure.setup.params
+        if phase.kind is TaskKind.SECAGG_MASKED_INPUT:
+            return ring_encoding(params.ring_bits), params.vector_length * params.dtype.itemsize
+        encoding = {
+            TaskKind.SECAGG_ADVERTISE: KEYS_ENCODING,
+            TaskKind.SECAGG_SHARE_KEYS: SHARES_ENCODING,
+            TaskKind.SECAGG_UNMASK: UNMASK_RESPONSE_ENCODING,
+        }[phase.kind]
+        return encoding, SECAGG_MESSAGE_BYTES + SECAGG_BYTES_PER_PEER * len(phase.participants)
+
     def finish_result(self, upload: ResultUpload) -> None:
         """Verify the complete payload and validate it; an accepted update waits on disk until
-        the round is aggregated."""
+        the round is aggregated, a secure-aggregation message is taken in at once."""
         phase = upload.phase
         accepted = False
         try:
             upload.complete_payload()
-            if phase.kind is TaskKind.TRAIN:
-                assert upload.spool is not None
-                # One validation at a time: each reads a whole mapped update.
-                with self._validation_lock:
+            # One result at a time: validation reads a whole mapped update, and secure
+            # aggregation's state is not thread-safe. Closing a phase takes this lock too, so a
+            # result is either fully taken in before the phase closes, or refused.
+            with self._validation_lock:
+                if phase.kind is TaskKind.TRAIN:
+                    assert upload.spool is not None
                     try:
                         with open_state_file(upload.spool) as state:
                             check_update(state, self._manifest)
                     except TensorFormatError as exc:
                         raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
-            with self._cond:
                 if not phase.open:
                     raise UpdateRejected(
                         "DEADLINE_EXCEEDED",
                         f"round {phase.round} closed before the result arrived",
                     )
-                phase.metrics.append((upload.header.num_examples, dict(upload.header.metrics)))
-                if phase.kind is TaskKind.TRAIN:
+                if phase.secure is not None:
                     assert upload.spool is not None
-                    phase.accepted[upload.identity] = _AcceptedUpdate(
-                        float(upload.header.num_examples), upload.spool
-                    )
-                phase.finished.add(upload.identity)
-                self._cond.notify_all()
+                    _take_secure_message(phase.kind, phase.secure, upload.identity, upload.spool)
+                with self._cond:
+                    if phase.secure is None:
+                        phase.metrics.append(
+                            (upload.header.num_examples, dict(upload.header.metrics))
+                        )
+                    if phase.kind is TaskKind.TRAIN:
+                        assert upload.spool is not None
+                        phase.accepted[upload.identity] = _AcceptedUpdate(
+                            float(upload.header.num_examples), upload.spool
+                        )
+                    phase.delivered.add(upload.identity)
+                    phase.finished.add(upload.identity)
+                    self._cond.notify_all()
             accepted = True
         except UpdateRejected as exc:
             self._reject(phase, upload.identity, exc)
@@ -474,21 +600,18 @@ class RoundEngine:
                 self.metrics.current_round.set(round_number)
                 started = time.monotonic()
                 self._reset_byte_counters()
-                train = self._run_phase(TaskKind.TRAIN, round_number, sampled, stop)
+                if cfg.secure_aggregation:
+                    train = self._train_securely(round_number, sampled, stop)
+                else:
+                    train = self._train_plainly(round_number, sampled, stop)
                 if train is None:
                     break
-                accepted = len(train.accepted)
-                if accepted < cfg.min_results:
-                    self._discard_updates(train)
+                if train.state is None:
                     failures += 1
-                    avoid = frozenset(sampled) - train.finished
+                    avoid = frozenset(sampled) - train.answered
                     log.warning(
-                        "round %d: %d of %d updates accepted, fewer than min_results=%d; "
-                        "repeating the round with other clients where possible (%d/%d)",
+                        "round %d: repeating the round with other clients where possible (%d/%d)",
                         round_number,
-                        accepted,
-                        len(sampled),
-                        cfg.min_results,
                         failures,
                         cfg.max_round_retries,
                     )
@@ -499,7 +622,7 @@ class RoundEngine:
                         break
                     continue
                 failures, avoid = 0, frozenset()
-                state = self._aggregate(train)
+                state = train.state
                 epsilon = self._account_round()
                 global_file = self._write_global(state, round_number)
                 with self._cond:
@@ -508,14 +631,18 @@ class RoundEngine:
                 del state  # the serialized global model is the only copy kept between rounds
                 federated: tuple[float, float] | None = None
                 if cfg.evaluate_every and round_number % cfg.evaluate_every == 0:
-                    evaluation = self._run_phase(TaskKind.EVALUATE, round_number, sampled, stop)
+                    evaluation = self._run_phase(
+                        self._new_phase(TaskKind.EVALUATE, round_number, sampled),
+                        self._config.round_timeout_seconds,
+                        stop,
+                    )
                     if evaluation is None:
                         break
                     federated = _weighted_eval(evaluation.metrics)
                 record = RoundRecord(
                     round=round_number,
                     clients_sampled=len(sampled),
-                    clients_accepted=accepted,
+                    clients_accepted=train.accepted,
                     rejected=dict(train.rejected),
                     train_loss=_weighted_mean(train.metrics, "loss"),
                     test_loss=central[0] if central else None,
@@ -601,17 +728,186 @@ class RoundEngine:
         log.info("privacy spent: epsilon=%.4g at delta=%g", epsilon, self._config.dp_delta)
         return epsilon
 
-    def _run_phase(
-        self, kind: TaskKind, round_number: int, participants: list[str], stop: threading.Event
-    ) -> _Phase | None:
-        phase = _Phase(
+    def _new_phase(
+        self, kind: TaskKind, round_number: int, participants: list[str], **details: Any
+    ) -> _Phase:
+        return _Phase(
             kind=kind,
             round=round_number,
-            task_id=uuid.uuid4().hex,
+            task_id=details.pop("task_id", uuid.uuid4().hex),
             participants=frozenset(participants),
-            payload=self._global,
+            payload=details.pop("payload", self._global),
+            **details,
         )
-        deadline = time.monotonic() + self._config.round_timeout_seconds
+
+    def _train_plainly(
+        self, round_number: int, sampled: list[str], stop: threading.Event
+    ) -> _Training | None:
+        cfg = self._config
+        train = self._run_phase(
+            self._new_phase(TaskKind.TRAIN, round_number, sampled, quorum=cfg.min_results),
+            cfg.round_timeout_seconds,
+            stop,
+        )
+        if train is None:
+            return None
+        accepted = len(train.accepted)
+        state = None
+        if accepted >= cfg.min_results:
+            state = self._aggregate(train)
+        else:
+            self._discard_updates(train)
+            log.warning(
+                "round %d: %d of %d updates accepted, fewer than min_results=%d",
+                round_number,
+                accepted,
+                len(sampled),
+                cfg.min_results,
+            )
+        return _Training(
+            state, accepted, frozenset(train.finished), dict(train.rejected), train.metrics
+        )
+
+    def _train_securely(
+        self, round_number: int, sampled: list[str], stop: threading.Event
+    ) -> _Training | None:
+        """One attempt at a round under secure aggregation: four phases, each with the clients
+        that completed the previous one, then the unmasked sum decoded into the new model.
+
+        The threshold t is a strict majority of the clients sampled (and at least min_results):
+        the clients themselves refuse a smaller one, since two disjoint groups of t clients
+        could then be told different stories about who dropped out.
+        """
+        cfg = self._config
+        threshold = max(2, cfg.min_results, len(sampled) // 2 + 1)
+        session = uuid.uuid4().hex
+        setup = self._session_setup(session, threshold, len(sampled))
+        directory = self._spool_dir / f"secagg-{session}"
+        directory.mkdir()
+        secure = _SecureSession(setup, SecAggServer(setup.params), directory)
+        step_timeout = cfg.secagg_step_timeout_seconds
+        rejected: dict[str, str] = {}
+        answered = frozenset(sampled)
+        try:
+            steps = (
+                (TaskKind.SECAGG_ADVERTISE, cfg.round_timeout_seconds),
+                (TaskKind.SECAGG_SHARE_KEYS, step_timeout),
+                (TaskKind.SECAGG_MASKED_INPUT, step_timeout),
+                (TaskKind.SECAGG_UNMASK, step_timeout),
+            )
+            details: dict[str, Any] = {"task_id": session}
+            for kind, timeout in steps:
+                phase = self._run_phase(
+                    self._new_phase(
+                        kind,
+                        round_number,
+                        sorted(answered),
+                        quorum=threshold,
+                        secure=secure,
+                        **details,
+                    ),
+                    timeout,
+                    stop,
+                )
+                if phase is None:
+                    return None
+                rejected.update(phase.rejected)
+                answered = frozenset(phase.delivered)
+                details = self._close_secure_step(kind, secure, answered)
+            survivors = len(phase.participants)  # whose masked input is in the sum
+            total = secure.server.result()
+        except SecAggError as exc:
+            log.warning("round %d: secure aggregation failed: %s", round_number, exc)
+            return _Training(None, 0, answered, rejected, [])
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        log.info(
+            "round %d: secure aggregation recovered the sum of %d of %d clients (threshold %d)",
+            round_number,
+            survivors,
+            len(sampled),
+            threshold,
+        )
+        return _Training(self._secure_average(total, setup), survivors, answered, rejected, [])
+
+    def _session_setup(self, session: str, threshold: int, num_clients: int) -> SessionSetup:
+        """What every client of this attempt is told: the ring, the encoding, the weight cap and,
+        with DP, the clip norm and each client's share of the noise."""
+        cfg = self._config
+        dimension = self._layout.length
+        if cfg.dp_clip_norm is not None:
+            # Split-noise DP-FedAvg: each client adds N(0, (z S)^2 / t) to its clipped change with
+            # weight 1, so every sum of >= t of them carries at least the noise z S.
+            noise_std = client_noise_std(cfg.dp_noise_multiplier, cfg.dp_clip_norm, threshold)
+            bound = max(1.0, secure_value_bound(cfg.dp_clip_norm, noise_std, dimension))
+            max_weight, clip_norm = 1.0, cfg.dp_clip_norm
+        else:
+            noise_std, clip_norm, bound = 0.0, 0.0, cfg.secagg_value_bound
+            max_weight = cfg.secagg_max_weight or float(cfg.max_num_examples)
+        try:
+            encoding = FixedPoint.for_sum(
+                num_clients=num_clients, value_bound=bound, ring_bits=cfg.secagg_ring_bits
+            )
+        except ValueError as exc:
+            raise ConfigError(f"secure aggregation: {exc}") from None
+        params = SecAggParams(session, threshold, dimension, cfg.secagg_ring_bits)
+        return SessionSetup(params, encoding, max_weight, noise_std, clip_norm)
+
+    def _close_secure_step(
+        self, kind: TaskKind, secure: _SecureSession, delivered: frozenset[str]
+    ) -> dict[str, Any]:
+        """End a step in the secure-aggregation state; what the next step's phase serves."""
+        server = secure.server
+        if kind is TaskKind.SECAGG_ADVERTISE:
+            roster = server.close_advertisement()
+            return {
+                "payload": _message_file(secure, "roster", roster_to_bytes(roster), ROSTER_ENCODING)
+            }
+        if kind is TaskKind.SECAGG_SHARE_KEYS:
+            server.close_sharing()
+            inboxes = {
+                identity: _message_file(
+                    secure,
+                    f"inbox-{index}",
+                    shares_to_bytes(server.shares_for(identity)),
+                    SHARES_ENCODING,
+                )
+                for index, identity in enumerate(sorted(delivered))
+            }
+            # The payload is never served (everyone has an inbox); the phase needs one.
+            return {"inboxes": inboxes, "payload": self._global}
+        if kind is TaskKind.SECAGG_MASKED_INPUT:
+            request = server.close_masked_inputs()
+            payload = _message_file(
+                secure, "unmask", unmask_request_to_bytes(request), UNMASK_REQUEST_ENCODING
+            )
+            return {"payload": payload}
+        return {}
+
+    def _secure_average(self, total: Any, setup: SessionSetup) -> StateDict:
+        """The new global model from the unmasked ring sum.
+
+        Without DP the clients encoded (w / W) * model, so the sum divided by its weight slot is
+        weighted FedAvg. With DP they encoded their clipped, noised change with weight 1, so the
+        same division gives the mean change, added to the current global model. Non-floating
+        tensors (counters) are not part of the secure sum and keep the global model's values.
+        """
+        averaged = self._layout.average(setup.encoding.decode(total))
+        state: StateDict = {}
+        with open_state_file(self._global.path) as global_state:
+            for name, tensor in global_state.items():
+                if name not in averaged:
+                    state[name] = tensor.clone()
+                elif setup.clip_norm > 0:
+                    change = averaged[name].to(torch.float64)
+                    state[name] = (tensor.to(torch.float64) + change).to(tensor.dtype)
+                else:
+                    state[name] = averaged[name]
+        return state
+
+    def _run_phase(self, phase: _Phase, timeout: float, stop: threading.Event) -> _Phase | None:
+        deadline = time.monotonic() + timeout
+        kind, round_number = phase.kind, phase.round
         with self._cond:
             self._phase = phase
             self._cond.notify_all()
@@ -639,11 +935,7 @@ class RoundEngine:
         """
         if phase.done():
             return True
-        quorum_met = (
-            phase.kind is TaskKind.EVALUATE
-            or self._config.below_quorum == "retry"
-            or len(phase.accepted) >= self._config.min_results
-        )
+        quorum_met = self._config.below_quorum == "retry" or len(phase.delivered) >= phase.quorum
         missing = sorted(phase.participants - phase.finished)
         if time.monotonic() >= deadline:
             if quorum_met:
@@ -656,10 +948,11 @@ class RoundEngine:
                 return True
             if not phase.overdue_logged:
                 log.warning(
-                    "round %d: deadline passed with %d of %d results needed; waiting for %s",
+                    "round %d %s: deadline passed with %d of %d results needed; waiting for %s",
                     phase.round,
-                    len(phase.accepted),
-                    self._config.min_results,
+                    phase.kind.value,
+                    len(phase.delivered),
+                    phase.quorum,
                     ", ".join(missing),
                 )
                 phase.overdue_logged = True
@@ -785,6 +1078,34 @@ class RoundEngine:
         with self._cond:
             self._bytes_down = 0
             self._bytes_up = 0
+
+
+def _message_file(secure: _SecureSession, name: str, data: bytes, encoding: str) -> PayloadFile:
+    """A step message written once and streamed to every client that pulls it."""
+    path = secure.directory / name
+    path.write_bytes(data)
+    return PayloadFile.seal(path, encoding)
+
+
+def _take_secure_message(
+    kind: TaskKind, secure: _SecureSession, identity: str, spool: Path
+) -> None:
+    """Hand one client's verified step message to the secure-aggregation state. A masked vector
+    is folded into the running sum here; its spool file is deleted afterwards, so nothing any
+    one client sent stays on disk."""
+    server = secure.server
+    data = spool.read_bytes()
+    try:
+        if kind is TaskKind.SECAGG_ADVERTISE:
+            server.add_keys(identity, keys_from_bytes(data))
+        elif kind is TaskKind.SECAGG_SHARE_KEYS:
+            server.add_shares(identity, shares_from_bytes(data))
+        elif kind is TaskKind.SECAGG_MASKED_INPUT:
+            server.add_masked_input(identity, secure.setup.params.vector_from_bytes(data))
+        else:
+            server.add_unmask_response(identity, unmask_response_from_bytes(data))
+    except SecAggError as exc:
+        raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
 
 
 def _check_privacy_history(

@@ -12,6 +12,7 @@ from typing import Any, NoReturn, TypeAlias
 import grpc
 
 from fedlink.common.errors import AccessDenied, PKIError, UpdateRejected
+from fedlink.common.secagg_wire import setup_to_proto
 from fedlink.common.wire import JOIN_REQUIRED, SESSION_METADATA_KEY, PayloadInfo
 from fedlink.server.access import AccessPolicy, Sessions, parse_peer
 from fedlink.server.config import ServerConfig
@@ -31,6 +32,10 @@ _KINDS = {
     TaskKind.EVALUATE: pb.TASK_KIND_EVALUATE,
     TaskKind.WAIT: pb.TASK_KIND_WAIT,
     TaskKind.STOP: pb.TASK_KIND_STOP,
+    TaskKind.SECAGG_ADVERTISE: pb.TASK_KIND_SECAGG_ADVERTISE,
+    TaskKind.SECAGG_SHARE_KEYS: pb.TASK_KIND_SECAGG_SHARE_KEYS,
+    TaskKind.SECAGG_MASKED_INPUT: pb.TASK_KIND_SECAGG_MASKED_INPUT,
+    TaskKind.SECAGG_UNMASK: pb.TASK_KIND_SECAGG_UNMASK,
 }
 
 
@@ -315,6 +320,8 @@ def _task_header(offer: TaskOffer) -> pb.TaskHeader:
         header.payload.CopyFrom(
             pb.PayloadInfo(size=info.size, sha256=info.sha256, encoding=info.encoding)
         )
+    if offer.secagg is not None:
+        header.secagg.CopyFrom(setup_to_proto(offer.secagg))
     return header
 
 

@@ -1,0 +1,378 @@
+"""Secure aggregation through the round engine, without a network: real `RoundEngine`, real
+client-side code (`client/secure.py`: encoding, keys, masking, unmasking) in threads, every
+message crossing as the bytes the servicer would carry."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from fedlink.client.secure import SecureParticipant, encode_update
+from fedlink.common.errors import ConfigError, UpdateRejected
+from fedlink.common.fixedpoint import UpdateLayout
+from fedlink.common.secagg_wire import KEYS_ENCODING, SessionSetup
+from fedlink.common.tensors import StateDict, manifest_of, open_state_file
+from fedlink.common.wire import PayloadInfo
+from fedlink.server.config import ServerConfig
+from fedlink.server.rounds import (
+    SECURE_STEPS,
+    ResultHeader,
+    RoundEngine,
+    RunSummary,
+    TaskKind,
+    TaskOffer,
+)
+from fedlink.v1 import federation_pb2 as pb
+
+_WIRE_KINDS = {
+    TaskKind.SECAGG_ADVERTISE: pb.TASK_KIND_SECAGG_ADVERTISE,
+    TaskKind.SECAGG_SHARE_KEYS: pb.TASK_KIND_SECAGG_SHARE_KEYS,
+    TaskKind.SECAGG_MASKED_INPUT: pb.TASK_KIND_SECAGG_MASKED_INPUT,
+    TaskKind.SECAGG_UNMASK: pb.TASK_KIND_SECAGG_UNMASK,
+}
+_ANSWER_ENCODINGS = {
+    TaskKind.SECAGG_ADVERTISE: KEYS_ENCODING,
+    TaskKind.SECAGG_SHARE_KEYS: "fedlink.v1.SecAggShares",
+    TaskKind.SECAGG_UNMASK: "fedlink.v1.SecAggUnmaskResponse",
+}
+
+
+def _model(seed: int, dtype: torch.dtype = torch.float64) -> StateDict:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(40, 50, generator=generator, dtype=dtype),
+        "b": torch.randn(50, generator=generator, dtype=dtype),
+        "steps": torch.tensor(seed, dtype=torch.int64),
+    }
+
+
+def _config(tmp_path: Path, **overrides: Any) -> ServerConfig:
+    settings: dict[str, Any] = {
+        "insecure": True,
+        "state_dir": tmp_path / "state",
+        "run_dir": tmp_path / "run",
+        "num_rounds": 1,
+        "min_clients": 3,
+        "min_fit_clients": 3,
+        "min_results": 1,
+        "evaluate_every": 0,
+        "heartbeat_interval_seconds": 0.1,
+        "liveness_timeout_seconds": 0.5,
+        "round_timeout_seconds": 30,
+        "secagg_step_timeout_seconds": 30,
+        "secure_aggregation": True,
+    }
+    settings.update(overrides)
+    return ServerConfig(**settings)
+
+
+@dataclass
+class Client:
+    """One simulated client: trains to a fixed `update` and answers every secure step the way
+    `fedlink client` does, until `stop_before` (a step it never answers: it went away)."""
+
+    name: str
+    update: StateDict
+    num_examples: int
+    stop_before: TaskKind | None = None
+    decline: Callable[[TaskOffer], bool] = lambda offer: False
+    sent: list[bytes] = field(default_factory=list)
+    sessions: set[str] = field(default_factory=set)
+    setup: SessionSetup | None = None  # the last session's, as the coordinator announced it
+
+    def run(self, engine: RoundEngine, done: threading.Event) -> None:
+        participant = SecureParticipant(self.name)
+        while not done.is_set():
+            offer = engine.next_task(self.name, timeout=0.1)
+            if offer.kind not in SECURE_STEPS:
+                continue
+            if offer.kind is self.stop_before:
+                return  # silent from now on: the liveness timeout drops it
+            assert offer.payload is not None and offer.secagg is not None
+            setup = offer.secagg
+            self.sessions.add(setup.params.session)
+            self.setup = setup
+            if self.decline(offer):
+                _decline(engine, self.name, offer)
+                continue
+            wire_kind = _WIRE_KINDS[offer.kind]
+            if offer.kind is TaskKind.SECAGG_ADVERTISE:
+                with open_state_file(offer.payload.path) as global_state:
+                    vector = encode_update(setup, self.update, global_state, self.num_examples)
+                answer = participant.advertise(setup, vector)
+            else:
+                answer = participant.respond(wire_kind, setup, offer.payload.path.read_bytes())
+            encoding = _ANSWER_ENCODINGS.get(offer.kind, f"ring-u{setup.params.ring_bits}le")
+            self.sent.append(answer)
+            _deliver(engine, self.name, offer, answer, encoding)
+
+
+def _header(offer: TaskOffer, payload: PayloadInfo | None) -> ResultHeader:
+    return ResultHeader(offer.task_id, offer.round, 0, {}, payload)
+
+
+def _deliver(engine: RoundEngine, name: str, offer: TaskOffer, data: bytes, encoding: str) -> None:
+    info = PayloadInfo(len(data), hashlib.sha256(data).digest(), encoding)
+    try:
+        upload = engine.open_result(name, _header(offer, info))
+        upload.add_chunk(0, data)
+        engine.finish_result(upload)
+    except UpdateRejected:
+        pass  # e.g. the step closed first: `fedlink client` logs it and pulls again
+
+
+def _decline(engine: RoundEngine, name: str, offer: TaskOffer) -> None:
+    with pytest.raises(Exception, match="declined"):
+        engine.open_result(name, _header(offer, None))
+
+
+@dataclass
+class Federation:
+    engine: RoundEngine
+    clients: list[Client]
+    summary: RunSummary
+    files_seen: dict[str, bytes]
+
+
+def _federate(
+    tmp_path: Path, initial: StateDict, clients: list[Client], **overrides: Any
+) -> Federation:
+    config = _config(tmp_path, **overrides)
+    engine = RoundEngine(config, initial)
+    for client in clients:
+        engine.join(client.name)
+    done = threading.Event()
+    files_seen: dict[str, bytes] = {}
+
+    def watch() -> None:
+        # Everything the coordinator keeps on disk while the round runs.
+        while not done.is_set():
+            for path in config.state_dir.rglob("*"):
+                try:
+                    if path.is_file():
+                        files_seen[str(path)] = path.read_bytes()
+                except FileNotFoundError:
+                    pass
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=c.run, args=(engine, done), daemon=True) for c in clients]
+    watcher = threading.Thread(target=watch, daemon=True)
+    for thread in [*threads, watcher]:
+        thread.start()
+    try:
+        summary = engine.run(threading.Event())
+    finally:
+        done.set()
+        for thread in [*threads, watcher]:
+            thread.join(10)
+    return Federation(engine, clients, summary, files_seen)
+
+
+def _fedavg(updates: list[tuple[float, StateDict]]) -> dict[str, torch.Tensor]:
+    total = sum(weight for weight, _ in updates)
+    return {
+        name: sum(weight * state[name].double() for weight, state in updates) / total
+        for name in ("w", "b")
+    }
+
+
+@pytest.fixture
+def clients() -> Iterator[list[Client]]:
+    yield [Client(f"site-{i}", _model(i + 1), num_examples=10 * (i + 1)) for i in range(5)]
+
+
+def test_the_secure_round_equals_weighted_fedavg_within_the_quantization_bound(
+    tmp_path: Path, clients: list[Client]
+) -> None:
+    federation = _federate(tmp_path, _model(0), clients, min_fit_clients=5)
+    assert federation.summary.completed
+    record = federation.summary.last_record
+    assert record is not None and record.clients_accepted == 5 and record.train_loss is None
+    setup = clients[0].setup
+    assert setup is not None and setup.params.threshold == 3  # a strict majority of 5
+    assert setup.params.vector_length == UpdateLayout(manifest_of(_model(0))).length
+    expected = _fedavg([(float(c.num_examples), c.update) for c in clients])
+    with open_state_file(federation.summary.final_model) as model:
+        weight_fraction = sum(c.num_examples for c in clients) / setup.max_weight
+        bound = setup.encoding.average_error_bound(5, weight_fraction)
+        for name in ("w", "b"):
+            error = float((model[name].double() - expected[name]).abs().max())
+            assert error <= bound, (name, error, bound)
+        # Counters are not in the secure sum: they keep the global model's value.
+        assert int(model["steps"]) == 0
+    assert bound < 1e-5  # far below float32 resolution of the weights (~1e-7 relative)
+
+
+def test_nothing_the_coordinator_receives_or_stores_reveals_a_clients_update(
+    tmp_path: Path, clients: list[Client]
+) -> None:
+    federation = _federate(tmp_path, _model(0), clients, min_fit_clients=5)
+    assert federation.summary.completed
+    for client in clients:
+        raw = b"".join(t.numpy().tobytes() for t in (client.update["w"], client.update["b"]))
+        # What the coordinator received from this client, and every file it wrote during the
+        # round, never contains a run of the update's bytes (as float64 or in the ring).
+        assert client.setup is not None
+        encoded = encode_update(client.setup, client.update, _model(0), client.num_examples)
+        for secret in (raw, encoded.tobytes()):
+            probes = [secret[i : i + 32] for i in range(0, len(secret) - 32, 997)]
+            for blob in [*client.sent, *federation.files_seen.values()]:
+                assert not any(probe in blob for probe in probes)
+        masked_bytes = max(client.sent, key=len)
+        masked = np.frombuffer(masked_bytes, dtype="<u8").view(np.int64).astype(np.float64)
+        plain = encoded.view(np.int64).astype(np.float64)
+        assert masked.shape == plain.shape
+        assert abs(np.corrcoef(masked, plain)[0, 1]) < 0.1
+    assert any("secagg-" in path for path in federation.files_seen), "the watcher saw the round"
+    # Nothing of the round is left behind.
+    leftovers = list((tmp_path / "state" / "incoming").iterdir())
+    assert leftovers == []
+
+
+def test_the_sum_is_recovered_when_clients_drop_at_every_step(tmp_path: Path) -> None:
+    # 7 clients, threshold 4: one leaves before sharing keys, one before its masked input, one
+    # after it (it never helps unmask). The sum is that of the 5 whose masked input arrived.
+    steps = [
+        TaskKind.SECAGG_SHARE_KEYS,
+        TaskKind.SECAGG_MASKED_INPUT,
+        TaskKind.SECAGG_UNMASK,
+        None,
+        None,
+        None,
+        None,
+    ]
+    clients = [
+        Client(f"site-{i}", _model(i + 1), 10 * (i + 1), stop_before=step)
+        for i, step in enumerate(steps)
+    ]
+    federation = _federate(tmp_path, _model(0), clients, min_fit_clients=7, min_results=1)
+    assert federation.summary.completed
+    record = federation.summary.last_record
+    assert record is not None and record.clients_accepted == 5
+    survivors = clients[2:]
+    expected = _fedavg([(float(c.num_examples), c.update) for c in survivors])
+    with open_state_file(federation.summary.final_model) as model:
+        for name in ("w", "b"):
+            error = float((model[name].double() - expected[name]).abs().max())
+            assert error <= _bound(survivors), (name, error)
+
+
+def test_below_the_threshold_the_attempt_fails_and_is_retried_with_a_fresh_session(
+    tmp_path: Path,
+) -> None:
+    # 4 clients, threshold 3. Two decline the first session's key sharing: only 2 share, so
+    # the sum of that attempt cannot be recovered; the retry runs a new session with new keys.
+    first_session: list[str] = []
+
+    def decline_first_share(offer: TaskOffer) -> bool:
+        assert offer.secagg is not None
+        if not first_session:
+            first_session.append(offer.secagg.params.session)
+        return (
+            offer.kind is TaskKind.SECAGG_SHARE_KEYS
+            and offer.secagg.params.session == first_session[0]
+        )
+
+    clients = [
+        Client(f"site-{i}", _model(i + 1), 10, decline=decline_first_share if i < 2 else _never)
+        for i in range(4)
+    ]
+    federation = _federate(
+        tmp_path, _model(0), clients, min_fit_clients=4, min_results=1, max_round_retries=1
+    )
+    assert federation.summary.completed
+    assert all(len(c.sessions) == 2 for c in clients)
+    record = federation.summary.last_record
+    assert record is not None and record.clients_accepted == 4
+    assert record.rejected == {}  # the record is the successful attempt's
+    expected = _fedavg([(10.0, c.update) for c in clients])
+    with open_state_file(federation.summary.final_model) as model:
+        assert float((model["w"].double() - expected["w"]).abs().max()) <= _bound(clients)
+
+
+def _bound(survivors: list[Client]) -> float:
+    """The documented bound on |secure average - weighted FedAvg| for these survivors."""
+    setup = survivors[0].setup
+    assert setup is not None
+    weight_fraction = sum(min(c.num_examples, setup.max_weight) for c in survivors)
+    return setup.encoding.average_error_bound(len(survivors), weight_fraction / setup.max_weight)
+
+
+def _never(offer: TaskOffer) -> bool:
+    return False
+
+
+def test_the_run_fails_cleanly_when_no_attempt_reaches_the_threshold(tmp_path: Path) -> None:
+    clients = [
+        Client(f"site-{i}", _model(i + 1), 10, stop_before=TaskKind.SECAGG_SHARE_KEYS)
+        if i < 2
+        else Client(f"site-{i}", _model(i + 1), 10)
+        for i in range(4)
+    ]
+    federation = _federate(
+        tmp_path, _model(0), clients, min_fit_clients=4, min_results=1, max_round_retries=0
+    )
+    assert not federation.summary.completed
+    assert federation.summary.rounds_completed == 0
+    assert list((tmp_path / "state" / "incoming").iterdir()) == []
+
+
+def test_secure_aggregation_with_dp_adds_split_noise_of_at_least_z_times_s_to_the_sum(
+    tmp_path: Path,
+) -> None:
+    # Every client moves every coordinate by +1 (clipped to S); the mean change is S / sqrt(d)
+    # per coordinate plus the noise of m = 5 client shares of std z S / sqrt(t) over m.
+    d = 40 * 50 + 50
+    clip, z = 2.0, 0.5
+    initial = _model(0, torch.float32)
+    clients = [
+        Client(
+            f"site-{i}",
+            {k: (v + 1 if v.dtype.is_floating_point else v) for k, v in initial.items()},
+            10,
+        )
+        for i in range(5)
+    ]
+    federation = _federate(
+        tmp_path,
+        initial,
+        clients,
+        min_fit_clients=5,
+        min_results=1,
+        dp_clip_norm=clip,
+        dp_noise_multiplier=z,
+    )
+    assert federation.summary.completed
+    record = federation.summary.last_record
+    assert record is not None and record.epsilon is not None and math.isfinite(record.epsilon)
+    with open_state_file(federation.summary.final_model) as model:
+        change = torch.cat(
+            [(model[k].double() - initial[k].double()).reshape(-1) for k in ("w", "b")]
+        )
+    threshold = 3  # a strict majority of 5
+    expected_std = z * clip / math.sqrt(threshold) * math.sqrt(5) / 5
+    assert abs(float(change.mean()) - clip / math.sqrt(d)) < 5 * expected_std / math.sqrt(d)
+    assert 0.9 * expected_std < float(change.std()) < 1.1 * expected_std
+
+
+def test_config_refuses_secure_aggregation_with_a_robust_rule_or_two_clients(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigError, match="robust rules need every individual update"):
+        _config(tmp_path, aggregation="median")
+    with pytest.raises(ConfigError, match="min_fit_clients >= 3"):
+        _config(tmp_path, min_fit_clients=2, min_clients=2)
+    with pytest.raises(ConfigError, match="secagg_ring_bits"):
+        _config(tmp_path, secagg_ring_bits=16)
+    with pytest.raises(ConfigError, match="secagg_value_bound"):
+        _config(tmp_path, secagg_value_bound=float("nan"))
