@@ -797,11 +797,12 @@ class RoundEngine:
             )
             details: dict[str, Any] = {"task_id": session}
             for kind, timeout in steps:
+                participants = sorted(answered)
                 phase = self._run_phase(
                     self._new_phase(
                         kind,
                         round_number,
-                        sorted(answered),
+                        participants,
                         quorum=threshold,
                         secure=secure,
                         **details,
@@ -814,7 +815,7 @@ class RoundEngine:
                 rejected.update(phase.rejected)
                 answered = frozenset(phase.delivered)
                 details = self._close_secure_step(kind, secure, answered)
-            survivors = len(phase.participants)  # whose masked input is in the sum
+            survivors = len(participants)  # unmasking's: those whose masked input is summed
             total = secure.server.result()
         except SecAggError as exc:
             log.warning("round %d: secure aggregation failed: %s", round_number, exc)
