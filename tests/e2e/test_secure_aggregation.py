@@ -1,0 +1,157 @@
+"""Secure aggregation in real federations: coordinator and client processes over mutual TLS."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from conftest import fedlink_process, wait_for_file
+
+from fedlink.common.tensors import open_state_file
+
+
+def _flags(**values: object) -> list[str]:
+    return [f"--{name.replace('_', '-')}={value}" for name, value in values.items()]
+
+
+class Federation:
+    """A coordinator and `clients` digits clients (iid shards) in `directory`."""
+
+    def __init__(
+        self, pki: Any, directory: Path, clients: int, *, secure: bool, **server: object
+    ) -> None:
+        self.directory = directory
+        self.run_dir = directory / "run"
+        self.state_dir = directory / "state"
+        address_file = directory / "address"
+        bundle = pki.server_dir
+        flags = {
+            "cert": bundle / "server.pem",
+            "key": bundle / "server.key",
+            "ca": bundle / "ca.pem",
+            "listen": "127.0.0.1:0",
+            "address_file": address_file,
+            "min_clients": clients,
+            "min_fit_clients": clients,
+            "heartbeat_interval_seconds": 1,
+            "liveness_timeout_seconds": 3,
+            "run_dir": self.run_dir,
+            "state_dir": self.state_dir,
+            "seed": 7,
+            **server,
+        }
+        directory.mkdir()
+        switch = ["--secure-aggregation"] if secure else []
+        self.server = fedlink_process(
+            ["server", *_flags(**flags), *switch], directory / "server.log"
+        )
+        self.clients: list[subprocess.Popen[bytes]] = []
+        try:
+            address = wait_for_file(address_file, self.server)
+            for i in range(clients):
+                cert, key, ca = pki.client(f"site-{i}")
+                self.clients.append(
+                    fedlink_process(
+                        [
+                            "client",
+                            *_flags(
+                                cert=cert,
+                                key=key,
+                                ca=ca,
+                                server=address,
+                                partition="iid",
+                                partition_index=i,
+                                num_partitions=clients,
+                            ),
+                        ],
+                        self.client_log(i),
+                    )
+                )
+        except BaseException:
+            self.kill()
+            raise
+
+    def client_log(self, index: int) -> Path:
+        return self.directory / f"site-{index}.log"
+
+    def server_log(self) -> str:
+        return (self.directory / "server.log").read_text()
+
+    def finish(self, timeout: float = 300) -> list[dict[str, Any]]:
+        """Wait for every process to exit 0 (killed clients aside); the metrics rows."""
+        try:
+            assert self.server.wait(timeout=timeout) == 0, self.server_log()
+            for i, client in enumerate(self.clients):
+                code = client.wait(timeout=60)
+                assert code in (0, -signal.SIGKILL), self.client_log(i).read_text()
+        finally:
+            self.kill()
+        lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    def kill(self) -> None:
+        for process in [self.server, *self.clients]:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    with open_state_file(path) as state:
+        return {name: tensor.clone() for name, tensor in state.items()}
+
+
+def test_a_secure_federation_trains_the_same_model_as_plaintext_fedavg(
+    pki: Any, tmp_path: Path
+) -> None:
+    # Same seed, same clients, same data: the only difference is how the updates are summed.
+    settings = {"num_rounds": 3, "secagg_max_weight": 1000}
+    plain = Federation(pki, tmp_path / "plain", 3, secure=False, **settings)
+    plain_records = plain.finish()
+    secure = Federation(pki, tmp_path / "secure", 3, secure=True, **settings)
+    secure_records = secure.finish()
+    log = secure.server_log()
+    assert log.count("secure aggregation recovered the sum of 3 of 3 clients") == 3
+    assert [r["clients_accepted"] for r in secure_records] == [3, 3, 3]
+    # Training loss is one client's information under secure aggregation: not reported.
+    assert all(r["train_loss"] is None for r in secure_records)
+    plain_model = _weights(plain.run_dir / "final_model.safetensors")
+    secure_model = _weights(secure.run_dir / "final_model.safetensors")
+    for name, tensor in plain_model.items():
+        difference = float((tensor.double() - secure_model[name].double()).abs().max())
+        assert difference < 1e-4, (name, difference)
+    for p, s in zip(plain_records, secure_records, strict=True):
+        assert abs(p["test_accuracy"] - s["test_accuracy"]) < 0.01
+    assert secure_records[-1]["test_accuracy"] > 0.5
+    # Nothing a client sent stays in the state directory: no spool, no session files.
+    assert list((secure.state_dir / "incoming").iterdir()) == []
+
+
+def test_a_client_killed_in_the_middle_of_a_secure_round_does_not_stop_the_federation(
+    pki: Any, tmp_path: Path
+) -> None:
+    # 4 clients, threshold 3. site-3 is SIGKILLed in round 2 as it starts sharing its keys:
+    # it advertised keys, so the others must mask against it, and its masks are removed from
+    # the sum with the shares of its mask key the survivors hold (or it is left out earlier).
+    federation = Federation(pki, tmp_path / "run", 4, secure=True, num_rounds=4, min_fit_clients=3)
+    victim = federation.clients[3]
+    deadline = time.monotonic() + 240
+    while "round 2: secagg_share_keys" not in federation.client_log(3).read_text():
+        assert time.monotonic() < deadline, federation.client_log(3).read_text()
+        assert victim.poll() is None
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    records = federation.finish()
+    assert [r["round"] for r in records] == [1, 2, 3, 4]
+    assert records[0]["clients_accepted"] == 4
+    assert records[1]["clients_accepted"] >= 3
+    assert [r["clients_accepted"] for r in records[2:]] == [3, 3]
+    assert records[-1]["test_accuracy"] > records[0]["test_accuracy"]
+    log = federation.server_log()
+    assert "secure aggregation failed" not in log
+    assert "no sign of life from site-3" in log
