@@ -400,6 +400,7 @@ class SecAggServer:
         self._masked_from: set[str] = set()
         self._request: UnmaskRequest | None = None
         self._responses: dict[str, UnmaskResponse] = {}
+        self.corrupt_responders: list[str] = []
 
     # Step 1.
     def add_keys(self, identity: str, advertisement: KeyAdvertisement) -> None:
@@ -494,26 +495,29 @@ class SecAggServer:
         self._responses[identity] = response
 
     def result(self) -> RingVector:
-        """The unmasked sum of the survivors' vectors; needs `threshold` unmasking responses."""
+        """The unmasked sum of the survivors' vectors; needs `threshold` unmasking responses.
+
+        One survivor answering with corrupted shares is found and left out when at least
+        threshold + 2 answered (every secret is then rebuilt, and checked, without it): it is
+        named in `corrupt_responders`. More corruption than that fails the round (SecAggError).
+        """
         self._expect(_ServerPhase.UNMASK)
         assert self._request is not None
         self._require(len(self._responses), "answered the unmasking request")
-        threshold = self.params.threshold
+        responders = sorted(self._responses)
+        try:
+            seeds, mask_keys = self._reconstruct(responders)
+        except SecAggError:
+            culprit = self._single_corrupt_responder(responders)
+            if culprit is None:
+                self._phase = _ServerPhase.DONE
+                raise
+            self.corrupt_responders.append(culprit)
+            seeds, mask_keys = self._reconstruct([r for r in responders if r != culprit])
         total = self._sum
-        for survivor in self._request.survivors:
-            seed = reconstruct_secret(
-                [r.self_mask_shares[survivor] for r in self._responses.values()], threshold
-            )
+        for seed in seeds:
             prg.add_keystream(seed, total, subtract=True)
-        for gone in self._request.dropped:
-            secret = reconstruct_secret(
-                [r.mask_key_shares[gone] for r in self._responses.values()], threshold
-            )
-            private = X25519PrivateKey.from_private_bytes(secret)
-            if _public_bytes(private) != self._keys[gone].mask_key:
-                raise SecAggError(
-                    f"the reconstructed mask key of {gone!r} does not match its advertised key"
-                )
+        for gone, private in mask_keys.items():
             for survivor in self._request.survivors:
                 key = pairwise_mask_key(
                     private, self._keys[survivor].mask_key, self.params.session, gone, survivor
@@ -522,6 +526,42 @@ class SecAggServer:
                 prg.add_keystream(key, total, subtract=gone > survivor)
         self._phase = _ServerPhase.DONE
         return total
+
+    def _reconstruct(
+        self, responders: list[str]
+    ) -> tuple[list[bytes], dict[str, X25519PrivateKey]]:
+        """The survivors' self-mask seeds and the dropped clients' mask keys from the shares of
+        `responders`; SecAggError if the shares are inconsistent or a key does not match."""
+        assert self._request is not None
+        threshold = self.params.threshold
+        responses = [self._responses[r] for r in responders]
+        seeds = [
+            reconstruct_secret([r.self_mask_shares[survivor] for r in responses], threshold)
+            for survivor in self._request.survivors
+        ]
+        mask_keys: dict[str, X25519PrivateKey] = {}
+        for gone in self._request.dropped:
+            secret = reconstruct_secret([r.mask_key_shares[gone] for r in responses], threshold)
+            private = X25519PrivateKey.from_private_bytes(secret)
+            if _public_bytes(private) != self._keys[gone].mask_key:
+                raise SecAggError(
+                    f"the reconstructed mask key of {gone!r} does not match its advertised key"
+                )
+            mask_keys[gone] = private
+        return seeds, mask_keys
+
+    def _single_corrupt_responder(self, responders: list[str]) -> str | None:
+        """The one responder without whom every secret rebuilds consistently, if there is one
+        and the others are enough (threshold + 1) to check it."""
+        if len(responders) < self.params.threshold + 2:
+            return None
+        for suspect in responders:
+            try:
+                self._reconstruct([r for r in responders if r != suspect])
+            except SecAggError:
+                continue
+            return suspect
+        return None
 
     def _require(self, count: int, what: str) -> None:
         if count < self.params.threshold:

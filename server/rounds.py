@@ -817,6 +817,14 @@ class RoundEngine:
                 details = self._close_secure_step(kind, secure, answered)
             survivors = len(participants)  # unmasking's: those whose masked input is summed
             total = secure.server.result()
+            for culprit in secure.server.corrupt_responders:
+                rejected[culprit] = "sent corrupted unmasking shares; unmasked without them"
+                log.warning(
+                    "round %d: %s sent corrupted unmasking shares; the sum was unmasked with "
+                    "the other survivors' shares",
+                    round_number,
+                    culprit,
+                )
         except SecAggError as exc:
             log.warning("round %d: secure aggregation failed: %s", round_number, exc)
             return _Training(None, 0, answered, rejected, [])

@@ -342,6 +342,25 @@ def test_server_detects_a_corrupted_unmasking_share() -> None:
         server.result()
 
 
+def test_one_survivor_with_corrupted_shares_is_found_and_left_out_given_two_spare_answers() -> None:
+    # 6 survivors, threshold 4: without c2 there are still 5 answers, one more than needed to
+    # check every rebuilt secret, so c2's wrong share is pinned on c2 and the sum is right.
+    _, clients, server = _through_masking(n=6, threshold=4)
+    request = server.close_masked_inputs()
+    for identity in request.survivors:
+        response = clients[identity].unmask(request)
+        if identity == "c2":
+            share = response.self_mask_shares["c1"]
+            shares = dict(response.self_mask_shares)
+            shares["c1"] = Share(share.x, (share.y + 1) % (1 << 521))
+            response = UnmaskResponse(shares, response.mask_key_shares)
+        server.add_unmask_response(identity, response)
+    assert server.corrupt_responders == []
+    total = server.result()
+    assert server.corrupt_responders == ["c2"]
+    assert np.array_equal(total, 6 * np.arange(16, dtype=np.uint64))
+
+
 def test_server_refuses_inputs_from_outside_the_session_and_duplicates() -> None:
     _, _, server = _through_masking(drop_after_shares={4})
     with pytest.raises(SecAggError, match="already sent its masked input"):

@@ -18,9 +18,19 @@ import pytest
 import torch
 
 from fedlink.client.secure import SecureParticipant, encode_update
-from fedlink.common.errors import ConfigError, UpdateRejected
-from fedlink.common.fixedpoint import UpdateLayout
-from fedlink.common.secagg_wire import KEYS_ENCODING, SessionSetup
+from fedlink.common.errors import ConfigError, SecAggRefused, UpdateRejected
+from fedlink.common.fixedpoint import FixedPoint, UpdateLayout
+from fedlink.common.secagg import SecAggParams, UnmaskRequest
+from fedlink.common.secagg_wire import (
+    KEYS_ENCODING,
+    SessionSetup,
+    keys_from_bytes,
+    roster_to_bytes,
+    shares_from_bytes,
+    shares_to_bytes,
+    unmask_request_to_bytes,
+    unmask_response_from_bytes,
+)
 from fedlink.common.tensors import StateDict, manifest_of, open_state_file
 from fedlink.common.wire import PayloadInfo
 from fedlink.server.config import ServerConfig
@@ -86,6 +96,9 @@ class Client:
     num_examples: int
     stop_before: TaskKind | None = None
     decline: Callable[[TaskOffer], bool] = lambda offer: False
+    # A hostile client: rewrites its answer (bytes, encoding) to a step before sending it.
+    tamper: Callable[[TaskKind, bytes, str], tuple[bytes, str]] | None = None
+    refusals: list[str] = field(default_factory=list)  # status codes of refused answers
     sent: list[bytes] = field(default_factory=list)
     sessions: set[str] = field(default_factory=set)
     setup: SessionSetup | None = None  # the last session's, as the coordinator announced it
@@ -113,22 +126,35 @@ class Client:
             else:
                 answer = participant.respond(wire_kind, setup, offer.payload.path.read_bytes())
             encoding = _ANSWER_ENCODINGS.get(offer.kind, f"ring-u{setup.params.ring_bits}le")
+            if self.tamper is not None:
+                answer, encoding = self.tamper(offer.kind, answer, encoding)
             self.sent.append(answer)
-            _deliver(engine, self.name, offer, answer, encoding)
+            refusal = _deliver(engine, self.name, offer, answer, encoding)
+            if refusal is not None:
+                self.refusals.append(refusal.code)
 
 
 def _header(offer: TaskOffer, payload: PayloadInfo | None) -> ResultHeader:
     return ResultHeader(offer.task_id, offer.round, 0, {}, payload)
 
 
-def _deliver(engine: RoundEngine, name: str, offer: TaskOffer, data: bytes, encoding: str) -> None:
+def _deliver(
+    engine: RoundEngine, name: str, offer: TaskOffer, data: bytes, encoding: str
+) -> UpdateRejected | None:
+    """Upload one answer as the servicer would; the refusal, if any (`fedlink client` logs it
+    and pulls again)."""
     info = PayloadInfo(len(data), hashlib.sha256(data).digest(), encoding)
     try:
         upload = engine.open_result(name, _header(offer, info))
+    except UpdateRejected as exc:
+        return exc
+    try:
         upload.add_chunk(0, data)
         engine.finish_result(upload)
-    except UpdateRejected:
-        pass  # e.g. the step closed first: `fedlink client` logs it and pulls again
+    except UpdateRejected as exc:
+        engine.reject_result(upload, exc)
+        return exc
+    return None
 
 
 def _decline(engine: RoundEngine, name: str, offer: TaskOffer) -> None:
@@ -376,3 +402,90 @@ def test_config_refuses_secure_aggregation_with_a_robust_rule_or_two_clients(
         _config(tmp_path, secagg_ring_bits=16)
     with pytest.raises(ConfigError, match="secagg_value_bound"):
         _config(tmp_path, secagg_value_bound=float("nan"))
+
+
+def _tampering(step: TaskKind, rewrite: Callable[[bytes, str], tuple[bytes, str]]) -> Any:
+    def tamper(kind: TaskKind, answer: bytes, encoding: str) -> tuple[bytes, str]:
+        return rewrite(answer, encoding) if kind is step else (answer, encoding)
+
+    return tamper
+
+
+@pytest.mark.parametrize(
+    ("step", "rewrite", "code", "summed"),
+    [
+        (TaskKind.SECAGG_ADVERTISE, lambda a, e: (b"\xff\x01garbage", e), "INVALID_ARGUMENT", 4),
+        (TaskKind.SECAGG_ADVERTISE, lambda a, e: (a, "safetensors"), "INVALID_ARGUMENT", 4),
+        (TaskKind.SECAGG_SHARE_KEYS, lambda a, e: (a[:-1], e), "INVALID_ARGUMENT", 4),
+        (TaskKind.SECAGG_MASKED_INPUT, lambda a, e: (a[:-8], e), "INVALID_ARGUMENT", 4),
+        (TaskKind.SECAGG_MASKED_INPUT, lambda a, e: (a + bytes(8), e), "RESOURCE_EXHAUSTED", 4),
+        # Well-formed but wrong shares: found and left out (5 answers >= threshold 3 + 2).
+        (TaskKind.SECAGG_UNMASK, lambda a, e: (a[:-3] + b"xyz", e), None, 5),
+    ],
+    ids=[
+        "garbage-keys",
+        "wrong-encoding",
+        "cut-shares",
+        "short-vector",
+        "long-vector",
+        "bad-unmask",
+    ],
+)
+def test_a_malformed_secure_message_is_refused_and_the_round_goes_on_without_it(
+    tmp_path: Path,
+    clients: list[Client],
+    step: TaskKind,
+    rewrite: Callable[[bytes, str], tuple[bytes, str]],
+    code: str | None,
+    summed: int,
+) -> None:
+    hostile = clients[4]
+    hostile.tamper = _tampering(step, rewrite)
+    federation = _federate(tmp_path, _model(0), clients, min_fit_clients=5)
+    assert federation.summary.completed
+    assert hostile.refusals == ([code] if code else [])
+    record = federation.summary.last_record
+    assert record is not None and record.clients_accepted == summed
+    assert "site-4" in record.rejected
+    included = clients[:summed]
+    expected = _fedavg([(float(c.num_examples), c.update) for c in included])
+    with open_state_file(federation.summary.final_model) as model:
+        error = float((model["w"].double() - expected["w"]).abs().max())
+        assert error <= _bound(included)
+
+
+def test_a_client_refuses_an_unmasking_request_that_would_strip_a_peers_masks() -> None:
+    # A curious coordinator lists b as both survived and dropped, asking for both kinds of share
+    # of b (together they remove every mask from b's input). The client refuses (and `fedlink
+    # client` declines the step); a later request in the session gets only its one answer.
+    state = _model(1)
+    setup = SessionSetup(
+        SecAggParams("session", 2, UpdateLayout(manifest_of(state)).length),
+        FixedPoint.for_sum(num_clients=3, value_bound=100.0),
+        max_weight=100.0,
+    )
+    clients = {name: SecureParticipant(name) for name in ("a", "b", "c")}
+    roster = roster_to_bytes(
+        {
+            name: keys_from_bytes(client.advertise(setup, encode_update(setup, state, state, 10)))
+            for name, client in clients.items()
+        }
+    )
+    outboxes = {
+        name: shares_from_bytes(client.respond(pb.TASK_KIND_SECAGG_SHARE_KEYS, setup, roster))
+        for name, client in clients.items()
+    }
+    for name, client in clients.items():
+        inbox = {sender: box[name] for sender, box in outboxes.items() if sender != name}
+        client.respond(pb.TASK_KIND_SECAGG_MASKED_INPUT, setup, shares_to_bytes(inbox))
+    unmask = pb.TASK_KIND_SECAGG_UNMASK
+    both = unmask_request_to_bytes(UnmaskRequest(survivors=("a", "b", "c"), dropped=("b",)))
+    with pytest.raises(SecAggRefused, match="both survived and dropped"):
+        clients["a"].respond(unmask, setup, both)
+    honest = unmask_request_to_bytes(UnmaskRequest(survivors=("a", "b", "c"), dropped=()))
+    answer = unmask_response_from_bytes(clients["a"].respond(unmask, setup, honest))
+    assert set(answer.self_mask_shares) == {"a", "b", "c"} and answer.mask_key_shares == {}
+    # Asking again, now with b "dropped": the same answer, no share of b's mask key.
+    later = unmask_request_to_bytes(UnmaskRequest(survivors=("a", "c"), dropped=("b",)))
+    again = unmask_response_from_bytes(clients["a"].respond(unmask, setup, later))
+    assert again == answer
