@@ -281,6 +281,14 @@ class FederationClient:
                     vector = encode_update(
                         setup, self._model.state_dict(), global_state, result.num_examples
                     )
+                    if setup.clip_norm > 0:
+                        log.info(
+                            "round %d: DP: change clipped to norm %g, Gaussian noise of std "
+                            "%.4g added before masking",
+                            header.round,
+                            setup.clip_norm,
+                            setup.noise_std,
+                        )
                     answer = self._secure.advertise(setup, vector)
             else:
                 message = io.BytesIO()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import time
@@ -155,3 +156,30 @@ def test_a_client_killed_in_the_middle_of_a_secure_round_does_not_stop_the_feder
     log = federation.server_log()
     assert "secure aggregation failed" not in log
     assert "no sign of life from site-3" in log
+
+
+def test_secure_aggregation_with_dp_splits_the_noise_across_the_clients(
+    pki: Any, tmp_path: Path
+) -> None:
+    federation = Federation(
+        pki,
+        tmp_path / "run",
+        3,
+        secure=True,
+        num_rounds=2,
+        dp_clip_norm=1.0,
+        dp_noise_multiplier=0.5,
+        dp_delta=1e-5,
+    )
+    records = federation.finish()
+    assert [r["clients_accepted"] for r in records] == [3, 3]
+    assert 0 < records[0]["epsilon"] < records[1]["epsilon"]
+    log = federation.server_log()
+    assert log.count("secure aggregation recovered the sum of 3 of 3 clients") == 2
+    # The coordinator adds no noise of its own: DPFedAvg's "noise std ... on the sum" line is
+    # absent; every client added its share (N(0, (z S)^2 / t), t = 2) before masking.
+    assert "DP: clipped" not in log
+    noise = 0.5 * 1.0 / math.sqrt(2)
+    for i in range(3):
+        client_log = federation.client_log(i).read_text()
+        assert f"DP: change clipped to norm 1, Gaussian noise of std {noise:.4g}" in client_log
