@@ -18,7 +18,12 @@ import torch
 from fedlink import __version__
 from fedlink.client.attacks import Attack, parse_attack, snapshot
 from fedlink.client.config import ClientConfig
-from fedlink.client.connection import TRANSIENT_CODES, Backoff, open_channel
+from fedlink.client.connection import (
+    TRANSIENT_CODES,
+    Backoff,
+    client_credentials,
+    open_channel,
+)
 from fedlink.client.secure import SECURE_STEPS, SecureParticipant, encode_update, step_encodings
 from fedlink.common.errors import ConfigError, FedlinkError, PayloadError, SecAggError
 from fedlink.common.secagg_wire import setup_from_proto
@@ -98,6 +103,7 @@ class FederationClient:
         self._attack: Attack | None = None
         if config.simulate_attack is not None:  # evaluation only, never a default
             self._attack = parse_attack(config.simulate_attack, config.num_partitions)
+        self._credentials = client_credentials(config)
         self._channel = open_channel(config)
         self._stub = pb_grpc.FederationStub(self._channel)
         self._metadata: tuple[tuple[str, str], ...] = ()
@@ -172,7 +178,7 @@ class FederationClient:
                 self._metadata = ((SESSION_METADATA_KEY, str(value)),)
         self._join = reply
         if self._secure is None or reply.identity != self._secure.identity:
-            self._secure = SecureParticipant(reply.identity)
+            self._secure = SecureParticipant(reply.identity, self._credentials)
         self._backoff.reset()
         log.info("joined federation %s as %s", reply.federation_id[:8], reply.identity)
 

@@ -9,7 +9,7 @@ import time
 import grpc
 
 from fedlink.client.config import ClientConfig
-from fedlink.common.pki import load_credentials
+from fedlink.common.pki import Credentials, load_credentials
 from fedlink.common.wire import MAX_CHUNK_SIZE, MESSAGE_OVERHEAD
 
 log = logging.getLogger(__name__)
@@ -41,14 +41,22 @@ def open_channel(config: ClientConfig) -> grpc.Channel:
             "in plaintext. Use this for local development only."
         )
         return grpc.insecure_channel(config.server, options=options)
-    assert config.cert and config.key and config.ca
-    creds = load_credentials(config.cert, config.key, config.ca, role="client")
+    creds = client_credentials(config)
+    assert creds is not None
     if config.server_name:
         options.append(("grpc.ssl_target_name_override", config.server_name))
     credentials = grpc.ssl_channel_credentials(
         root_certificates=creds.ca_pem, private_key=creds.key_pem, certificate_chain=creds.cert_pem
     )
     return grpc.secure_channel(config.server, credentials, options=options)
+
+
+def client_credentials(config: ClientConfig) -> Credentials | None:
+    """This client's certificate, key and CA, checked (None in --insecure mode)."""
+    if config.insecure:
+        return None
+    assert config.cert and config.key and config.ca
+    return load_credentials(config.cert, config.key, config.ca, role="client")
 
 
 class Backoff:

@@ -14,9 +14,11 @@ import torch
 
 from fedlink.common import wire
 from fedlink.common.dp import add_gaussian_noise, clip_update
-from fedlink.common.errors import SecAggError
+from fedlink.common.errors import SecAggError, SecAggRefused
 from fedlink.common.fixedpoint import UpdateLayout, encode_weighted_update
-from fedlink.common.secagg import RingVector, SecAggClient
+from fedlink.common.pki import Credentials
+from fedlink.common.secagg import KeyAdvertisement, RingVector, SecAggClient
+from fedlink.common.secagg_auth import check_advertisement, sign_advertisement
 from fedlink.common.secagg_wire import (
     KEYS_ENCODING,
     ROSTER_ENCODING,
@@ -99,8 +101,11 @@ class SecureParticipant:
     """Answers the four steps of the current session; a re-offered step (the upload of the
     answer broke off) gets the same answer again, never a second, different one."""
 
-    def __init__(self, identity: str) -> None:
+    def __init__(self, identity: str, credentials: Credentials | None) -> None:
+        """`credentials` sign this client's keys and check its peers' (None: --insecure
+        development mode, where keys are neither signed nor checked)."""
         self.identity = identity
+        self._credentials = credentials
         self._setup: SessionSetup | None = None
         self._client: SecAggClient | None = None
         self._vector: RingVector | None = None
@@ -116,9 +121,10 @@ class SecureParticipant:
         """Start a session with this client's encoded update: fresh keys, to advertise."""
         self._setup, self._vector, self._answers = setup, vector, {}
         self._client = SecAggClient(self.identity, setup.params)
-        return self._remember(
-            pb.TASK_KIND_SECAGG_ADVERTISE, keys_to_bytes(self._client.advertise())
-        )
+        keys = self._client.advertise()
+        if self._credentials is not None:
+            keys = sign_advertisement(keys, setup.params.session, self.identity, self._credentials)
+        return self._remember(pb.TASK_KIND_SECAGG_ADVERTISE, keys_to_bytes(keys))
 
     def respond(self, kind: pb.TaskKind, setup: SessionSetup, message: bytes) -> bytes:
         """Answer a later step (share keys, masked input, unmask) of the current session."""
@@ -131,7 +137,9 @@ class SecureParticipant:
                 "restarted or missed its start, or the coordinator changed the session's settings)"
             )
         if kind == pb.TASK_KIND_SECAGG_SHARE_KEYS:
-            answer = shares_to_bytes(self._client.share_keys(roster_from_bytes(message)))
+            roster = roster_from_bytes(message)
+            self._check_roster(roster, setup.params.session)
+            answer = shares_to_bytes(self._client.share_keys(roster))
         elif kind == pb.TASK_KIND_SECAGG_MASKED_INPUT:
             assert self._vector is not None
             masked = self._client.masked_input(self._vector, shares_from_bytes(message))
@@ -140,6 +148,19 @@ class SecureParticipant:
             request = unmask_request_from_bytes(message)
             answer = unmask_response_to_bytes(self._client.unmask(request))
         return self._remember(kind, answer)
+
+    def _check_roster(self, roster: Mapping[str, KeyAdvertisement], session: str) -> None:
+        """Every peer's keys must be signed by that peer's certificate: shares are sealed to
+        these keys, so keys the coordinator substituted would hand it the shares."""
+        if self._credentials is None:
+            return
+        for peer, advertisement in roster.items():
+            if peer == self.identity:
+                continue
+            try:
+                check_advertisement(advertisement, session, peer, self._credentials.ca_pem)
+            except SecAggError as exc:
+                raise SecAggRefused(f"refusing the roster: {exc}") from None
 
     def _remember(self, kind: pb.TaskKind, answer: bytes) -> bytes:
         self._answers[kind] = answer

@@ -335,6 +335,40 @@ def peer_certificate(cert_pem: bytes) -> PeerCertificate:
     )
 
 
+def sign_statement(key_pem: bytes, statement: bytes) -> bytes:
+    """An ECDSA (SHA-256) signature of `statement` with a participant's private key."""
+    key = _parse_private_key(key_pem, Path("<private key>"))
+    return key.sign(statement, ec.ECDSA(hashes.SHA256()))
+
+
+def verify_statement(
+    cert_pem: bytes, ca_pem: bytes, identity: str, statement: bytes, signature: bytes
+) -> None:
+    """Check that the federation's client `identity` signed `statement`: `cert_pem` was issued
+    by the CA in `ca_pem`, is valid now, is a client certificate, names `identity`, and its key
+    made `signature`. PKIError says which check failed."""
+    what = f"the certificate presented for {identity!r}"
+    certificate = _parse_certificate(cert_pem, Path(what))
+    ca_certificate = _parse_certificate(ca_pem, Path("the federation CA certificate"))
+    try:
+        certificate.verify_directly_issued_by(ca_certificate)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise PKIError(f"{what} was not issued by the federation CA") from exc
+    if _is_ca(certificate):
+        raise PKIError(f"{what} is a CA certificate")
+    _check_validity(certificate, Path(what), dt.datetime.now(dt.timezone.utc), renew="renew it")
+    _check_role(certificate, Path(what), "client")
+    if peer_certificate(cert_pem).identity != identity:
+        raise PKIError(f"{what} names {peer_certificate(cert_pem).identity!r}")
+    public_key = certificate.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise PKIError(f"{what} does not hold an elliptic-curve key")
+    try:
+        public_key.verify(signature, statement, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise PKIError(f"the signature is not {identity!r}'s") from None
+
+
 @dataclass(frozen=True)
 class RevocationList:
     """A verified certificate revocation list: revoked serial numbers and when each was revoked."""

@@ -93,10 +93,17 @@ class SecAggParams:
 
 @dataclass(frozen=True)
 class KeyAdvertisement:
-    """A client's two X25519 public keys (raw 32 bytes each)."""
+    """A client's two X25519 public keys (raw 32 bytes each), and what binds them to the client:
+    its certificate (PEM) and its signature over `advertisement_statement` (secagg_auth.py;
+    empty in --insecure development mode)."""
 
     cipher_key: bytes
     mask_key: bytes
+    certificate: bytes = b""
+    signature: bytes = b""
+
+    def same_keys(self, other: KeyAdvertisement) -> bool:
+        return (self.cipher_key, self.mask_key) == (other.cipher_key, other.mask_key)
 
 
 @dataclass(frozen=True)
@@ -160,6 +167,16 @@ def _context(purpose: str, session: str, *parties: str) -> bytes:
         encoded = part.encode()
         info += len(encoded).to_bytes(4, "big") + encoded
     return bytes(info)
+
+
+def advertisement_statement(session: str, identity: str, advertisement: KeyAdvertisement) -> bytes:
+    """What a client signs when it advertises its keys: bound to the session and its identity,
+    so a signature cannot be replayed into another round or for another client."""
+    return (
+        _context("key-advertisement", session, identity)
+        + advertisement.cipher_key
+        + advertisement.mask_key
+    )
 
 
 def pairwise_mask_key(
@@ -236,7 +253,8 @@ class SecAggClient:
         own = KeyAdvertisement(
             _public_bytes(self._cipher_private), _public_bytes(self._mask_private)
         )
-        if roster.get(self.identity) != own:
+        mine = roster.get(self.identity)
+        if mine is None or not mine.same_keys(own):
             raise SecAggError(f"the roster does not carry {self.identity!r}'s own keys")
         threshold = self.params.threshold
         if len(roster) < threshold:

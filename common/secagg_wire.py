@@ -34,6 +34,8 @@ SHARES_ENCODING = pb.SecAggShares.DESCRIPTOR.full_name
 UNMASK_REQUEST_ENCODING = pb.SecAggUnmaskRequest.DESCRIPTOR.full_name
 UNMASK_RESPONSE_ENCODING = pb.SecAggUnmaskResponse.DESCRIPTOR.full_name
 _EXACT_FLOAT_BITS = 52
+# A fedlink client certificate is under 1 KB of PEM; anything near this is not one.
+MAX_CERTIFICATE_BYTES = 16 << 10
 
 _M = TypeVar("_M", bound=Message)
 
@@ -110,9 +112,16 @@ def setup_from_proto(message: pb.SecAggSetup) -> SessionSetup:
 
 
 def keys_to_bytes(advertisement: KeyAdvertisement) -> bytes:
+    return _keys_message(advertisement).SerializeToString()
+
+
+def _keys_message(advertisement: KeyAdvertisement) -> pb.SecAggKeys:
     return pb.SecAggKeys(
-        cipher_key=advertisement.cipher_key, mask_key=advertisement.mask_key
-    ).SerializeToString()
+        cipher_key=advertisement.cipher_key,
+        mask_key=advertisement.mask_key,
+        certificate=advertisement.certificate,
+        signature=advertisement.signature,
+    )
 
 
 def keys_from_bytes(data: bytes) -> KeyAdvertisement:
@@ -122,9 +131,7 @@ def keys_from_bytes(data: bytes) -> KeyAdvertisement:
 def roster_to_bytes(roster: Mapping[str, KeyAdvertisement]) -> bytes:
     message = pb.SecAggRoster()
     for identity, advertisement in roster.items():
-        keys = message.keys[identity]
-        keys.cipher_key = advertisement.cipher_key
-        keys.mask_key = advertisement.mask_key
+        message.keys[identity].CopyFrom(_keys_message(advertisement))
     return message.SerializeToString(deterministic=True)
 
 
@@ -186,7 +193,14 @@ def _keys(message: pb.SecAggKeys) -> KeyAdvertisement:
             raise SecAggError(
                 f"an advertised public key is {len(key)} bytes, not {PUBLIC_KEY_BYTES}"
             )
-    return KeyAdvertisement(cipher_key=message.cipher_key, mask_key=message.mask_key)
+    if len(message.certificate) > MAX_CERTIFICATE_BYTES or len(message.signature) > 512:
+        raise SecAggError("an advertisement's certificate or signature is implausibly large")
+    return KeyAdvertisement(
+        cipher_key=message.cipher_key,
+        mask_key=message.mask_key,
+        certificate=message.certificate,
+        signature=message.signature,
+    )
 
 
 def _parse(kind: type[_M], data: bytes) -> _M:

@@ -36,6 +36,7 @@ from fedlink.common.errors import (
 )
 from fedlink.common.fixedpoint import FixedPoint, UpdateLayout
 from fedlink.common.secagg import SecAggParams, SecAggServer
+from fedlink.common.secagg_auth import check_advertisement
 from fedlink.common.secagg_wire import (
     KEYS_ENCODING,
     ROSTER_ENCODING,
@@ -307,6 +308,8 @@ class RoundEngine:
         for stale in self._spool_dir.glob("secagg-*"):
             shutil.rmtree(stale, ignore_errors=True)
         self._layout = UpdateLayout(self._manifest)
+        # Secure aggregation: advertised keys must be signed by their client's certificate.
+        self._ca_pem = None if config.insecure or config.ca is None else config.ca.read_bytes()
         self._cond = threading.Condition()
         self._sessions: dict[str, _Session] = {}
         # Everyone who ever joined this federation (restored from the checkpoint on restart):
@@ -514,7 +517,9 @@ class RoundEngine:
                     )
                 if phase.secure is not None:
                     assert upload.spool is not None
-                    _take_secure_message(phase.kind, phase.secure, upload.identity, upload.spool)
+                    _take_secure_message(
+                        phase.kind, phase.secure, upload.identity, upload.spool, self._ca_pem
+                    )
                 with self._cond:
                     if phase.secure is None:
                         phase.metrics.append(
@@ -622,7 +627,8 @@ class RoundEngine:
                         break
                     continue
                 failures, avoid = 0, frozenset()
-                state = train.state
+                # The model is held only by `state` from here, so `del state` below frees it.
+                state, train.state = train.state, None
                 epsilon = self._account_round()
                 global_file = self._write_global(state, round_number)
                 with self._cond:
@@ -1097,16 +1103,20 @@ def _message_file(secure: _SecureSession, name: str, data: bytes, encoding: str)
 
 
 def _take_secure_message(
-    kind: TaskKind, secure: _SecureSession, identity: str, spool: Path
+    kind: TaskKind, secure: _SecureSession, identity: str, spool: Path, ca_pem: bytes | None
 ) -> None:
     """Hand one client's verified step message to the secure-aggregation state. A masked vector
     is folded into the running sum here; its spool file is deleted afterwards, so nothing any
-    one client sent stays on disk."""
+    one client sent stays on disk. Advertised keys must carry the client's signature (unless
+    `ca_pem` is None: --insecure development mode)."""
     server = secure.server
     data = spool.read_bytes()
     try:
         if kind is TaskKind.SECAGG_ADVERTISE:
-            server.add_keys(identity, keys_from_bytes(data))
+            advertisement = keys_from_bytes(data)
+            if ca_pem is not None:
+                check_advertisement(advertisement, secure.setup.params.session, identity, ca_pem)
+            server.add_keys(identity, advertisement)
         elif kind is TaskKind.SECAGG_SHARE_KEYS:
             server.add_shares(identity, shares_from_bytes(data))
         elif kind is TaskKind.SECAGG_MASKED_INPUT:

@@ -27,6 +27,8 @@ from fedlink.common.pki import (
     load_revocation_list,
     peer_certificate,
     revoke_certificate,
+    sign_statement,
+    verify_statement,
 )
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX-only")
@@ -612,3 +614,26 @@ def test_cli_revoke_takes_a_file_or_a_hex_serial(
     assert set(revoked) == {_cert(client.cert).serial_number, 0xABC}
     assert _cli("certs", "revoke", "--ca-dir", str(ca_dir / "missing"), "--serial", "1") == 2
     assert "no federation CA" in capsys.readouterr().err
+
+
+def test_a_signed_statement_verifies_only_for_its_signer_under_the_federation_ca(
+    ca_dir: Path, client: CertPaths, server: CertPaths, tmp_path: Path
+) -> None:
+    ca_pem = (ca_dir / "ca.pem").read_bytes()
+    cert_pem = client.cert.read_bytes()
+    name = peer_certificate(cert_pem).identity
+    signature = sign_statement(client.key.read_bytes(), b"keys for round 7")
+    verify_statement(cert_pem, ca_pem, name, b"keys for round 7", signature)
+    with pytest.raises(PKIError, match="signature is not"):
+        verify_statement(cert_pem, ca_pem, name, b"keys for round 8", signature)
+    with pytest.raises(PKIError, match="names"):
+        verify_statement(cert_pem, ca_pem, "someone-else", b"keys for round 7", signature)
+    server_signature = sign_statement(server.key.read_bytes(), b"x")
+    with pytest.raises(PKIError, match="not a client certificate"):
+        verify_statement(server.cert.read_bytes(), ca_pem, "server", b"x", server_signature)
+    other_ca = tmp_path / "other-ca"
+    init_ca(other_ca)
+    with pytest.raises(PKIError, match="not issued by the federation CA"):
+        verify_statement(
+            cert_pem, (other_ca / "ca.pem").read_bytes(), name, b"keys for round 7", signature
+        )

@@ -20,7 +20,8 @@ import torch
 from fedlink.client.secure import SecureParticipant, encode_update
 from fedlink.common.errors import ConfigError, SecAggRefused, UpdateRejected
 from fedlink.common.fixedpoint import FixedPoint, UpdateLayout
-from fedlink.common.secagg import SecAggParams, UnmaskRequest
+from fedlink.common.pki import Credentials, load_credentials
+from fedlink.common.secagg import KeyAdvertisement, SecAggParams, UnmaskRequest
 from fedlink.common.secagg_wire import (
     KEYS_ENCODING,
     SessionSetup,
@@ -66,9 +67,9 @@ def _model(seed: int, dtype: torch.dtype = torch.float64) -> StateDict:
     }
 
 
-def _config(tmp_path: Path, **overrides: Any) -> ServerConfig:
+def _config(tmp_path: Path, pki: Any = None, **overrides: Any) -> ServerConfig:
+    """Insecure (no certificates: advertised keys unsigned), or with `pki`'s certificates."""
     settings: dict[str, Any] = {
-        "insecure": True,
         "state_dir": tmp_path / "state",
         "run_dir": tmp_path / "run",
         "num_rounds": 1,
@@ -83,7 +84,10 @@ def _config(tmp_path: Path, **overrides: Any) -> ServerConfig:
         "secure_aggregation": True,
     }
     settings.update(overrides)
-    return ServerConfig(**settings)
+    if pki is not None:
+        config: ServerConfig = pki.server_config(tmp_path, **settings)
+        return config
+    return ServerConfig(insecure=True, **settings)
 
 
 @dataclass
@@ -95,6 +99,8 @@ class Client:
     update: StateDict
     num_examples: int
     stop_before: TaskKind | None = None
+    credentials: Credentials | None = None  # signs its keys, checks its peers'
+    refused_roster: list[str] = field(default_factory=list)
     decline: Callable[[TaskOffer], bool] = lambda offer: False
     # A hostile client: rewrites its answer (bytes, encoding) to a step before sending it.
     tamper: Callable[[TaskKind, bytes, str], tuple[bytes, str]] | None = None
@@ -104,7 +110,7 @@ class Client:
     setup: SessionSetup | None = None  # the last session's, as the coordinator announced it
 
     def run(self, engine: RoundEngine, done: threading.Event) -> None:
-        participant = SecureParticipant(self.name)
+        participant = SecureParticipant(self.name, self.credentials)
         while not done.is_set():
             offer = engine.next_task(self.name, timeout=0.1)
             if offer.kind not in SECURE_STEPS:
@@ -124,7 +130,12 @@ class Client:
                     vector = encode_update(setup, self.update, global_state, self.num_examples)
                 answer = participant.advertise(setup, vector)
             else:
-                answer = participant.respond(wire_kind, setup, offer.payload.path.read_bytes())
+                try:
+                    answer = participant.respond(wire_kind, setup, offer.payload.path.read_bytes())
+                except SecAggRefused as exc:
+                    self.refused_roster.append(str(exc))
+                    _decline(engine, self.name, offer)
+                    continue
             encoding = _ANSWER_ENCODINGS.get(offer.kind, f"ring-u{setup.params.ring_bits}le")
             if self.tamper is not None:
                 answer, encoding = self.tamper(offer.kind, answer, encoding)
@@ -171,9 +182,9 @@ class Federation:
 
 
 def _federate(
-    tmp_path: Path, initial: StateDict, clients: list[Client], **overrides: Any
+    tmp_path: Path, initial: StateDict, clients: list[Client], pki: Any = None, **overrides: Any
 ) -> Federation:
-    config = _config(tmp_path, **overrides)
+    config = _config(tmp_path, pki, **overrides)
     engine = RoundEngine(config, initial)
     for client in clients:
         engine.join(client.name)
@@ -183,12 +194,13 @@ def _federate(
     def watch() -> None:
         # Everything the coordinator keeps on disk while the round runs.
         while not done.is_set():
-            for path in config.state_dir.rglob("*"):
-                try:
+            # Files come and go while we look: a vanished one (or directory) is skipped.
+            try:
+                for path in config.state_dir.rglob("*"):
                     if path.is_file():
                         files_seen[str(path)] = path.read_bytes()
-                except FileNotFoundError:
-                    pass
+            except FileNotFoundError:
+                pass
             time.sleep(0.005)
 
     threads = [threading.Thread(target=c.run, args=(engine, done), daemon=True) for c in clients]
@@ -464,7 +476,7 @@ def test_a_client_refuses_an_unmasking_request_that_would_strip_a_peers_masks() 
         FixedPoint.for_sum(num_clients=3, value_bound=100.0),
         max_weight=100.0,
     )
-    clients = {name: SecureParticipant(name) for name in ("a", "b", "c")}
+    clients = {name: SecureParticipant(name, None) for name in ("a", "b", "c")}
     roster = roster_to_bytes(
         {
             name: keys_from_bytes(client.advertise(setup, encode_update(setup, state, state, 10)))
@@ -489,3 +501,74 @@ def test_a_client_refuses_an_unmasking_request_that_would_strip_a_peers_masks() 
     later = unmask_request_to_bytes(UnmaskRequest(survivors=("a", "c"), dropped=("b",)))
     again = unmask_response_from_bytes(clients["a"].respond(unmask, setup, later))
     assert again == answer
+
+
+def _signed(pki: Any, clients: list[Client]) -> list[Client]:
+    for client in clients:
+        client.credentials = load_credentials(*pki.client(client.name), role="client")
+    return clients
+
+
+def test_with_certificates_every_advertisement_is_signed_and_checked(
+    pki: Any, tmp_path: Path, clients: list[Client]
+) -> None:
+    federation = _federate(tmp_path, _model(0), _signed(pki, clients), pki, min_fit_clients=5)
+    assert federation.summary.completed
+    record = federation.summary.last_record
+    assert record is not None and record.clients_accepted == 5
+    for client in clients:
+        assert client.credentials is not None and not client.refused_roster
+        keys = keys_from_bytes(client.sent[0])
+        assert keys.certificate == client.credentials.cert_pem and keys.signature
+
+
+def test_the_coordinator_refuses_keys_signed_with_another_clients_certificate(
+    pki: Any, tmp_path: Path, clients: list[Client]
+) -> None:
+    # site-4 signs its advertisement with site-0's certificate and key: not its own identity.
+    _signed(pki, clients)
+    impostor = clients[4]
+    impostor.credentials = clients[0].credentials
+    federation = _federate(tmp_path, _model(0), clients, pki, min_fit_clients=5)
+    assert federation.summary.completed
+    assert impostor.refusals == ["INVALID_ARGUMENT"]
+    record = federation.summary.last_record
+    assert record is not None and record.clients_accepted == 4
+    assert "names 'site-0'" in record.rejected["site-4"]
+
+
+def test_a_client_refuses_a_roster_in_which_the_coordinator_replaced_a_peers_keys(
+    pki: Any,
+) -> None:
+    # A man-in-the-middle coordinator hands out its own keys for b, hoping to read the shares
+    # sealed for b. b's signature does not cover them, so a refuses the whole roster.
+    state = _model(1)
+    setup = SessionSetup(
+        SecAggParams("session", 2, UpdateLayout(manifest_of(state)).length),
+        FixedPoint.for_sum(num_clients=3, value_bound=100.0),
+        max_weight=100.0,
+    )
+    clients = {
+        name: SecureParticipant(name, load_credentials(*pki.client(name), role="client"))
+        for name in ("a", "b", "c")
+    }
+    roster = {
+        name: keys_from_bytes(client.advertise(setup, encode_update(setup, state, state, 10)))
+        for name, client in clients.items()
+    }
+    mallory = keys_from_bytes(
+        SecureParticipant("b", None).advertise(setup, encode_update(setup, state, state, 10))
+    )
+    share_keys = pb.TASK_KIND_SECAGG_SHARE_KEYS
+    forged = dict(roster)
+    forged["b"] = KeyAdvertisement(
+        mallory.cipher_key, mallory.mask_key, roster["b"].certificate, roster["b"].signature
+    )
+    with pytest.raises(SecAggRefused, match="refusing the roster: the keys advertised for 'b'"):
+        clients["a"].respond(share_keys, setup, roster_to_bytes(forged))
+    unsigned = dict(roster)
+    unsigned["c"] = KeyAdvertisement(roster["c"].cipher_key, roster["c"].mask_key)
+    with pytest.raises(SecAggRefused, match="'c' are not signed"):
+        clients["a"].respond(share_keys, setup, roster_to_bytes(unsigned))
+    honest = clients["a"].respond(share_keys, setup, roster_to_bytes(roster))
+    assert set(shares_from_bytes(honest)) == {"b", "c"}

@@ -122,12 +122,16 @@ class SecAggSetup(_message.Message):
     def __init__(self, session: _Optional[str] = ..., threshold: _Optional[int] = ..., ring_bits: _Optional[int] = ..., vector_length: _Optional[int] = ..., frac_bits: _Optional[int] = ..., value_bound: _Optional[float] = ..., max_weight: _Optional[float] = ..., noise_std: _Optional[float] = ..., clip_norm: _Optional[float] = ...) -> None: ...
 
 class SecAggKeys(_message.Message):
-    __slots__ = ("cipher_key", "mask_key")
+    __slots__ = ("cipher_key", "mask_key", "certificate", "signature")
     CIPHER_KEY_FIELD_NUMBER: _ClassVar[int]
     MASK_KEY_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     cipher_key: bytes
     mask_key: bytes
-    def __init__(self, cipher_key: _Optional[bytes] = ..., mask_key: _Optional[bytes] = ...) -> None: ...
+    certificate: bytes
+    signature: bytes
+    def __init__(self, cipher_key: _Optional[bytes] = ..., mask_key: _Optional[bytes] = ..., certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class SecAggRoster(_message.Message):
     __slots__ = ("keys",)
