@@ -15,7 +15,10 @@ process, on the FedAvg CNN of the MNIST task (1,663,370 float32 parameters):
    (n - 1 pairwise masks and a self mask), and the coordinator's unmasking, without dropouts and
    with 20% of the clients dropped after sharing keys (the coordinator then re-derives their
    pairwise masks with every survivor);
-3. bytes per client: every message of the session crosses as the bytes it has on the wire
+3. Shamir sharing at larger cohorts (n = 20, 100, 300 by default, threshold n // 2 + 1): one
+   client splitting a secret among n holders, and the coordinator rebuilding n secrets (one per
+   survivor) from every survivor's share, consistency check included;
+4. bytes per client: every message of the session crosses as the bytes it has on the wire
    (fedlink.common.secagg_wire: the step messages serialized, the masked vector as raw ring
    elements, the session setup each of the four task headers carries); the gRPC and chunk framing
    around them is not counted. Counted for one client that survives, against the plaintext
@@ -50,6 +53,7 @@ from fedlink.common.fixedpoint import (
     encode_weighted_update,
 )
 from fedlink.common.secagg import SecAggClient, SecAggParams, SecAggServer
+from fedlink.common.shamir import reconstruct_secret, split_secret
 from fedlink.common.tasks.mnist import build_model
 from fedlink.common.tensors import encode_state, manifest_of
 from fedlink.server.aggregation import StreamingFedAvg
@@ -57,6 +61,7 @@ from fedlink.server.aggregation import StreamingFedAvg
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCH_DIR / "results" / "privacy_core.json"
 DEFAULT_CLIENTS = (5, 10, 20)
+DEFAULT_SHAMIR_CLIENTS = (20, 100, 300)
 MAX_WEIGHT = 1000.0
 VALUE_BOUND = 4.0  # the CNN's weights plus perturbation stay far below this
 DROPOUT_SHARE = 0.2
@@ -240,12 +245,33 @@ def session(n: int, ring_bits: int, dropped: int) -> dict[str, Any]:
     }
 
 
+def sharing(n: int) -> dict[str, float]:
+    """Seconds for one client to split a 32-byte secret among n holders, and for the
+    coordinator to rebuild n secrets from all n holders' shares (threshold n // 2 + 1)."""
+    threshold = n // 2 + 1
+    holders = list(range(1, n + 1))
+    split_seconds, _ = best_of(3, lambda: split_secret(bytes(32), threshold, holders))
+    sharings = [split_secret(bytes([k % 256]) * 32, threshold, holders) for k in range(n)]
+    started = time.perf_counter()
+    for shares in sharings:
+        reconstruct_secret(shares, threshold)
+    return {
+        "clients": n,
+        "threshold": threshold,
+        "split_one_seconds": split_seconds,
+        "rebuild_all_seconds": time.perf_counter() - started,
+    }
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--clients", type=int, nargs="+", default=list(DEFAULT_CLIENTS))
     parser.add_argument("--ring-bits", type=int, nargs="+", default=[64, 32])
+    parser.add_argument(
+        "--shamir-clients", type=int, nargs="+", default=list(DEFAULT_SHAMIR_CLIENTS)
+    )
     parser.add_argument(
         "--repeats", type=int, default=20, help="repetitions of the expansion timing"
     )
@@ -292,6 +318,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{b['protocol_overhead_beyond_vector'] / 1e3:>8.1f} | {row['average_error']:>8.1e} {row['average_error_bound']:>8.1e}"
         )
 
+    shamir = [sharing(n) for n in args.shamir_clients]
+    print(f"\n{'n':>4} {'t':>4} | {'split one ms':>12} {'rebuild n s':>11}")
+    for row in shamir:
+        print(
+            f"{row['clients']:>4} {row['threshold']:>4} | {row['split_one_seconds'] * 1e3:>12.2f} "
+            f"{row['rebuild_all_seconds']:>11.3f}"
+        )
+
     document = {
         "benchmark": "privacy_core",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -305,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": {"name": "mnist FedAvgCNN", "parameters": length - 1},
         "expansion": speed,
         "sessions": rows,
+        "shamir": shamir,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")

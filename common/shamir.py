@@ -8,6 +8,7 @@ secret never has to be split into pieces.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -100,12 +101,21 @@ def _evaluate(coefficients: Sequence[int], x: int) -> int:
 
 def _interpolate_at_zero(points: Sequence[Share]) -> int:
     # Lagrange: f(0) = sum_i y_i * prod_{j != i} x_j / (x_j - x_i).
-    total = 0
-    for i, point in enumerate(points):
+    weights = _lagrange_weights_at_zero(tuple(point.x for point in points))
+    return sum(point.y * weight for point, weight in zip(points, weights, strict=True)) % PRIME
+
+
+@functools.lru_cache(maxsize=64)
+def _lagrange_weights_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    """The weights depend only on the holders' indices, which are the same for every secret a
+    set of holders rebuilds: computed once per set (quadratic work and one inversion each), then
+    each secret costs one dot product."""
+    weights = []
+    for i, x_i in enumerate(xs):
         numerator, denominator = 1, 1
-        for j, other in enumerate(points):
+        for j, x_j in enumerate(xs):
             if i != j:
-                numerator = numerator * other.x % PRIME
-                denominator = denominator * (other.x - point.x) % PRIME
-        total = (total + point.y * numerator * pow(denominator, -1, PRIME)) % PRIME
-    return total
+                numerator = numerator * x_j % PRIME
+                denominator = denominator * (x_j - x_i) % PRIME
+        weights.append(numerator * pow(denominator, -1, PRIME) % PRIME)
+    return tuple(weights)
