@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from fedlink.server.privacy import MechanismStep, PrivacyAccountant
+from fedlink.common.accounting import MechanismStep, PrivacyAccountant
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCH_DIR / "results" / "privacy.json"
