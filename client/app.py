@@ -18,9 +18,18 @@ from fedlink import __version__
 from fedlink.client.attacks import Attack, parse_attack
 from fedlink.client.config import ClientConfig
 from fedlink.client.connection import TRANSIENT_CODES, Backoff, open_channel
-from fedlink.common.errors import ConfigError, FedlinkError, PayloadError
+from fedlink.common.accounting import PrivacyAccountant
+from fedlink.common.errors import ConfigError, FedlinkError, PayloadError, TaskError
 from fedlink.common.tasks import load_task
-from fedlink.common.tasks.base import ClientData, DataRequest, TaskModule, TrainConfig
+from fedlink.common.tasks.base import (
+    ClientData,
+    DataRequest,
+    DPSGDConfig,
+    TaskModule,
+    TrainConfig,
+    TrainResult,
+)
+from fedlink.common.tasks.training import check_dpsgd_model
 from fedlink.common.tensors import open_state_file, save_state_file
 from fedlink.common.wire import (
     JOIN_REQUIRED,
@@ -54,12 +63,20 @@ def pick_device(choice: str) -> torch.device:
 def train_config_from(task_config: Mapping[str, str], seed: int) -> TrainConfig:
     """The coordinator's hyper-parameters, checked: a hostile coordinator gets a clear error."""
     try:
+        dpsgd = None
+        if "dpsgd_noise_multiplier" in task_config:  # record-level DP-SGD; DPSGDConfig checks
+            dpsgd = DPSGDConfig(
+                noise_multiplier=float(task_config["dpsgd_noise_multiplier"]),
+                max_grad_norm=float(task_config.get("dpsgd_max_grad_norm", "1.0")),
+                delta=float(task_config.get("dpsgd_delta", "1e-5")),
+            )
         config = TrainConfig(
             local_epochs=int(task_config.get("local_epochs", "1")),
             batch_size=int(task_config.get("batch_size", "32")),
             learning_rate=float(task_config.get("learning_rate", "0.01")),
             momentum=float(task_config.get("momentum", "0.9")),
             seed=seed,
+            dpsgd=dpsgd,
         )
     except ValueError as exc:
         raise FatalClientError(f"coordinator sent malformed training settings: {exc}") from None
@@ -99,6 +116,8 @@ class FederationClient:
             give_up_after=config.reconnect_timeout_seconds,
         )
         self._stop_heartbeat = threading.Event()
+        # Record-level DP-SGD: every round's local steps compose, for as long as this process runs.
+        self._dpsgd_accountant = PrivacyAccountant()
 
     def run(self) -> int:
         log.info("client running task %s on %s", self._config.task, self._device)
@@ -158,6 +177,12 @@ class FederationClient:
                 f"the coordinator runs task {reply.task!r} but this client is configured for "
                 f"{self._config.task!r}; start the client with --task {reply.task}"
             )
+        # Settings are checked at once, and a model DP-SGD cannot train is refused before round 1.
+        if train_config_from(reply.task_config, seed=0).dpsgd is not None:
+            try:
+                check_dpsgd_model(self._model)
+            except TaskError as exc:
+                raise FatalClientError(f"task {reply.task!r}: {exc}") from None
         for key, value in call.trailing_metadata() or ():
             if key == SESSION_METADATA_KEY:
                 self._metadata = ((SESSION_METADATA_KEY, str(value)),)
@@ -229,8 +254,32 @@ class FederationClient:
             path = Path(spool) / "update.safetensors"
             save_state_file(self._model.state_dict(), path, durable=False)
             payload = PayloadFile.seal(path)
+            metrics = {"loss": result.loss}
+            if config.dpsgd is not None:
+                metrics["dpsgd_epsilon"] = self._account_dpsgd(header.round, config.dpsgd, result)
             log.info("round %d: uploading update (%.1f MB)", header.round, payload.info.size / 1e6)
-            self._push(header, result.num_examples, {"loss": result.loss}, payload)
+            self._push(header, result.num_examples, metrics, payload)
+
+    def _account_dpsgd(self, round_number: int, dpsgd: DPSGDConfig, result: TrainResult) -> float:
+        """This round's DP-SGD steps composed with the earlier rounds': the epsilon spent so far."""
+        if result.dpsgd is None:
+            raise FatalClientError(
+                f"the coordinator asks for record-level DP-SGD but task {self._config.task!r} "
+                "trained without it (its train() must pass the TrainConfig to train_classifier, "
+                "or return TrainResult.dpsgd); no update was sent"
+            )
+        self._dpsgd_accountant.step(result.dpsgd)
+        epsilon = self._dpsgd_accountant.epsilon(dpsgd.delta)
+        log.info(
+            "round %d: DP-SGD epsilon %.4f at delta %g (this round: %d steps, z %g, q %.4g)",
+            round_number,
+            epsilon,
+            dpsgd.delta,
+            result.dpsgd.steps,
+            result.dpsgd.noise_multiplier,
+            result.dpsgd.sample_rate,
+        )
+        return epsilon
 
     def _evaluate(self, header: pb.TaskHeader) -> None:
         dataset = self._data.test if self._data.test is not None else self._data.train
