@@ -75,8 +75,8 @@ def check_dpsgd_model(model: torch.nn.Module) -> None:
     if errors:
         reasons = sorted({str(error).split(". ")[0] for error in errors})
         raise TaskError(
-            f"record-level DP-SGD cannot train this model ({len(errors)} incompatible "
-            f"layers): {'; '.join(reasons)}. Use a model without BatchNorm (GroupNorm or "
+            f"record-level DP-SGD cannot train this model: {'; '.join(reasons)} "
+            f"(layers refused: {len(errors)}). Use a model without BatchNorm (GroupNorm or "
             "LayerNorm work), or run the federation without dpsgd_noise_multiplier"
         )
 

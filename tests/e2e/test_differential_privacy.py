@@ -143,21 +143,34 @@ def test_dpsgd_clients_report_a_growing_epsilon_and_the_run_completes(
             assert epsilon == pytest.approx(expected, abs=1e-4)
 
 
-def test_a_client_whose_model_dpsgd_cannot_train_refuses_at_join(pki: Any, tmp_path: Path) -> None:
-    env = {"PYTHONPATH": os.pathsep.join([str(TASKS_DIR), os.environ.get("PYTHONPATH", "")])}
-    server, processes, _ = _start_federation(
-        pki,
-        tmp_path,
-        rounds=1,
-        clients=1,
-        task="batchnorm_digits_task",
-        env=env,
-        dpsgd_noise_multiplier=1.0,
+@pytest.mark.parametrize(
+    ("task", "refusal"),
+    [
+        # BatchNorm: refused when the client joins, before it pulls a task.
+        ("batchnorm_digits_task", "record-level DP-SGD cannot train this model"),
+        # A task whose train() ignores config.dpsgd: refused after training, before uploading.
+        (
+            "big_model_task",
+            "asks for record-level DP-SGD but task 'big_model_task' trained without",
+        ),
+    ],
+)
+def test_a_client_that_cannot_train_with_dpsgd_stops_without_sending_an_update(
+    pki: Any, tmp_path: Path, task: str, refusal: str
+) -> None:
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(TASKS_DIR), os.environ.get("PYTHONPATH", "")]),
+        "BIG_MODEL_WIDTH": "8",
+    }
+    server, processes, run_dir = _start_federation(
+        pki, tmp_path, rounds=1, clients=1, task=task, env=env, dpsgd_noise_multiplier=1.0
     )
     try:
         assert processes[0].wait(timeout=120) == 2, _log(tmp_path, "site-0")
     finally:
         _kill_all([server, *processes])
     log = _log(tmp_path, "site-0")
-    assert "record-level DP-SGD cannot train this model" in log and "BatchNorm" in log
-    assert "Traceback" not in log and "trained on" not in log
+    assert refusal in log and "Traceback" not in log
+    assert "uploading update" not in log
+    metrics = run_dir / "metrics.jsonl"
+    assert not metrics.exists() or not metrics.read_text().strip()  # no round completed
