@@ -1,7 +1,8 @@
-"""Privacy benchmark, part 2: accuracy of the digits demo under client-level DP-FedAvg.
+"""Privacy benchmark, part 2: accuracy of the digits demo under differential privacy.
 
     .venv/bin/python benchmarks/privacy.py                          # epsilon 1, 3, 8 and inf
     .venv/bin/python benchmarks/privacy.py --clients 20 --rounds 20 --epsilons 8 inf
+    .venv/bin/python benchmarks/privacy.py --dpsgd 0 1.5 3          # record-level DP-SGD instead
 
 Each row is a real federation: `fedlink demo` (a coordinator and client processes over mutual TLS
 on this machine) with the dp_* settings passed to the coordinator through FEDLINK_* variables.
@@ -17,6 +18,12 @@ from the coordinator's log, to judge the clipping norm S.
 Client-level DP needs many clients: the noise on the average is z S / m per coordinate for m
 clients, against a signal of at most S in norm over all d = 9,610 coordinates of the digits MLP.
 With the ten or so clients one machine can run, the epsilons below cost most of the accuracy.
+
+`--dpsgd Z [Z ...]` measures record-level DP-SGD on the clients instead (client-level DP off):
+one federation per noise multiplier z (0 = without DP-SGD), with dpsgd_max_grad_norm
+--max-grad-norm. Its table has the largest epsilon any client reported after the last round
+(read from the client logs, at --delta), the accuracy, and the seconds per round (median over the
+rounds of metrics.jsonl's `seconds`). JSON goes to benchmarks/results/privacy-dpsgd.json.
 """
 
 from __future__ import annotations
@@ -37,10 +44,12 @@ from typing import Any
 
 import torch
 
-from fedlink.server.privacy import MechanismStep, PrivacyAccountant
+from fedlink.common.accounting import MechanismStep, PrivacyAccountant
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCH_DIR / "results" / "privacy.json"
+DEFAULT_DPSGD_OUT = BENCH_DIR / "results" / "privacy-dpsgd.json"
+_DPSGD_EPSILON = re.compile(r"round (\d+): DP-SGD epsilon ([0-9.e+-]+)")
 _NORM = re.compile(r"DP: clipped (\d+) of (\d+) updates to norm \S+ \(median norm ([0-9.e+-]+)\)")
 
 
@@ -62,17 +71,11 @@ def noise_for(epsilon: float, rounds: int, delta: float) -> float:
     return high
 
 
-def run_federation(args: argparse.Namespace, run_dir: Path, epsilon: float) -> dict[str, Any]:
-    env = {**os.environ}
-    z: float | None = None
-    if math.isfinite(epsilon):
-        z = noise_for(epsilon, args.rounds, args.delta)
-        env.update(
-            FEDLINK_DP_CLIP_NORM=str(args.clip_norm),
-            FEDLINK_DP_NOISE_MULTIPLIER=repr(z),
-            FEDLINK_DP_DELTA=repr(args.delta),
-            FEDLINK_DP_MAX_EPSILON=repr(epsilon),
-        )
+def run_demo(
+    args: argparse.Namespace, run_dir: Path, settings: dict[str, str]
+) -> tuple[list[dict[str, Any]], float]:
+    """`fedlink demo` with coordinator `settings` as FEDLINK_* variables: (metrics rows, seconds)."""
+    env = {**os.environ, **{f"FEDLINK_{name.upper()}": value for name, value in settings.items()}}
     command = [
         sys.executable,
         "-m",
@@ -93,10 +96,23 @@ def run_federation(args: argparse.Namespace, run_dir: Path, epsilon: float) -> d
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
     seconds = time.monotonic() - started
     if result.returncode != 0:
-        raise SystemExit(
-            f"federation for epsilon={epsilon} failed:\n{result.stdout}{result.stderr}"
-        )
+        raise SystemExit(f"federation with {settings} failed:\n{result.stdout}{result.stderr}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return records, seconds
+
+
+def run_federation(args: argparse.Namespace, run_dir: Path, epsilon: float) -> dict[str, Any]:
+    settings: dict[str, str] = {}
+    z: float | None = None
+    if math.isfinite(epsilon):
+        z = noise_for(epsilon, args.rounds, args.delta)
+        settings = {
+            "dp_clip_norm": str(args.clip_norm),
+            "dp_noise_multiplier": repr(z),
+            "dp_delta": repr(args.delta),
+            "dp_max_epsilon": repr(epsilon),
+        }
+    records, seconds = run_demo(args, run_dir, settings)
     server_log = (run_dir / "logs" / "server.log").read_text()
     norms = [float(m.group(3)) for m in _NORM.finditer(server_log)]
     clipped = sum(int(m.group(1)) for m in _NORM.finditer(server_log))
@@ -116,19 +132,100 @@ def run_federation(args: argparse.Namespace, run_dir: Path, epsilon: float) -> d
     }
 
 
+def run_dpsgd(args: argparse.Namespace, run_dir: Path, z: float) -> dict[str, Any]:
+    settings = {}
+    if z > 0:
+        settings = {
+            "dpsgd_noise_multiplier": repr(z),
+            "dpsgd_max_grad_norm": repr(args.max_grad_norm),
+            "dpsgd_delta": repr(args.delta),
+        }
+    records, seconds = run_demo(args, run_dir, settings)
+    epsilons = []  # each client's last reported epsilon
+    for log in sorted((run_dir / "logs").glob("client-*.log")):
+        reported = _DPSGD_EPSILON.findall(log.read_text())
+        if reported:
+            epsilons.append(float(reported[-1][1]))
+    if z > 0 and len(epsilons) != args.clients:
+        raise SystemExit(f"only {len(epsilons)} of {args.clients} clients reported an epsilon")
+    return {
+        "noise_multiplier": z if z > 0 else None,
+        "max_grad_norm": args.max_grad_norm if z > 0 else None,
+        "max_client_epsilon": max(epsilons) if epsilons else None,
+        "min_client_epsilon": min(epsilons) if epsilons else None,
+        "rounds": len(records),
+        "final_accuracy": records[-1]["test_accuracy"],
+        "best_accuracy": max(r["test_accuracy"] for r in records),
+        "seconds_per_round": statistics.median(r["seconds"] for r in records),
+        "seconds": seconds,
+        "run_dir": str(run_dir),
+    }
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 8.0, math.inf])
+    parser.add_argument(
+        "--dpsgd",
+        nargs="+",
+        type=float,
+        metavar="Z",
+        help="record-level DP-SGD table instead: one run per noise multiplier (0 = without)",
+    )
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--partition", default="iid")
     parser.add_argument("--clip-norm", type=float, default=1.0)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD's C")
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs-dir", type=Path, default=Path("runs") / "bench-privacy")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.dpsgd is not None:
+        rows = dpsgd_table(args)
+        out = args.out or DEFAULT_DPSGD_OUT
+        name, key = "privacy (DP-SGD accuracy)", "dpsgd"
+    else:
+        rows = client_level_table(args)
+        out = args.out or DEFAULT_OUT
+        name, key = "privacy (DP accuracy)", "accuracy"
 
+    document = {
+        "benchmark": name,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "environment": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpus": os.cpu_count(),
+        },
+        "settings": {
+            "task": "digits",
+            "clients": args.clients,
+            "rounds": args.rounds,
+            "partition": args.partition,
+            "clip_norm": args.clip_norm if args.dpsgd is None else None,
+            "max_grad_norm": args.max_grad_norm if args.dpsgd is not None else None,
+            "delta": args.delta,
+            "sample_rate": 1.0 if args.dpsgd is None else "1 / ceil(N / batch_size) per client",
+            "seed": args.seed,
+        },
+        key: rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    tmp.replace(out)
+    print(f"\nwrote {out}")
+    return 0
+
+
+def client_level_table(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     print(
         f"digits demo, {args.clients} clients ({args.partition}), {args.rounds} rounds, "
@@ -142,46 +239,39 @@ def main() -> int:
     for epsilon in args.epsilons:
         row = run_federation(args, args.runs_dir / f"eps-{epsilon:g}", epsilon)
         rows.append(row)
-
-        def cell(value: float | None, fmt: str) -> str:
-            return "-" if value is None else format(value, fmt)
-
         print(
-            f"{epsilon:>10g} {cell(row['noise_multiplier'], '.3f'):>7} "
-            f"{cell(row['epsilon_spent'], '.3f'):>9} {row['rounds']:>6} "
+            f"{epsilon:>10g} {_cell(row['noise_multiplier'], '.3f'):>7} "
+            f"{_cell(row['epsilon_spent'], '.3f'):>9} {row['rounds']:>6} "
             f"{row['final_accuracy']:>9.4f} {row['best_accuracy']:>8.4f} "
-            f"{cell(row['median_update_norm'], '.3f'):>11} {cell(row['clipped_fraction'], '.2f'):>7} "
-            f"{row['seconds']:>7.1f}",
+            f"{_cell(row['median_update_norm'], '.3f'):>11} "
+            f"{_cell(row['clipped_fraction'], '.2f'):>7} {row['seconds']:>7.1f}",
             flush=True,
         )
+    return rows
 
-    document = {
-        "benchmark": "privacy (DP accuracy)",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "environment": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpus": os.cpu_count(),
-        },
-        "settings": {
-            "task": "digits",
-            "clients": args.clients,
-            "rounds": args.rounds,
-            "partition": args.partition,
-            "clip_norm": args.clip_norm,
-            "delta": args.delta,
-            "sample_rate": 1.0,
-            "seed": args.seed,
-        },
-        "accuracy": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    tmp.replace(args.out)
-    print(f"\nwrote {args.out}")
-    return 0
+
+def dpsgd_table(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    print(
+        f"digits demo with record-level DP-SGD, {args.clients} clients ({args.partition}), "
+        f"{args.rounds} rounds, C = {args.max_grad_norm}, delta = {args.delta}; real "
+        "federations over mTLS"
+    )
+    print(
+        f"{'z':>5} {'max client eps':>14} {'rounds':>6} {'final acc':>9} {'best acc':>8} "
+        f"{'s/round':>7} {'seconds':>7}"
+    )
+    for z in args.dpsgd:
+        row = run_dpsgd(args, args.runs_dir / f"dpsgd-z-{z:g}", z)
+        rows.append(row)
+        print(
+            f"{_cell(row['noise_multiplier'], 'g'):>5} "
+            f"{_cell(row['max_client_epsilon'], '.3f'):>14} {row['rounds']:>6} "
+            f"{row['final_accuracy']:>9.4f} {row['best_accuracy']:>8.4f} "
+            f"{row['seconds_per_round']:>7.2f} {row['seconds']:>7.1f}",
+            flush=True,
+        )
+    return rows
 
 
 if __name__ == "__main__":

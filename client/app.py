@@ -25,10 +25,19 @@ from fedlink.client.connection import (
     open_channel,
 )
 from fedlink.client.secure import SECURE_STEPS, SecureParticipant, encode_update, step_encodings
-from fedlink.common.errors import ConfigError, FedlinkError, PayloadError, SecAggError
+from fedlink.common.accounting import PrivacyAccountant
+from fedlink.common.errors import ConfigError, FedlinkError, PayloadError, SecAggError, TaskError
 from fedlink.common.secagg_wire import setup_from_proto
 from fedlink.common.tasks import load_task
-from fedlink.common.tasks.base import ClientData, DataRequest, TaskModule, TrainConfig, TrainResult
+from fedlink.common.tasks.base import (
+    ClientData,
+    DataRequest,
+    DPSGDConfig,
+    TaskModule,
+    TrainConfig,
+    TrainResult,
+)
+from fedlink.common.tasks.training import check_dpsgd_model
 from fedlink.common.tensors import open_state_file, save_state_file
 from fedlink.common.wire import (
     ENCODING,
@@ -67,12 +76,20 @@ def pick_device(choice: str) -> torch.device:
 def train_config_from(task_config: Mapping[str, str], seed: int) -> TrainConfig:
     """The coordinator's hyper-parameters, checked: a hostile coordinator gets a clear error."""
     try:
+        dpsgd = None
+        if "dpsgd_noise_multiplier" in task_config:  # record-level DP-SGD; DPSGDConfig checks
+            dpsgd = DPSGDConfig(
+                noise_multiplier=float(task_config["dpsgd_noise_multiplier"]),
+                max_grad_norm=float(task_config.get("dpsgd_max_grad_norm", "1.0")),
+                delta=float(task_config.get("dpsgd_delta", "1e-5")),
+            )
         config = TrainConfig(
             local_epochs=int(task_config.get("local_epochs", "1")),
             batch_size=int(task_config.get("batch_size", "32")),
             learning_rate=float(task_config.get("learning_rate", "0.01")),
             momentum=float(task_config.get("momentum", "0.9")),
             seed=seed,
+            dpsgd=dpsgd,
         )
     except ValueError as exc:
         raise FatalClientError(f"coordinator sent malformed training settings: {exc}") from None
@@ -114,6 +131,8 @@ class FederationClient:
         )
         self._stop_heartbeat = threading.Event()
         self._secure: SecureParticipant | None = None
+        # Record-level DP-SGD: every round's local steps compose, for as long as this process runs.
+        self._dpsgd_accountant = PrivacyAccountant()
 
     def run(self) -> int:
         log.info("client running task %s on %s", self._config.task, self._device)
@@ -173,6 +192,12 @@ class FederationClient:
                 f"the coordinator runs task {reply.task!r} but this client is configured for "
                 f"{self._config.task!r}; start the client with --task {reply.task}"
             )
+        # Settings are checked at once, and a model DP-SGD cannot train is refused before round 1.
+        if train_config_from(reply.task_config, seed=0).dpsgd is not None:
+            try:
+                check_dpsgd_model(self._model)
+            except TaskError as exc:
+                raise FatalClientError(f"task {reply.task!r}: {exc}") from None
         for key, value in call.trailing_metadata() or ():
             if key == SESSION_METADATA_KEY:
                 self._metadata = ((SESSION_METADATA_KEY, str(value)),)
@@ -237,7 +262,9 @@ class FederationClient:
             with open_state_file(Path(spool.name)) as state:
                 self._model.load_state_dict(state)
 
-    def _train_locally(self, header: pb.TaskHeader) -> TrainResult:
+    def _train_locally(self, header: pb.TaskHeader) -> tuple[TrainResult, dict[str, float]]:
+        """Train the loaded global model on the local data; the result and the metrics a
+        plaintext result reports (the loss and, with DP-SGD, the epsilon spent so far)."""
         assert self._join is not None
         config = train_config_from(self._join.task_config, seed=header.seed)
         torch.manual_seed(header.seed)
@@ -256,17 +283,41 @@ class FederationClient:
             result.num_examples,
             result.loss,
         )
-        return result
+        metrics = {"loss": result.loss}
+        if config.dpsgd is not None:
+            metrics["dpsgd_epsilon"] = self._account_dpsgd(header.round, config.dpsgd, result)
+        return result, metrics
 
     def _train(self, header: pb.TaskHeader) -> None:
-        result = self._train_locally(header)
+        result, metrics = self._train_locally(header)
         # Serialized to disk and streamed from there: no second in-memory copy of the model.
         with tempfile.TemporaryDirectory(dir=self._config.spool_dir) as spool:
             path = Path(spool) / "update.safetensors"
             save_state_file(self._model.state_dict(), path, durable=False)
             payload = PayloadFile.seal(path)
             log.info("round %d: uploading update (%.1f MB)", header.round, payload.info.size / 1e6)
-            self._push(header, result.num_examples, {"loss": result.loss}, payload)
+            self._push(header, result.num_examples, metrics, payload)
+
+    def _account_dpsgd(self, round_number: int, dpsgd: DPSGDConfig, result: TrainResult) -> float:
+        """This round's DP-SGD steps composed with the earlier rounds': the epsilon spent so far."""
+        if result.dpsgd is None:
+            raise FatalClientError(
+                f"the coordinator asks for record-level DP-SGD but task {self._config.task!r} "
+                "trained without it (its train() must pass the TrainConfig to train_classifier, "
+                "or return TrainResult.dpsgd); no update was sent"
+            )
+        self._dpsgd_accountant.step(result.dpsgd)
+        epsilon = self._dpsgd_accountant.epsilon(dpsgd.delta)
+        log.info(
+            "round %d: DP-SGD epsilon %.4f at delta %g (this round: %d steps, z %g, q %.4g)",
+            round_number,
+            epsilon,
+            dpsgd.delta,
+            result.dpsgd.steps,
+            result.dpsgd.noise_multiplier,
+            result.dpsgd.sample_rate,
+        )
+        return epsilon
 
     def _secure_step(self, header: pb.TaskHeader, stream: Iterator[pb.TaskMessage]) -> None:
         """One step of a secure-aggregation round. The answer carries no sample count and no
@@ -283,7 +334,8 @@ class FederationClient:
                 answer = self._secure.given_answer(header.kind, setup)
                 if answer is None:
                     global_state = snapshot(self._model)
-                    result = self._train_locally(header)
+                    # Metrics are not sent under secure aggregation (DP-SGD's epsilon is logged).
+                    result, _ = self._train_locally(header)
                     vector = encode_update(
                         setup, self._model.state_dict(), global_state, result.num_examples
                     )

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedlink.common.accounting import MechanismStep, compact
 from fedlink.common.errors import ConfigError
 from fedlink.common.storage import write_durably
 from fedlink.common.wire import PayloadFile
 from fedlink.server.config import ServerConfig
-from fedlink.server.privacy import MechanismStep, compact
 
 log = logging.getLogger(__name__)
 

@@ -160,6 +160,22 @@ class ServerConfig:
         default=None,
         metadata=_help("DP budget: stop before the round that would take epsilon past this"),
     )
+    # Record-level DP-SGD in each client's local training (docs/privacy.md): on when
+    # dpsgd_noise_multiplier is set.
+    dpsgd_noise_multiplier: float | None = field(
+        default=None,
+        metadata=_help(
+            "record-level DP-SGD on the clients: clip each example's gradient to "
+            "dpsgd_max_grad_norm C and add N(0, (z C)^2) to each batch's sum, z being this "
+            "(unset = off)"
+        ),
+    )
+    dpsgd_max_grad_norm: float = field(
+        default=1.0, metadata=_help("DP-SGD: L2 norm C each example's gradient is clipped to")
+    )
+    dpsgd_delta: float = field(
+        default=1e-5, metadata=_help("DP-SGD: delta the clients report their epsilon at")
+    )
 
     # Secure aggregation (docs/privacy.md): the coordinator learns only the sum of the updates.
     secure_aggregation: bool = field(
@@ -247,6 +263,7 @@ class ServerConfig:
         self._check_access()
         self._check_privacy(rule)
         self._check_secure_aggregation(rule)
+        self._check_dpsgd()
 
     def _check_access(self) -> None:
         if not (self.rate_limit_per_second > 0 and math.isfinite(self.rate_limit_per_second)):
@@ -323,11 +340,35 @@ class ServerConfig:
                 f"secagg_step_timeout_seconds must be positive, got {self.secagg_step_timeout_seconds}"
             )
 
+    def _check_dpsgd(self) -> None:
+        if self.dpsgd_noise_multiplier is None:
+            return
+        # Written as "not > 0" so that NaN is refused too.
+        if not (math.isfinite(self.dpsgd_noise_multiplier) and self.dpsgd_noise_multiplier > 0):
+            raise ConfigError(
+                f"dpsgd_noise_multiplier must be positive and finite, got "
+                f"{self.dpsgd_noise_multiplier} (without noise there is no privacy guarantee: "
+                "unset it instead)"
+            )
+        if not (math.isfinite(self.dpsgd_max_grad_norm) and self.dpsgd_max_grad_norm > 0):
+            raise ConfigError(
+                f"dpsgd_max_grad_norm must be positive and finite, got {self.dpsgd_max_grad_norm}"
+            )
+        if not 0 < self.dpsgd_delta < 1:
+            raise ConfigError(f"dpsgd_delta must be in (0, 1), got {self.dpsgd_delta}")
+
     def task_config(self) -> dict[str, str]:
         """The training hyper-parameters every client receives when it joins."""
-        return {
+        config = {
             "local_epochs": str(self.local_epochs),
             "batch_size": str(self.batch_size),
             "learning_rate": repr(self.learning_rate),
             "momentum": repr(self.momentum),
         }
+        if self.dpsgd_noise_multiplier is not None:
+            config.update(
+                dpsgd_noise_multiplier=repr(self.dpsgd_noise_multiplier),
+                dpsgd_max_grad_norm=repr(self.dpsgd_max_grad_norm),
+                dpsgd_delta=repr(self.dpsgd_delta),
+            )
+        return config

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from fedlink.common.accounting import MechanismStep, PrivacyAccountant
 from fedlink.common.dp import client_noise_std, secure_value_bound
 from fedlink.common.errors import (
     ConfigError,
@@ -70,7 +71,7 @@ from fedlink.server.aggregation import StreamingFedAvg
 from fedlink.server.checkpoints import Checkpoint, CheckpointStore, run_identity
 from fedlink.server.config import ServerConfig
 from fedlink.server.monitoring import CoordinatorMetrics
-from fedlink.server.privacy import ROUND_SAMPLE_RATE, DPFedAvg, MechanismStep, PrivacyAccountant
+from fedlink.server.privacy import ROUND_SAMPLE_RATE, DPFedAvg
 from fedlink.server.robust import FedAvg, parse_rule
 from fedlink.server.validation import check_metrics, check_num_examples, check_update
 
@@ -249,6 +250,9 @@ class RoundRecord:
     bytes_down: int
     bytes_up: int
     epsilon: float | None = None  # DP: privacy spent after this round, at dp_delta
+    # Record-level DP-SGD: the largest epsilon this round's clients reported (plaintext rounds
+    # only: under secure aggregation clients send no metrics, and log it instead).
+    dpsgd_epsilon: float | None = None
 
 
 @dataclass
@@ -659,6 +663,7 @@ class RoundEngine:
                     bytes_down=self._bytes_down,
                     bytes_up=self._bytes_up,
                     epsilon=epsilon,
+                    dpsgd_epsilon=_largest(train.metrics, "dpsgd_epsilon"),
                 )
                 self._checkpoint(global_file, record)
                 last_record = record
@@ -1148,6 +1153,11 @@ def _weighted_mean(results: list[tuple[int, Mapping[str, float]]], key: str) -> 
     pairs = [(n, m[key]) for n, m in results if key in m]
     total = sum(n for n, _ in pairs)
     return sum(n * v for n, v in pairs) / total if total else None
+
+
+def _largest(results: list[tuple[int, Mapping[str, float]]], key: str) -> float | None:
+    values = [m[key] for _, m in results if key in m]
+    return max(values) if values else None
 
 
 def _weighted_eval(results: list[tuple[int, Mapping[str, float]]]) -> tuple[float, float] | None:

@@ -14,6 +14,7 @@ standard supervised classification loop; a task overrides them only when it trai
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -21,6 +22,7 @@ from typing import Protocol
 import torch
 from torch.utils.data import Dataset
 
+from fedlink.common.accounting import MechanismStep
 from fedlink.common.errors import TaskError
 
 # A dataset of (features, label) pairs; labels are int64 class indices.
@@ -70,6 +72,31 @@ class ClientData:
 
 
 @dataclass(frozen=True)
+class DPSGDConfig:
+    """Record-level DP-SGD (docs/privacy.md): each example's gradient clipped to L2 norm
+    `max_grad_norm` C, N(0, (z C)^2) noise on every batch's sum of clipped gradients (z =
+    `noise_multiplier`), batches drawn by Poisson sampling; epsilon is reported at `delta`."""
+
+    noise_multiplier: float
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        # Written as "not > 0" so that NaN is refused too.
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+            raise ValueError(
+                f"the DP-SGD noise multiplier must be positive and finite, got "
+                f"{self.noise_multiplier}"
+            )
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(
+                f"the DP-SGD max_grad_norm must be positive and finite, got {self.max_grad_norm}"
+            )
+        if not 0 < self.delta < 1:
+            raise ValueError(f"the DP-SGD delta must be in (0, 1), got {self.delta}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Local training hyper-parameters, sent by the coordinator for every round."""
 
@@ -79,12 +106,16 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     seed: int = 0
+    dpsgd: DPSGDConfig | None = None  # None: ordinary SGD
 
 
 @dataclass(frozen=True)
 class TrainResult:
     num_examples: int
     loss: float
+    # With DP-SGD: the mechanism this round ran (z, sampling rate q, local steps), which the
+    # client's accountant composes with its earlier rounds.
+    dpsgd: MechanismStep | None = None
 
 
 @dataclass(frozen=True)

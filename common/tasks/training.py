@@ -1,20 +1,26 @@
 """The standard supervised classification loop that built-in tasks (and most user tasks) use.
 
 Written like pytorch/examples' mnist/main.py: SGD, cross-entropy, a DataLoader, explicit device
-handling. Shuffling is seeded from the round's TrainConfig, so a client's round is reproducible.
+handling. Shuffling is seeded from the round's TrainConfig, so a client's round is reproducible;
+with record-level DP-SGD (`TrainConfig.dpsgd`) batches and noise are secret, so it is not.
 """
 
 from __future__ import annotations
 
+import math
+import secrets
+import warnings
 from collections.abc import Sized
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from fedlink.common.accounting import MechanismStep
 from fedlink.common.errors import TaskError
 from fedlink.common.tasks.base import (
     ClientData,
+    DPSGDConfig,
     EvalResult,
     ExampleDataset,
     TrainConfig,
@@ -25,15 +31,16 @@ from fedlink.common.tasks.base import (
 def train_classifier(
     model: torch.nn.Module, data: ClientData, config: TrainConfig, device: torch.device
 ) -> TrainResult:
-    """Train `model` on `data.train` for `config.local_epochs` epochs; it stays on `device`."""
+    """Train `model` on `data.train` for `config.local_epochs` epochs; it stays on `device`.
+
+    With `config.dpsgd` set, trains with record-level DP-SGD (`_train_private`) instead.
+    """
     if config.local_epochs < 1 or config.batch_size < 1:
         raise TaskError(
             f"local_epochs and batch_size must be at least 1, got {config.local_epochs} "
             f"and {config.batch_size}"
         )
     num_examples = _size(data.train, "training")
-    generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=generator)
     model.to(device)
     model.train()
     optimizer = torch.optim.SGD(
@@ -42,17 +49,107 @@ def train_classifier(
         momentum=config.momentum,
         weight_decay=config.weight_decay,
     )
+    if config.dpsgd is not None:
+        return _train_private(
+            model, data.train, num_examples, optimizer, config, config.dpsgd, device
+        )
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=generator)
     total_loss, seen = 0.0, 0
     for _ in range(config.local_epochs):
         for features, labels in loader:
-            features, labels = features.to(device), labels.to(device)
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(features), labels)
-            torch.autograd.backward(loss)  # loss.backward(), which torch leaves untyped
-            optimizer.step()
-            total_loss += loss.item() * len(labels)
+            total_loss += _step(model, optimizer, features, labels, device)
             seen += len(labels)
     return TrainResult(num_examples=num_examples, loss=total_loss / seen)
+
+
+def check_dpsgd_model(model: torch.nn.Module) -> None:
+    """Refuse, with a TaskError a person can act on, a model that DP-SGD cannot train.
+
+    Per-example gradients need every layer to treat examples independently: BatchNorm mixes the
+    examples of a batch (each one's output depends on the others), so Opacus rejects it.
+    """
+    from opacus.validators import ModuleValidator  # slow import; only DP-SGD needs it
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        reasons = sorted({str(error).split(". ")[0] for error in errors})
+        raise TaskError(
+            f"record-level DP-SGD cannot train this model: {'; '.join(reasons)} "
+            f"(layers refused: {len(errors)}). Use a model without BatchNorm (GroupNorm or "
+            "LayerNorm work), or run the federation without dpsgd_noise_multiplier"
+        )
+
+
+def _train_private(
+    model: torch.nn.Module,
+    dataset: ExampleDataset,
+    num_examples: int,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    dpsgd: DPSGDConfig,
+    device: torch.device,
+) -> TrainResult:
+    """DP-SGD (Abadi et al., CCS 2016) through Opacus: per-example gradients clipped to
+    `max_grad_norm` C, N(0, (z C)^2) added to each batch's sum, batches Poisson-sampled.
+
+    Each example joins each batch independently with probability q = 1 / ceil(N / batch_size)
+    (so the expected batch is about batch_size) for ceil(N / batch_size) steps an epoch, as
+    Opacus's `make_private` does; the returned MechanismStep records z, q and the steps taken.
+    Sampling and noise come from generators seeded from the OS's randomness, never from the
+    round seed: the coordinator knows that seed, and knowing the batches or the noise would
+    void the guarantee. The model is wrapped only for this call, so its state_dict keeps the
+    plain parameter names and no Opacus hooks stay on it.
+    """
+    from opacus import GradSampleModule
+    from opacus.data_loader import DPDataLoader
+    from opacus.optimizers import DPOptimizer
+
+    check_dpsgd_model(model)
+    steps_per_epoch = math.ceil(num_examples / config.batch_size)
+    sample_rate = 1 / steps_per_epoch
+    sampling = torch.Generator().manual_seed(secrets.randbits(63))
+    noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))
+    loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=sampling)
+    private_optimizer = DPOptimizer(
+        optimizer,
+        noise_multiplier=dpsgd.noise_multiplier,
+        max_grad_norm=dpsgd.max_grad_norm,
+        expected_batch_size=max(1, round(num_examples * sample_rate)),
+        generator=noise,
+    )
+    wrapped = GradSampleModule(model)
+    total_loss, seen, steps = 0.0, 0, 0
+    try:
+        with warnings.catch_warnings():
+            # Opacus's hooks fire on the first layer, whose input needs no gradient: torch warns.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _ in range(config.local_epochs):
+                for features, labels in loader:
+                    # An empty batch (possible under Poisson sampling) still takes a noisy step.
+                    total_loss += _step(wrapped, private_optimizer, features, labels, device)
+                    seen += len(labels)
+                    steps += 1
+    finally:
+        wrapped.to_standard_module()  # removes the hooks and the per-example gradients
+    step = MechanismStep(dpsgd.noise_multiplier, sample_rate, steps)
+    return TrainResult(num_examples=num_examples, loss=total_loss / max(seen, 1), dpsgd=step)
+
+
+def _step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+) -> float:
+    """One SGD step on a batch; returns the batch's summed loss."""
+    features, labels = features.to(device), labels.to(device)
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(features), labels)
+    torch.autograd.backward(loss)  # loss.backward(), which torch leaves untyped
+    optimizer.step()
+    return loss.item() * len(labels) if len(labels) else 0.0
 
 
 def evaluate_classifier(

@@ -10,6 +10,7 @@ import torch
 from fedlink.client.app import FatalClientError, pick_device, train_config_from
 from fedlink.client.connection import Backoff
 from fedlink.common.errors import ConfigError
+from fedlink.common.tasks.base import DPSGDConfig
 
 
 def test_auto_device_is_cuda_only_when_cuda_exists() -> None:
@@ -48,6 +49,35 @@ def test_training_settings_from_the_coordinator_are_parsed() -> None:
 )
 def test_hostile_training_settings_are_refused(settings: dict[str, str]) -> None:
     with pytest.raises(FatalClientError, match="coordinator sent"):
+        train_config_from(settings, seed=0)
+
+
+def test_dpsgd_settings_from_the_coordinator_are_parsed() -> None:
+    assert train_config_from({}, seed=0).dpsgd is None
+    config = train_config_from(
+        {"dpsgd_noise_multiplier": "1.1", "dpsgd_max_grad_norm": "0.5", "dpsgd_delta": "1e-06"},
+        seed=0,
+    )
+    assert config.dpsgd == DPSGDConfig(noise_multiplier=1.1, max_grad_norm=0.5, delta=1e-6)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"dpsgd_noise_multiplier": "0"},
+        {"dpsgd_noise_multiplier": "-1"},
+        {"dpsgd_noise_multiplier": "nan"},
+        {"dpsgd_noise_multiplier": "inf"},
+        {"dpsgd_noise_multiplier": "lots"},
+        {"dpsgd_noise_multiplier": "1", "dpsgd_max_grad_norm": "0"},
+        {"dpsgd_noise_multiplier": "1", "dpsgd_max_grad_norm": "inf"},
+        {"dpsgd_noise_multiplier": "1", "dpsgd_delta": "0"},
+        {"dpsgd_noise_multiplier": "1", "dpsgd_delta": "1"},
+        {"dpsgd_noise_multiplier": "1", "dpsgd_delta": "nan"},
+    ],
+)
+def test_hostile_dpsgd_settings_are_refused(settings: dict[str, str]) -> None:
+    with pytest.raises(FatalClientError, match="coordinator sent malformed training settings"):
         train_config_from(settings, seed=0)
 
 

@@ -474,6 +474,34 @@ def test_bad_differential_privacy_settings_are_refused(
         _server(**overrides)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"dpsgd_noise_multiplier": 0}, "dpsgd_noise_multiplier must be positive"),
+        ({"dpsgd_noise_multiplier": "nan"}, "dpsgd_noise_multiplier must be positive"),
+        ({"dpsgd_noise_multiplier": "inf"}, "dpsgd_noise_multiplier must be positive"),
+        ({"dpsgd_noise_multiplier": 1, "dpsgd_max_grad_norm": 0}, "dpsgd_max_grad_norm must be"),
+        ({"dpsgd_noise_multiplier": 1, "dpsgd_max_grad_norm": "nan"}, "dpsgd_max_grad_norm must"),
+        ({"dpsgd_noise_multiplier": 1, "dpsgd_delta": 0}, r"dpsgd_delta must be in \(0, 1\)"),
+        ({"dpsgd_noise_multiplier": 1, "dpsgd_delta": 1.5}, r"dpsgd_delta must be in \(0, 1\)"),
+    ],
+)
+def test_bad_dpsgd_settings_are_refused(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _server(**overrides)
+
+
+def test_dpsgd_settings_reach_the_clients_only_when_dpsgd_is_on() -> None:
+    assert not any(key.startswith("dpsgd") for key in _server().task_config())
+    config = load_config(
+        ServerConfig,
+        environ={**DEV, "FEDLINK_DPSGD_NOISE_MULTIPLIER": "1.1", "FEDLINK_DPSGD_DELTA": "1e-6"},
+    )
+    sent = config.task_config()
+    assert (sent["dpsgd_noise_multiplier"], sent["dpsgd_max_grad_norm"]) == ("1.1", "1.0")
+    assert sent["dpsgd_delta"] == "1e-06"
+
+
 def test_differential_privacy_settings_load_from_the_environment() -> None:
     config = load_config(
         ServerConfig,

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 import torch
 
+from fedlink.common.accounting import MechanismStep, PrivacyAccountant
 from fedlink.common.errors import ConfigError, UpdateRejected
 from fedlink.common.tensors import StateDict, encode_state, open_state_file
 from fedlink.common.wire import PayloadInfo
 from fedlink.server.checkpoints import CheckpointStore
 from fedlink.server.config import ServerConfig
-from fedlink.server.privacy import MechanismStep, PrivacyAccountant
 from fedlink.server.rounds import (
     ResultHeader,
     RoundEngine,

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from fedlink.server.privacy import MechanismStep, PrivacyAccountant
+from fedlink.common.accounting import MechanismStep, PrivacyAccountant
 
 
 def test_poisson_subsampled_gaussian_reproduces_the_known_epsilon() -> None:
