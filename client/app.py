@@ -428,20 +428,35 @@ class ShutdownRequested(BaseException):
     """
 
 
+class _Signals:
+    """The shutdown signal received, if any. Kept beside the exception because a library can
+    catch it on the way and re-raise its own error instead (safetensors, its header check
+    interrupted, reports "not a valid safetensors payload"): the shutdown still wins."""
+
+    received: str | None = None
+
+
 def _raise_shutdown(signum: int, frame: FrameType | None) -> None:
-    raise ShutdownRequested(signal.Signals(signum).name)
+    _Signals.received = signal.Signals(signum).name
+    raise ShutdownRequested(_Signals.received)
 
 
 def run_client(config: ClientConfig) -> int:
+    _Signals.received = None
     previous = {sig: signal.signal(sig, _raise_shutdown) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return FederationClient(config).run()
-    except FatalClientError as exc:
-        log.error("%s", exc)
-        return 2
     except ShutdownRequested as exc:
         log.info("received %s: left the federation", exc)
         return 0
+    except FedlinkError as exc:
+        if _Signals.received is not None:
+            log.info("received %s: left the federation", _Signals.received)
+            return 0
+        if isinstance(exc, FatalClientError):
+            log.error("%s", exc)
+            return 2
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
 import torch
 
+from fedlink.client import app
 from fedlink.client.app import FatalClientError, pick_device, train_config_from
+from fedlink.client.config import ClientConfig
 from fedlink.client.connection import Backoff
-from fedlink.common.errors import ConfigError
+from fedlink.common.errors import ConfigError, TensorFormatError
 from fedlink.common.tasks.base import DPSGDConfig
 
 
@@ -99,3 +103,27 @@ def test_backoff_delays_grow_with_jitter_and_give_up_after_the_limit(
     assert not backoff.wait("still down")
     backoff.reset()
     assert backoff.wait("down again")
+
+
+class _InterruptedWhileLoading:
+    """Stands in for FederationClient: SIGTERM arrives while a library reads the global model,
+    and the library turns the interruption into an error of its own, as safetensors does."""
+
+    def __init__(self, config: object) -> None:
+        pass
+
+    def run(self) -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises in here
+        except app.ShutdownRequested as exc:
+            raise TensorFormatError("not a valid safetensors payload: interrupted") from exc
+        raise AssertionError("SIGTERM was not delivered")
+
+
+def test_a_shutdown_signal_exits_cleanly_even_when_a_library_rewraps_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(app, "FederationClient", _InterruptedWhileLoading)
+    assert app.run_client(ClientConfig(insecure=True)) == 0
+    assert signal.getsignal(signal.SIGTERM) is not app._raise_shutdown  # handlers restored
