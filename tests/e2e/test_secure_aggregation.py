@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from conftest import fedlink_process, wait_for_file
+from test_federation_run import _client, _free_port, _kill_all, _log, _server
 
 from fedlink.common.tensors import open_state_file
 
@@ -183,3 +184,59 @@ def test_secure_aggregation_with_dp_splits_the_noise_across_the_clients(
     for i in range(3):
         client_log = federation.client_log(i).read_text()
         assert f"DP: change clipped to norm 1, Gaussian noise of std {noise:.4g}" in client_log
+
+
+def test_a_coordinator_killed_mid_secure_round_restarts_the_round_with_fresh_keys(
+    pki: Any, tmp_path: Path
+) -> None:
+    # The session lives in the coordinator's memory only: after a SIGKILL and a restart on the
+    # same state directory, the interrupted round runs again as a new session (new keys) and
+    # the clients, which held the old session's secrets, follow by themselves.
+    address = f"127.0.0.1:{_free_port()}"
+    env = {"FEDLINK_SECURE_AGGREGATION": "true"}
+    settings = {
+        "listen": address,
+        "min_clients": 3,
+        "min_fit_clients": 3,
+        "heartbeat_interval_seconds": 0.5,
+        "liveness_timeout_seconds": 3,
+        "run_dir": tmp_path / "run",
+        "state_dir": tmp_path / "state",
+    }
+    first = _server(pki, tmp_path, "first", env, num_rounds=10_000, **settings)
+    clients = [
+        _client(
+            pki,
+            tmp_path,
+            f"site-{i}",
+            address,
+            partition_index=i,
+            num_partitions=3,
+            reconnect_max_delay_seconds=1,
+        )
+        for i in range(3)
+    ]
+    second = None
+    try:
+        deadline = time.monotonic() + 180
+        while "round 3: secagg_share_keys" not in (tmp_path / "site-0.log").read_text():
+            assert time.monotonic() < deadline and first.poll() is None, _log(tmp_path, "first")
+            time.sleep(0.01)
+        first.kill()  # SIGKILL in round 3's secure session
+        first.wait()
+        records = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        total = len(records) + 2
+        second = _server(pki, tmp_path, "second", env, num_rounds=total, **settings)
+        assert second.wait(timeout=180) == 0, _log(tmp_path, "second")
+        for i, client in enumerate(clients):
+            assert client.wait(timeout=60) == 0, _log(tmp_path, f"site-{i}")
+    finally:
+        _kill_all([first, *([second] if second else []), *clients])
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [r["round"] for r in rows] == list(range(1, total + 1))
+    assert all(r["clients_accepted"] == 3 for r in rows)
+    assert "secure aggregation recovered the sum of 3 of 3 clients" in _log(tmp_path, "second")
+    # Every client answered a second advertisement for the round that was cut off.
+    for i in range(3):
+        assert _log(tmp_path, f"site-{i}").count("round 3: secagg_advertise") >= 2
