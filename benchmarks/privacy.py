@@ -329,13 +329,23 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         base = plain.get(row["clients"])
         row["down_mb"] = median_or_none(row["down_bytes_per_client"], MB)
         row["up_mb"] = median_or_none(row["up_bytes_per_client"], MB)
-        row["seconds_ratio"] = row["bytes_ratio"] = row["up_ratio"] = None
+        row["seconds_ratio"] = row["bytes_ratio"] = row["up_ratio"] = row["cpu_ratio"] = None
         if base is None or row["down_mb"] is None or base["down_mb"] is None:
             continue
         row["bytes_ratio"] = (row["down_mb"] + row["up_mb"]) / (base["down_mb"] + base["up_mb"])
         row["up_ratio"] = row["up_mb"] / base["up_mb"]
         if row["median_round_seconds"] and base["median_round_seconds"]:
             row["seconds_ratio"] = row["median_round_seconds"] / base["median_round_seconds"]
+        # CPU seconds move less than wall seconds when other processes share the machine.
+        cpu, base_cpu = cpu_seconds(row), cpu_seconds(base)
+        if cpu and base_cpu:
+            row["cpu_ratio"] = cpu / base_cpu
+
+
+def cpu_seconds(row: dict[str, Any]) -> float | None:
+    """CPU seconds per round of the coordinator and all clients together (mean after round 1)."""
+    cpu = row["round_cpu_seconds"]
+    return None if cpu is None else sum(v for k, v in cpu.items() if k != "other")
 
 
 def median_or_none(values: Sequence[float], unit: float) -> float | None:
@@ -371,8 +381,8 @@ def format_cost_table(rows: list[dict[str, Any]]) -> str:
 
     header = (
         f"{'clients':>7} {'mode':<14} {'f':>3} {'err bound':>9} {'round s':>7} {'x plain':>7} "
-        f"{'down MB':>7} {'up MB':>7} {'bytes x':>7} {'up x':>5} {'srv MiB':>7} "
-        f"{'srv CPU s':>9} {'cl CPU s':>8} {'noise %':>7}"
+        f"{'down MB':>7} {'up MB':>7} {'bytes x':>7} {'up x':>6} {'srv MiB':>7} "
+        f"{'srv CPU s':>9} {'cl CPU s':>8} {'CPU x':>5} {'sys GiB':>7} {'noise %':>7}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -383,10 +393,11 @@ def format_cost_table(rows: list[dict[str, Any]]) -> str:
             f"{num(row.get('average_error_bound'), '.1e'):>9} "
             f"{num(row['median_round_seconds'], '.2f'):>7} {num(row['seconds_ratio'], '.2f'):>7} "
             f"{num(row['down_mb'], '.3f'):>7} {num(row['up_mb'], '.3f'):>7} "
-            f"{num(row['bytes_ratio'], '.3f'):>7} {num(row['up_ratio'], '.3f'):>5} "
+            f"{num(row['bytes_ratio'], '.4f'):>7} {num(row['up_ratio'], '.4f'):>6} "
             f"{num(peak / MIB if peak else None, '.0f'):>7} "
             f"{num(cpu['server_user'] + cpu['server_sys'] if cpu else None, '.2f'):>9} "
             f"{num(cpu['clients_user'] + cpu['clients_sys'] if cpu else None, '.2f'):>8} "
+            f"{num(row['cpu_ratio'], '.2f'):>5} {row['system_peak_used_bytes'] / (1 << 30):>7.1f} "
             f"{num(100 * row['interference'] if row['interference'] is not None else None, '.0f'):>7}"
             + (f"  FAILED: {row['error']}" if row["error"] else "")
         )
@@ -461,7 +472,8 @@ def secagg_cost(args: argparse.Namespace) -> int:
     if checks:
         print()
     for check in checks:
-        print(f"{'PASS' if check['passed'] else 'FAIL'}  {check['check']}: {check['value']:.3f}")
+        value = "-" if check["value"] is None else f"{check['value']:.4f}"
+        print(f"{'PASS' if check['passed'] else 'FAIL'}  {check['check']}: {value}")
     document = {
         **results_header("privacy (secure-aggregation cost)"),
         "settings": {
