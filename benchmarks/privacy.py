@@ -157,31 +157,87 @@ TARGET_BYTES_RATIO = 2.0
 TARGET_SECONDS_RATIO = 3.0
 MB = 1e6
 MIB = 1 << 20
-# The coordinator's debug line for every accepted step result, and its line once the sum is
-# unmasked (server/rounds.py); text log format, "%(asctime)s %(levelname)-7s %(name)s: ...".
+# Log lines that mark the steps of a round (text log format, "%(asctime)s %(levelname)-7s
+# %(name)s: ..."): the coordinator's debug line for every accepted result and its line once the
+# sum is unmasked (server/rounds.py); a client's line after training and once its answer to a
+# secure step is ready to upload (client/app.py).
+_STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) "
 _ACCEPTED = re.compile(
-    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) DEBUG\s+\S+: accepted (\S+) result from \S+ "
-    r"\(round (\d+)\)$",
-    re.MULTILINE,
+    _STAMP + r"DEBUG\s+\S+: accepted (\S+) result from \S+ \(round (\d+)\)$", re.MULTILINE
 )
 _RECOVERED = re.compile(
-    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO\s+\S+: round (\d+): secure aggregation "
-    r"recovered",
+    _STAMP + r"INFO\s+\S+: round (\d+): secure aggregation recovered", re.MULTILINE
+)
+_CLIENT = re.compile(
+    _STAMP + r"INFO\s+\S+: round (\d+): (trained|secagg_advertise|secagg_masked_input) ",
     re.MULTILINE,
 )
 _FAILED_ATTEMPT = re.compile(r"round \d+: (secure aggregation failed|repeating the round)")
-# The steps of a round as the coordinator's log delimits them: each ends when the phase's last
-# result is accepted; the secure round ends with unmasking (SecAggServer.result: the survivors'
-# self masks removed) and then decoding, writing the global model and the checkpoint.
-PLAIN_STEPS = ("train", "aggregate+write")
-SECURE_STEPS = (
-    "secagg-advertise",
-    "secagg-share-keys",
-    "secagg-masked-input",
-    "secagg-unmask",
-    "server unmask",
-    "decode+write",
+# Each step of a round ends at the last of its marks across all clients: (step, mark). A
+# client's "ready" mark is its answer computed; the step after it is the upload and the
+# coordinator's check of the last answer. The secure round's "server unmask" is
+# SecAggServer.result (the survivors' self masks removed, the dropped clients' pairwise masks
+# re-derived); "decode+write" the new global model decoded, written and checkpointed.
+PLAIN_STEPS = (
+    ("download+train", "client trained"),
+    ("upload", "accepted train"),
+    ("aggregate+write", "end"),
 )
+SECURE_STEPS = (
+    ("download+train", "client trained"),
+    ("encode+keys", "client secagg_advertise"),
+    ("upload keys", "accepted secagg-advertise"),
+    ("share keys", "accepted secagg-share-keys"),
+    ("mask", "client secagg_masked_input"),
+    ("upload masked", "accepted secagg-masked-input"),
+    ("unmask shares", "accepted secagg-unmask"),
+    ("server unmask", "server recovered"),
+    ("decode+write", "end"),
+)
+
+
+def log_time(stamp: str) -> float:
+    """A text-format log timestamp (local time, milliseconds) as seconds since the epoch."""
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def step_seconds(
+    server_log: str,
+    client_logs: Sequence[str],
+    round_ends: Sequence[float],
+    round_seconds: Sequence[float],
+    secure: bool,
+) -> list[dict[str, float]]:
+    """Per round, the seconds of each step (PLAIN_STEPS or SECURE_STEPS), from the log lines and
+    the time each round's metrics row appeared (its start is that minus the round's `seconds`).
+    A retried round's steps are those of its last attempt, the failed attempts counted in its
+    first step."""
+    last: dict[tuple[int, str], float] = {}
+
+    def mark(round_number: str, name: str, stamp: str) -> None:
+        key = (int(round_number), name)
+        last[key] = max(last.get(key, 0.0), log_time(stamp))
+
+    for match in _ACCEPTED.finditer(server_log):
+        mark(match.group(3), f"accepted {match.group(2)}", match.group(1))
+    for match in _RECOVERED.finditer(server_log):
+        mark(match.group(2), "server recovered", match.group(1))
+    for log in client_logs:
+        for match in _CLIENT.finditer(log):
+            mark(match.group(2), f"client {match.group(3)}", match.group(1))
+    steps = SECURE_STEPS if secure else PLAIN_STEPS
+    out: list[dict[str, float]] = []
+    # A round whose row the driver saw too late (the coordinator had exited) has no end time.
+    for index, (end, seconds) in enumerate(zip(round_ends, round_seconds, strict=False)):
+        marks = [last.get((index + 1, name)) for _, name in steps[:-1]]
+        times = [end - seconds, *(m for m in marks if m is not None), end]
+        if len(times) != len(steps) + 1:
+            out.append({})
+            continue
+        out.append(
+            {name: b - a for (name, _), a, b in zip(steps, times[:-1], times[1:], strict=True)}
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -210,39 +266,6 @@ class Mode:
         ]
 
 
-def log_time(stamp: str) -> float:
-    """A text-format log timestamp (local time, milliseconds) as seconds since the epoch."""
-    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-
-
-def step_seconds(
-    server_log: str, round_ends: Sequence[float], round_seconds: Sequence[float], secure: bool
-) -> list[dict[str, float]]:
-    """Per round, the seconds of each step (PLAIN_STEPS or SECURE_STEPS), from the coordinator's
-    log lines and the time each round's metrics row appeared (its start is that minus the
-    round's `seconds`). A retried round's steps are those of its last attempt, with the failed
-    attempts counted in its first step."""
-    last: dict[tuple[int, str], float] = {}
-    for match in _ACCEPTED.finditer(server_log):
-        key = (int(match.group(3)), match.group(2))
-        last[key] = max(last.get(key, 0.0), log_time(match.group(1)))
-    for match in _RECOVERED.finditer(server_log):
-        last[(int(match.group(2)), "server unmask")] = log_time(match.group(1))
-    kinds = SECURE_STEPS[:-1] if secure else PLAIN_STEPS[:-1]
-    out: list[dict[str, float]] = []
-    # A round whose row the driver saw too late (the coordinator had exited) has no end time.
-    for index, (end, seconds) in enumerate(zip(round_ends, round_seconds, strict=False)):
-        number = index + 1
-        marks = [last.get((number, kind)) for kind in kinds]
-        if any(mark is None for mark in marks):
-            out.append({})
-            continue
-        times = [end - seconds, *(m for m in marks if m is not None), end]
-        names = SECURE_STEPS if secure else PLAIN_STEPS
-        out.append({name: b - a for name, a, b in zip(names, times[:-1], times[1:], strict=True)})
-    return out
-
-
 def cost_case(
     info: ModelInfo,
     mode: Mode,
@@ -269,9 +292,15 @@ def cost_case(
         )
     finally:
         processes.kill_all()
-    server_log = (work / "logs" / "server.log").read_text(errors="replace")
+    logs = work / "logs"
+    server_log = (logs / "server.log").read_text(errors="replace")
+    client_logs = [path.read_text(errors="replace") for path in logs.glob("client-*.log")]
     steps = step_seconds(
-        server_log, run.round_ended_at, run.round_seconds, secure=mode.ring_bits is not None
+        server_log,
+        client_logs,
+        run.round_ended_at,
+        run.round_seconds,
+        secure=mode.ring_bits is not None,
     )
     later = run.round_seconds[1:] or run.round_seconds
     round_cpu = mean_cpu(run.round_cpu) if run.round_cpu else None
@@ -462,6 +491,9 @@ def secagg_cost(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             failed = True
+    if not rows:
+        print(f"no federation finished; work directory kept: {work}", file=sys.stderr)
+        return 1
     add_encoding(rows)
     add_ratios(rows)
     print()
@@ -477,7 +509,7 @@ def secagg_cost(args: argparse.Namespace) -> int:
     document = {
         **results_header("privacy (secure-aggregation cost)"),
         "settings": {
-            "model": info.name if rows else COST_MODEL,
+            "model": info.name,
             "clients": args.cost_clients,
             "rounds": args.cost_rounds,
             "rings": args.rings,
@@ -486,7 +518,7 @@ def secagg_cost(args: argparse.Namespace) -> int:
             "median_round_seconds": "median of metrics.jsonl 'seconds' after round 1",
             "bytes": "payload bytes per client per round (metrics.jsonl), median over rounds",
             "ratios": "against the plaintext federation with the same number of clients",
-            "torch": torch_version if rows else None,
+            "torch": torch_version,
         },
         "results": rows,
         "checks": checks,
