@@ -494,6 +494,7 @@ def secagg_cost(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no federation finished; work directory kept: {work}", file=sys.stderr)
         return 1
+    header = results_header("privacy (secure-aggregation cost)")  # before torch is imported
     add_encoding(rows)
     add_ratios(rows)
     print()
@@ -507,7 +508,7 @@ def secagg_cost(args: argparse.Namespace) -> int:
         value = "-" if check["value"] is None else f"{check['value']:.4f}"
         print(f"{'PASS' if check['passed'] else 'FAIL'}  {check['check']}: {value}")
     document = {
-        **results_header("privacy (secure-aggregation cost)"),
+        **header,
         "settings": {
             "model": info.name,
             "clients": args.cost_clients,
