@@ -622,7 +622,8 @@ class RoundEngine:
                         break
                     continue
                 failures, avoid = 0, frozenset()
-                state = train.state
+                # Taken out of `train`, so that `del state` below drops the model's last reference.
+                state, train.state = train.state, None
                 epsilon = self._account_round()
                 global_file = self._write_global(state, round_number)
                 with self._cond:
