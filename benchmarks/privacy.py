@@ -1,15 +1,18 @@
-"""Privacy benchmark: accuracy of the digits demo under client-level DP-FedAvg, and the cost
-of secure aggregation against plaintext FedAvg in real federations.
+"""Privacy benchmark: accuracy under client-level DP, and secure aggregation's cost.
+
+Both parts run real federations: the accuracy of the digits demo under DP-FedAvg (the default
+part), and the seconds per round and bytes per client of secure aggregation against plaintext
+FedAvg (`--part cost`).
 
     .venv/bin/python benchmarks/privacy.py                          # epsilon 1, 3, 8 and inf
     .venv/bin/python benchmarks/privacy.py --clients 20 --rounds 20 --epsilons 8 inf
     .venv/bin/python benchmarks/privacy.py --part cost              # 5, 10, 20 clients
     .venv/bin/python benchmarks/privacy.py --part cost --cost-clients 10 --cost-rounds 5
 
-The accuracy part (the default) is described here; the cost part in `secagg_cost`. The
-primitives (mask expansion speed, in-process protocol cost) are in benchmarks/privacy_core.py.
+The cost part is described in `secagg_cost`; the primitives (mask expansion speed, in-process
+protocol cost) are measured by benchmarks/privacy_core.py.
 
-Each row is a real federation: `fedlink demo` (a coordinator and client processes over mutual TLS
+Accuracy: each row is a real federation: `fedlink demo` (a coordinator and client processes over mutual TLS
 on this machine) with the dp_* settings passed to the coordinator through FEDLINK_* variables.
 For a target epsilon the noise multiplier z is the smallest (found by bisection with the
 coordinator's own accountant, q = 1, delta = --delta) whose epsilon after the planned rounds stays
@@ -455,8 +458,11 @@ def secagg_cost(args: argparse.Namespace) -> int:
     unmasking and decoding on the coordinator. Per federation: the median round seconds after
     round 1, the payload bytes each client downloads and uploads per round (metrics.jsonl;
     payload bytes, not gRPC framing), the coordinator's peak RSS and CPU per round, and the
-    seconds of each step from the coordinator's log.
+    seconds of each step from the coordinator's and the clients' logs.
     """
+    if min(args.cost_clients) < 3 or args.cost_rounds < 1:
+        # The coordinator refuses secure aggregation with fewer than 3 clients (config.py).
+        raise SystemExit("--cost-clients must be at least 3 and --cost-rounds at least 1")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fedlink-privacy-cost-"))
     work.mkdir(parents=True, exist_ok=True)
     modes = [Mode(None), *(Mode(bits) for bits in args.rings)]
