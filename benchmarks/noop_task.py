@@ -120,6 +120,7 @@ def describe_model(name: str) -> dict[str, object]:
         "name": name,
         "parameters": sum(p.numel() for p in model.parameters()),
         "payload_bytes": len(encode_state(model.state_dict())),
+        "num_examples": NUM_EXAMPLES,
         "torch": torch.__version__,
     }
 

@@ -320,6 +320,7 @@ class ModelInfo:
     name: str
     parameters: int
     payload_bytes: int  # the safetensors encoding fedlink streams
+    num_examples: int  # each noop client's FedAvg weight
 
 
 def model_info(name: str) -> tuple[ModelInfo, str]:
@@ -333,7 +334,9 @@ def model_info(name: str) -> tuple[ModelInfo, str]:
         timeout=STARTUP_TIMEOUT_SECONDS,
     ).stdout
     info = json.loads(output)
-    return ModelInfo(name, int(info["parameters"]), int(info["payload_bytes"])), str(info["torch"])
+    return ModelInfo(
+        name, int(info["parameters"]), int(info["payload_bytes"]), int(info["num_examples"])
+    ), str(info["torch"])
 
 
 # ---- one fedlink federation ------------------------------------------------------------------
@@ -351,6 +354,9 @@ class FedlinkRun:
     wall_seconds: float = 0.0
     # CPU used between the ends of consecutive rounds (rounds 2..R), sampled from /proc.
     round_cpu: list[Cpu] = field(default_factory=list)
+    # When each round's metrics row appeared (time.time(), to within the 20 ms polling), to
+    # place the coordinator's log lines within rounds.
+    round_ended_at: list[float] = field(default_factory=list)
     error: str | None = None
 
 
@@ -363,7 +369,12 @@ def run_fedlink(
     timeout: float,
     processes: Processes,
     verbose: bool = False,
+    server_args: Sequence[str] = (),
+    check_bytes: bool = True,
 ) -> FedlinkRun:
+    """One federation of `num_clients` noop clients; `server_args` are extra coordinator flags.
+    `check_bytes` requires every round to move exactly the model down and up per client (true
+    of plaintext FedAvg, not of secure aggregation's extra messages and masked vectors)."""
     result = FedlinkRun()
     log_flags = ["--verbose"] if verbose else []
     run_dir = work / "run"
@@ -400,6 +411,7 @@ def run_fedlink(
             str(run_dir),
             "--state-dir",
             str(work / "state"),
+            *server_args,
         ],
         logs / "server.log",
         env,
@@ -460,9 +472,13 @@ def run_fedlink(
             f"rounds; see {logs}"
         )
     expected = num_clients * info.payload_bytes
-    if not result.error and any(
-        d != expected or u != expected
-        for d, u in zip(result.bytes_down, result.bytes_up, strict=True)
+    if (
+        check_bytes
+        and not result.error
+        and any(
+            d != expected or u != expected
+            for d, u in zip(result.bytes_down, result.bytes_up, strict=True)
+        )
     ):
         result.error = f"bytes moved per round differ from {expected}: {result.bytes_down}"
     return result
@@ -489,6 +505,7 @@ def follow_rounds(
                 cpu = sample_cpu(server, clients)
                 if previous is not None and rounds == rounds_seen + 1:
                     result.round_cpu.append(cpu - previous)
+                result.round_ended_at.extend([time.time()] * (rounds - rounds_seen))
                 previous, rounds_seen = cpu, rounds
         if time.monotonic() > deadline:
             raise TimeoutError("the federation did not finish in time")
