@@ -35,15 +35,7 @@ def keystream_into(key: bytes, out: NDArray[np.generic]) -> None:
     Each key must be used for one purpose only: callers derive a fresh key per round, pair of
     clients and purpose (the nonce is fixed at zero because the key never repeats).
     """
-    if len(key) != KEY_BYTES:
-        raise ValueError(f"a PRG key is {KEY_BYTES} bytes, got {len(key)}")
-    if not out.flags.c_contiguous:
-        raise ValueError("the PRG output array must be C-contiguous")
-    if out.nbytes > MAX_STREAM_BYTES:
-        raise ValueError(
-            f"a PRG stream is at most {MAX_STREAM_BYTES} bytes, asked for {out.nbytes}"
-        )
-    encryptor = Cipher(algorithms.ChaCha20(key, _ZERO_NONCE), mode=None).encryptor()
+    encryptor = _encryptor(key, out)
     view = out.reshape(-1).view(np.uint8).data
     for start in range(0, out.nbytes, _CHUNK_BYTES):
         stop = min(start + _CHUNK_BYTES, out.nbytes)
