@@ -11,14 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from conftest import fedlink_process, wait_for_file
+from conftest import wait_for_file
 from test_federation_run import _client, _free_port, _kill_all, _log, _server
 
 from fedlink.common.tensors import open_state_file
-
-
-def _flags(**values: object) -> list[str]:
-    return [f"--{name.replace('_', '-')}={value}" for name, value in values.items()]
 
 
 class Federation:
@@ -31,16 +27,11 @@ class Federation:
         self.run_dir = directory / "run"
         self.state_dir = directory / "state"
         address_file = directory / "address"
-        bundle = pki.server_dir
-        flags = {
-            "cert": bundle / "server.pem",
-            "key": bundle / "server.key",
-            "ca": bundle / "ca.pem",
+        settings = {
             "listen": "127.0.0.1:0",
             "address_file": address_file,
             "min_clients": clients,
             "min_fit_clients": clients,
-            "heartbeat_interval_seconds": 1,
             "liveness_timeout_seconds": 3,
             "run_dir": self.run_dir,
             "state_dir": self.state_dir,
@@ -48,32 +39,23 @@ class Federation:
             **server,
         }
         directory.mkdir()
-        switch = ["--secure-aggregation"] if secure else []
-        self.server = fedlink_process(
-            ["server", *_flags(**flags), *switch], directory / "server.log"
-        )
+        env = {"FEDLINK_SECURE_AGGREGATION": "true"} if secure else None
+        self.server = _server(pki, directory, "server", env, **settings)
         self.clients: list[subprocess.Popen[bytes]] = []
         try:
             address = wait_for_file(address_file, self.server)
-            for i in range(clients):
-                cert, key, ca = pki.client(f"site-{i}")
-                self.clients.append(
-                    fedlink_process(
-                        [
-                            "client",
-                            *_flags(
-                                cert=cert,
-                                key=key,
-                                ca=ca,
-                                server=address,
-                                partition="iid",
-                                partition_index=i,
-                                num_partitions=clients,
-                            ),
-                        ],
-                        self.client_log(i),
-                    )
+            self.clients = [
+                _client(
+                    pki,
+                    directory,
+                    f"site-{i}",
+                    address,
+                    partition="iid",
+                    partition_index=i,
+                    num_partitions=clients,
                 )
+                for i in range(clients)
+            ]
         except BaseException:
             self.kill()
             raise

@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedlink.client.secure import SecureParticipant, encode_update
+from fedlink.client.secure import SecureParticipant, encode_update, step_encodings
 from fedlink.common.errors import ConfigError, SecAggRefused, UpdateRejected
 from fedlink.common.fixedpoint import FixedPoint, UpdateLayout
 from fedlink.common.pki import Credentials, load_credentials
 from fedlink.common.secagg import KeyAdvertisement, SecAggParams, UnmaskRequest
 from fedlink.common.secagg_wire import (
-    KEYS_ENCODING,
     SessionSetup,
     keys_from_bytes,
     roster_to_bytes,
@@ -50,11 +49,6 @@ _WIRE_KINDS = {
     TaskKind.SECAGG_SHARE_KEYS: pb.TASK_KIND_SECAGG_SHARE_KEYS,
     TaskKind.SECAGG_MASKED_INPUT: pb.TASK_KIND_SECAGG_MASKED_INPUT,
     TaskKind.SECAGG_UNMASK: pb.TASK_KIND_SECAGG_UNMASK,
-}
-_ANSWER_ENCODINGS = {
-    TaskKind.SECAGG_ADVERTISE: KEYS_ENCODING,
-    TaskKind.SECAGG_SHARE_KEYS: "fedlink.v1.SecAggShares",
-    TaskKind.SECAGG_UNMASK: "fedlink.v1.SecAggUnmaskResponse",
 }
 
 
@@ -136,7 +130,7 @@ class Client:
                     self.refused_roster.append(str(exc))
                     _decline(engine, self.name, offer)
                     continue
-            encoding = _ANSWER_ENCODINGS.get(offer.kind, f"ring-u{setup.params.ring_bits}le")
+            _, encoding = step_encodings(wire_kind, setup)
             if self.tamper is not None:
                 answer, encoding = self.tamper(offer.kind, answer, encoding)
             self.sent.append(answer)
