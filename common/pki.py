@@ -287,13 +287,11 @@ def load_credentials(cert: Path, key: Path, ca: Path, *, role: Role | None = Non
             f"{cert} is a CA certificate; pass the participant certificate issued by "
             "`fedlink certs issue`, not ca.pem"
         )
-    try:
-        certificate.verify_directly_issued_by(ca_certificate)
-    except (ValueError, TypeError, InvalidSignature) as exc:
+    if not _issued_by(certificate, ca_certificate):
         raise PKIError(
             f"certificate {cert} was not issued by the CA in {ca}; both must come from the same "
             "federation CA (`fedlink certs issue` puts the matching ca.pem in the bundle)"
-        ) from exc
+        )
 
     now = dt.datetime.now(dt.timezone.utc)
     _check_validity(ca_certificate, ca, now, renew="create a new CA with `fedlink certs init`")
@@ -350,16 +348,15 @@ def verify_statement(
     what = f"the certificate presented for {identity!r}"
     certificate = _parse_certificate(cert_pem, Path(what))
     ca_certificate = _parse_certificate(ca_pem, Path("the federation CA certificate"))
-    try:
-        certificate.verify_directly_issued_by(ca_certificate)
-    except (ValueError, TypeError, InvalidSignature) as exc:
-        raise PKIError(f"{what} was not issued by the federation CA") from exc
+    if not _issued_by(certificate, ca_certificate):
+        raise PKIError(f"{what} was not issued by the federation CA")
     if _is_ca(certificate):
         raise PKIError(f"{what} is a CA certificate")
     _check_validity(certificate, Path(what), dt.datetime.now(dt.timezone.utc), renew="renew it")
     _check_role(certificate, Path(what), "client")
-    if peer_certificate(cert_pem).identity != identity:
-        raise PKIError(f"{what} names {peer_certificate(cert_pem).identity!r}")
+    named = peer_certificate(cert_pem).identity
+    if named != identity:
+        raise PKIError(f"{what} names {named!r}")
     public_key = certificate.public_key()
     if not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise PKIError(f"{what} does not hold an elliptic-curve key")
@@ -426,13 +423,11 @@ def revoke_certificate(
         )
     if cert is not None:
         certificate = _parse_certificate(_read(Path(cert)), Path(cert))
-        try:
-            certificate.verify_directly_issued_by(ca_cert)
-        except (ValueError, TypeError, InvalidSignature) as exc:
+        if not _issued_by(certificate, ca_cert):
             raise PKIError(
                 f"certificate {cert} was not issued by the CA in {ca_dir}; revoke it with the "
                 "CA that issued it"
-            ) from exc
+            )
         serial = certificate.serial_number
     assert serial is not None
     if serial <= 0:
@@ -564,6 +559,14 @@ def _authority_key_identifier(ca_cert: x509.Certificate) -> x509.AuthorityKeyIde
     if not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise PKIError("the CA key is not an EC key; create a fedlink CA with `fedlink certs init`")
     return x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key)
+
+
+def _issued_by(certificate: x509.Certificate, ca_certificate: x509.Certificate) -> bool:
+    try:
+        certificate.verify_directly_issued_by(ca_certificate)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _is_ca(certificate: x509.Certificate) -> bool:
