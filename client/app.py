@@ -333,7 +333,8 @@ class FederationClient:
                 self._load_global_model(header, stream)
                 answer = self._secure.given_answer(header.kind, setup)
                 if answer is None:
-                    global_state = snapshot(self._model)
+                    # Only DP encodes the change from the global model; otherwise skip the copy.
+                    global_state = snapshot(self._model) if setup.clip_norm > 0 else {}
                     # Metrics are not sent under secure aggregation (DP-SGD's epsilon is logged).
                     result, _ = self._train_locally(header)
                     vector = encode_update(

@@ -64,8 +64,9 @@ def encode_update(
     """The ring vector this client contributes to the session's sum.
 
     Without DP: (w / W) * the trained model, w = num_examples capped at the weight cap W. With
-    DP (the setup carries a clip norm): the change from the global model clipped to that norm,
-    plus this client's share of the Gaussian noise, with weight 1.
+    DP (the setup carries a clip norm): the change from `global_state` clipped to that norm,
+    plus this client's share of the Gaussian noise, with weight 1 (`global_state` is read only
+    then).
     """
     layout = UpdateLayout(manifest_of(trained))
     if layout.length != setup.params.vector_length:
