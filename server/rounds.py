@@ -470,7 +470,7 @@ class RoundEngine:
                 spool = self._spool_dir / f"{uuid.uuid4().hex}.part"
             encoding, max_size = self._expected_payload(phase)
             try:
-                return ResultUpload(
+                upload = ResultUpload(
                     identity, header, phase, spool, max_size=max_size, encoding=encoding
                 )
             except PayloadError as exc:
@@ -481,6 +481,8 @@ class RoundEngine:
         except UpdateRejected as exc:
             self._reject(phase, identity, exc)
             raise
+        log.debug("receiving %s result from %s (round %d)", phase.kind.value, identity, phase.round)
+        return upload
 
     def _expected_payload(self, phase: _Phase) -> tuple[str, int]:
         """The encoding and largest size of a result payload in `phase`."""

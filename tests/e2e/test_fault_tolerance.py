@@ -32,11 +32,13 @@ LIVENESS = {"heartbeat_interval_seconds": 0.5, "liveness_timeout_seconds": 3}
 QUICK_RECONNECT = {"reconnect_max_delay_seconds": 1}
 
 
-def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 180) -> None:
+def _wait_until(
+    condition: Callable[[], bool], what: str, timeout: float = 180, poll: float = 0.05
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+        time.sleep(poll)
 
 
 def _rounds_done(run_dir: Path) -> int:
@@ -88,6 +90,7 @@ def test_a_client_killed_mid_upload_does_not_hold_up_the_round_or_leak_memory(
         min_fit_clients=2,
         evaluate_every=0,
         metrics_listen=f"127.0.0.1:{metrics_port}",
+        verbose=True,
         **LIVENESS,
     )
     clients: list[Process] = []
@@ -100,9 +103,13 @@ def test_a_client_killed_mid_upload_does_not_hold_up_the_round_or_leak_memory(
         run_dir = tmp_path / "run"
         _wait_until(lambda: _rounds_done(run_dir) >= 1, "round 1")
         baseline = _rss_mib(server.pid)
-        # Kill the victim while it uploads its 100 MB in round 2.
-        _wait_until(lambda: "round 2: uploading" in _log(tmp_path, "victim"), "victim's upload")
-        time.sleep(0.05)
+        # Kill the victim while it uploads its 100 MB in round 2: once the coordinator has the
+        # upload's header (its own debug line says so), not merely once the client means to send.
+        _wait_until(
+            lambda: "receiving train result from victim (round 2)" in _log(tmp_path, "run"),
+            "the victim's upload",
+            poll=0.005,
+        )
         clients[2].kill()
         clients[2].wait()
         _wait_until(lambda: _rounds_done(run_dir) >= 3, "rounds 2 and 3 without the victim")

@@ -62,9 +62,16 @@ def _flags(**values: object) -> list[str]:
 
 
 def _server(
-    pki: Any | None, tmp: Path, name: str, env: dict[str, str] | None = None, **settings: object
+    pki: Any | None,
+    tmp: Path,
+    name: str,
+    env: dict[str, str] | None = None,
+    *,
+    verbose: bool = False,
+    **settings: object,
 ) -> subprocess.Popen[bytes]:
-    """`fedlink server` with the test federation's bundle (None: --insecure), run dir tmp/name."""
+    """`fedlink server` with the test federation's bundle (None: --insecure), run dir tmp/name;
+    `verbose` adds debug lines to the log."""
     if pki is None:
         tls = ["--insecure"]
     else:
@@ -77,7 +84,8 @@ def _server(
         "run_dir": tmp / name,
         "state_dir": tmp / f"{name}-state",
     }
-    arguments = ["server", *tls, *_flags(**{**defaults, **settings})]
+    arguments = [*(["--verbose"] if verbose else []), "server", *tls]
+    arguments += _flags(**{**defaults, **settings})
     return fedlink_process(arguments, tmp / f"{name}.log", env)
 
 
