@@ -187,6 +187,7 @@ class SessionGraph:
     neighbours: Mapping[str, frozenset[str]]
     share_threshold: int  # shares of a client's secrets that rebuild them
     sparse: bool  # False: the complete graph (the CCS 2017 protocol)
+    ring: tuple[str, ...]  # the clients in ring order (sorted for the complete graph)
 
     @classmethod
     def of(cls, params: SecAggParams, roster: Mapping[str, KeyAdvertisement]) -> SessionGraph:
@@ -198,7 +199,12 @@ class SessionGraph:
         k = params.neighbours
         if k == 0 or k >= len(members) - 1:
             everyone = frozenset(members)
-            return cls({u: everyone - {u} for u in members}, params.threshold, sparse=False)
+            return cls(
+                {u: everyone - {u} for u in members},
+                params.threshold,
+                sparse=False,
+                ring=tuple(members),
+            )
         ring = _ring_order(params.session, roster)
         place = {u: position for position, u in enumerate(ring)}
         n, half = len(ring), k // 2
@@ -206,7 +212,7 @@ class SessionGraph:
             u: frozenset(ring[(place[u] + step) % n] for step in range(-half, half + 1) if step)
             for u in members
         }
-        return cls(neighbours, params.neighbour_threshold, sparse=True)
+        return cls(neighbours, params.neighbour_threshold, sparse=True, ring=tuple(ring))
 
     def group(self, identity: str) -> frozenset[str]:
         """`identity` and its neighbours: the holders of its shares, and whose shares it holds."""
