@@ -1,7 +1,17 @@
-"""Secure aggregation (Bonawitz et al., CCS 2017) against an honest-but-curious coordinator.
+"""Secure aggregation (Bonawitz et al., CCS 2017; SecAgg+, Bell et al., CCS 2020) against an
+honest-but-curious coordinator.
 
 The coordinator learns the sum of the clients' ring vectors (see fixedpoint.py) and nothing else
 about any one of them, even when clients drop out, as long as at least `threshold` remain.
+
+Who shares keys and masks with whom is the session's graph (`SessionGraph`): by default the
+complete graph (every client with every other, the CCS 2017 protocol, as written below); with
+`SecAggParams.neighbours` = k > 0 (SecAgg+), the Harary graph H(k, n): the roster on a ring in
+an order drawn from a digest of the session id and every advertised key, each client joined to
+the k / 2 nearest on either side. Every party derives it from the roster; none takes it from the
+wire. Then "U1" in steps 2 to 4 reads "the client and its neighbours in U1" (likewise U2, U3),
+the Shamir threshold is `neighbour_threshold` t_k among those k + 1 holders, and the
+coordinator's unmasking is O(n k) instead of O(n^2).
 
 The four steps, each a message through the coordinator (which only relays and sums):
 1. advertise: each client sends two X25519 public keys, one to encrypt shares (c) and one to
@@ -21,8 +31,11 @@ The four steps, each a message through the coordinator (which only relays and su
 Every key comes from a full 32-byte secret and every mask from the ChaCha20 stream of such a key
 (prg.py). Clients also refuse a threshold of at most half the roster: with t > |U1| / 2 no two
 disjoint groups of t clients exist, so even a coordinator that tells clients different stories
-about who dropped cannot collect t shares of both kinds for one client. (The malicious-server
-variant of the paper adds a signed consistency round; this implementation does not.)
+about who dropped cannot collect t shares of both kinds for one client. With neighbourhoods the
+same holds per client: clients refuse t_k <= k / 2, a minority of its k + 1 holders. They also
+refuse to unmask survivors that the graph does not connect: the coordinator could then unmask
+each component's sum on its own. (The malicious-server variant of the paper adds a signed
+consistency round; this implementation does not.)
 """
 
 from __future__ import annotations
@@ -83,7 +96,7 @@ class SecAggParams:
             raise ValueError("the secure-aggregation session id must not be empty")
         if self.threshold < 2:
             raise ValueError(f"the threshold must be >= 2, got {self.threshold}")
-        if self.neighbours < 0 or self.neighbours == 1 or self.neighbours % 2:
+        if self.neighbours < 0 or self.neighbours % 2:
             raise ValueError(
                 f"neighbours must be 0 (the complete graph) or an even number >= 2, got {self.neighbours}"
             )

@@ -343,7 +343,7 @@ class ServerConfig:
         if weight is not None and not (math.isfinite(weight) and weight >= 1):
             raise ConfigError(f"secagg_max_weight must be finite and >= 1, got {weight}")
         k = self.secagg_neighbours
-        if k < 0 or k == 1 or k % 2:
+        if k < 0 or k % 2:
             raise ConfigError(
                 f"secagg_neighbours must be 0 (every client is every other's neighbour) or an "
                 f"even number >= 2, got {k}"
