@@ -2,13 +2,16 @@
 
     .venv/bin/python benchmarks/load.py                        # 300 clients, 10 rounds
     .venv/bin/python benchmarks/load.py --clients 600 --workers 6
+    .venv/bin/python benchmarks/load.py --clients 100 --workers 2 --rounds 4 --secure
+    .venv/bin/python benchmarks/load.py --clients 100 --workers 2 --rounds 4 --secagg-neighbours 14
 
 A real coordinator (`fedlink server`) runs the no-op task (benchmarks/noop_task.py) with its tiny
 model, every client sampled every round, no federated evaluation. The clients are the real
 client code, `fedlink.client.app.FederationClient`, each with its own certificate (identity),
 channel, TLS connection and heartbeat thread; hundreds of client processes would not fit in
 memory (each imports torch), so they run as threads in a few worker processes (this file's
-`worker` command). All connect at once.
+`worker` command). All connect at once. `--secure` runs every round under secure aggregation
+(every client masks against all others), `--secagg-neighbours K` under SecAgg+ with K neighbours.
 
 Per round it prints the round time, clients sampled/accepted/rejected, and the coordinator's
 resident memory, CPU time, threads and file descriptors (from /proc); at the end, every client's
@@ -142,6 +145,7 @@ def run(args: argparse.Namespace, work: Path, processes: Processes) -> dict[str,
             str(run_dir),
             "--state-dir",
             str(work / "state"),
+            *secure_flags(args),
         ],
         logs / "server.log",
         env,
@@ -262,6 +266,13 @@ def run(args: argparse.Namespace, work: Path, processes: Processes) -> dict[str,
     }
 
 
+def secure_flags(args: argparse.Namespace) -> list[str]:
+    """The coordinator's secure-aggregation options for this run (none: plaintext)."""
+    if args.secagg_neighbours:
+        return ["--secure-aggregation", "--secagg-neighbours", str(args.secagg_neighbours)]
+    return ["--secure-aggregation"] if args.secure else []
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -298,7 +309,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temp dir")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, state)")
+    parser.add_argument(
+        "--secure", action="store_true", help="secure aggregation, complete graph (n - 1 peers)"
+    )
+    parser.add_argument(
+        "--secagg-neighbours",
+        type=int,
+        default=0,
+        metavar="K",
+        help="secure aggregation with SecAgg+: K neighbours per client (even; implies --secure)",
+    )
     args = parser.parse_args(argv)
+    if args.secagg_neighbours and (args.secagg_neighbours < 2 or args.secagg_neighbours % 2):
+        parser.error("--secagg-neighbours must be an even number >= 2")
     if args.command is None and not (1 <= args.workers <= args.clients and args.rounds >= 1):
         parser.error("need 1 <= workers <= clients and rounds >= 1")
     return args
@@ -353,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "model": args.model,
             "fraction_fit": 1.0,
             "evaluate_every": 0,
+            "secure_aggregation": bool(args.secure or args.secagg_neighbours),
+            "secagg_neighbours": args.secagg_neighbours,
             "transport": "gRPC over mutual TLS on 127.0.0.1, one certificate per client",
         },
         "elapsed_seconds": time.monotonic() - began,

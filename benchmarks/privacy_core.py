@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/privacy_core.py                  # n = 5, 10, 20; both rings
     .venv/bin/python benchmarks/privacy_core.py --clients 10 --ring-bits 64
+    .venv/bin/python benchmarks/privacy_core.py --clients 100 --ring-bits 64 --neighbours 0 14
 
 It measures the protocol-independent core (fedlink.common.prg/shamir/fixedpoint/secagg), in one
 process, on the FedAvg CNN of the MNIST task (1,663,370 float32 parameters):
@@ -14,7 +15,8 @@ process, on the FedAvg CNN of the MNIST task (1,663,370 float32 parameters):
    every client in this process, timing each step: a client's key sharing, encoding and masking
    (n - 1 pairwise masks and a self mask), and the coordinator's unmasking, without dropouts and
    with 20% of the clients dropped after sharing keys (the coordinator then re-derives their
-   pairwise masks with every survivor);
+   pairwise masks with every survivor); `--neighbours` adds SecAgg+ sessions with k neighbours
+   per client (0: the complete graph, the default);
 3. Shamir sharing at larger cohorts (n = 20, 100, 300 by default, threshold n // 2 + 1): one
    client splitting a secret among n holders, and the coordinator rebuilding n secrets (one per
    survivor) from every survivor's share, consistency check included;
@@ -52,7 +54,13 @@ from fedlink.common.fixedpoint import (
     decode_weighted_average,
     encode_weighted_update,
 )
-from fedlink.common.secagg import SecAggClient, SecAggParams, SecAggServer
+from fedlink.common.secagg import (
+    SecAggClient,
+    SecAggParams,
+    SecAggServer,
+    SessionGraph,
+    majority_of,
+)
 from fedlink.common.shamir import reconstruct_secret, split_secret
 from fedlink.common.tasks.mnist import build_model
 from fedlink.common.tensors import encode_state, manifest_of
@@ -109,13 +117,20 @@ def client_states(n: int) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
     return states, weights
 
 
-def session(n: int, ring_bits: int, dropped: int) -> dict[str, Any]:
+def session(n: int, ring_bits: int, dropped: int, neighbours: int = 0) -> dict[str, Any]:
     states, weights = client_states(n)
     manifest = manifest_of(states[0])
     layout = UpdateLayout(manifest)
     encoding = FixedPoint.for_sum(num_clients=n, value_bound=VALUE_BOUND, ring_bits=ring_bits)
     threshold = n // 2 + 1
-    params = SecAggParams("bench/round-1", threshold, layout.length, ring_bits)
+    params = SecAggParams(
+        "bench/round-1",
+        threshold,
+        layout.length,
+        ring_bits,
+        neighbours=neighbours,
+        neighbour_threshold=majority_of(neighbours) if neighbours else 0,
+    )
     setup = wire.SessionSetup(params, encoding, MAX_WEIGHT)
     ids = [f"site-{i:02d}" for i in range(n)]
     clients = {i: SecAggClient(i, params) for i in ids}
@@ -127,7 +142,6 @@ def session(n: int, ring_bits: int, dropped: int) -> dict[str, Any]:
         "unmask_response": [],
     }
 
-    probe = ids[-1]  # never dropped: the client whose bytes are counted
     sent: dict[str, int] = {}
     received: dict[str, int] = {
         "setup_in_4_task_headers": 4 * wire.setup_to_proto(setup).ByteSize()
@@ -138,6 +152,11 @@ def session(n: int, ring_bits: int, dropped: int) -> dict[str, Any]:
         server.add_keys(identity, wire.keys_from_bytes(keys))
     roster_bytes = wire.roster_to_bytes(server.close_advertisement())
     received["roster"] = len(roster_bytes)
+    # Dropped clients spread over the ring (every fifth place), so no neighbourhood loses more
+    # than t_k of its holders; with the complete graph any choice is the same.
+    ring = SessionGraph.of(params, wire.roster_from_bytes(roster_bytes)).ring
+    gone = set(ring[:: max(1, n // dropped)][:dropped]) if dropped else set()
+    probe = next(i for i in reversed(ids) if i not in gone)  # the client whose bytes count
     for identity in ids:
         roster = wire.roster_from_bytes(roster_bytes)
         start = time.perf_counter()
@@ -148,7 +167,6 @@ def session(n: int, ring_bits: int, dropped: int) -> dict[str, Any]:
             sent["share_bundles"] = len(outbox_bytes)
         server.add_shares(identity, wire.shares_from_bytes(outbox_bytes))
     server.close_sharing()
-    gone = set(ids[:dropped])
     folding = 0.0
     for k, identity in enumerate(ids):
         if identity in gone:
@@ -218,6 +236,7 @@ def session(n: int, ring_bits: int, dropped: int) -> dict[str, Any]:
     return {
         "clients": n,
         "threshold": threshold,
+        "neighbours": neighbours,
         "ring_bits": ring_bits,
         "dropped_after_sharing": dropped,
         "frac_bits": encoding.frac_bits,
@@ -273,6 +292,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--shamir-clients", type=int, nargs="+", default=list(DEFAULT_SHAMIR_CLIENTS)
     )
     parser.add_argument(
+        "--neighbours",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="SecAgg+ neighbours per client (even; 0 = complete graph)",
+    )
+    parser.add_argument(
         "--repeats", type=int, default=20, help="repetitions of the expansion timing"
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -298,11 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for ring_bits in args.ring_bits:
         for n in args.clients:
-            for dropped in (0, max(1, round(DROPOUT_SHARE * n))):
-                rows.append(session(n, ring_bits, dropped))
+            for k in args.neighbours:
+                for dropped in (0, max(1, round(DROPOUT_SHARE * n))):
+                    rows.append(session(n, ring_bits, dropped, k))
 
     header = (
-        f"{'n':>3} {'t':>3} {'ring':>4} {'drop':>4} | {'share s':>7} {'encode s':>8} {'mask s':>7} | "
+        f"{'n':>3} {'t':>3} {'k':>3} {'ring':>4} {'drop':>4} | {'share s':>7} {'encode s':>8} {'mask s':>7} | "
         f"{'srv unmask s':>12} {'plain fold s':>12} | {'plain MB':>8} {'up MB':>7} {'ratio':>5} {'extra KB':>8} | {'avg err':>8} {'bound':>8}"
     )
     print()
@@ -311,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in rows:
         s, b = row["seconds"], row["bytes_per_client"]
         print(
-            f"{row['clients']:>3} {row['threshold']:>3} {row['ring_bits']:>4} {row['dropped_after_sharing']:>4} | "
+            f"{row['clients']:>3} {row['threshold']:>3} {row['neighbours']:>3} {row['ring_bits']:>4} {row['dropped_after_sharing']:>4} | "
             f"{s['client_share_keys']:>7.3f} {s['client_encode']:>8.3f} {s['client_mask']:>7.3f} | "
             f"{s['server_unmask']:>12.3f} {s['plaintext_server_fold_all']:>12.3f} | "
             f"{b['plaintext_update'] / 1e6:>8.2f} {b['upload_total'] / 1e6:>7.2f} {b['upload_ratio']:>5.2f} "

@@ -1,7 +1,17 @@
-"""Secure aggregation (Bonawitz et al., CCS 2017) against an honest-but-curious coordinator.
+"""Secure aggregation (Bonawitz et al., CCS 2017; SecAgg+, Bell et al., CCS 2020) against an
+honest-but-curious coordinator.
 
 The coordinator learns the sum of the clients' ring vectors (see fixedpoint.py) and nothing else
 about any one of them, even when clients drop out, as long as at least `threshold` remain.
+
+Who shares keys and masks with whom is the session's graph (`SessionGraph`): by default the
+complete graph (every client with every other, the CCS 2017 protocol, as written below); with
+`SecAggParams.neighbours` = k > 0 (SecAgg+), the Harary graph H(k, n): the roster on a ring in
+an order drawn from a digest of the session id and every advertised key, each client joined to
+the k / 2 nearest on either side. Every party derives it from the roster; none takes it from the
+wire. Then "U1" in steps 2 to 4 reads "the client and its neighbours in U1" (likewise U2, U3),
+the Shamir threshold is `neighbour_threshold` t_k among those k + 1 holders, and the
+coordinator's unmasking is O(n k) instead of O(n^2).
 
 The four steps, each a message through the coordinator (which only relays and sums):
 1. advertise: each client sends two X25519 public keys, one to encrypt shares (c) and one to
@@ -21,14 +31,18 @@ The four steps, each a message through the coordinator (which only relays and su
 Every key comes from a full 32-byte secret and every mask from the ChaCha20 stream of such a key
 (prg.py). Clients also refuse a threshold of at most half the roster: with t > |U1| / 2 no two
 disjoint groups of t clients exist, so even a coordinator that tells clients different stories
-about who dropped cannot collect t shares of both kinds for one client. (The malicious-server
-variant of the paper adds a signed consistency round; this implementation does not.)
+about who dropped cannot collect t shares of both kinds for one client. With neighbourhoods the
+same holds per client: clients refuse t_k <= k / 2, a minority of its k + 1 holders. They also
+refuse to unmask survivors that the graph does not connect: the coordinator could then unmask
+each component's sum on its own. (The malicious-server variant of the paper adds a signed
+consistency round; this implementation does not.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -61,18 +75,38 @@ class SecAggParams:
 
     `session` must be unique per federation and round (e.g. the round's task id): it is bound
     into every derived key, so keys and masks of one round are useless in any other.
+
+    `threshold` is the fewest clients whose inputs the coordinator may sum. With `neighbours`
+    = k > 0 (SecAgg+) each client shares its secrets with and masks against only its k
+    neighbours in the session's graph (`SessionGraph`), and any `neighbour_threshold` t_k of
+    the k + 1 holders (the client and its neighbours) rebuild them; `majority_of` gives the
+    smallest t_k clients accept. With k = 0, or a roster of at most k + 1 clients, the graph is
+    complete and `threshold` is the Shamir threshold as well.
     """
 
     session: str
     threshold: int
     vector_length: int
     ring_bits: int = 64
+    neighbours: int = 0
+    neighbour_threshold: int = 0
 
     def __post_init__(self) -> None:
         if not self.session:
             raise ValueError("the secure-aggregation session id must not be empty")
         if self.threshold < 2:
             raise ValueError(f"the threshold must be >= 2, got {self.threshold}")
+        if self.neighbours < 0 or self.neighbours % 2:
+            raise ValueError(
+                f"neighbours must be 0 (the complete graph) or an even number >= 2, got {self.neighbours}"
+            )
+        if self.neighbours and not 2 <= self.neighbour_threshold <= self.neighbours + 1:
+            raise ValueError(
+                f"the neighbourhood threshold must be in 2..{self.neighbours + 1} (a client and its "
+                f"{self.neighbours} neighbours hold its shares), got {self.neighbour_threshold}"
+            )
+        if not self.neighbours and self.neighbour_threshold:
+            raise ValueError("a neighbourhood threshold needs neighbours > 0")
         if self.vector_length < 1:
             raise ValueError(f"the vector length must be >= 1, got {self.vector_length}")
         if self.ring_bits not in RING_BITS:
@@ -89,6 +123,12 @@ class SecAggParams:
         if len(data) != expected:
             raise SecAggError(f"a masked vector is {expected} bytes, got {len(data)}")
         return np.frombuffer(data, dtype=self.dtype)
+
+
+def majority_of(neighbours: int) -> int:
+    """The smallest neighbourhood threshold clients accept: a strict majority of the k + 1
+    holders of a client's shares (k even), so no two disjoint groups of holders reach it."""
+    return neighbours // 2 + 1
 
 
 @dataclass(frozen=True)
@@ -147,6 +187,74 @@ class ShareGuard:
                     f"{earlier.value} share was already revealed, and both together unmask its input"
                 )
         self._revealed.update(requests)
+
+
+@dataclass(frozen=True)
+class SessionGraph:
+    """Who shares keys and masks with whom in one session, derived from the roster U1 alone.
+
+    Every party computes it itself, so the coordinator never chooses a client's neighbours
+    after seeing the keys, and no client takes a neighbour list from the wire.
+    """
+
+    neighbours: Mapping[str, frozenset[str]]
+    share_threshold: int  # shares of a client's secrets that rebuild them
+    sparse: bool  # False: the complete graph (the CCS 2017 protocol)
+    ring: tuple[str, ...]  # the clients in ring order (sorted for the complete graph)
+
+    @classmethod
+    def of(cls, params: SecAggParams, roster: Mapping[str, KeyAdvertisement]) -> SessionGraph:
+        """The complete graph, or with `params.neighbours` = k and a roster of more than k + 1
+        clients the Harary graph H(k, n): the clients on a ring in an order drawn from a digest
+        of the session and the whole roster (identities and both keys of each), each joined to
+        the k / 2 nearest on either side."""
+        members = sorted(roster)
+        k = params.neighbours
+        if k == 0 or k >= len(members) - 1:
+            everyone = frozenset(members)
+            return cls(
+                {u: everyone - {u} for u in members},
+                params.threshold,
+                sparse=False,
+                ring=tuple(members),
+            )
+        ring = _ring_order(params.session, roster)
+        place = {u: position for position, u in enumerate(ring)}
+        n, half = len(ring), k // 2
+        neighbours = {
+            u: frozenset(ring[(place[u] + step) % n] for step in range(-half, half + 1) if step)
+            for u in members
+        }
+        return cls(neighbours, params.neighbour_threshold, sparse=True, ring=tuple(ring))
+
+    def group(self, identity: str) -> frozenset[str]:
+        """`identity` and its neighbours: the holders of its shares, and whose shares it holds."""
+        return self.neighbours[identity] | {identity}
+
+    def connected(self, members: Collection[str]) -> bool:
+        """Whether `members` induce a connected subgraph. The pairwise masks of survivors
+        joined by an edge never leave the sum, so the coordinator can unmask exactly the sums
+        of these components: one component means only the sum of all of them."""
+        remaining = set(members)
+        if not remaining:
+            return True
+        frontier = [remaining.pop()]
+        while frontier:
+            reached = self.neighbours[frontier.pop()] & remaining
+            remaining -= reached
+            frontier.extend(reached)
+        return not remaining
+
+
+def _ring_order(session: str, roster: Mapping[str, KeyAdvertisement]) -> list[str]:
+    # A client's place depends on every advertised key, which its owner drew fresh after the
+    # coordinator fixed the session id, so neither the session id nor any single client decides it.
+    members = sorted(roster)
+    parts = [
+        part for u in members for part in (u, roster[u].cipher_key.hex(), roster[u].mask_key.hex())
+    ]
+    seed = hashlib.sha256(_context("neighbourhood-graph", session, *parts)).digest()
+    return sorted(members, key=lambda u: (hashlib.sha256(seed + u.encode()).digest(), u))
 
 
 def roster_indices(identities: Iterable[str]) -> dict[str, int]:
@@ -238,7 +346,8 @@ class SecAggClient:
         self._indices: dict[str, int] = {}
         # peer -> (our share of its self-mask seed, our share of its mask key)
         self._held: dict[str, tuple[Share, Share]] = {}
-        self._contributors: frozenset[str] = frozenset()
+        self._graph: SessionGraph | None = None
+        self._contributors: frozenset[str] = frozenset()  # itself and its neighbours in U2
 
     def advertise(self) -> KeyAdvertisement:
         self._expect(_ClientPhase.ADVERTISE)
@@ -248,7 +357,8 @@ class SecAggClient:
         )
 
     def share_keys(self, roster: Mapping[str, KeyAdvertisement]) -> dict[str, bytes]:
-        """Encrypted shares of b_u and s_u for every other client of the roster U1."""
+        """Encrypted shares of b_u and s_u for each of this client's neighbours in the roster U1
+        (every other client of it in the complete graph)."""
         self._expect(_ClientPhase.SHARE)
         own = KeyAdvertisement(
             _public_bytes(self._cipher_private), _public_bytes(self._mask_private)
@@ -261,7 +371,16 @@ class SecAggClient:
             raise SecAggError(
                 f"{len(roster)} clients advertised keys; the threshold is {threshold}"
             )
-        if 2 * threshold <= len(roster):
+        graph = SessionGraph.of(self.params, roster)
+        if graph.sparse:
+            k, t_k = self.params.neighbours, graph.share_threshold
+            if t_k < majority_of(k):
+                raise SecAggRefused(
+                    f"neighbourhood threshold {t_k} is at most half of the {k} neighbours; it "
+                    f"must be at least {majority_of(k)} so that no coordinator can collect both "
+                    "kinds of share"
+                )
+        elif 2 * threshold <= len(roster):
             raise SecAggRefused(
                 f"threshold {threshold} is at most half of the {len(roster)} clients; it must be "
                 f"at least {len(roster) // 2 + 1} so that no coordinator can collect both kinds of share"
@@ -270,14 +389,15 @@ class SecAggClient:
         if len(set(public_keys)) != len(public_keys):
             raise SecAggError("the roster repeats a public key; every key must be fresh")
         self._roster = dict(roster)
+        self._graph = graph
         self._indices = roster_indices(roster)
-        holders = sorted(roster)
+        holders = sorted(graph.group(self.identity))
         xs = [self._indices[holder] for holder in holders]
         mask_secret = self._mask_private.private_bytes(
             _RAW, _RAW_PRIVATE, serialization.NoEncryption()
         )
-        self_mask_shares = split_secret(self._self_seed, threshold, xs)
-        mask_key_shares = split_secret(mask_secret, threshold, xs)
+        self_mask_shares = split_secret(self._self_seed, graph.share_threshold, xs)
+        mask_key_shares = split_secret(mask_secret, graph.share_threshold, xs)
         ciphertexts: dict[str, bytes] = {}
         for holder, b_share, s_share in zip(
             holders, self_mask_shares, mask_key_shares, strict=True
@@ -300,17 +420,22 @@ class SecAggClient:
         return ciphertexts
 
     def masked_input(self, vector: RingVector, ciphertexts: Mapping[str, bytes]) -> RingVector:
-        """y_u for the encoded update `vector`, given the shares addressed to this client by the
-        other members of U2 (the clients whose shares the coordinator received)."""
+        """y_u for the encoded update `vector`, given the shares addressed to this client by its
+        neighbours in U2 (the clients whose shares the coordinator received)."""
         self._expect(_ClientPhase.MASK)
+        assert self._graph is not None
         _check_vector(vector, self.params)
-        unexpected = set(ciphertexts) - (set(self._roster) - {self.identity})
+        unexpected = set(ciphertexts) - self._graph.neighbours[self.identity]
         if unexpected:
             raise SecAggError(f"share bundles from unexpected senders: {sorted(unexpected)}")
         contributors = frozenset(ciphertexts) | {self.identity}
-        if len(contributors) < self.params.threshold:
+        # Fewer would leave this client's input masked by too few peers, and its secrets
+        # impossible to rebuild.
+        needed = self._graph.share_threshold
+        if len(contributors) < needed:
+            group = "of this client's neighbourhood " if self._graph.sparse else ""
             raise SecAggError(
-                f"only {len(contributors)} clients shared keys; the threshold is {self.params.threshold}"
+                f"only {len(contributors)} clients {group}shared keys; the threshold is {needed}"
             )
         received: dict[str, tuple[Share, Share]] = {}
         for sender, ciphertext in ciphertexts.items():
@@ -356,9 +481,13 @@ class SecAggClient:
         return masked
 
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
-        """Shares of b_u for the survivors and of s_u for the dropped; refuses anything that
-        would reveal both kinds for one peer, or an inconsistent or too small survivor set."""
+        """Shares of b_u for the survivors and of s_u for the dropped among the clients whose
+        shares this client holds (itself and its neighbours in U2; names of other clients of the
+        roster are passed over, it holds nothing of theirs). Refuses anything that would reveal
+        both kinds for one peer, an inconsistent or too small survivor set, and survivors that
+        fall apart into groups whose sums could be unmasked separately."""
         self._expect(_ClientPhase.UNMASK)
+        assert self._graph is not None
         survivors, dropped = set(request.survivors), set(request.dropped)
         if survivors & dropped:
             raise SecAggRefused(
@@ -368,7 +497,10 @@ class SecAggClient:
             raise SecAggRefused(
                 f"{self.identity!r} sent its masked input; the coordinator cannot count it as dropped"
             )
-        outside = (survivors | dropped) - self._contributors
+        named = survivors | dropped
+        ours = self._graph.group(self.identity)
+        outside = {peer for peer in named if peer not in self._roster or peer in ours}
+        outside -= self._contributors
         if outside:
             raise SecAggError(
                 f"unmasking asks about clients that did not share keys: {sorted(outside)}"
@@ -377,6 +509,13 @@ class SecAggClient:
             raise SecAggError(
                 f"only {len(survivors)} clients survived; the threshold is {self.params.threshold}"
             )
+        if not self._graph.connected(survivors):
+            raise SecAggRefused(
+                "the survivors fall apart into groups no pairwise mask joins, so the sum of each "
+                "group could be unmasked on its own"
+            )
+        survivors &= self._contributors
+        dropped &= self._contributors
         requests = {peer: ShareKind.SELF_MASK for peer in survivors}
         requests.update({peer: ShareKind.MASK_KEY for peer in dropped})
         self._guard.release(requests)
@@ -412,6 +551,7 @@ class SecAggServer:
         self.params = params
         self._phase = _ServerPhase.ADVERTISE
         self._keys: dict[str, KeyAdvertisement] = {}
+        self._graph: SessionGraph | None = None
         self._outboxes: dict[str, dict[str, bytes]] = {}  # sender -> recipient -> ciphertext
         self._contributors: frozenset[str] = frozenset()
         self._sum: RingVector = np.zeros(params.vector_length, dtype=params.dtype)
@@ -436,6 +576,7 @@ class SecAggServer:
         """End step 1; the roster U1 every advertiser receives."""
         self._expect(_ServerPhase.ADVERTISE)
         self._require(len(self._keys), "advertised keys")
+        self._graph = SessionGraph.of(self.params, self._keys)
         self._phase = _ServerPhase.SHARE
         return dict(self._keys)
 
@@ -446,9 +587,11 @@ class SecAggServer:
             raise SecAggError(f"{sender!r} is not in this session's roster")
         if sender in self._outboxes:
             raise SecAggError(f"{sender!r} already sent its shares")
-        if set(ciphertexts) != set(self._keys) - {sender}:
+        assert self._graph is not None
+        if set(ciphertexts) != self._graph.neighbours[sender]:
+            others = "neighbour" if self._graph.sparse else "other client"
             raise SecAggError(
-                f"{sender!r} must send one encrypted share bundle to every other client of the roster"
+                f"{sender!r} must send one encrypted share bundle to every {others} of the roster"
             )
         self._outboxes[sender] = dict(ciphertexts)
 
@@ -460,14 +603,14 @@ class SecAggServer:
         self._phase = _ServerPhase.MASK
 
     def shares_for(self, recipient: str) -> dict[str, bytes]:
-        """The share bundles addressed to `recipient` by the other members of U2."""
+        """The share bundles addressed to `recipient` by its neighbours in U2."""
         self._expect(_ServerPhase.MASK)
         if recipient not in self._contributors:
             raise SecAggError(
                 f"{recipient!r} did not share its keys in time and cannot take part further"
             )
         return {
-            sender: box[recipient] for sender, box in self._outboxes.items() if sender != recipient
+            sender: box[recipient] for sender, box in self._outboxes.items() if recipient in box
         }
 
     # Step 3.
@@ -486,6 +629,14 @@ class SecAggServer:
         """End step 3: the request every survivor answers (U3 and U2 minus U3)."""
         self._expect(_ServerPhase.MASK)
         self._require(len(self._masked_from), "sent masked inputs")
+        assert self._graph is not None
+        if not self._graph.connected(self._masked_from):
+            self._phase = _ServerPhase.DONE
+            raise SecAggError(
+                "the clients that sent masked inputs fall apart into groups no pairwise mask "
+                "joins (too many of some clients' neighbours dropped); the survivors refuse to "
+                "unmask such a sum"
+            )
         self._request = UnmaskRequest(
             survivors=tuple(sorted(self._masked_from)),
             dropped=tuple(sorted(self._contributors - self._masked_from)),
@@ -502,9 +653,11 @@ class SecAggServer:
             raise SecAggError(f"{identity!r} is not a survivor of this session")
         if identity in self._responses:
             raise SecAggError(f"{identity!r} already answered the unmasking request")
-        if set(response.self_mask_shares) != set(self._request.survivors) or set(
+        assert self._graph is not None
+        held = self._graph.group(identity)
+        if set(response.self_mask_shares) != held & set(self._request.survivors) or set(
             response.mask_key_shares
-        ) != set(self._request.dropped):
+        ) != held & set(self._request.dropped):
             raise SecAggError(f"{identity!r} answered with shares for other clients than requested")
         index = roster_indices(self._keys)[identity]
         shares = [*response.self_mask_shares.values(), *response.mask_key_shares.values()]
@@ -513,11 +666,12 @@ class SecAggServer:
         self._responses[identity] = response
 
     def result(self) -> RingVector:
-        """The unmasked sum of the survivors' vectors; needs `threshold` unmasking responses.
+        """The unmasked sum of the survivors' vectors; needs `threshold` unmasking responses,
+        and for every secret to rebuild the graph's share threshold t of its holders' shares.
 
-        One survivor answering with corrupted shares is found and left out when at least
-        threshold + 2 answered (every secret is then rebuilt, and checked, without it): it is
-        named in `corrupt_responders`. More corruption than that fails the round (SecAggError).
+        One survivor answering with corrupted shares is found and left out when every secret
+        has at least t + 2 shares (then each is rebuilt, and checked, without it): it is named
+        in `corrupt_responders`. More corruption than that fails the round (SecAggError).
         """
         self._expect(_ServerPhase.UNMASK)
         assert self._request is not None
@@ -532,11 +686,12 @@ class SecAggServer:
                 raise
             self.corrupt_responders.append(culprit)
             seeds, mask_keys = self._reconstruct([r for r in responders if r != culprit])
+        assert self._graph is not None
         total = self._sum
         for seed in seeds:
             prg.add_keystream(seed, total, subtract=True)
         for gone, private in mask_keys.items():
-            for survivor in self._request.survivors:
+            for survivor in sorted(self._graph.neighbours[gone] & set(self._request.survivors)):
                 key = pairwise_mask_key(
                     private, self._keys[survivor].mask_key, self.params.session, gone, survivor
                 )
@@ -550,16 +705,20 @@ class SecAggServer:
     ) -> tuple[list[bytes], dict[str, X25519PrivateKey]]:
         """The survivors' self-mask seeds and the dropped clients' mask keys from the shares of
         `responders`; SecAggError if the shares are inconsistent or a key does not match."""
-        assert self._request is not None
-        threshold = self.params.threshold
-        responses = [self._responses[r] for r in responders]
-        seeds = [
-            reconstruct_secret([r.self_mask_shares[survivor] for r in responses], threshold)
-            for survivor in self._request.survivors
-        ]
+        assert self._request is not None and self._graph is not None
+        threshold = self._graph.share_threshold
+
+        def rebuild(owner: str, kind: ShareKind) -> bytes:
+            shares = [held[owner] for held in self._held_shares(responders, kind) if owner in held]
+            try:
+                return reconstruct_secret(shares, threshold)
+            except SecAggError as exc:
+                raise SecAggError(f"the {kind.value} of {owner!r}: {exc}") from None
+
+        seeds = [rebuild(survivor, ShareKind.SELF_MASK) for survivor in self._request.survivors]
         mask_keys: dict[str, X25519PrivateKey] = {}
         for gone in self._request.dropped:
-            secret = reconstruct_secret([r.mask_key_shares[gone] for r in responses], threshold)
+            secret = rebuild(gone, ShareKind.MASK_KEY)
             private = X25519PrivateKey.from_private_bytes(secret)
             if _public_bytes(private) != self._keys[gone].mask_key:
                 raise SecAggError(
@@ -568,11 +727,27 @@ class SecAggServer:
             mask_keys[gone] = private
         return seeds, mask_keys
 
+    def _held_shares(self, responders: list[str], kind: ShareKind) -> list[dict[str, Share]]:
+        """Each responder's shares of one kind, by the client they are of."""
+        return [
+            self._responses[r].self_mask_shares
+            if kind is ShareKind.SELF_MASK
+            else self._responses[r].mask_key_shares
+            for r in responders
+        ]
+
     def _single_corrupt_responder(self, responders: list[str]) -> str | None:
         """The one responder without whom every secret rebuilds consistently, if there is one
-        and the others are enough (threshold + 1) to check it."""
-        if len(responders) < self.params.threshold + 2:
-            return None
+        and, whoever it is, the others are enough (t + 1 shares of every secret) to check it."""
+        assert self._request is not None and self._graph is not None
+        needed = self._graph.share_threshold + 2
+        for kind, owners in (
+            (ShareKind.SELF_MASK, self._request.survivors),
+            (ShareKind.MASK_KEY, self._request.dropped),
+        ):
+            held = self._held_shares(responders, kind)
+            if any(sum(owner in shares for shares in held) < needed for owner in owners):
+                return None
         for suspect in responders:
             try:
                 self._reconstruct([r for r in responders if r != suspect])

@@ -90,6 +90,8 @@ def setup_to_proto(setup: SessionSetup) -> pb.SecAggSetup:
         max_weight=setup.max_weight,
         noise_std=setup.noise_std,
         clip_norm=setup.clip_norm,
+        neighbours=setup.params.neighbours,
+        neighbour_threshold=setup.params.neighbour_threshold,
     )
 
 
@@ -100,6 +102,8 @@ def setup_from_proto(message: pb.SecAggSetup) -> SessionSetup:
             threshold=message.threshold,
             vector_length=message.vector_length,
             ring_bits=message.ring_bits,
+            neighbours=message.neighbours,
+            neighbour_threshold=message.neighbour_threshold,
         )
     except ValueError as exc:
         raise SecAggError(

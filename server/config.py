@@ -203,6 +203,13 @@ class ServerConfig:
             "unset = max_num_examples"
         ),
     )
+    secagg_neighbours: int = field(
+        default=0,
+        metadata=_help(
+            "SecAgg+: each client shares keys and masks with only this many neighbours (even, "
+            ">= 2), on a random ring; 0 = every other client (the complete graph)"
+        ),
+    )
     secagg_step_timeout_seconds: float = field(
         default=60.0,
         metadata=_help(
@@ -335,6 +342,12 @@ class ServerConfig:
         weight = self.secagg_max_weight
         if weight is not None and not (math.isfinite(weight) and weight >= 1):
             raise ConfigError(f"secagg_max_weight must be finite and >= 1, got {weight}")
+        k = self.secagg_neighbours
+        if k < 0 or k % 2:
+            raise ConfigError(
+                f"secagg_neighbours must be 0 (every client is every other's neighbour) or an "
+                f"even number >= 2, got {k}"
+            )
         if not self.secagg_step_timeout_seconds > 0:
             raise ConfigError(
                 f"secagg_step_timeout_seconds must be positive, got {self.secagg_step_timeout_seconds}"

@@ -36,7 +36,7 @@ from fedlink.common.errors import (
     UpdateRejected,
 )
 from fedlink.common.fixedpoint import FixedPoint, UpdateLayout
-from fedlink.common.secagg import SecAggParams, SecAggServer
+from fedlink.common.secagg import SecAggParams, SecAggServer, majority_of
 from fedlink.common.secagg_auth import check_advertisement
 from fedlink.common.secagg_wire import (
     KEYS_ENCODING,
@@ -872,7 +872,17 @@ class RoundEngine:
             )
         except ValueError as exc:
             raise ConfigError(f"secure aggregation: {exc}") from None
-        params = SecAggParams(session, threshold, dimension, cfg.secagg_ring_bits)
+        # SecAgg+: the smallest neighbourhood threshold clients accept, a strict majority of a
+        # client and its k neighbours, so a client's secrets survive the most dropouts.
+        k = cfg.secagg_neighbours
+        params = SecAggParams(
+            session,
+            threshold,
+            dimension,
+            cfg.secagg_ring_bits,
+            neighbours=k,
+            neighbour_threshold=majority_of(k) if k else 0,
+        )
         return SessionSetup(params, encoding, max_weight, noise_std, clip_norm)
 
     def _close_secure_step(

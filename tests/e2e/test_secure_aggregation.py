@@ -116,6 +116,25 @@ def test_a_secure_federation_trains_the_same_model_as_plaintext_fedavg(
     assert list((secure.state_dir / "incoming").iterdir()) == []
 
 
+def test_a_secagg_plus_federation_trains_the_same_model_as_plaintext_fedavg(
+    pki: Any, tmp_path: Path
+) -> None:
+    # 5 clients with 2 neighbours each (a ring; the complete graph would give each 4): every
+    # client shares keys with and masks against two others, and the sum is still exact.
+    settings = {"num_rounds": 2, "secagg_max_weight": 1000}
+    plain = Federation(pki, tmp_path / "plain", 5, secure=False, **settings)
+    plain.finish()
+    secure = Federation(pki, tmp_path / "secure", 5, secure=True, secagg_neighbours=2, **settings)
+    secure_records = secure.finish()
+    assert secure.server_log().count("secure aggregation recovered the sum of 5 of 5") == 2
+    assert [r["clients_accepted"] for r in secure_records] == [5, 5]
+    plain_model = _weights(plain.run_dir / "final_model.safetensors")
+    secure_model = _weights(secure.run_dir / "final_model.safetensors")
+    for name, tensor in plain_model.items():
+        difference = float((tensor.double() - secure_model[name].double()).abs().max())
+        assert difference < 1e-4, (name, difference)
+
+
 def test_a_client_killed_in_the_middle_of_a_secure_round_does_not_stop_the_federation(
     pki: Any, tmp_path: Path
 ) -> None:

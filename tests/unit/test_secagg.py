@@ -4,7 +4,7 @@ messages (keys, encrypted shares, masked vectors, unmasking shares), with dropou
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
@@ -25,9 +25,11 @@ from fedlink.common.fixedpoint import (
     encode_weighted_update,
 )
 from fedlink.common.secagg import (
+    KeyAdvertisement,
     SecAggClient,
     SecAggParams,
     SecAggServer,
+    SessionGraph,
     UnmaskRequest,
     UnmaskResponse,
 )
@@ -61,6 +63,9 @@ class Session:
     server: SecAggServer
     vectors: dict[str, np.ndarray]
     masked: dict[str, np.ndarray]
+    sent_shares: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    received_shares: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    responses: dict[str, UnmaskResponse] = field(default_factory=dict)
 
 
 def _run(
@@ -73,24 +78,63 @@ def _run(
     drop_after_masked: Collection[int] = (),
     ring_bits: int = 64,
 ) -> tuple[Session, np.ndarray, UpdateLayout, FixedPoint]:
-    n = len(states)
-    layout = UpdateLayout(manifest_of(states[0]))
-    encoding = FixedPoint.for_sum(num_clients=n, value_bound=VALUE_BOUND, ring_bits=ring_bits)
+    session, roster = _advertised(len(states), threshold, ring_bits=ring_bits)
+    return _finish(
+        session,
+        roster,
+        states,
+        weights,
+        drop_after_keys=drop_after_keys,
+        drop_after_shares=drop_after_shares,
+        drop_after_masked=drop_after_masked,
+    )
+
+
+def _advertised(
+    n: int,
+    threshold: int,
+    *,
+    ring_bits: int = 64,
+    neighbours: int = 0,
+    neighbour_threshold: int = 0,
+    vector_length: int | None = None,
+) -> tuple[Session, dict[str, KeyAdvertisement]]:
+    """A session of n clients through key advertisement: the roster U1 every client receives."""
     params = SecAggParams(
         session="federation-a/round-3/task-9",
         threshold=threshold,
-        vector_length=layout.length,
+        vector_length=vector_length or UpdateLayout(manifest_of(_states(1)[0][0])).length,
         ring_bits=ring_bits,
+        neighbours=neighbours,
+        neighbour_threshold=neighbour_threshold,
     )
     ids = [f"site-{i:02d}" for i in range(n)]
     session = Session(ids, {i: SecAggClient(i, params) for i in ids}, SecAggServer(params), {}, {})
-    server = session.server
     for identity in ids:
-        server.add_keys(identity, session.clients[identity].advertise())
-    roster = server.close_advertisement()
+        session.server.add_keys(identity, session.clients[identity].advertise())
+    return session, session.server.close_advertisement()
+
+
+def _finish(
+    session: Session,
+    roster: dict[str, KeyAdvertisement],
+    states: list[StateDict],
+    weights: list[float],
+    *,
+    drop_after_keys: Collection[int] = (),
+    drop_after_shares: Collection[int] = (),
+    drop_after_masked: Collection[int] = (),
+) -> tuple[Session, np.ndarray, UpdateLayout, FixedPoint]:
+    """The rest of the session: client k of `session.ids` leaves at the step its set names."""
+    ids, server = session.ids, session.server
+    layout = UpdateLayout(manifest_of(states[0]))
+    encoding = FixedPoint.for_sum(
+        num_clients=len(ids), value_bound=VALUE_BOUND, ring_bits=server.params.ring_bits
+    )
     for k, identity in enumerate(ids):
         if k not in drop_after_keys:
-            server.add_shares(identity, session.clients[identity].share_keys(roster))
+            session.sent_shares[identity] = session.clients[identity].share_keys(roster)
+            server.add_shares(identity, session.sent_shares[identity])
     server.close_sharing()
     for k, identity in enumerate(ids):
         if k in drop_after_keys or k in drop_after_shares:
@@ -99,14 +143,16 @@ def _run(
             states[k], weights[k], max_weight=MAX_WEIGHT, layout=layout, encoding=encoding
         )
         session.vectors[identity] = vector
+        session.received_shares[identity] = server.shares_for(identity)
         session.masked[identity] = session.clients[identity].masked_input(
-            vector, server.shares_for(identity)
+            vector, session.received_shares[identity]
         )
         server.add_masked_input(identity, session.masked[identity])
     request = server.close_masked_inputs()
     for k, identity in enumerate(ids):
         if identity in request.survivors and k not in drop_after_masked:
-            server.add_unmask_response(identity, session.clients[identity].unmask(request))
+            session.responses[identity] = session.clients[identity].unmask(request)
+            server.add_unmask_response(identity, session.responses[identity])
     return session, server.result(), layout, encoding
 
 
@@ -371,11 +417,19 @@ def test_server_refuses_inputs_from_outside_the_session_and_duplicates() -> None
         server.add_masked_input("c4", np.zeros(15, dtype=np.uint64))
 
 
-def test_a_masked_vector_is_independent_of_the_update_it_hides() -> None:
+@pytest.mark.parametrize(("n", "k", "t_k"), [(5, 0, 0), (9, 4, 3)], ids=["complete", "secagg+"])
+def test_a_masked_vector_is_independent_of_the_update_it_hides(n: int, k: int, t_k: int) -> None:
     """What the coordinator receives from one client looks uniformly random: its bytes are
-    uniform and its values uncorrelated with the encoded update, even for a structured update."""
-    n, length = 5, 1 << 16
-    params = SecAggParams(session="s", threshold=3, vector_length=length)
+    uniform and its values uncorrelated with the encoded update, even for a structured update
+    (with SecAgg+, a client masked by only its k neighbours)."""
+    length = 1 << 16
+    params = SecAggParams(
+        session="s",
+        threshold=n // 2 + 1,
+        vector_length=length,
+        neighbours=k,
+        neighbour_threshold=t_k,
+    )
     ids = [f"c{i}" for i in range(n)]
     clients = {i: SecAggClient(i, params) for i in ids}
     server = SecAggServer(params)
@@ -387,7 +441,7 @@ def test_a_masked_vector_is_independent_of_the_update_it_hides() -> None:
     server.close_sharing()
     encoding = FixedPoint.for_sum(num_clients=n, value_bound=1.0)
     ramp = np.linspace(-1.0, 1.0, length)
-    vectors = {i: encoding.encode(ramp * (k + 1) / n) for k, i in enumerate(ids)}
+    vectors = {i: encoding.encode(ramp * (j + 1) / n) for j, i in enumerate(ids)}
     masked = {}
     for identity in ids:
         masked[identity] = clients[identity].masked_input(
@@ -395,6 +449,7 @@ def test_a_masked_vector_is_independent_of_the_update_it_hides() -> None:
         )
         server.add_masked_input(identity, masked[identity])
 
+    assert len(server.shares_for("c0")) == (k or n - 1)  # the peers whose masks hide c0's
     one = masked["c0"]
     counts = np.bincount(one.view(np.uint8), minlength=256)
     expected = one.nbytes / 256
@@ -406,7 +461,7 @@ def test_a_masked_vector_is_independent_of_the_update_it_hides() -> None:
     request = server.close_masked_inputs()
     for identity in ids:
         server.add_unmask_response(identity, clients[identity].unmask(request))
-    expected_sum = sum(ramp * (k + 1) / n for k in range(n))
+    expected_sum = sum(ramp * (j + 1) / n for j in range(n))
     assert np.abs(
         encoding.decode(server.result()) - expected_sum
     ).max() <= encoding.sum_error_bound(n)
@@ -477,3 +532,203 @@ def test_steps_out_of_order_are_refused() -> None:
         client.masked_input(np.zeros(4, dtype=np.uint64), {})
     with pytest.raises(ValueError, match="threshold must be >= 2"):
         SecAggParams(session="s", threshold=1, vector_length=4)
+
+
+# SecAgg+: each client shares keys and masks with k neighbours of a ring drawn from the roster.
+
+
+def _plus(
+    n: int, k: int, t_k: int, threshold: int | None = None
+) -> tuple[Session, dict[str, KeyAdvertisement], SessionGraph]:
+    session, roster = _advertised(n, threshold or n // 2 + 1, neighbours=k, neighbour_threshold=t_k)
+    return session, roster, SessionGraph.of(session.server.params, roster)
+
+
+def _through_plus_masking(session: Session, roster: dict[str, KeyAdvertisement]) -> UnmaskRequest:
+    """Every client shares keys and sends a masked arange; the coordinator's unmask request."""
+    server = session.server
+    for identity in session.ids:
+        server.add_shares(identity, session.clients[identity].share_keys(roster))
+    server.close_sharing()
+    for identity in session.ids:
+        masked = session.clients[identity].masked_input(
+            np.arange(server.params.vector_length, dtype=np.uint64), server.shares_for(identity)
+        )
+        server.add_masked_input(identity, masked)
+    return server.close_masked_inputs()
+
+
+def _positions(session: Session, graph: SessionGraph, *places: int) -> set[int]:
+    """The indices into `session.ids` of the clients at these places of the ring."""
+    return {session.ids.index(graph.ring[place]) for place in places}
+
+
+def test_every_party_derives_the_same_k_regular_ring_from_the_session_and_roster() -> None:
+    session, roster, graph = _plus(12, 4, 3)
+    assert graph.sparse and graph.share_threshold == 3
+    assert sorted(graph.ring) == session.ids and graph.ring != tuple(session.ids)
+    for place, u in enumerate(graph.ring):
+        ring = graph.ring
+        assert graph.neighbours[u] == {ring[(place + step) % 12] for step in (-2, -1, 1, 2)}
+    # Each party computes it from what it received: the same roster in any order gives the
+    # same graph, and each client's share bundles go exactly to its neighbours in it.
+    shuffled = dict(reversed(list(roster.items())))
+    assert SessionGraph.of(session.server.params, shuffled) == graph
+    for identity, client in session.clients.items():
+        assert set(client.share_keys(roster)) == graph.neighbours[identity]
+    # Another session id, or one fresh key anywhere in the roster, draws another ring.
+    other_session = replace(session.server.params, session="federation-a/round-3/task-10")
+    assert SessionGraph.of(other_session, roster).ring != graph.ring
+    fresh = SecAggClient("site-05", session.server.params).advertise()
+    assert SessionGraph.of(session.server.params, {**roster, "site-05": fresh}).ring != graph.ring
+
+
+def test_a_roster_of_at_most_k_plus_one_clients_uses_the_complete_graph() -> None:
+    session, roster, graph = _plus(5, 4, 3, threshold=3)
+    assert not graph.sparse and graph.share_threshold == 3
+    assert all(len(graph.neighbours[u]) == 4 for u in session.ids)
+    # ... and the complete graph's threshold check: 3 of 6 is not a majority.
+    session, roster, graph = _plus(6, 6, 4, threshold=3)
+    assert not graph.sparse
+    with pytest.raises(SecAggRefused, match="must be at least 4"):
+        session.clients["site-00"].share_keys(roster)
+
+
+@pytest.mark.parametrize(("n", "k", "t_k"), [(12, 4, 3), (20, 6, 4)])
+def test_secagg_plus_sum_is_exact_and_each_client_touches_only_its_neighbours(
+    n: int, k: int, t_k: int
+) -> None:
+    states, weights = _states(n, seed=20 + n)
+    session, roster, graph = _plus(n, k, t_k)
+    _, total, layout, encoding = _finish(session, roster, states, weights)
+    _check_matches_fedavg(total, layout, encoding, states, weights, list(range(n)))
+    for identity in session.ids:
+        group = graph.group(identity)
+        # k share bundles out and k in, and unmasking shares only of itself and its neighbours.
+        assert set(session.sent_shares[identity]) == graph.neighbours[identity]
+        assert set(session.received_shares[identity]) == graph.neighbours[identity]
+        response = session.responses[identity]
+        assert set(response.self_mask_shares) == group and not response.mask_key_shares
+
+
+def test_secagg_plus_recovers_dropouts_after_advertising_and_after_masked_input() -> None:
+    # 12 clients, 4 neighbours, t_k = 3. On the ring: place 0 leaves after advertising its keys,
+    # place 6 after sharing them (its masks are in its neighbours' inputs), place 3 after
+    # sending its masked input. Every survivor's seed and place 6's mask key keep >= 3 shares.
+    n = 12
+    states, weights = _states(n, seed=30)
+    session, roster, graph = _plus(n, 4, 3, threshold=7)
+    gone_early, gone_mid, silent = (_positions(session, graph, p) for p in (0, 6, 3))
+    _, total, layout, encoding = _finish(
+        session,
+        roster,
+        states,
+        weights,
+        drop_after_keys=gone_early,
+        drop_after_shares=gone_mid,
+        drop_after_masked=silent,
+    )
+    included = sorted(set(range(n)) - gone_early - gone_mid)
+    _check_matches_fedavg(total, layout, encoding, states, weights, included)
+    (dropped,) = (session.ids[k] for k in gone_mid)
+    holders = [r for r in session.responses.values() if dropped in r.mask_key_shares]
+    assert len(holders) == 4  # its neighbours that answered, none of the others
+
+
+def test_secagg_plus_fails_cleanly_when_a_needed_secret_lacks_t_k_shares() -> None:
+    # Three neighbours in a row go silent after their masked input: each one's seed has only
+    # 2 holders left answering, below t_k = 3, though 9 of 12 answered, far more than the
+    # global threshold 7.
+    n = 12
+    states, weights = _states(n, seed=31)
+    session, roster, graph = _plus(n, 4, 3, threshold=7)
+    silent = _positions(session, graph, 1, 2, 3)
+    with pytest.raises(
+        SecAggError,
+        match=rf"the self-mask seed of '({'|'.join(graph.ring[1:4])})': cannot reconstruct a "
+        "secret from 2 shares: the threshold is 3",
+    ):
+        _finish(session, roster, states, weights, drop_after_masked=silent)
+
+
+def test_secagg_plus_refuses_survivors_that_fall_apart_into_separately_summable_groups() -> None:
+    # A ring of 8 with 2 neighbours each: if places 0 and 4 drop after sharing keys, places 1-3
+    # and 5-7 are two groups no pairwise mask joins, and each group's sum could be unmasked.
+    n = 8
+    states, weights = _states(n, seed=32)
+    session, roster, graph = _plus(n, 2, 2, threshold=5)
+    with pytest.raises(SecAggError, match="fall apart into groups"):
+        _finish(
+            session,
+            roster,
+            states,
+            weights,
+            drop_after_shares=_positions(session, graph, 0, 4),
+        )
+    # A client refuses the same request from a coordinator that asks anyway.
+    ring = graph.ring
+    request = UnmaskRequest(
+        survivors=tuple(sorted(set(ring) - {ring[0], ring[4]})), dropped=(ring[0], ring[4])
+    )
+    with pytest.raises(SecAggRefused, match="fall apart into groups"):
+        session.clients[ring[1]].unmask(request)
+
+
+def test_a_client_refuses_a_neighbourhood_threshold_of_half_its_neighbours_or_less() -> None:
+    session, roster, _ = _plus(10, 4, 2)
+    with pytest.raises(SecAggRefused, match="neighbourhood threshold 2 is at most half of the 4"):
+        session.clients["site-00"].share_keys(roster)
+    with pytest.raises(ValueError, match=r"neighbours must be 0 \(the complete graph\) or an even"):
+        SecAggParams(session="s", threshold=2, vector_length=4, neighbours=3)
+    with pytest.raises(ValueError, match=r"neighbourhood threshold must be in 2\.\.5"):
+        SecAggParams(session="s", threshold=2, vector_length=4, neighbours=4, neighbour_threshold=6)
+
+
+def test_a_secagg_plus_client_reveals_one_kind_per_neighbour_and_nothing_of_others() -> None:
+    session, roster, graph = _plus(10, 4, 3)
+    ring = graph.ring
+    me, neighbour = ring[0], ring[1]
+    stranger = ring[5]  # not a neighbour of ring[0]
+    request = _through_plus_masking(session, roster)
+    client = session.clients[me]
+    everyone = tuple(session.ids)
+    assert request.survivors == everyone
+    honest = client.unmask(request)
+    assert set(honest.self_mask_shares) == graph.group(me)
+    assert stranger not in honest.self_mask_shares
+    # Claiming a neighbour dropped, to get its mask key share too, is refused.
+    lying = UnmaskRequest(
+        survivors=tuple(u for u in everyone if u != neighbour), dropped=(neighbour,)
+    )
+    with pytest.raises(SecAggRefused, match=rf"mask key share of '{neighbour}'"):
+        client.unmask(lying)
+    # A non-neighbour named as dropped is passed over: this client holds nothing of it.
+    other = UnmaskRequest(
+        survivors=tuple(u for u in everyone if u != stranger), dropped=(stranger,)
+    )
+    answer = client.unmask(other)
+    assert not answer.mask_key_shares and stranger not in answer.self_mask_shares
+    # A name outside the roster is refused, as with the complete graph.
+    with pytest.raises(SecAggError, match=r"did not share keys: \['mallory'\]"):
+        client.unmask(UnmaskRequest(survivors=everyone, dropped=("mallory",)))
+
+
+def test_one_corrupt_responder_is_found_per_secret_given_t_k_plus_two_shares_of_each() -> None:
+    # 12 clients, 6 neighbours, t_k = 4: every secret has 7 holders, all answer (>= t_k + 2).
+    n = 12
+    session, roster, graph = _plus(n, 6, 4)
+    server = session.server
+    request = _through_plus_masking(session, roster)
+    culprit = graph.ring[3]
+    victim = graph.ring[4]
+    for identity in request.survivors:
+        response = session.clients[identity].unmask(request)
+        if identity == culprit:
+            share = response.self_mask_shares[victim]
+            shares = dict(response.self_mask_shares)
+            shares[victim] = Share(share.x, (share.y + 1) % (1 << 521))
+            response = UnmaskResponse(shares, response.mask_key_shares)
+        server.add_unmask_response(identity, response)
+    total = server.result()
+    assert server.corrupt_responders == [culprit]
+    assert np.array_equal(total, n * np.arange(server.params.vector_length, dtype=np.uint64))

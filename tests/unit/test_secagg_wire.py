@@ -78,7 +78,14 @@ def test_session_over_serialized_messages_recovers_the_sum_despite_a_dropout() -
 
 def test_setup_round_trip_keeps_every_field() -> None:
     setup = wire.SessionSetup(
-        SecAggParams(session="s", threshold=6, vector_length=17, ring_bits=32),
+        SecAggParams(
+            session="s",
+            threshold=6,
+            vector_length=17,
+            ring_bits=32,
+            neighbours=4,
+            neighbour_threshold=3,
+        ),
         FixedPoint.for_sum(num_clients=10, value_bound=2.5, ring_bits=32),
         max_weight=500.0,
         noise_std=0.25,
@@ -99,6 +106,8 @@ def test_setup_round_trip_keeps_every_field() -> None:
         ("noise_std", -0.1, "noise_std must be >= 0"),
         ("clip_norm", float("inf"), "clip_norm must be >= 0"),
         ("frac_bits", 60, "frac_bits=60 is out of range"),
+        ("neighbours", 5, "neighbours must be 0 .the complete graph. or an even number"),
+        ("neighbour_threshold", 2, "a neighbourhood threshold needs neighbours > 0"),
     ],
 )
 def test_a_hostile_setup_is_refused_with_a_clear_error(

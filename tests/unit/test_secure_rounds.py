@@ -408,6 +408,41 @@ def test_config_refuses_secure_aggregation_with_a_robust_rule_or_two_clients(
         _config(tmp_path, secagg_ring_bits=16)
     with pytest.raises(ConfigError, match="secagg_value_bound"):
         _config(tmp_path, secagg_value_bound=float("nan"))
+    for odd in (-2, 1, 3):
+        with pytest.raises(ConfigError, match=r"secagg_neighbours must be 0 .* or an even number"):
+            _config(tmp_path, secagg_neighbours=odd)
+
+
+def test_a_secagg_plus_round_with_dropouts_equals_weighted_fedavg_of_the_survivors(
+    tmp_path: Path,
+) -> None:
+    # 10 clients, 4 neighbours each (threshold 3 of a client and its neighbours), threshold 6
+    # of the 10: one leaves before sharing keys, one after its masked input. Each client sends
+    # share bundles to its 4 neighbours only, and the sum is that of the 9 masked inputs.
+    steps: list[TaskKind | None] = [TaskKind.SECAGG_SHARE_KEYS, TaskKind.SECAGG_UNMASK]
+    clients = [
+        Client(f"site-{i}", _model(i + 1), 10 * (i + 1), stop_before=step)
+        for i, step in enumerate([*steps, *[None] * 8])
+    ]
+    federation = _federate(
+        tmp_path, _model(0), clients, min_fit_clients=10, min_results=1, secagg_neighbours=4
+    )
+    assert federation.summary.completed
+    setup = clients[-1].setup
+    assert setup is not None
+    assert (setup.params.neighbours, setup.params.neighbour_threshold) == (4, 3)
+    assert setup.params.threshold == 6
+    for client in clients[1:]:
+        # sent = [keys, share bundles, masked input, (unmask)]: bundles for 4 neighbours.
+        assert len(shares_from_bytes(client.sent[1])) == 4
+    record = federation.summary.last_record
+    assert record is not None and record.clients_accepted == 9
+    survivors = clients[1:]
+    expected = _fedavg([(float(c.num_examples), c.update) for c in survivors])
+    with open_state_file(federation.summary.final_model) as model:
+        for name in ("w", "b"):
+            error = float((model[name].double() - expected[name]).abs().max())
+            assert error <= _bound(survivors), (name, error)
 
 
 def _tampering(step: TaskKind, rewrite: Callable[[bytes, str], tuple[bytes, str]]) -> Any:

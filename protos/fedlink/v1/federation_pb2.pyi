@@ -100,7 +100,7 @@ class TaskHeader(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., payload: _Optional[_Union[PayloadInfo, _Mapping]] = ..., retry_after_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., secagg: _Optional[_Union[SecAggSetup, _Mapping]] = ...) -> None: ...
 
 class SecAggSetup(_message.Message):
-    __slots__ = ("session", "threshold", "ring_bits", "vector_length", "frac_bits", "value_bound", "max_weight", "noise_std", "clip_norm")
+    __slots__ = ("session", "threshold", "ring_bits", "vector_length", "frac_bits", "value_bound", "max_weight", "noise_std", "clip_norm", "neighbours", "neighbour_threshold")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     RING_BITS_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,8 @@ class SecAggSetup(_message.Message):
     MAX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     NOISE_STD_FIELD_NUMBER: _ClassVar[int]
     CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOUR_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     session: str
     threshold: int
     ring_bits: int
@@ -119,7 +121,9 @@ class SecAggSetup(_message.Message):
     max_weight: float
     noise_std: float
     clip_norm: float
-    def __init__(self, session: _Optional[str] = ..., threshold: _Optional[int] = ..., ring_bits: _Optional[int] = ..., vector_length: _Optional[int] = ..., frac_bits: _Optional[int] = ..., value_bound: _Optional[float] = ..., max_weight: _Optional[float] = ..., noise_std: _Optional[float] = ..., clip_norm: _Optional[float] = ...) -> None: ...
+    neighbours: int
+    neighbour_threshold: int
+    def __init__(self, session: _Optional[str] = ..., threshold: _Optional[int] = ..., ring_bits: _Optional[int] = ..., vector_length: _Optional[int] = ..., frac_bits: _Optional[int] = ..., value_bound: _Optional[float] = ..., max_weight: _Optional[float] = ..., noise_std: _Optional[float] = ..., clip_norm: _Optional[float] = ..., neighbours: _Optional[int] = ..., neighbour_threshold: _Optional[int] = ...) -> None: ...
 
 class SecAggKeys(_message.Message):
     __slots__ = ("cipher_key", "mask_key", "certificate", "signature")
