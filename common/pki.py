@@ -13,6 +13,7 @@ signed X.509 CRL) that the coordinator checks on every call.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import logging
 import os
@@ -346,13 +347,31 @@ def verify_statement(
     by the CA in `ca_pem`, is valid now, is a client certificate, names `identity`, and its key
     made `signature`. PKIError says which check failed."""
     what = f"the certificate presented for {identity!r}"
+    certificate, public_key = _statement_signer(cert_pem, ca_pem, identity)
+    _check_validity(certificate, Path(what), dt.datetime.now(dt.timezone.utc), renew="renew it")
+    try:
+        public_key.verify(signature, statement, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise PKIError(f"the signature is not {identity!r}'s") from None
+
+
+# Every secure-aggregation round checks the same certificates again (each client checks every
+# peer's, the coordinator every client's): the checks that do not depend on the time are cached,
+# keyed by the exact bytes checked, so a different certificate or CA is always checked afresh.
+# Only successes are kept (lru_cache does not store exceptions).
+@functools.lru_cache(maxsize=4096)
+def _statement_signer(
+    cert_pem: bytes, ca_pem: bytes, identity: str
+) -> tuple[x509.Certificate, ec.EllipticCurvePublicKey]:
+    """`cert_pem`, checked to be a client certificate of the CA in `ca_pem` that names
+    `identity`, and its public key; the validity period is the caller's to check."""
+    what = f"the certificate presented for {identity!r}"
     certificate = _parse_certificate(cert_pem, Path(what))
     ca_certificate = _parse_certificate(ca_pem, Path("the federation CA certificate"))
     if not _issued_by(certificate, ca_certificate):
         raise PKIError(f"{what} was not issued by the federation CA")
     if _is_ca(certificate):
         raise PKIError(f"{what} is a CA certificate")
-    _check_validity(certificate, Path(what), dt.datetime.now(dt.timezone.utc), renew="renew it")
     _check_role(certificate, Path(what), "client")
     named = peer_certificate(cert_pem).identity
     if named != identity:
@@ -360,10 +379,7 @@ def verify_statement(
     public_key = certificate.public_key()
     if not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise PKIError(f"{what} does not hold an elliptic-curve key")
-    try:
-        public_key.verify(signature, statement, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        raise PKIError(f"the signature is not {identity!r}'s") from None
+    return certificate, public_key
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedlink.certs import add_certs_parser
+from fedlink.common import pki as pki_module
 from fedlink.common.errors import PKIError
 from fedlink.common.pki import (
     CertPaths,
@@ -637,3 +638,20 @@ def test_a_signed_statement_verifies_only_for_its_signer_under_the_federation_ca
         verify_statement(
             cert_pem, (other_ca / "ca.pem").read_bytes(), name, b"keys for round 7", signature
         )
+
+
+def test_a_certificate_checked_once_is_not_checked_again_but_every_signature_is(
+    ca_dir: Path, client: CertPaths
+) -> None:
+    # Secure-aggregation rosters repeat the same certificates every round: the chain, role and
+    # name checks are kept per (certificate, CA, identity); validity and signature never are.
+    ca_pem = (ca_dir / "ca.pem").read_bytes()
+    cert_pem = client.cert.read_bytes()
+    name = peer_certificate(cert_pem).identity
+    signature = sign_statement(client.key.read_bytes(), b"round 1")
+    verify_statement(cert_pem, ca_pem, name, b"round 1", signature)
+    hits = pki_module._statement_signer.cache_info().hits
+    verify_statement(cert_pem, ca_pem, name, b"round 1", signature)
+    assert pki_module._statement_signer.cache_info().hits == hits + 1
+    with pytest.raises(PKIError, match="signature is not"):
+        verify_statement(cert_pem, ca_pem, name, b"round 2", signature)
