@@ -17,6 +17,10 @@ class PayloadError(FedlinkError):
     """A streamed payload is malformed: wrong size, wrong hash, chunks out of order."""
 
 
+class PayloadIncomplete(PayloadError):
+    """A payload stream ended before the announced size arrived."""
+
+
 class TensorFormatError(FedlinkError):
     """Bytes are not a valid safetensors document, or use an unsupported dtype."""
 
@@ -30,6 +34,15 @@ class UpdateRejected(FedlinkError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class UploadIncomplete(FedlinkError):
+    """A result stream ended before its payload was complete. A client whose connection drops
+    mid-upload can look exactly like this to the coordinator (gRPC may end the request stream
+    before it reports the cancellation), so it counts as an interrupted upload that the client
+    may retry, not as a rejected one."""
+
+    code = "DATA_LOSS"
 
 
 class AccessDenied(FedlinkError):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from fedlink.common.errors import PayloadError
+from fedlink.common.errors import PayloadError, PayloadIncomplete
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE = 4 << 10
@@ -117,7 +117,7 @@ class PayloadAssembler:
 
     def finish(self) -> None:
         if self.received != self._info.size:
-            raise PayloadError(
+            raise PayloadIncomplete(
                 f"payload truncated: received {self.received} of {self._info.size} bytes"
             )
         if self._hash.digest() != self._info.sha256:

@@ -31,9 +31,11 @@ from fedlink.common.dp import client_noise_std, secure_value_bound
 from fedlink.common.errors import (
     ConfigError,
     PayloadError,
+    PayloadIncomplete,
     SecAggError,
     TensorFormatError,
     UpdateRejected,
+    UploadIncomplete,
 )
 from fedlink.common.fixedpoint import FixedPoint, UpdateLayout
 from fedlink.common.secagg import SecAggParams, SecAggServer, majority_of
@@ -222,6 +224,8 @@ class ResultUpload:
         self._file.close()
         try:
             self._assembler.finish()
+        except PayloadIncomplete as exc:
+            raise UploadIncomplete(str(exc)) from None
         except PayloadError as exc:
             raise UpdateRejected("DATA_LOSS", str(exc)) from None
 

@@ -11,7 +11,7 @@ from typing import Any, NoReturn, TypeAlias
 
 import grpc
 
-from fedlink.common.errors import AccessDenied, PKIError, UpdateRejected
+from fedlink.common.errors import AccessDenied, PKIError, UpdateRejected, UploadIncomplete
 from fedlink.common.secagg_wire import setup_to_proto
 from fedlink.common.wire import JOIN_REQUIRED, SESSION_METADATA_KEY, PayloadInfo
 from fedlink.server.access import AccessPolicy, Sessions, parse_peer
@@ -151,6 +151,9 @@ class FederationServicer(pb_grpc.FederationServicer):
             self._engine.finish_result(upload)
         except UpdateRejected as exc:
             self._engine.reject_result(upload, exc)
+            _abort(context, exc)
+        except UploadIncomplete as exc:
+            self._engine.abandon_result(upload)
             _abort(context, exc)
         except BaseException:
             # The client cancelled or disconnected mid-upload (grpc.RpcError), or worse.
@@ -305,7 +308,9 @@ def _parse_streamed(parse: Callable[[bytes], Any], raw: bytes) -> Any:
         raise UpdateRejected("INVALID_ARGUMENT", MALFORMED) from None
 
 
-def _abort(context: grpc.ServicerContext, exc: UpdateRejected | AccessDenied) -> NoReturn:
+def _abort(
+    context: grpc.ServicerContext, exc: UpdateRejected | UploadIncomplete | AccessDenied
+) -> NoReturn:
     context.abort(grpc.StatusCode[exc.code], str(exc))
 
 

@@ -188,13 +188,17 @@ def test_every_bad_update_is_refused_and_only_the_honest_one_is_aggregated(
         grpc.StatusCode.ALREADY_EXISTS,
         grpc.StatusCode.FAILED_PRECONDITION,
     )
+    # A stream that ends before its payload is complete is what a dropped connection can look
+    # like: not a rejection, and the client may send its result again.
+    truncated_retry = _upload(tasks["truncated-chunks"], honest)
+    assert _push(stubs["truncated-chunks"], truncated_retry) == grpc.StatusCode.OK
 
     summary = coordinator.summary()
     assert summary.completed
     record = summary.last_record
-    assert record is not None and record.clients_accepted == 1
-    assert set(record.rejected) == set(cases)
-    # Weight 1 and a single accepted update: the new global model is exactly the honest one.
+    assert record is not None and record.clients_accepted == 2
+    assert set(record.rejected) == set(cases) - {"truncated-chunks"}
+    # Weight 1 each and the same honest update twice: the new global model is exactly it.
     with open_state_file(summary.final_model) as final:
         for name, tensor in honest.items():
             assert torch.equal(final[name], tensor), name
