@@ -12,7 +12,6 @@ from collections.abc import Mapping
 
 import torch
 
-from fedlink.common import wire
 from fedlink.common.dp import add_gaussian_noise, clip_update
 from fedlink.common.errors import SecAggError, SecAggRefused
 from fedlink.common.fixedpoint import UpdateLayout, encode_weighted_update
@@ -20,14 +19,9 @@ from fedlink.common.pki import Credentials
 from fedlink.common.secagg import KeyAdvertisement, RingVector, SecAggClient
 from fedlink.common.secagg_auth import check_advertisement, sign_advertisement
 from fedlink.common.secagg_wire import (
-    KEYS_ENCODING,
-    ROSTER_ENCODING,
-    SHARES_ENCODING,
-    UNMASK_REQUEST_ENCODING,
-    UNMASK_RESPONSE_ENCODING,
+    SecAggStep,
     SessionSetup,
     keys_to_bytes,
-    ring_encoding,
     roster_from_bytes,
     shares_from_bytes,
     shares_to_bytes,
@@ -47,12 +41,8 @@ SECURE_STEPS = (
 
 def step_encodings(kind: pb.TaskKind, setup: SessionSetup) -> tuple[str, str]:
     """(what the task's payload must be, what the answer is) for one step."""
-    return {
-        pb.TASK_KIND_SECAGG_ADVERTISE: (wire.ENCODING, KEYS_ENCODING),
-        pb.TASK_KIND_SECAGG_SHARE_KEYS: (ROSTER_ENCODING, SHARES_ENCODING),
-        pb.TASK_KIND_SECAGG_MASKED_INPUT: (SHARES_ENCODING, ring_encoding(setup.params.ring_bits)),
-        pb.TASK_KIND_SECAGG_UNMASK: (UNMASK_REQUEST_ENCODING, UNMASK_RESPONSE_ENCODING),
-    }[kind]
+    step = SecAggStep[pb.TaskKind.Name(kind).removeprefix("TASK_KIND_SECAGG_")]
+    return step.encodings(setup.params.ring_bits)
 
 
 def encode_update(

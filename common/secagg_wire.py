@@ -9,6 +9,7 @@ wrong key or share lengths and out-of-range settings raise SecAggError, never an
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from fedlink.common.secagg import (
     UnmaskResponse,
 )
 from fedlink.common.shamir import Share
+from fedlink.common.wire import ENCODING as MODEL_ENCODING
 from fedlink.v1 import federation_pb2 as pb
 
 KEYS_ENCODING = pb.SecAggKeys.DESCRIPTOR.full_name
@@ -43,6 +45,24 @@ _M = TypeVar("_M", bound=Message)
 def ring_encoding(ring_bits: int) -> str:
     """The payload encoding of a masked vector: raw little-endian ring elements."""
     return f"ring-u{ring_bits}le"
+
+
+class SecAggStep(enum.Enum):
+    """A session's four steps; both sides name their task kinds for them SECAGG_<NAME>."""
+
+    ADVERTISE = "advertise"
+    SHARE_KEYS = "share_keys"
+    MASKED_INPUT = "masked_input"
+    UNMASK = "unmask"
+
+    def encodings(self, ring_bits: int) -> tuple[str, str]:
+        """(the encoding of this step's task payload, of the client's answer)."""
+        return {
+            SecAggStep.ADVERTISE: (MODEL_ENCODING, KEYS_ENCODING),
+            SecAggStep.SHARE_KEYS: (ROSTER_ENCODING, SHARES_ENCODING),
+            SecAggStep.MASKED_INPUT: (SHARES_ENCODING, ring_encoding(ring_bits)),
+            SecAggStep.UNMASK: (UNMASK_REQUEST_ENCODING, UNMASK_RESPONSE_ENCODING),
+        }[self]
 
 
 @dataclass(frozen=True)

@@ -41,14 +41,12 @@ from fedlink.common.fixedpoint import FixedPoint, UpdateLayout
 from fedlink.common.secagg import SecAggParams, SecAggServer, majority_of
 from fedlink.common.secagg_auth import check_advertisement
 from fedlink.common.secagg_wire import (
-    KEYS_ENCODING,
     ROSTER_ENCODING,
     SHARES_ENCODING,
     UNMASK_REQUEST_ENCODING,
-    UNMASK_RESPONSE_ENCODING,
+    SecAggStep,
     SessionSetup,
     keys_from_bytes,
-    ring_encoding,
     roster_to_bytes,
     shares_from_bytes,
     shares_to_bytes,
@@ -493,13 +491,10 @@ class RoundEngine:
         if phase.secure is None:
             return ENCODING, self._global.info.size + PAYLOAD_SLACK_BYTES
         params = phase.secure.setup.params
-        if phase.kind is TaskKind.SECAGG_MASKED_INPUT:
-            return ring_encoding(params.ring_bits), params.vector_length * params.dtype.itemsize
-        encoding = {
-            TaskKind.SECAGG_ADVERTISE: KEYS_ENCODING,
-            TaskKind.SECAGG_SHARE_KEYS: SHARES_ENCODING,
-            TaskKind.SECAGG_UNMASK: UNMASK_RESPONSE_ENCODING,
-        }[phase.kind]
+        step = SecAggStep[phase.kind.name.removeprefix("SECAGG_")]
+        _, encoding = step.encodings(params.ring_bits)
+        if step is SecAggStep.MASKED_INPUT:
+            return encoding, params.vector_length * params.dtype.itemsize
         return encoding, SECAGG_MESSAGE_BYTES + SECAGG_BYTES_PER_PEER * len(phase.participants)
 
     def finish_result(self, upload: ResultUpload) -> None:

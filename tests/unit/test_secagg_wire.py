@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedlink.client.secure import SECURE_STEPS as WIRE_STEPS
 from fedlink.common import secagg_wire as wire
 from fedlink.common.errors import SecAggError, SecAggRefused
 from fedlink.common.fixedpoint import FixedPoint
@@ -15,6 +16,7 @@ from fedlink.common.secagg import (
     SecAggServer,
     UnmaskRequest,
 )
+from fedlink.server.rounds import SECURE_STEPS as ENGINE_STEPS
 from fedlink.v1 import federation_pb2 as pb
 
 
@@ -194,3 +196,15 @@ def test_payload_encodings_name_the_messages() -> None:
     assert len(names) == 7
     assert wire.ROSTER_ENCODING == "fedlink.v1.SecAggRoster"
     assert wire.ring_encoding(64) == "ring-u64le"
+
+
+def test_every_secure_task_kind_of_either_side_names_a_step_with_its_encodings() -> None:
+    # The coordinator's TaskKind and the wire's pb.TaskKind both spell a step SECAGG_<STEP>;
+    # the step says what its task payload and its answer are encoded as.
+    engine = [wire.SecAggStep[k.name.removeprefix("SECAGG_")] for k in ENGINE_STEPS]
+    on_wire = [
+        wire.SecAggStep[pb.TaskKind.Name(k).removeprefix("TASK_KIND_SECAGG_")] for k in WIRE_STEPS
+    ]
+    assert engine == on_wire == list(wire.SecAggStep)
+    assert wire.SecAggStep.ADVERTISE.encodings(64) == ("safetensors", wire.KEYS_ENCODING)
+    assert wire.SecAggStep.MASKED_INPUT.encodings(32) == (wire.SHARES_ENCODING, "ring-u32le")
