@@ -560,6 +560,11 @@ class SecAggServer:
         self._responses: dict[str, UnmaskResponse] = {}
         self.corrupt_responders: list[str] = []
 
+    @property
+    def graph(self) -> SessionGraph | None:
+        """The session's graph, once step 1 has closed."""
+        return self._graph
+
     # Step 1.
     def add_keys(self, identity: str, advertisement: KeyAdvertisement) -> None:
         self._expect(_ServerPhase.ADVERTISE)

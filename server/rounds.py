@@ -842,12 +842,20 @@ class RoundEngine:
             return _Training(None, 0, answered, rejected, [])
         finally:
             shutil.rmtree(directory, ignore_errors=True)
+        graph, k = secure.server.graph, setup.params.neighbours
+        sparse = (
+            f"; SecAgg+: {k} neighbours each, {graph.share_threshold} of a client's {k + 1} "
+            "holders rebuild its secrets"
+            if graph is not None and graph.sparse
+            else ""
+        )
         log.info(
-            "round %d: secure aggregation recovered the sum of %d of %d clients (threshold %d)",
+            "round %d: secure aggregation recovered the sum of %d of %d clients (threshold %d%s)",
             round_number,
             survivors,
             len(sampled),
             threshold,
+            sparse,
         )
         return _Training(self._secure_average(total, setup), survivors, answered, rejected, [])
 
