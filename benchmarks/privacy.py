@@ -458,9 +458,6 @@ def cost_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_cost_table(rows: list[dict[str, Any]]) -> str:
-    def num(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
     header = (
         f"{'clients':>7} {'mode':<14} {'f':>3} {'err bound':>9} {'round s':>7} {'x plain':>7} "
         f"{'down MB':>7} {'up MB':>7} {'bytes x':>7} {'up x':>6} {'srv MiB':>7} "
@@ -471,16 +468,16 @@ def format_cost_table(rows: list[dict[str, Any]]) -> str:
         cpu = row["round_cpu_seconds"]
         peak = row["server_peak_rss_bytes"]
         lines.append(
-            f"{row['clients']:>7} {row['mode']:<14} {num(row.get('frac_bits'), 'd'):>3} "
-            f"{num(row.get('average_error_bound'), '.1e'):>9} "
-            f"{num(row['median_round_seconds'], '.2f'):>7} {num(row['seconds_ratio'], '.2f'):>7} "
-            f"{num(row['down_mb'], '.3f'):>7} {num(row['up_mb'], '.3f'):>7} "
-            f"{num(row['bytes_ratio'], '.4f'):>7} {num(row['up_ratio'], '.4f'):>6} "
-            f"{num(peak / MIB if peak else None, '.0f'):>7} "
-            f"{num(cpu['server_user'] + cpu['server_sys'] if cpu else None, '.2f'):>9} "
-            f"{num(cpu['clients_user'] + cpu['clients_sys'] if cpu else None, '.2f'):>8} "
-            f"{num(row['cpu_ratio'], '.2f'):>5} {row['system_peak_used_bytes'] / (1 << 30):>7.1f} "
-            f"{num(100 * row['interference'] if row['interference'] is not None else None, '.0f'):>7}"
+            f"{row['clients']:>7} {row['mode']:<14} {_cell(row.get('frac_bits'), 'd'):>3} "
+            f"{_cell(row.get('average_error_bound'), '.1e'):>9} "
+            f"{_cell(row['median_round_seconds'], '.2f'):>7} {_cell(row['seconds_ratio'], '.2f'):>7} "
+            f"{_cell(row['down_mb'], '.3f'):>7} {_cell(row['up_mb'], '.3f'):>7} "
+            f"{_cell(row['bytes_ratio'], '.4f'):>7} {_cell(row['up_ratio'], '.4f'):>6} "
+            f"{_cell(peak / MIB if peak else None, '.0f'):>7} "
+            f"{_cell(cpu['server_user'] + cpu['server_sys'] if cpu else None, '.2f'):>9} "
+            f"{_cell(cpu['clients_user'] + cpu['clients_sys'] if cpu else None, '.2f'):>8} "
+            f"{_cell(row['cpu_ratio'], '.2f'):>5} {row['system_peak_used_bytes'] / (1 << 30):>7.1f} "
+            f"{_cell(100 * row['interference'] if row['interference'] is not None else None, '.0f'):>7}"
             + (f"  FAILED: {row['error']}" if row["error"] else "")
         )
     return "\n".join(lines)
