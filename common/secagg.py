@@ -712,9 +712,10 @@ class SecAggServer:
         `responders`; SecAggError if the shares are inconsistent or a key does not match."""
         assert self._request is not None and self._graph is not None
         threshold = self._graph.share_threshold
+        held_by_kind = {kind: self._held_shares(responders, kind) for kind in ShareKind}
 
         def rebuild(owner: str, kind: ShareKind) -> bytes:
-            shares = [held[owner] for held in self._held_shares(responders, kind) if owner in held]
+            shares = [held[owner] for held in held_by_kind[kind] if owner in held]
             try:
                 return reconstruct_secret(shares, threshold)
             except SecAggError as exc:
