@@ -121,7 +121,7 @@ class FederationClient:
         if config.simulate_attack is not None:  # evaluation only, never a default
             self._attack = parse_attack(config.simulate_attack, config.num_partitions)
         self._credentials = client_credentials(config)
-        self._channel = open_channel(config)
+        self._channel = open_channel(config, self._credentials)
         self._stub = pb_grpc.FederationStub(self._channel)
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._join: pb.JoinReply | None = None

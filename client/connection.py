@@ -26,7 +26,9 @@ TRANSIENT_CODES = frozenset(
 )
 
 
-def open_channel(config: ClientConfig) -> grpc.Channel:
+def open_channel(config: ClientConfig, creds: Credentials | None = None) -> grpc.Channel:
+    """The channel to the coordinator; `creds` are the client's already loaded credentials
+    (loaded from the config when not given)."""
     options: list[tuple[str, int | str]] = [
         ("grpc.max_receive_message_length", MAX_CHUNK_SIZE + MESSAGE_OVERHEAD),
         ("grpc.max_send_message_length", MAX_CHUNK_SIZE + MESSAGE_OVERHEAD),
@@ -41,7 +43,7 @@ def open_channel(config: ClientConfig) -> grpc.Channel:
             "in plaintext. Use this for local development only."
         )
         return grpc.insecure_channel(config.server, options=options)
-    creds = client_credentials(config)
+    creds = creds or client_credentials(config)
     assert creds is not None
     if config.server_name:
         options.append(("grpc.ssl_target_name_override", config.server_name))
