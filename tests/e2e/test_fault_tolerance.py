@@ -62,13 +62,14 @@ def _lowest_rss_mib_until(
 ) -> float:
     """The least resident memory of `pid` seen until `condition` holds. A leak stays in every
     sample; the buffers of a transfer in progress (100 MB models here) come and go."""
-    lowest = _rss_mib(pid)
-    deadline = time.monotonic() + 180
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        lowest = min(lowest, _rss_mib(pid))
-        time.sleep(poll)
-    return lowest
+    samples = [_rss_mib(pid)]
+
+    def sampled_condition() -> bool:
+        samples.append(_rss_mib(pid))
+        return condition()
+
+    _wait_until(sampled_condition, what, poll=poll)
+    return min(samples)
 
 
 def _scrape(port: int) -> str:
