@@ -398,15 +398,25 @@ class FederationClient:
                 for offset, data in payload.chunks(chunk_size):
                     yield pb.ResultMessage(chunk=pb.Chunk(offset=offset, data=data))
 
-        try:
-            self._stub.PushResult(messages(), metadata=self._metadata)
-        except grpc.RpcError as exc:
-            if exc.code() in TRANSIENT_CODES:
-                raise
-            # A refused result costs this round only; the next task may still be ours.
-            log.warning(
-                "round %d result refused: %s: %s", header.round, exc.code().name, exc.details()
-            )
+        while True:
+            try:
+                self._stub.PushResult(messages(), metadata=self._metadata)
+                return
+            except grpc.RpcError as exc:
+                code = exc.code()
+                # The coordinator is over a limit or its disk is full: keep the result and send
+                # it again after a pause, rather than pulling and training the task once more.
+                if code is grpc.StatusCode.RESOURCE_EXHAUSTED and self._backoff.wait(
+                    f"{code.name}: {exc.details()}"
+                ):
+                    continue
+                if code in TRANSIENT_CODES:
+                    raise
+                # A refused result costs this round only; the next task may still be ours.
+                log.warning(
+                    "round %d result refused: %s: %s", header.round, code.name, exc.details()
+                )
+                return
 
     def _heartbeat_loop(self) -> None:
         assert self._join is not None

@@ -45,6 +45,18 @@ class UploadIncomplete(FedlinkError):
     code = "DATA_LOSS"
 
 
+class StorageError(FedlinkError, OSError):
+    """The coordinator could not write a file it needs (its disk is full or failing).
+
+    For an upload being spooled this is the coordinator's problem, not the client's: the client
+    is told `code` (RESOURCE_EXHAUSTED), backs off and retries. For the global model or a
+    checkpoint, the last good state stays in place and the coordinator stops without telling
+    clients the federation finished, so a restart (once there is space) resumes.
+    """
+
+    code = "RESOURCE_EXHAUSTED"
+
+
 class AccessDenied(FedlinkError):
     """A caller may not use the coordinator right now: not on the allow-list, revoked, outside
     its certificate's validity, a superseded session, or over a rate or concurrency limit.

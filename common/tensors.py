@@ -19,7 +19,7 @@ import safetensors.torch
 import torch
 
 from fedlink.common.errors import TensorFormatError
-from fedlink.common.storage import commit
+from fedlink.common.storage import commit, replacing
 
 StateDict = dict[str, torch.Tensor]
 
@@ -113,14 +113,21 @@ def save_state_file(state: Mapping[str, torch.Tensor], path: Path, *, durable: b
     ever held, which is what keeps the coordinator's memory at O(model) for 100M+ parameters.
     `durable=False` skips the fsync for scratch files that need not survive a crash.
     """
-    tmp = path.with_name(path.name + ".tmp")
-    safetensors.torch.save_file(_prepare(state), str(tmp))
-    if not durable:
-        tmp.replace(path)
-        return
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    commit(tmp, path)
+    tensors = _prepare(state)
+    with replacing(path) as tmp:
+        try:
+            safetensors.torch.save_file(tensors, str(tmp))
+        except safetensors.SafetensorError as exc:
+            # The Rust writer reports a full disk as its own error type, not as OSError.
+            if "I/O error" in str(exc):
+                raise OSError(str(exc)) from exc
+            raise
+        if not durable:
+            tmp.replace(path)
+            return
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        commit(tmp, path)
 
 
 def _prepare(state: Mapping[str, torch.Tensor]) -> StateDict:

@@ -16,6 +16,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from fedlink.common.errors import ConfigError
 from fedlink.common.pki import load_credentials
 from fedlink.common.storage import publish_file
 from fedlink.common.tasks import load_task
@@ -28,11 +29,15 @@ from fedlink.server.monitoring import MetricsEndpoint
 from fedlink.server.report import MetricsLog, plot_accuracy, read_metrics, table_header, table_row
 from fedlink.server.rounds import Evaluator, RoundEngine, RoundRecord
 from fedlink.server.service import FederationServicer, RequestParsing
+from fedlink.server.state_lock import lock_state_dir
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "fedlink.v1.Federation"
+# Exit status when the coordinator stopped because it could not write its state (EX_TEMPFAIL):
+# nothing was lost, and a restart on the same state_dir resumes once the disk is usable.
+EXIT_STORAGE_FAILURE = 75
 TRANSPORT_OPTIONS = [
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
@@ -89,6 +94,9 @@ def _build_server(
         options=[
             ("grpc.max_receive_message_length", config.chunk_size + MESSAGE_OVERHEAD),
             ("grpc.max_send_message_length", config.chunk_size + MESSAGE_OVERHEAD),
+            # gRPC sets SO_REUSEPORT by default: a second coordinator on the same port would
+            # start silently and the kernel would split the clients between the two.
+            ("grpc.so_reuseport", 0),
             *TRANSPORT_OPTIONS,
         ],
     )
@@ -99,7 +107,7 @@ def _build_server(
             "INSECURE MODE: no TLS, clients are not authenticated and traffic is readable by "
             "anyone on the network. Use this for local development only."
         )
-        port = server.add_insecure_port(config.listen)
+        port = _bind(lambda: server.add_insecure_port(config.listen), config.listen)
     else:
         assert config.cert and config.key and config.ca
         creds = load_credentials(config.cert, config.key, config.ca, role="server")
@@ -108,13 +116,35 @@ def _build_server(
             root_certificates=creds.ca_pem,
             require_client_auth=True,
         )
-        port = server.add_secure_port(config.listen, server_credentials)
-    if port == 0:
-        raise OSError(f"could not listen on {config.listen}")
+        port = _bind(
+            lambda: server.add_secure_port(config.listen, server_credentials), config.listen
+        )
     return server, port
 
 
+def _bind(add_port: Callable[[], int], listen: str) -> int:
+    """Bind the listening port, or raise ConfigError saying why a coordinator cannot start."""
+    try:
+        port = add_port()
+    except RuntimeError:  # gRPC's "Failed to bind to address"
+        port = 0
+    if port == 0:
+        raise ConfigError(
+            f"cannot listen on {listen}: the address is in use (another coordinator?) or not "
+            "an address of this machine; stop the other process or choose another --listen"
+        )
+    return port
+
+
 def run_server(config: ServerConfig) -> int:
+    lock = lock_state_dir(config.state_dir)
+    try:
+        return _coordinate(config)
+    finally:
+        lock.release()
+
+
+def _coordinate(config: ServerConfig) -> int:
     task = load_task(config.task)
     checkpoint = CheckpointStore(config.state_dir, keep=config.keep_checkpoints).latest()
     if checkpoint is not None:
@@ -170,6 +200,11 @@ def run_server(config: ServerConfig) -> int:
         listening.set_serving(False)
         _restore_signal_handlers(previous)
 
+    if summary.storage_failure is not None:
+        listening.server.stop(grace=2.0).wait()
+        if endpoint is not None:
+            endpoint.close()
+        return EXIT_STORAGE_FAILURE
     publish_file(summary.final_model, config.run_dir / "final_model.safetensors")
     records = read_metrics(metrics.path)
     if records:

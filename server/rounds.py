@@ -8,8 +8,10 @@ all shared state.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import errno
 import hashlib
 import logging
 import math
@@ -33,6 +35,7 @@ from fedlink.common.errors import (
     PayloadError,
     PayloadIncomplete,
     SecAggError,
+    StorageError,
     TensorFormatError,
     UpdateRejected,
     UploadIncomplete,
@@ -85,6 +88,11 @@ PAYLOAD_SLACK_BYTES = 1 << 20
 # plus SECAGG_BYTES_PER_PEER for every other client of the session.
 SECAGG_MESSAGE_BYTES = 64 << 10
 SECAGG_BYTES_PER_PEER = 1 << 10
+# Seconds between log lines about uploads refused because the coordinator's disk is full.
+STORAGE_LOG_INTERVAL = 60.0
+# Uploads never take the last (global model size + this) bytes of the state directory's file
+# system: that is what publishing the next model and its checkpoint needs.
+CHECKPOINT_ROOM_BYTES = 256 << 10
 
 
 class TaskKind(enum.Enum):
@@ -190,22 +198,30 @@ class ResultUpload:
         *,
         max_size: int,
         encoding: str,
+        release: Callable[[], None] = lambda: None,
     ) -> None:
         self.identity = identity
         self.header = header
         self.phase = phase
         self.spool = spool
+        self._release = release  # gives back the disk space reserved for this upload
         self._file: BinaryIO | None = None
         self._assembler: PayloadAssembler | None = None
         if header.payload is not None and spool is not None:
             self._assembler = PayloadAssembler(
                 header.payload, self, max_size=max_size, encoding=encoding
             )
-            self._file = open(spool, "wb")  # noqa: SIM115 (closed in finish/discard)
+            try:
+                self._file = open(spool, "wb")  # noqa: SIM115 (closed in finish/discard)
+            except OSError as exc:
+                raise spool_failure(exc) from exc
 
     def write(self, data: bytes) -> int:
         assert self._file is not None
-        return self._file.write(data)
+        try:
+            return self._file.write(data)
+        except OSError as exc:
+            raise spool_failure(exc) from exc
 
     def add_chunk(self, offset: int, data: bytes) -> None:
         if self._assembler is None:
@@ -219,7 +235,10 @@ class ResultUpload:
         if self._assembler is None:
             return
         assert self._file is not None
-        self._file.close()
+        try:
+            self._file.close()  # flushes: a full disk can show here first
+        except OSError as exc:
+            raise spool_failure(exc) from exc
         try:
             self._assembler.finish()
         except PayloadIncomplete as exc:
@@ -230,9 +249,24 @@ class ResultUpload:
     def close(self, *, keep: bool) -> None:
         """Close the spool file; unless `keep`, delete it."""
         if self._file is not None:
-            self._file.close()
+            # A failed flush was reported by complete_payload; the file is dropped anyway.
+            with contextlib.suppress(OSError):
+                self._file.close()
         if self.spool is not None and not keep:
             self.spool.unlink(missing_ok=True)
+        self._release()
+        self._release = lambda: None
+
+
+def spool_failure(exc: OSError) -> StorageError:
+    """What a client is told when its upload cannot be spooled: not its fault, so it backs off
+    and retries (RESOURCE_EXHAUSTED) instead of being rejected."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageError("coordinator disk full: cannot store this upload now; retry later")
+    return StorageError(
+        f"coordinator storage error ({exc.strerror or exc}): cannot store this upload now; "
+        "retry later"
+    )
 
 
 @dataclass
@@ -267,6 +301,9 @@ class RunSummary:
     # metrics.jsonl (via `on_round`), never accumulated in the coordinator's memory.
     last_record: RoundRecord | None
     budget_spent: bool = False  # DP: stopped before a round that would exceed dp_max_epsilon
+    # The coordinator could not write its state (disk full, I/O error): it stopped after the
+    # last good checkpoint without telling clients the run finished, so a restart resumes.
+    storage_failure: str | None = None
 
 
 @dataclass
@@ -327,6 +364,8 @@ class RoundEngine:
         self._told_to_stop: set[str] = set()
         self._bytes_down = 0
         self._bytes_up = 0
+        self._spool_reserved = 0  # bytes promised to uploads in flight
+        self._storage_logged = -math.inf
         self._validation_lock = threading.Lock()
         self._rule = parse_rule(config.aggregation)
         self._accountant: PrivacyAccountant | None = None
@@ -428,6 +467,16 @@ class RoundEngine:
 
     def open_result(self, identity: str, header: ResultHeader) -> ResultUpload:
         """Check a result header before any payload byte is accepted."""
+        reserved = 0
+        if header.payload is not None:
+            reserved = self._reserve_spool_space(header.payload.size)
+        try:
+            return self._open_result(identity, header, reserved)
+        except BaseException:
+            self._release_spool_space(reserved)
+            raise
+
+    def _open_result(self, identity: str, header: ResultHeader, reserved: int) -> ResultUpload:
         with self._cond:
             phase = self._phase
             if phase is None or not phase.open or header.task_id != phase.task_id:
@@ -473,7 +522,13 @@ class RoundEngine:
             encoding, max_size = self._expected_payload(phase)
             try:
                 upload = ResultUpload(
-                    identity, header, phase, spool, max_size=max_size, encoding=encoding
+                    identity,
+                    header,
+                    phase,
+                    spool,
+                    max_size=max_size,
+                    encoding=encoding,
+                    release=lambda: self._release_spool_space(reserved),
                 )
             except PayloadError as exc:
                 code = (
@@ -483,8 +538,46 @@ class RoundEngine:
         except UpdateRejected as exc:
             self._reject(phase, identity, exc)
             raise
+        except StorageError:
+            with self._cond:
+                phase.submitted.discard(identity)  # not the client's fault: it may retry
+            raise
         log.debug("receiving %s result from %s (round %d)", phase.kind.value, identity, phase.round)
         return upload
+
+    def _reserve_spool_space(self, size: int) -> int:
+        """Reserve `size` bytes of the spool's file system for an upload, or refuse it before a
+        byte moves. The space the next global model and its checkpoint need is never handed
+        out, so a disk filled by uploads cannot stop the round from being published."""
+        try:
+            free = shutil.disk_usage(self._spool_dir).free
+        except OSError as exc:
+            raise spool_failure(exc) from exc
+        keep_free = self._global.info.size + CHECKPOINT_ROOM_BYTES
+        with self._cond:
+            if free - self._spool_reserved - keep_free < size:
+                error = spool_failure(OSError(errno.ENOSPC, "No space left on device"))
+                self._log_storage_refusal(error)
+                raise error
+            self._spool_reserved += size
+        return size
+
+    def _release_spool_space(self, size: int) -> None:
+        with self._cond:
+            self._spool_reserved -= size
+
+    def defer_result(self, upload: ResultUpload, error: StorageError) -> None:
+        """The coordinator could not store the upload: drop it without blaming the client,
+        which backs off and retries while the round is open (like an interrupted upload)."""
+        self._log_storage_refusal(error)
+        self._forget_upload(upload, "deferred")
+
+    def _log_storage_refusal(self, error: StorageError) -> None:
+        # One line a minute: every client retrying against a full disk must not flood the log.
+        now = time.monotonic()
+        if now - self._storage_logged >= STORAGE_LOG_INTERVAL:
+            self._storage_logged = now
+            log.error("%s (uploads are refused until there is space in %s)", error, self._spool_dir)
 
     def _expected_payload(self, phase: _Phase) -> tuple[str, int]:
         """The encoding and largest size of a result payload in `phase`."""
@@ -558,8 +651,11 @@ class RoundEngine:
     def abandon_result(self, upload: ResultUpload) -> None:
         """The client went away mid-upload: forget the partial upload. This is not misbehaviour,
         so the client may pull the task again and retry while the round is open."""
+        self._forget_upload(upload, "interrupted")
+
+    def _forget_upload(self, upload: ResultUpload, outcome: str) -> None:
         upload.close(keep=False)
-        self.metrics.updates.labels(upload.phase.kind.value, "interrupted").inc()
+        self.metrics.updates.labels(upload.phase.kind.value, outcome).inc()
         with self._cond:
             if upload.identity not in upload.phase.finished:
                 upload.phase.submitted.discard(upload.identity)
@@ -599,6 +695,7 @@ class RoundEngine:
         failures = 0
         avoid: frozenset[str] = frozenset()
         budget_spent = False
+        storage_failure: str | None = None
         try:
             while round_number <= cfg.num_rounds and not stop.is_set():
                 if self._budget_would_be_exceeded(round_number):
@@ -673,8 +770,21 @@ class RoundEngine:
                 if self._on_round:
                     self._on_round(record)
                 round_number += 1
+        except OSError as exc:  # StorageError included: a model, checkpoint or spool file
+            storage_failure = str(exc)
+            log.error(
+                "the coordinator cannot use its state directory %s (%s); stopping in round %d. "
+                "The last good checkpoint (round %d) stays in place: free space or fix the disk, "
+                "then start the coordinator again to resume.",
+                cfg.state_dir,
+                exc,
+                round_number,
+                self._completed_round,
+            )
         finally:
-            if stop.is_set():
+            # Clients are told the federation finished only when it did: after a signal or a
+            # storage failure they retry until the coordinator is back.
+            if stop.is_set() or storage_failure is not None:
                 with self._cond:
                     self._shutting_down = True
                     self._cond.notify_all()
@@ -687,6 +797,7 @@ class RoundEngine:
             final_model=self._global.path,
             last_record=last_record,
             budget_spent=budget_spent,
+            storage_failure=storage_failure,
         )
 
     def wait_for_stop_delivery(self, grace_seconds: float) -> None:

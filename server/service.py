@@ -11,7 +11,13 @@ from typing import Any, NoReturn, TypeAlias
 
 import grpc
 
-from fedlink.common.errors import AccessDenied, PKIError, UpdateRejected, UploadIncomplete
+from fedlink.common.errors import (
+    AccessDenied,
+    PKIError,
+    StorageError,
+    UpdateRejected,
+    UploadIncomplete,
+)
 from fedlink.common.secagg_wire import setup_to_proto
 from fedlink.common.wire import JOIN_REQUIRED, SESSION_METADATA_KEY, PayloadInfo
 from fedlink.server.access import AccessPolicy, Sessions, parse_peer
@@ -139,7 +145,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             _abort(context, error)
         try:
             upload = self._engine.open_result(identity, _result_header(first.header))
-        except UpdateRejected as exc:
+        except (UpdateRejected, StorageError) as exc:
             _abort(context, exc)
         received = 0
         try:
@@ -154,6 +160,9 @@ class FederationServicer(pb_grpc.FederationServicer):
             _abort(context, exc)
         except UploadIncomplete as exc:
             self._engine.abandon_result(upload)
+            _abort(context, exc)
+        except StorageError as exc:
+            self._engine.defer_result(upload, exc)
             _abort(context, exc)
         except BaseException:
             # The client cancelled or disconnected mid-upload (grpc.RpcError), or worse.
@@ -309,7 +318,8 @@ def _parse_streamed(parse: Callable[[bytes], Any], raw: bytes) -> Any:
 
 
 def _abort(
-    context: grpc.ServicerContext, exc: UpdateRejected | UploadIncomplete | AccessDenied
+    context: grpc.ServicerContext,
+    exc: UpdateRejected | UploadIncomplete | AccessDenied | StorageError,
 ) -> NoReturn:
     context.abort(grpc.StatusCode[exc.code], str(exc))
 
