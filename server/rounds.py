@@ -467,16 +467,6 @@ class RoundEngine:
 
     def open_result(self, identity: str, header: ResultHeader) -> ResultUpload:
         """Check a result header before any payload byte is accepted."""
-        reserved = 0
-        if header.payload is not None:
-            reserved = self._reserve_spool_space(header.payload.size)
-        try:
-            return self._open_result(identity, header, reserved)
-        except BaseException:
-            self._release_spool_space(reserved)
-            raise
-
-    def _open_result(self, identity: str, header: ResultHeader, reserved: int) -> ResultUpload:
         with self._cond:
             phase = self._phase
             if phase is None or not phase.open or header.task_id != phase.task_id:
@@ -520,6 +510,9 @@ class RoundEngine:
             if header.payload is not None:
                 spool = self._spool_dir / f"{uuid.uuid4().hex}.part"
             encoding, max_size = self._expected_payload(phase)
+            reserved = 0
+            if header.payload is not None and header.payload.size <= max_size:
+                reserved = self._reserve_spool_space(header.payload.size)
             try:
                 upload = ResultUpload(
                     identity,
@@ -530,7 +523,10 @@ class RoundEngine:
                     encoding=encoding,
                     release=lambda: self._release_spool_space(reserved),
                 )
-            except PayloadError as exc:
+            except (PayloadError, StorageError) as exc:
+                self._release_spool_space(reserved)
+                if isinstance(exc, StorageError):
+                    raise
                 code = (
                     "RESOURCE_EXHAUSTED" if "exceeds the limit" in str(exc) else "INVALID_ARGUMENT"
                 )
