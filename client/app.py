@@ -39,6 +39,7 @@ from fedlink.common.tasks.base import (
 )
 from fedlink.common.tasks.training import check_dpsgd_model
 from fedlink.common.tensors import open_state_file, save_state_file
+from fedlink.common.threads import size_torch_threads
 from fedlink.common.wire import (
     ENCODING,
     JOIN_REQUIRED,
@@ -66,11 +67,20 @@ class FatalClientError(FedlinkError):
 
 
 def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but no CUDA device is available")
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    return torch.device("cuda")
+    if choice == "auto":
+        return torch.device("cuda")
+    device = torch.device(choice)  # "cuda" or "cuda:N", checked by ClientConfig
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if available == 0:
+        raise ConfigError(f"--device {choice} was requested but no CUDA device is available")
+    if device.index is not None and device.index >= available:
+        raise ConfigError(
+            f"--device {choice} was requested but this machine has {available} CUDA "
+            f"device(s): cuda:0 to cuda:{available - 1}"
+        )
+    return device
 
 
 def train_config_from(task_config: Mapping[str, str], seed: int) -> TrainConfig:
@@ -107,6 +117,7 @@ class FederationClient:
         self._config = config
         self._task: TaskModule = load_task(config.task)
         self._device = pick_device(config.device)
+        self._threads = size_torch_threads(config.threads)
         self._data: ClientData = self._task.load_data(
             DataRequest(
                 partition=config.partition,
@@ -135,7 +146,12 @@ class FederationClient:
         self._dpsgd_accountant = PrivacyAccountant()
 
     def run(self) -> int:
-        log.info("client running task %s on %s", self._config.task, self._device)
+        log.info(
+            "client running task %s on %s (%d CPU threads)",
+            self._config.task,
+            self._device,
+            self._threads,
+        )
         if self._attack is not None:
             log.warning(
                 "SIMULATED ATTACK %r: this client sends malicious updates (evaluation only)",

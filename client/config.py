@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedlink.common.errors import ConfigError
 from fedlink.common.logs import check_log_format
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -47,7 +50,17 @@ class ClientConfig:
     seed: int = field(
         default=0, metadata=_help("partition seed (must be the same on every client)")
     )
-    device: str = field(default="auto", metadata=_help("auto (CUDA when available), cpu or cuda"))
+    device: str = field(
+        default="auto",
+        metadata=_help("auto (CUDA when available), cpu, cuda, or cuda:N for the N-th GPU"),
+    )
+    threads: int = field(
+        default=0,
+        metadata=_help(
+            "torch CPU threads; 0: OMP_NUM_THREADS when set, else the CPUs this process may use "
+            "(affinity and cgroup quota)"
+        ),
+    )
     reconnect_timeout_seconds: float = field(
         default=300.0,
         metadata=_help("give up after the coordinator has been unreachable this long"),
@@ -74,8 +87,12 @@ class ClientConfig:
                 "TLS needs --cert, --key and --ca (your site's bundle from `fedlink certs issue "
                 "--client`); --insecure exists for local development only"
             )
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(
+                f"device must be auto, cpu, cuda or cuda:N (N = 0, 1, ...), got {self.device!r}"
+            )
+        if self.threads < 0:
+            raise ConfigError(f"threads must be 0 (automatic) or positive, got {self.threads}")
         if self.num_partitions < 1 or not 0 <= self.partition_index < self.num_partitions:
             raise ConfigError(
                 f"partition_index must be in 0..{self.num_partitions - 1}, got {self.partition_index}"

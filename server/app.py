@@ -22,6 +22,7 @@ from fedlink.common.storage import publish_file
 from fedlink.common.tasks import load_task
 from fedlink.common.tasks.base import TaskModule
 from fedlink.common.tensors import StateDict
+from fedlink.common.threads import size_torch_threads
 from fedlink.common.wire import MESSAGE_OVERHEAD
 from fedlink.server.checkpoints import CheckpointStore, check_resumable, run_identity
 from fedlink.server.config import ServerConfig
@@ -145,6 +146,8 @@ def run_server(config: ServerConfig) -> int:
 
 
 def _coordinate(config: ServerConfig) -> int:
+    threads = size_torch_threads(config.threads)
+    log.debug("torch computes with %d CPU threads", threads)
     task = load_task(config.task)
     checkpoint = CheckpointStore(config.state_dir, keep=config.keep_checkpoints).latest()
     if checkpoint is not None:

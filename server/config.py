@@ -121,6 +121,13 @@ class ServerConfig:
         metadata=_help("host:port for the Prometheus metrics endpoint (plain HTTP; unset = off)"),
     )
     log_format: str = field(default="text", metadata=_help("log lines on stderr: text or json"))
+    threads: int = field(
+        default=0,
+        metadata=_help(
+            "torch CPU threads for aggregation and evaluation; 0: OMP_NUM_THREADS when set, else "
+            "the CPUs this process may use (affinity and cgroup quota)"
+        ),
+    )
     # Access control and resource limits (docs/security.md).
     allowed_clients: tuple[str, ...] = field(
         default=(),
@@ -255,6 +262,8 @@ class ServerConfig:
         if self.below_quorum not in ("retry", "wait"):
             raise ConfigError(f"below_quorum must be retry or wait, got {self.below_quorum!r}")
         check_log_format(self.log_format)
+        if self.threads < 0:
+            raise ConfigError(f"threads must be 0 (automatic) or positive, got {self.threads}")
         rule = parse_rule(self.aggregation)
         if self.min_results < rule.min_updates:
             raise ConfigError(

@@ -1162,7 +1162,7 @@ class RoundEngine:
         """
         cfg = self._config
         needed = max(cfg.min_fit_clients, cfg.min_clients if round_number == 1 else 0)
-        announced = False
+        announced = -1  # the population size last logged: one line whenever it changes
         with self._cond:
             while not stop.is_set():
                 if cfg.below_quorum == "wait":
@@ -1176,9 +1176,15 @@ class RoundEngine:
                     count = max(cfg.min_fit_clients, math.ceil(cfg.fraction_fit * len(population)))
                     rng = random.Random(f"{cfg.seed}:{round_number}:{attempt}")
                     return sorted(rng.sample(population, min(count, len(population))))
-                if not announced:
-                    log.info("waiting for clients: %d of %d connected", len(population), needed)
-                    announced = True
+                if len(population) != announced:
+                    log.info(
+                        "round %d: waiting for %d more client(s) (%d of %d connected)",
+                        round_number,
+                        needed - len(population),
+                        len(population),
+                        needed,
+                    )
+                    announced = len(population)
                 self._cond.wait(0.5)
         return None
 

@@ -25,8 +25,17 @@ def test_auto_device_is_cuda_only_when_cuda_exists() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_insisting_on_cuda_without_a_gpu_is_a_clear_error() -> None:
-    with pytest.raises(ConfigError, match="no CUDA device"):
-        pick_device("cuda")
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            pick_device(device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_numbered_gpu_is_used_and_one_beyond_the_machines_is_refused() -> None:
+    count = torch.cuda.device_count()
+    assert pick_device(f"cuda:{count - 1}") == torch.device(f"cuda:{count - 1}")
+    with pytest.raises(ConfigError, match=f"has {count} CUDA device"):
+        pick_device(f"cuda:{count}")
 
 
 def test_training_settings_from_the_coordinator_are_parsed() -> None:

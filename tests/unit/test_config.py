@@ -322,7 +322,11 @@ def test_nan_for_a_positive_float_is_rejected(cls: type[Any], field: str) -> Non
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        ({"device": "tpu"}, "device must be auto, cpu or cuda"),
+        ({"device": "tpu"}, "device must be auto, cpu, cuda or cuda:N"),
+        ({"device": "cuda:-1"}, "device must be"),
+        ({"device": "cuda:x"}, "device must be"),
+        ({"device": "cuda:0 "}, "device must be"),
+        ({"threads": -1}, "threads must be 0"),
         ({"num_partitions": 0}, "partition_index"),
         ({"num_partitions": 3, "partition_index": 3}, "partition_index must be in 0..2"),
         ({"partition_index": -1}, "partition_index"),
@@ -332,6 +336,11 @@ def test_nan_for_a_positive_float_is_rejected(cls: type[Any], field: str) -> Non
 def test_out_of_range_client_values_are_rejected(overrides: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         load_config(ClientConfig, environ=DEV, overrides=overrides)
+
+
+def test_a_numbered_gpu_is_a_valid_client_device() -> None:
+    for device in ("cuda", "cuda:0", "cuda:7"):
+        assert load_config(ClientConfig, environ=DEV, overrides={"device": device}).device == device
 
 
 def test_allowed_clients_is_a_toml_list_or_a_comma_separated_string(tmp_path: Path) -> None:
