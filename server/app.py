@@ -27,10 +27,11 @@ from fedlink.common.wire import MESSAGE_OVERHEAD
 from fedlink.server.checkpoints import CheckpointStore, check_resumable, run_identity
 from fedlink.server.config import ServerConfig
 from fedlink.server.monitoring import MetricsEndpoint
-from fedlink.server.report import MetricsLog, plot_accuracy, read_metrics, table_header, table_row
+from fedlink.server.report import MetricsLog, plot_metrics, read_metrics, table_header, table_row
 from fedlink.server.rounds import Evaluator, RoundEngine, RoundRecord
 from fedlink.server.service import FederationServicer, RequestParsing
 from fedlink.server.state_lock import lock_state_dir
+from fedlink.server.tracking import close_trackers, open_trackers, track_round
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -165,8 +166,11 @@ def _coordinate(config: ServerConfig) -> int:
     else:
         metrics.resume(checkpoint.round, checkpoint.record)
 
+    trackers = open_trackers(config)
+
     def on_round(record: RoundRecord) -> None:
         metrics.append(record)
+        track_round(trackers, record)
         print(table_row(dataclasses.asdict(record)), flush=True)
 
     engine = RoundEngine(
@@ -202,6 +206,7 @@ def _coordinate(config: ServerConfig) -> int:
     finally:
         listening.set_serving(False)
         _restore_signal_handlers(previous)
+        close_trackers(trackers)
 
     if summary.storage_failure is not None:
         listening.server.stop(grace=2.0).wait()
@@ -211,7 +216,7 @@ def _coordinate(config: ServerConfig) -> int:
     publish_file(summary.final_model, config.run_dir / "final_model.safetensors")
     records = read_metrics(metrics.path)
     if records:
-        plot_accuracy(records, config.run_dir / "accuracy.png")
+        plot_metrics(records, config.run_dir / "accuracy.png")
     engine.wait_for_stop_delivery(grace_seconds=15.0)
     listening.server.stop(grace=2.0).wait()
     if endpoint is not None:

@@ -128,6 +128,22 @@ class ServerConfig:
             "the CPUs this process may use (affinity and cgroup quota)"
         ),
     )
+    tensorboard: bool = field(
+        default=True,
+        metadata=_help(
+            "write TensorBoard event files of every round's metrics to run_dir/tensorboard"
+        ),
+    )
+    mlflow_tracking_uri: str | None = field(
+        default=None,
+        metadata=_help(
+            "log the settings and every round's metrics to this MLflow tracking server (needs "
+            "the mlflow extra; unset = off)"
+        ),
+    )
+    mlflow_experiment: str = field(
+        default="fedlink", metadata=_help("MLflow experiment the run is logged under")
+    )
     # Access control and resource limits (docs/security.md).
     allowed_clients: tuple[str, ...] = field(
         default=(),

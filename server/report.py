@@ -1,4 +1,4 @@
-"""What a run leaves behind for people: metrics.jsonl, a round table, an accuracy plot."""
+"""What a run leaves behind for people: metrics.jsonl, a round table, a plot of its metrics."""
 
 from __future__ import annotations
 
@@ -88,28 +88,53 @@ def format_table(records: Iterable[Mapping[str, Any]]) -> str:
     return "\n".join([table_header(), *(table_row(r) for r in records)])
 
 
-def plot_accuracy(records: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Accuracy per round (centralized test set and federated evaluation) as a PNG."""
+# The plot's panels: what each shows and which metrics.jsonl fields it draws, as (field, label).
+PLOT_PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("accuracy", (("test_accuracy", "centralized test"), ("federated_accuracy", "federated eval"))),
+    (
+        "loss",
+        (
+            ("train_loss", "training (clients)"),
+            ("test_loss", "centralized test"),
+            ("federated_loss", "federated eval"),
+        ),
+    ),
+    ("privacy spent (epsilon)", (("epsilon", "DP-FedAvg"), ("dpsgd_epsilon", "DP-SGD, largest"))),
+)
+
+
+def plot_metrics(records: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Every metric the run reported, one panel per kind (accuracy, loss, privacy), as a PNG.
+    A panel whose metrics the run never reported is left out."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and in containers
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    rounds = [r["round"] for r in records]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (
-        ("test_accuracy", "centralized test"),
-        ("federated_accuracy", "federated eval"),
-    ):
-        points = [(n, r[key]) for n, r in zip(rounds, records, strict=True) if r[key] is not None]
-        if points:
+    panels = []
+    for title, series in PLOT_PANELS:
+        lines = []
+        for key, label in series:
+            points = [(r["round"], r[key]) for r in records if r.get(key) is not None]
+            if points:
+                lines.append((label, points))
+        if lines:
+            panels.append((title, lines))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels, strict=True):
+        for label, points in lines:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=label)
-    ax.set_xlabel("round")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    ax.set_title("fedlink: global model accuracy")
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(title)
+        if title == "accuracy":
+            ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+    fig.suptitle("fedlink: global model per round")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import wait_for_file
-from test_fault_tolerance import _wait_until
+from test_fault_tolerance import _records, _wait_until
 from test_federation_run import _client, _kill_all, _log, _server
 
 
@@ -50,3 +51,57 @@ def test_the_coordinator_says_how_many_clients_round_one_still_waits_for(
         _kill_all([server, *clients])
     # --threads 1 is what torch computes with (the other client: OMP_NUM_THREADS=1 from the env).
     assert "client running task digits on cpu (1 CPU threads)" in _log(tmp_path, "site-0")
+
+
+def test_every_round_reaches_tensorboard_and_mlflow_as_in_metrics_jsonl(
+    pki: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    mlruns = f"file://{tmp_path / 'mlruns'}"
+    # MLflow 3 keeps its file store only on request; a real deployment points at a server.
+    env = {"MLFLOW_ALLOW_FILE_STORE": "true"}
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for the reader below
+    address_file = tmp_path / "address"
+    server = _server(
+        pki,
+        tmp_path,
+        "run",
+        env,
+        listen="127.0.0.1:0",
+        address_file=address_file,
+        num_rounds=3,
+        mlflow_tracking_uri=mlruns,
+        mlflow_experiment="hospitals",
+    )
+    client = None
+    try:
+        client = _client(pki, tmp_path, "site-0", wait_for_file(address_file, server))
+        assert server.wait(timeout=120) == 0, _log(tmp_path, "run")
+        assert client.wait(timeout=60) == 0
+    finally:
+        _kill_all([server, client])
+    records = _records(tmp_path / "run")
+    expected = [(r["round"], r["test_accuracy"]) for r in records]
+    assert [e[0] for e in expected] == [1, 2, 3]
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    scalars = [(e.step, e.value) for e in events.Scalars("test_accuracy")]
+    assert [s[0] for s in scalars] == [1, 2, 3]
+    assert all(abs(s[1] - e[1]) < 1e-6 for s, e in zip(scalars, expected, strict=True))
+    assert {"train_loss", "seconds", "bytes_up", "clients_accepted"} <= set(
+        events.Tags()["scalars"]
+    )
+
+    mlflow = MlflowClient(tracking_uri=mlruns)
+    experiment = mlflow.get_experiment_by_name("hospitals")
+    assert experiment is not None
+    (run,) = mlflow.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "run" and run.info.status == "FINISHED"
+    assert run.data.params["task"] == "digits" and run.data.params["num_rounds"] == "3"
+    assert "cert" not in run.data.params and "key" not in run.data.params
+    history = mlflow.get_metric_history(run.info.run_id, "test_accuracy")
+    assert [(m.step, round(m.value, 6)) for m in history] == [(r, round(a, 6)) for r, a in expected]
+    assert (tmp_path / "run" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
