@@ -205,7 +205,7 @@ def session(n: int, ring_bits: int, dropped: int, neighbours: int = 0) -> dict[s
     decode_seconds = time.perf_counter() - start
 
     included = [k for k, identity in enumerate(ids) if identity not in gone]
-    plain = StreamingFedAvg(manifest)
+    plain = StreamingFedAvg(manifest, states[0])
     plain_start = time.perf_counter()
     for k in included:
         plain.add(states[k], weights[k])

@@ -7,7 +7,7 @@ Server memory is one accumulator the size of the model, independent of the numbe
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -19,17 +19,38 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def median_with_global(global_tensor: torch.Tensor, values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The element-wise median of the global model's value and every update's value (the upper
+    one of the two middle values when there is an even number of them).
+
+    The rule for integer and bool tensors (BatchNorm's num_batches_tracked, masks): they are
+    counters or flags, not weights, so they are not averaged. The global model's value votes
+    too, so one client cannot move the result outside the range spanned by the global value and
+    the other clients' values: alone with one honest peer it can neither push a counter to the
+    int64 maximum nor below where it was. Holds (clients + 1) copies of each integer tensor.
+    """
+    stacked = torch.stack([global_tensor, *values])
+    as_sortable = stacked.to(torch.uint8) if stacked.dtype == torch.bool else stacked
+    middle = torch.sort(as_sortable, dim=0).values[len(stacked) // 2]
+    return middle.to(global_tensor.dtype)
+
+
 class StreamingFedAvg:
     """new = sum(n_i * w_i) / sum(n_i) over floating tensors.
 
     Integer and bool tensors (e.g. BatchNorm's num_batches_tracked) are counters or masks, not
-    weights: averaging them is meaningless, so the element-wise maximum is kept instead.
+    weights: they take `median_with_global` of the global model's and the updates' values.
     """
 
-    def __init__(self, manifest: Manifest) -> None:
+    def __init__(self, manifest: Manifest, global_state: Mapping[str, torch.Tensor]) -> None:
         self._manifest = manifest
         self._sums: StateDict = {}
-        self._maxima: StateDict = {}
+        self._global_integers = {
+            name: global_state[name]
+            for name, spec in manifest.items()
+            if not spec.dtype.is_floating_point
+        }
+        self._integers: dict[str, list[torch.Tensor]] = {name: [] for name in self._global_integers}
         self.total_weight = 0.0
         self.num_updates = 0
 
@@ -44,10 +65,8 @@ class StreamingFedAvg:
                 if name not in self._sums:
                     self._sums[name] = torch.zeros(spec.shape, dtype=acc_dtype)
                 self._sums[name].add_(tensor.to(acc_dtype), alpha=weight)
-            elif name not in self._maxima:
-                self._maxima[name] = tensor.clone()
             else:
-                torch.maximum(self._maxima[name], tensor, out=self._maxima[name])
+                self._integers[name].append(tensor.clone())
         self.total_weight += weight
         self.num_updates += 1
 
@@ -62,5 +81,22 @@ class StreamingFedAvg:
                 acc.div_(self.total_weight)
                 out[name] = acc if acc.dtype == spec.dtype else acc.to(spec.dtype)
             else:
-                out[name] = self._maxima.pop(name)
+                out[name] = median_with_global(
+                    self._global_integers[name], self._integers.pop(name)
+                )
         return out
+
+
+def weighted_magnitude(state: Mapping[str, torch.Tensor], weight: float) -> float:
+    """weight x the largest |value| of the floating tensors: what one update can add to any
+    element of a FedAvg sum."""
+    largest = 0.0
+    for tensor in state.values():
+        if tensor.dtype.is_floating_point and tensor.numel():
+            largest = max(largest, float(tensor.abs().max()))
+    return weight * largest
+
+
+# The largest element a FedAvg sum may reach: half the float32 range (the accumulator type of
+# every float32 and half-precision tensor), so the sum, and the mean, stay finite.
+SUM_LIMIT = float(torch.finfo(torch.float32).max) / 2

@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from fedlink.common.accounting import MechanismStep, compact
-from fedlink.common.errors import ConfigError
+from fedlink.common.errors import ConfigError, TensorFormatError
 from fedlink.common.storage import write_durably
+from fedlink.common.tensors import open_state_file
 from fedlink.common.wire import PayloadFile
 from fedlink.server.config import ServerConfig
+from fedlink.server.validation import non_finite_tensors
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ class CheckpointStore:
             path = self._dir / f"round-{number:06d}.json"
             try:
                 return self._load(path)
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+            except (OSError, ValueError, KeyError, TypeError, TensorFormatError) as exc:
                 log.warning("checkpoint %s is unusable (%s); trying the previous one", path, exc)
         if rounds:
             raise ConfigError(
@@ -113,6 +115,12 @@ class CheckpointStore:
             raise ValueError(
                 f"{model.path.name} has SHA-256 {actual[:12]}…, expected {expected[:12]}…"
             )
+        with open_state_file(model.path) as state:
+            broken = non_finite_tensors(state)
+        if broken:
+            # Never written by this coordinator (it checks every aggregate), so the file was
+            # produced elsewhere: resuming from it would publish a poisoned model.
+            raise ValueError(f"{model.path.name} holds NaN or Inf in {', '.join(broken[:5])}")
         return Checkpoint(
             round=int(document["round"]),
             model=model,

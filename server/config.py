@@ -79,6 +79,13 @@ class ServerConfig:
         default=0.01, metadata=_help("local SGD learning rate (sent to clients)")
     )
     momentum: float = field(default=0.9, metadata=_help("local SGD momentum (sent to clients)"))
+    max_update_norm_ratio: float = field(
+        default=100.0,
+        metadata=_help(
+            "refuse an update farther than this many times |global model| (L2, at least 1) from "
+            "the global model; 0 = no bound (the aggregate is still kept finite)"
+        ),
+    )
     max_num_examples: int = field(
         default=10_000_000,
         metadata=_help("cap on a client's reported sample count (its aggregation weight)"),
@@ -274,6 +281,11 @@ class ServerConfig:
             raise ConfigError(
                 "liveness_timeout_seconds must be at least twice heartbeat_interval_seconds, or "
                 "one late heartbeat would drop a healthy client"
+            )
+        if not (math.isfinite(self.max_update_norm_ratio) and self.max_update_norm_ratio >= 0):
+            raise ConfigError(
+                "max_update_norm_ratio must be a finite number >= 0 (0 turns the bound off), got "
+                f"{self.max_update_norm_ratio}"
             )
         if self.below_quorum not in ("retry", "wait"):
             raise ConfigError(f"below_quorum must be retry or wait, got {self.below_quorum!r}")

@@ -13,7 +13,7 @@ models; Krum's distances and the clipping norms are exact only on deltas.
 
 Robust rules ignore the clients' sample counts: those are reported by the client, and an attacker
 reports the federation's cap. Integer and bool tensors (e.g. BatchNorm's num_batches_tracked) are
-counters, not weights: every rule keeps their element-wise maximum, as `StreamingFedAvg` does.
+counters, not weights: every rule takes `median_with_global` of them, as `StreamingFedAvg` does.
 Results depend only on the updates and their order (the engine passes them sorted by identity).
 """
 
@@ -29,7 +29,7 @@ import torch
 
 from fedlink.common.errors import ConfigError
 from fedlink.common.tensors import Manifest, StateDict
-from fedlink.server.aggregation import StreamingFedAvg, accumulator_dtype
+from fedlink.server.aggregation import StreamingFedAvg, accumulator_dtype, median_with_global
 
 log = logging.getLogger(__name__)
 
@@ -122,23 +122,18 @@ class RoundUpdates:
 
     def combine(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> StateDict:
         """global + reduce(deltas) slice by slice for floating tensors, where `reduce` maps
-        n x len deltas to len combined deltas; element-wise maximum for the others."""
+        n x len deltas to len combined deltas; `median_with_global` for the others."""
         out: StateDict = {}
         for name, spec in self.manifest.items():
             if not spec.dtype.is_floating_point:
-                out[name] = self.maximum(name)
+                values = [state[name] for _, state in self.updates]
+                out[name] = median_with_global(self.global_state[name], values)
                 continue
             result = torch.empty(math.prod(spec.shape), dtype=accumulator_dtype(spec.dtype))
             for start, base, rows in self.slices(name):
                 result[start : start + len(base)] = base.add_(reduce(rows))
             out[name] = result.reshape(spec.shape).to(spec.dtype)
         return out
-
-    def maximum(self, name: str) -> torch.Tensor:
-        result = self.updates[0][1][name].clone()
-        for _, state in self.updates[1:]:
-            torch.maximum(result, state[name], out=result)
-        return result
 
 
 class AggregationRule(ABC):
@@ -188,7 +183,7 @@ class FedAvg(AggregationRule):
     name = "fedavg"
 
     def combine(self, updates: RoundUpdates) -> StateDict:
-        average = StreamingFedAvg(updates.manifest)
+        average = StreamingFedAvg(updates.manifest, updates.global_state)
         for index, (weight, _) in enumerate(updates.updates):
             average.add(updates.state(index), weight)
         return average.result()

@@ -70,13 +70,20 @@ from fedlink.common.wire import (
     PayloadFile,
     PayloadInfo,
 )
-from fedlink.server.aggregation import StreamingFedAvg
+from fedlink.server.aggregation import SUM_LIMIT, StreamingFedAvg, weighted_magnitude
 from fedlink.server.checkpoints import Checkpoint, CheckpointStore, run_identity
 from fedlink.server.config import ServerConfig
 from fedlink.server.monitoring import CoordinatorMetrics
 from fedlink.server.privacy import ROUND_SAMPLE_RATE, DPFedAvg
 from fedlink.server.robust import FedAvg, parse_rule
-from fedlink.server.validation import check_metrics, check_num_examples, check_update
+from fedlink.server.validation import (
+    check_metrics,
+    check_num_examples,
+    check_update,
+    check_update_bound,
+    model_norm,
+    non_finite_tensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +188,10 @@ class _Phase:
     metrics: list[tuple[int, Mapping[str, float]]] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     overdue_logged: bool = False
+    # Plain training: |global| (for max_update_norm_ratio, measured once) and the sum of
+    # weight x largest |value| over the accepted updates (what the FedAvg sum can reach).
+    global_norm: float | None = None
+    weighted_magnitude: float = 0.0
 
     def done(self) -> bool:
         return self.finished >= self.participants
@@ -602,6 +613,7 @@ class RoundEngine:
                     try:
                         with open_state_file(upload.spool) as state:
                             check_update(state, self._manifest)
+                            self._check_bounds(phase, state, float(upload.header.num_examples))
                     except TensorFormatError as exc:
                         raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
                 if not phase.open:
@@ -637,6 +649,26 @@ class RoundEngine:
         log.debug(
             "accepted %s result from %s (round %d)", phase.kind.value, upload.identity, phase.round
         )
+
+    def _check_bounds(
+        self, phase: _Phase, state: Mapping[str, torch.Tensor], weight: float
+    ) -> None:
+        """An update must stay within max_update_norm_ratio of the global model, and must not be
+        able to push the aggregate out of the finite range (checked whatever the ratio)."""
+        ratio = self._config.max_update_norm_ratio
+        if ratio > 0:
+            with open_state_file(phase.payload.path) as global_state:
+                if phase.global_norm is None:
+                    phase.global_norm = model_norm(global_state)
+                check_update_bound(state, global_state, ratio=ratio, global_norm=phase.global_norm)
+        magnitude = weighted_magnitude(state, weight)
+        if not phase.weighted_magnitude + magnitude <= SUM_LIMIT:
+            raise UpdateRejected(
+                "INVALID_ARGUMENT",
+                f"update would make the aggregate non-finite: num_examples x its largest value "
+                f"= {magnitude:.3g}",
+            )
+        phase.weighted_magnitude += magnitude
 
     def reject_result(self, upload: ResultUpload, error: UpdateRejected) -> None:
         """The upload broke the protocol: drop this participant's result for the phase."""
@@ -709,6 +741,15 @@ class RoundEngine:
                     train = self._train_plainly(round_number, sampled, stop)
                 if train is None:
                     break
+                if train.state is not None and (broken := non_finite_tensors(train.state)):
+                    # Every update was checked, so this takes a rule or a decoded secure sum gone
+                    # wrong; whatever the cause, such a model is never published or checkpointed.
+                    log.error(
+                        "round %d: the aggregate has non-finite values in %s; it is discarded",
+                        round_number,
+                        ", ".join(broken[:5]),
+                    )
+                    train.state = None
                 if train.state is None:
                     failures += 1
                     avoid = frozenset(sampled) - train.answered
@@ -1132,14 +1173,14 @@ class RoundEngine:
         """
         updates = [phase.accepted[identity] for identity in sorted(phase.accepted)]
         try:
-            if type(self._rule) is FedAvg:
-                average = StreamingFedAvg(self._manifest)
-                for update in updates:
-                    with open_state_file(update.spool) as state:
-                        average.add(state, update.weight)
-                return average.result()
             with ExitStack() as files:
                 global_state = files.enter_context(open_state_file(phase.payload.path))
+                if type(self._rule) is FedAvg:
+                    average = StreamingFedAvg(self._manifest, global_state)
+                    for update in updates:
+                        with open_state_file(update.spool) as state:
+                            average.add(state, update.weight)
+                    return average.result()
                 states = [files.enter_context(open_state_file(u.spool)) for u in updates]
                 weighted = [(u.weight, state) for u, state in zip(updates, states, strict=True)]
                 return self._rule.aggregate(global_state, weighted, self._manifest)

@@ -58,6 +58,64 @@ def check_update(state: Mapping[str, torch.Tensor], manifest: Manifest) -> None:
             raise UpdateRejected("INVALID_ARGUMENT", f"tensor {name!r} contains NaN or Inf")
 
 
+def check_update_bound(
+    state: Mapping[str, torch.Tensor],
+    global_state: Mapping[str, torch.Tensor],
+    *,
+    ratio: float,
+    global_norm: float,
+) -> None:
+    """The update moves the model by at most `ratio` x max(|global|, 1) (L2 over the floating
+    tensors, in float64 so that extreme values cannot overflow the check itself)."""
+    limit = ratio * max(global_norm, 1.0)
+    squares = 0.0
+    for name, tensor in state.items():
+        if tensor.dtype.is_floating_point:
+            squares += _squared_distance(tensor, global_state[name])
+    distance = math.sqrt(squares)
+    if not distance <= limit:
+        raise UpdateRejected(
+            "INVALID_ARGUMENT",
+            f"update is {distance:.3g} away from the global model, more than max_update_norm_ratio "
+            f"x |global| = {limit:.3g}",
+        )
+
+
+def model_norm(state: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm over the floating tensors, in float64."""
+    squares = 0.0
+    for tensor in state.values():
+        if tensor.dtype.is_floating_point:
+            squares += _squared_distance(tensor, None)
+    return math.sqrt(squares)
+
+
+# Elements converted to float64 at a time: bounds the temporary memory whatever the tensor size.
+_SLICE = 1 << 20
+
+
+def _squared_distance(tensor: torch.Tensor, other: torch.Tensor | None) -> float:
+    """sum((tensor - other)^2) (other None: 0) in float64, a slice at a time."""
+    flat = tensor.reshape(-1)
+    flat_other = None if other is None else other.reshape(-1)
+    total = 0.0
+    for start in range(0, flat.numel(), _SLICE):
+        part = flat[start : start + _SLICE].to(torch.float64, copy=True)  # never in place
+        if flat_other is not None:
+            part -= flat_other[start : start + _SLICE].to(torch.float64)
+        total += float(part.pow_(2).sum())
+    return total
+
+
+def non_finite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating tensors holding NaN or Inf (a model that must not be published)."""
+    return [
+        name
+        for name, tensor in state.items()
+        if tensor.dtype.is_floating_point and not _all_finite(tensor)
+    ]
+
+
 def _all_finite(tensor: torch.Tensor) -> bool:
     """Exact, and fast for the common case: one reduction without a temporary. NaN and Inf
     propagate into the sum, so a finite sum proves every element finite; a non-finite sum may

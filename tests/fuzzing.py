@@ -16,6 +16,7 @@ import collections
 import hashlib
 import itertools
 import json
+import math
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from hypothesis import strategies as st
 
 from fedlink.common.tensors import encode_state
 from fedlink.common.wire import SESSION_METADATA_KEY
+from fedlink.server.aggregation import SUM_LIMIT
 from fedlink.v1 import federation_pb2 as pb
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
@@ -188,12 +190,32 @@ def would_accept(messages: list[bytes], task: pb.TaskHeader, global_payload: byt
     reference = safetensors.torch.load(global_payload)
     if update.keys() != reference.keys():
         return False
-    return all(
+    if not all(
         u.dtype == r.dtype
         and u.shape == r.shape
         and (not u.dtype.is_floating_point or bool(torch.isfinite(u).all()))
         for u, r in ((update[k], reference[k]) for k in reference)
+    ):
+        return False
+    return within_bounds(update, reference, float(header.num_examples))
+
+
+# The coordinator's default max_update_norm_ratio, which the fuzz targets keep.
+UPDATE_NORM_RATIO = 100.0
+
+
+def within_bounds(
+    update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], weight: float
+) -> bool:
+    """Whether a well-formed update passes the coordinator's bounds: within UPDATE_NORM_RATIO of
+    the global model, and unable to overflow a FedAvg sum (weight x largest value)."""
+    floats = [name for name, t in reference.items() if t.dtype.is_floating_point]
+    distance = math.sqrt(
+        sum(float((update[n].double() - reference[n].double()).pow(2).sum()) for n in floats)
     )
+    norm = math.sqrt(sum(float(reference[n].double().pow(2).sum()) for n in floats))
+    largest = max((float(update[n].abs().max()) for n in floats if update[n].numel()), default=0.0)
+    return distance <= UPDATE_NORM_RATIO * max(norm, 1.0) and weight * largest <= SUM_LIMIT
 
 
 # --- building blocks ---------------------------------------------------------------------------
@@ -596,6 +618,42 @@ def stale_case(client: FuzzClient, data: st.DataObject) -> None:
         raise ServerFailure("a refused stale upload used up the client's submission")
 
 
+@st.composite
+def extreme_updates(draw: st.DrawFn, state: dict[str, torch.Tensor]) -> tuple[bytes, int]:
+    """A well-formed update with finite but extreme values: some or all floating tensors set to
+    (or scaled by) something near their dtype's largest value or far beyond the global model,
+    under any sample count. Returns the payload and the sample count."""
+    floats = [name for name, t in state.items() if t.dtype.is_floating_point]
+    chosen = draw(st.lists(st.sampled_from(floats), min_size=1, unique=True))
+    forged = dict(state)
+    for name in chosen:
+        tensor = state[name]
+        largest = float(torch.finfo(tensor.dtype).max)
+        magnitude = draw(
+            st.sampled_from([1e4, 1e6, 1e12, 1e20, 1e30, 1e38, 3.0e38, largest / 2, largest])
+        )
+        magnitude = min(magnitude, largest)
+        sign = draw(st.sampled_from([1.0, -1.0]))
+        if draw(st.booleans()):
+            forged[name] = torch.full_like(tensor, sign * magnitude)
+        else:  # one element only: invisible to a mean, not to a bound
+            spiked = tensor.clone().reshape(-1)
+            where = draw(st.floats(0.0, 1.0, exclude_max=True))
+            spiked[int(where * spiked.numel())] = sign * magnitude
+            forged[name] = spiked.reshape(tensor.shape)
+    return encode_state(forged), draw(st.integers(1, 1000))
+
+
+def extreme_case(client: FuzzClient, data: st.DataObject) -> None:
+    """Finite but extreme values: must be refused before they reach the aggregate."""
+    task = client.task()  # pulls the global model that honest_state starts from
+    payload, num_examples = data.draw(extreme_updates(client.honest_state()))
+    messages = [result_header(task, payload), *chunked(payload)]
+    messages[0].header.num_examples = num_examples
+    client.send("extreme", _raw(messages), allowed=[grpc.StatusCode.INVALID_ARGUMENT])
+    client.settle()
+
+
 OUTSIDER_REQUESTS = {
     "/fedlink.v1.Federation/Join": pb.JoinRequest,
     "/fedlink.v1.Federation/Heartbeat": pb.HeartbeatRequest,
@@ -643,5 +701,6 @@ FAMILIES: dict[str, Callable[[FuzzClient, st.DataObject], None]] = {
     "chunks": chunks_case,
     "safetensors": safetensors_case,
     "stale-task": stale_case,
+    "extreme": extreme_case,
     "outsider": outsider_case,
 }

@@ -1,5 +1,5 @@
 """Property-based fuzzing of a live coordinator over mTLS: malformed protobuf bytes, broken chunk
-sequences, crafted safetensors headers and stale task ids. Every case is refused with a precise
+sequences, crafted safetensors headers, finite but extreme values and stale task ids. Every case is refused with a precise
 status, the coordinator neither crashes nor hangs, and the global model never changes.
 
 The cases come from `tests/fuzzing.py`; `benchmarks/fuzz.py` runs many more of them against a
@@ -20,6 +20,7 @@ import pytest
 from fuzzing import (
     FuzzClient,
     chunks_case,
+    extreme_case,
     honest_payload,
     outsider_case,
     protobuf_case,
@@ -35,7 +36,7 @@ from fedlink.common.tensors import StateDict, open_state_file
 from fedlink.server.app import start_server
 from fedlink.server.rounds import RoundEngine, RunSummary
 
-# Examples per property: 1,250 cases in all, about 15 s on 2 cores.
+# Examples per property: 1,500 cases in all, about 20 s on 2 cores.
 EXAMPLES = 250
 FUZZ = settings(
     max_examples=EXAMPLES,
@@ -120,6 +121,14 @@ def test_broken_chunk_sequences_are_refused(target: Target, data: st.DataObject)
 @given(data=st.data())
 def test_crafted_safetensors_headers_are_refused(target: Target, data: st.DataObject) -> None:
     safetensors_case(target.client, data)
+
+
+@FUZZ
+@given(data=st.data())
+def test_finite_extreme_values_are_refused_before_they_reach_the_aggregate(
+    target: Target, data: st.DataObject
+) -> None:
+    extreme_case(target.client, data)
 
 
 @FUZZ

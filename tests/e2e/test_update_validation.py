@@ -232,3 +232,78 @@ def test_negative_sample_counts_cannot_even_be_encoded() -> None:
     # num_examples is uint64 on the wire: a negative weight is unrepresentable, not just refused.
     with pytest.raises(ValueError):
         pb.ResultHeader(num_examples=-1)
+
+
+def _join_and_pull(
+    coordinator: Any, pki: Any, names: list[str]
+) -> dict[str, tuple[pb_grpc.FederationStub, pb.TaskHeader]]:
+    stubs = {name: coordinator.stub(pki, name) for name in names}
+    for stub in stubs.values():
+        stub.Join(pb.JoinRequest(), timeout=10)
+    tasks = {}
+    for name, stub in stubs.items():
+        messages = list(stub.PullTask(pb.PullTaskRequest(), timeout=30))  # header and the model
+        tasks[name] = (stub, messages[0].header)
+    return tasks
+
+
+@pytest.mark.parametrize(
+    ("ratio", "reason"),
+    [(100.0, "more than max_update_norm_ratio"), (0.0, "would make the aggregate non-finite")],
+)
+def test_a_finite_extreme_update_is_refused_and_the_aggregate_stays_finite(
+    pki: Any, start_coordinator: Any, small_state: StateDict, ratio: float, reason: str
+) -> None:
+    # Every float near the float32 maximum, 2 examples: finite, so it passes the NaN/Inf check;
+    # folded in, the weighted sum would overflow and the next global model would be all Inf.
+    coordinator = start_coordinator(
+        small_state,
+        num_rounds=1,
+        min_clients=2,
+        min_fit_clients=2,
+        min_results=1,
+        evaluate_every=0,
+        max_update_norm_ratio=ratio,
+    )
+    tasks = _join_and_pull(coordinator, pki, ["honest", "poisoner"])
+    extreme = {
+        name: torch.full_like(t, 3.0e38) if t.dtype.is_floating_point else t
+        for name, t in small_state.items()
+    }
+    stub, task = tasks["poisoner"]
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.PushResult(iter(_upload(task, extreme, num_examples=2)), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason in (refused.value.details() or "")
+    honest = _honest(small_state)
+    stub, task = tasks["honest"]
+    assert _push(stub, _upload(task, honest)) == grpc.StatusCode.OK
+
+    summary = coordinator.summary()
+    assert summary.completed
+    assert summary.last_record is not None
+    assert set(summary.last_record.rejected) == {"poisoner"}
+    with open_state_file(summary.final_model) as final:
+        for name, tensor in honest.items():
+            assert torch.equal(final[name], tensor), name
+
+
+def test_one_client_cannot_push_an_integer_buffer_to_the_int64_maximum(
+    pki: Any, start_coordinator: Any, small_state: StateDict
+) -> None:
+    coordinator = start_coordinator(
+        small_state, num_rounds=1, min_clients=2, min_fit_clients=2, evaluate_every=0
+    )
+    tasks = _join_and_pull(coordinator, pki, ["honest", "counter-forger"])
+    honest = _honest(small_state)  # counts 7 batches more than the global model
+    forged = _with(honest, "norm.num_batches_tracked", torch.tensor(2**63 - 1))
+    for name, state in (("honest", honest), ("counter-forger", forged)):
+        stub, task = tasks[name]
+        assert _push(stub, _upload(task, state, num_examples=1000 if name != "honest" else 1)) == (
+            grpc.StatusCode.OK
+        )
+    summary = coordinator.summary()
+    with open_state_file(summary.final_model) as final:
+        # The median of the global value (0), the honest one (7) and the forged one.
+        assert int(final["norm.num_batches_tracked"]) == 7
+        assert torch.allclose(final["layer.weight"], honest["layer.weight"])

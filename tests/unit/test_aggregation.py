@@ -1,4 +1,5 @@
-"""Tests for streaming FedAvg: the weighted mean, dtype handling, and integer counters."""
+"""Tests for streaming FedAvg: the weighted mean, dtype handling, integer counters, and the
+bounds that keep the aggregate finite."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import itertools
 import pytest
 import torch
 
+from fedlink.common.errors import UpdateRejected
 from fedlink.common.tensors import StateDict, TensorSpec, manifest_of
-from fedlink.server.aggregation import StreamingFedAvg
+from fedlink.server.aggregation import SUM_LIMIT, StreamingFedAvg, weighted_magnitude
+from fedlink.server.validation import check_update_bound, model_norm, non_finite_tensors
 
 
 def _update(seed: int) -> StateDict:
@@ -21,8 +24,16 @@ def _update(seed: int) -> StateDict:
     }
 
 
-def _aggregate(updates: list[tuple[StateDict, float]]) -> StateDict:
-    aggregator = StreamingFedAvg(manifest_of(updates[0][0]))
+def _zeros(state: StateDict) -> StateDict:
+    return {name: torch.zeros_like(tensor) for name, tensor in state.items()}
+
+
+def _aggregate(
+    updates: list[tuple[StateDict, float]], global_state: StateDict | None = None
+) -> StateDict:
+    """FedAvg of `updates` over a global model (default: all zeros, so counters start at 0)."""
+    first = updates[0][0]
+    aggregator = StreamingFedAvg(manifest_of(first), global_state or _zeros(first))
     for state, weight in updates:
         aggregator.add(state, weight)
     return aggregator.result()
@@ -56,7 +67,7 @@ def test_equal_updates_average_to_themselves_regardless_of_weights() -> None:
 
 
 def test_counters_and_totals_track_what_was_added() -> None:
-    aggregator = StreamingFedAvg(manifest_of(_update(0)))
+    aggregator = StreamingFedAvg(manifest_of(_update(0)), _update(0))
     aggregator.add(_update(1), 2.0)
     aggregator.add(_update(2), 3.5)
     assert aggregator.num_updates == 2
@@ -89,7 +100,7 @@ def test_half_precision_updates_are_accumulated_in_float32(
     # Past `exact_sum_limit`, adding 1.0 in this dtype no longer changes the sum; a half-precision
     # accumulator would stall there and return about half of the true mean of 1.0.
     state = {"w": torch.ones(8, dtype=dtype)}
-    aggregator = StreamingFedAvg(manifest_of(state))
+    aggregator = StreamingFedAvg(manifest_of(state), state)
     for _ in range(2 * exact_sum_limit):
         aggregator.add(state, 1.0)
     result = aggregator.result()
@@ -101,7 +112,7 @@ def test_many_small_float16_updates_average_accurately() -> None:
     generator = torch.Generator().manual_seed(0)
     updates = [(torch.rand(64, generator=generator) * 1e-3).to(torch.float16) for _ in range(3000)]
     weights = [float(1 + i % 7) for i in range(len(updates))]
-    aggregator = StreamingFedAvg({"w": TensorSpec(torch.float16, (64,))})
+    aggregator = StreamingFedAvg({"w": TensorSpec(torch.float16, (64,))}, {})
     for tensor, weight in zip(updates, weights, strict=True):
         aggregator.add({"w": tensor}, weight)
     result = aggregator.result()["w"]
@@ -124,36 +135,53 @@ def test_float64_parameters_keep_float64_precision() -> None:
     assert abs(result["w"].item() - (1.0 + 3e-12)) < 1e-15
 
 
-def test_integer_tensors_take_elementwise_maximum_without_float_rounding() -> None:
+def test_integer_tensors_take_the_median_with_the_global_value_without_float_rounding() -> None:
     big = 2**60 + 1  # not representable in float64: any detour through float would change it
-    a = {"counts": torch.tensor([big, 5, -3], dtype=torch.int64)}
+    global_state = {"counts": torch.tensor([big, 0, 0], dtype=torch.int64)}
+    a = {"counts": torch.tensor([big + 1, 5, -3], dtype=torch.int64)}
     b = {"counts": torch.tensor([7, big + 2, -9], dtype=torch.int64)}
-    result = _aggregate([(a, 1.0), (b, 100.0)])
+    result = _aggregate([(a, 1.0), (b, 100.0)], global_state)
     assert result["counts"].dtype == torch.int64
-    assert result["counts"].tolist() == [big, big + 2, -3]
+    assert result["counts"].tolist() == [big, 5, -3]
 
 
-def test_batchnorm_counter_is_the_maximum_not_the_weighted_mean() -> None:
+def test_batchnorm_counter_is_the_median_not_the_weighted_mean_or_the_maximum() -> None:
+    # Votes 0 (global), 10, 20, 30: the upper of the two middle values.
     updates = [(_update(1), 1.0), (_update(2), 1.0), (_update(3), 100.0)]
     result = _aggregate(updates)
     assert result["bn.num_batches_tracked"].dtype == torch.int64
-    assert int(result["bn.num_batches_tracked"]) == 30
+    assert int(result["bn.num_batches_tracked"]) == 20
 
 
-def test_bool_and_uint8_tensors_take_elementwise_maximum() -> None:
+@pytest.mark.parametrize("forged", [2**63 - 1, -(2**63)])
+def test_one_client_cannot_push_a_counter_past_the_global_and_honest_values(forged: int) -> None:
+    global_state = _update(0)
+    global_state["bn.num_batches_tracked"] = torch.tensor(100)
+    honest, attacker = _update(1), _update(2)
+    honest["bn.num_batches_tracked"] = torch.tensor(110)
+    attacker["bn.num_batches_tracked"] = torch.tensor(forged)
+    result = _aggregate([(honest, 1.0), (attacker, 1000.0)], global_state)
+    assert int(result["bn.num_batches_tracked"]) in (100, 110)
+
+
+def test_bool_and_uint8_tensors_take_the_median_with_the_global_value() -> None:
+    global_state = {
+        "mask": torch.tensor([False, False, False]),
+        "u8": torch.tensor([0, 0], dtype=torch.uint8),
+    }
     a = {
-        "mask": torch.tensor([True, False, False]),
+        "mask": torch.tensor([True, False, True]),
         "u8": torch.tensor([1, 200], dtype=torch.uint8),
     }
     b = {
         "mask": torch.tensor([False, False, True]),
         "u8": torch.tensor([3, 100], dtype=torch.uint8),
     }
-    result = _aggregate([(a, 1.0), (b, 2.0)])
+    result = _aggregate([(a, 1.0), (b, 2.0)], global_state)
     assert result["mask"].dtype == torch.bool
-    assert result["mask"].tolist() == [True, False, True]
+    assert result["mask"].tolist() == [False, False, True]  # a majority of the three votes
     assert result["u8"].dtype == torch.uint8
-    assert result["u8"].tolist() == [3, 200]
+    assert result["u8"].tolist() == [1, 100]
 
 
 def test_adding_updates_does_not_modify_the_clients_tensors() -> None:
@@ -180,7 +208,7 @@ def test_order_of_updates_does_not_change_the_result() -> None:
 
 @pytest.mark.parametrize("weight", [0.0, -1.0, -1e-9])
 def test_non_positive_weight_is_refused_and_leaves_the_aggregate_untouched(weight: float) -> None:
-    aggregator = StreamingFedAvg(manifest_of(_update(0)))
+    aggregator = StreamingFedAvg(manifest_of(_update(0)), _update(0))
     aggregator.add(_update(1), 1.0)
     with pytest.raises(ValueError, match="weight must be positive"):
         aggregator.add(_update(2), weight)
@@ -191,6 +219,27 @@ def test_non_positive_weight_is_refused_and_leaves_the_aggregate_untouched(weigh
 
 
 def test_result_without_updates_is_refused() -> None:
-    aggregator = StreamingFedAvg(manifest_of(_update(0)))
+    aggregator = StreamingFedAvg(manifest_of(_update(0)), _update(0))
     with pytest.raises(ValueError, match="no updates"):
         aggregator.result()
+
+
+def test_the_update_bound_is_relative_to_the_global_model_and_cannot_overflow() -> None:
+    global_state = {"w": torch.full((100,), 0.1), "steps": torch.tensor(0)}
+    norm = model_norm(global_state)  # 1.0
+    near = {"w": torch.full((100,), 0.5), "steps": torch.tensor(1)}  # 4.0 away
+    check_update_bound(near, global_state, ratio=10.0, global_norm=norm)
+    with pytest.raises(UpdateRejected, match="max_update_norm_ratio"):
+        check_update_bound(near, global_state, ratio=2.0, global_norm=norm)
+    extreme = {"w": torch.full((100,), 3.0e38), "steps": torch.tensor(1)}
+    with pytest.raises(UpdateRejected, match=r"3e\+39 away"):  # computed in float64, not Inf
+        check_update_bound(extreme, global_state, ratio=1e30, global_norm=norm)
+    assert torch.equal(global_state["w"], torch.full((100,), 0.1))  # nothing changed in place
+
+
+def test_weighted_magnitude_is_what_one_update_can_add_to_the_sum() -> None:
+    state = {"w": torch.tensor([1.0, -3.0e38]), "steps": torch.tensor(2**62)}
+    assert weighted_magnitude(state, 2.0) == pytest.approx(6.0e38)
+    assert weighted_magnitude(state, 2.0) > SUM_LIMIT
+    assert non_finite_tensors(state) == []
+    assert non_finite_tensors({"w": torch.tensor([1.0, float("nan")])}) == ["w"]

@@ -120,11 +120,13 @@ def test_krum_result_is_one_of_the_honest_updates_under_attack() -> None:
     assert sum(matches) == 1
 
 
-def test_integer_buffers_keep_the_elementwise_maximum_in_every_rule() -> None:
-    locals_ = [_model(float(i), counter=c) for i, c in enumerate((3, 9, 4, 1, 2))]
+def test_integer_buffers_take_the_median_with_the_global_value_in_every_rule() -> None:
+    # Votes 0 (global), 3, 9, 4, 1, 2**62 (one client forging its counter): upper median 4.
+    counters = (3, 9, 4, 1, 2**62)
+    locals_ = [_model(float(i), counter=c) for i, c in enumerate(counters)]
     for rule in (FedAvg(), Median(), TrimmedMean(0.2), MultiKrum(f=1, m=1), NormClipping(Median())):
         result = _run(rule, _model(0.0), locals_)
-        assert result["steps"].item() == 9, rule.name
+        assert result["steps"].item() == 4, rule.name
         assert result["steps"].dtype == torch.int64
 
 
@@ -132,7 +134,7 @@ def test_fedavg_rule_matches_streaming_fedavg_exactly() -> None:
     locals_ = _random_models(4, seed=3)
     weights = [10.0, 30.0, 5.0, 55.0]
     manifest = manifest_of(locals_[0])
-    streaming = StreamingFedAvg(manifest)
+    streaming = StreamingFedAvg(manifest, locals_[0])
     for state, weight in zip(locals_, weights, strict=True):
         streaming.add(state, weight)
     expected = streaming.result()

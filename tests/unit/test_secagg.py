@@ -180,7 +180,7 @@ def _check_matches_fedavg(
     assert bound < 1e-9  # the 64-bit ring is far finer than float32
 
     secure = decode_weighted_average(total, layout=layout, encoding=encoding)
-    plain = StreamingFedAvg(manifest_of(states[0]))
+    plain = StreamingFedAvg(manifest_of(states[0]), states[0])
     for k in included:
         plain.add(states[k], weights[k])
     reference = plain.result()
