@@ -93,7 +93,8 @@ def weighted_magnitude(state: Mapping[str, torch.Tensor], weight: float) -> floa
     largest = 0.0
     for tensor in state.values():
         if tensor.dtype.is_floating_point and tensor.numel():
-            largest = max(largest, float(tensor.abs().max()))
+            low, high = torch.aminmax(tensor)  # no |tensor| temporary the size of the tensor
+            largest = max(largest, -float(low), float(high))
     return weight * largest
 
 

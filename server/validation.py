@@ -66,7 +66,7 @@ def check_update_bound(
     global_norm: float,
 ) -> None:
     """The update moves the model by at most `ratio` x max(|global|, 1) (L2 over the floating
-    tensors, in float64 so that extreme values cannot overflow the check itself)."""
+    tensors; a distance too large to represent counts as Inf and is refused)."""
     limit = ratio * max(global_norm, 1.0)
     squares = 0.0
     for name, tensor in state.items():
@@ -82,7 +82,7 @@ def check_update_bound(
 
 
 def model_norm(state: Mapping[str, torch.Tensor]) -> float:
-    """L2 norm over the floating tensors, in float64."""
+    """L2 norm over the floating tensors."""
     squares = 0.0
     for tensor in state.values():
         if tensor.dtype.is_floating_point:
@@ -90,20 +90,23 @@ def model_norm(state: Mapping[str, torch.Tensor]) -> float:
     return math.sqrt(squares)
 
 
-# Elements converted to float64 at a time: bounds the temporary memory whatever the tensor size.
+# Elements compared at a time: bounds the temporary memory whatever the tensor size.
 _SLICE = 1 << 20
 
 
 def _squared_distance(tensor: torch.Tensor, other: torch.Tensor | None) -> float:
-    """sum((tensor - other)^2) (other None: 0) in float64, a slice at a time."""
+    """sum((tensor - other)^2) (other None: 0), a slice at a time in the tensor's accumulator
+    type (float32, or float64 for float64). A slice far enough out to overflow gives Inf, which
+    any bound refuses: that is the right answer, so nothing needs float64 here."""
+    dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
     flat = tensor.reshape(-1)
     flat_other = None if other is None else other.reshape(-1)
     total = 0.0
     for start in range(0, flat.numel(), _SLICE):
-        part = flat[start : start + _SLICE].to(torch.float64, copy=True)  # never in place
+        part = flat[start : start + _SLICE].to(dtype)
         if flat_other is not None:
-            part -= flat_other[start : start + _SLICE].to(torch.float64)
-        total += float(part.pow_(2).sum())
+            part = part - flat_other[start : start + _SLICE].to(dtype)  # a new tensor
+        total += float(torch.linalg.vector_norm(part)) ** 2
     return total
 
 

@@ -189,7 +189,7 @@ def test_a_100_million_parameter_model_makes_a_round_trip(pki: Any, tmp_path: Pa
     with safetensors.safe_open(str(run_dir / "final_model.safetensors"), framework="pt") as f:
         assert sorted(f.keys()) == sorted(initial)
         for name, tensor in initial.items():
-            assert torch.equal(f.get_tensor(name), tensor + 1.0), name
+            assert torch.equal(f.get_tensor(name), tensor + big_model_task.STEP), name
 
 
 def _free_port() -> int:

@@ -70,7 +70,10 @@ def _federation(
 def test_a_gaussian_attacker_wrecks_plain_fedavg_and_warns_every_round(
     pki: Any, tmp_path: Path
 ) -> None:
-    records = _federation(pki, tmp_path, ["honest", "attacker"], "--num-rounds=2")
+    # With the distance bound off: plain FedAvg itself has no defence.
+    records = _federation(
+        pki, tmp_path, ["honest", "attacker"], "--num-rounds=2", "--max-update-norm-ratio=0"
+    )
     attacker_log = (tmp_path / "attacker.log").read_text()
     assert "SIMULATED ATTACK 'gaussian,sigma=200'" in attacker_log
     assert attacker_log.count("SIMULATED gaussian ATTACK: poisoning this update") == 2
@@ -78,6 +81,17 @@ def test_a_gaussian_attacker_wrecks_plain_fedavg_and_warns_every_round(
     assert [r["clients_accepted"] for r in records] == [2, 2]
     # Half of every average is N(0, 200^2) noise: the model is no better than guessing.
     assert records[-1]["test_accuracy"] < 0.3
+
+
+def test_the_default_distance_bound_refuses_the_same_attacker_every_round(
+    pki: Any, tmp_path: Path
+) -> None:
+    # N(0, 200^2) on each of ~10k weights is ~20,000 away from a model of norm ~7: far past
+    # max_update_norm_ratio's 100x. Only the honest update is averaged.
+    records = _federation(pki, tmp_path, ["honest", "attacker"], "--num-rounds=2")
+    assert [r["clients_accepted"] for r in records] == [1, 1]
+    assert all("max_update_norm_ratio" in r["rejected"]["attacker"] for r in records)
+    assert records[-1]["test_accuracy"] > 0.5
 
 
 def test_a_robust_rule_keeps_the_model_useful_under_the_same_attack(
@@ -89,6 +103,7 @@ def test_a_robust_rule_keeps_the_model_useful_under_the_same_attack(
         ["honest-1", "honest-2", "honest-3", "attacker"],
         "--num-rounds=5",
         "--min-results=4",
+        "--max-update-norm-ratio=0",  # the rule at work, not the bound
         "--aggregation=median",
         "--learning-rate=0.05",
         "--local-epochs=2",

@@ -1,5 +1,5 @@
-"""A test task with a 100-million-parameter model whose "training" adds 1 to every weight, so the
-coordinator's result after one round is exactly predictable. BIG_MODEL_WIDTH makes it smaller
+"""A test task with a 100-million-parameter model whose "training" adds STEP to every weight, so
+the coordinator's result after one round is exactly predictable. BIG_MODEL_WIDTH makes it smaller
 (10 layers of WIDTH x WIDTH) for tests that only need uploads that take a while."""
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from fedlink.common.tasks.base import (
 
 WIDTH = int(os.environ.get("BIG_MODEL_WIDTH", "3162"))  # 3162: 100,014,060 parameters
 LAYERS = 10
+# As large as the weights themselves (uniform in +-0.01): a big step for training, yet well within
+# the coordinator's bound on how far an update may move the model (max_update_norm_ratio).
+STEP = 0.01
 
 
 def build_model() -> nn.Module:
@@ -44,7 +47,7 @@ def train(
 ) -> TrainResult:
     with torch.no_grad():
         for parameter in model.parameters():
-            parameter.add_(1.0)
+            parameter.add_(STEP)
     return TrainResult(num_examples=1, loss=0.0)  # weight 1: the average is exactly this update
 
 
