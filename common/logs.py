@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
@@ -11,6 +12,25 @@ from fedlink.common.errors import ConfigError
 
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+# Control characters (C0 but tab, DEL, C1) and Unicode line breaks, as escapes: messages carry
+# text from peers (certificate names, metric names, error texts), and a newline in one would
+# start a forged line. Tracebacks are not messages and keep their lines.
+_ESCAPES = {
+    code: f"\\x{code:02x}" for code in (*range(0x09), *range(0x0A, 0x20), *range(0x7F, 0xA0))
+} | {0x0A: "\\n", 0x0D: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+class TextFormatter(logging.Formatter):
+    """`TEXT_FORMAT`, one line per message whatever the message holds."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        escaped = copy.copy(record)
+        escaped.message = record.message.translate(_ESCAPES)
+        return super().formatMessage(escaped)
 
 
 class JsonFormatter(logging.Formatter):
@@ -38,9 +58,7 @@ def configure_logging(*, verbose: bool, log_format: str = "text") -> None:
     """(Re)configure the root logger; called again once a config file has chosen the format."""
     check_log_format(log_format)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
-    )
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -28,7 +28,7 @@ from typing import Literal
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedlink.common.errors import PKIError
@@ -57,6 +57,15 @@ _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _ROLE_USAGE = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
 
 _ISSUE_HINT = "`fedlink certs issue --ca-dir CA_DIR --out DIR --name NAME --server|--client`"
+
+# What fedlink accepts from any certificate, whoever made it: SHA-1 (and older) signatures can be
+# forged and RSA keys under 2048 bits factored, so neither may vouch for an identity.
+_SIGNATURE_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
+_EC_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+MIN_RSA_BITS = 2048
+
+# RFC 5280 limits serial numbers to 20 octets; the cryptography library to 159 bits.
+MAX_SERIAL = 2**159 - 1
 
 
 @dataclass(frozen=True)
@@ -181,6 +190,7 @@ def issue_certificate(
             f"{ca_key_path} does not belong to {ca_cert_path}; restore the matching pair or "
             "create a new CA with `fedlink certs init --force`"
         )
+    check_algorithms(ca_cert, f"the federation CA {ca_cert_path}")
 
     now = dt.datetime.now(dt.timezone.utc)
     ca_expiry = ca_cert.not_valid_after_utc
@@ -288,6 +298,8 @@ def load_credentials(cert: Path, key: Path, ca: Path, *, role: Role | None = Non
             f"{cert} is a CA certificate; pass the participant certificate issued by "
             "`fedlink certs issue`, not ca.pem"
         )
+    check_algorithms(ca_certificate, f"CA certificate {ca}")
+    check_algorithms(certificate, f"certificate {cert}")
     if not _issued_by(certificate, ca_certificate):
         raise PKIError(
             f"certificate {cert} was not issued by the CA in {ca}; both must come from the same "
@@ -298,13 +310,13 @@ def load_credentials(cert: Path, key: Path, ca: Path, *, role: Role | None = Non
     _check_validity(ca_certificate, ca, now, renew="create a new CA with `fedlink certs init`")
     _check_validity(certificate, cert, now, renew="issue a new one with `fedlink certs issue`")
     if role is not None:
-        _check_role(certificate, cert, role)
+        _check_role(certificate, f"certificate {cert}", role)
     return Credentials(cert_pem=cert_pem, key_pem=key_pem, ca_pem=ca_pem)
 
 
 @dataclass(frozen=True)
 class PeerCertificate:
-    """What the coordinator needs from a verified peer certificate: who it names, which serial
+    """What the coordinator needs from a checked client certificate: who it names, which serial
     number the CA gave it (for revocation), and when it is valid."""
 
     identity: str
@@ -313,25 +325,83 @@ class PeerCertificate:
     not_after: dt.datetime
 
 
-def peer_certificate(cert_pem: bytes) -> PeerCertificate:
-    """Parse a peer's PEM certificate; its subject common name is the peer's fedlink identity."""
+def peer_certificate(cert_pem: bytes, ca_pem: bytes) -> PeerCertificate:
+    """Check a peer's client certificate against the federation CA (`ca_pem`); its subject
+    common name is the peer's fedlink identity. PKIError says which check failed.
+
+    Only certificates the CA signed directly are accepted: TLS stacks build chains through any
+    intermediate the peer sends, and a leaf from an intermediate (or from a client certificate
+    with CA:TRUE) could claim any name and would escape revocation of its issuer. The leaf must
+    not be a CA, must be for client authentication, use accepted algorithms and carry a name
+    `fedlink certs issue` could have written (no control characters, at most 64 characters),
+    so an identity is always safe in logs, metric labels and file names. The validity period
+    is the caller's to check: it depends on the time, the rest does not.
+    """
     try:
         certificate = x509.load_pem_x509_certificate(cert_pem)
     except ValueError as exc:
         raise PKIError("peer certificate is not a valid PEM certificate") from exc
+    ca_certificate = x509.load_pem_x509_certificate(ca_pem)
+    serial = f"serial {certificate.serial_number:x}"
+    # First: a SHA-1 signature proves nothing, and the library cannot even check one.
+    check_algorithms(certificate, f"the client certificate ({serial})")
+    if not _issued_by(certificate, ca_certificate):
+        raise PKIError(
+            f"the client certificate ({serial}) was not issued by the federation CA itself; "
+            "fedlink accepts only certificates the CA signed directly (no intermediates), "
+            "issued with `fedlink certs issue --client`"
+        )
+    if _is_ca(certificate):
+        raise PKIError(
+            f"the client certificate ({serial}) is a CA certificate (CA:TRUE); issue a client "
+            "certificate with `fedlink certs issue --client`"
+        )
+    _check_role(certificate, f"the certificate ({serial})", "client")
     attributes = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not attributes:
         raise PKIError(
-            "peer certificate has no common name, so it carries no fedlink identity; "
-            "issue it with `fedlink certs issue --name NAME`"
+            f"the client certificate ({serial}) has no common name, so it carries no fedlink "
+            "identity; issue it with `fedlink certs issue --name NAME`"
         )
     value = attributes[0].value
+    name = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    if not _NAME_PATTERN.fullmatch(name):
+        # ascii() escapes control characters and the cut bounds the length, so the refused
+        # name cannot forge or flood a log line wherever this message ends up.
+        shown = ascii(name[:64]) + ("..." if len(name) > 64 else "")
+        raise PKIError(
+            f"the client certificate ({serial}) names {shown}, which is not a fedlink name "
+            "(1-64 letters, digits, '.', '_' or '-'); issue one with `fedlink certs issue`"
+        )
     return PeerCertificate(
-        identity=value.decode("utf-8") if isinstance(value, bytes) else value,
+        identity=name,
         serial=certificate.serial_number,
         not_before=certificate.not_valid_before_utc,
         not_after=certificate.not_valid_after_utc,
     )
+
+
+def check_algorithms(certificate: x509.Certificate, what: str) -> None:
+    """PKIError unless `certificate` is signed with SHA-2 and holds a strong enough key."""
+    algorithm = certificate.signature_hash_algorithm
+    if not isinstance(algorithm, _SIGNATURE_HASHES):
+        used = algorithm.name.upper() if algorithm is not None else "no hash"
+        raise PKIError(
+            f"{what} is signed with {used}, which can be forged; fedlink accepts SHA-256, "
+            "SHA-384 or SHA-512 signatures. Issue a new one with `fedlink certs issue`"
+        )
+    key = certificate.public_key()
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise PKIError(
+                f"{what} holds a {key.key_size}-bit RSA key; fedlink accepts RSA keys of at "
+                f"least {MIN_RSA_BITS} bits. Issue a new one with `fedlink certs issue`"
+            )
+    elif not (isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, _EC_CURVES)):
+        raise PKIError(
+            f"{what} holds a key fedlink does not accept; use ECDSA P-256/384/521 or RSA of at "
+            f"least {MIN_RSA_BITS} bits (`fedlink certs issue` makes ECDSA P-256)"
+        )
 
 
 def sign_statement(key_pem: bytes, statement: bytes) -> bytes:
@@ -366,16 +436,13 @@ def _statement_signer(
     """`cert_pem`, checked to be a client certificate of the CA in `ca_pem` that names
     `identity`, and its public key; the validity period is the caller's to check."""
     what = f"the certificate presented for {identity!r}"
-    certificate = _parse_certificate(cert_pem, Path(what))
-    ca_certificate = _parse_certificate(ca_pem, Path("the federation CA certificate"))
-    if not _issued_by(certificate, ca_certificate):
-        raise PKIError(f"{what} was not issued by the federation CA")
-    if _is_ca(certificate):
-        raise PKIError(f"{what} is a CA certificate")
-    _check_role(certificate, Path(what), "client")
-    named = peer_certificate(cert_pem).identity
+    try:
+        named = peer_certificate(cert_pem, ca_pem).identity
+    except PKIError as exc:
+        raise PKIError(f"{what}: {exc}") from None
     if named != identity:
         raise PKIError(f"{what} names {named!r}")
+    certificate = _parse_certificate(cert_pem, Path(what))
     public_key = certificate.public_key()
     if not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise PKIError(f"{what} does not hold an elliptic-curve key")
@@ -446,8 +513,11 @@ def revoke_certificate(
             )
         serial = certificate.serial_number
     assert serial is not None
-    if serial <= 0:
-        raise PKIError(f"serial numbers are positive, got {serial}")
+    if not 0 < serial <= MAX_SERIAL:
+        raise PKIError(
+            f"no certificate has serial number {serial:x}: serial numbers are positive and at "
+            "most 40 hex digits; copy it from `openssl x509 -noout -serial -in CERT`"
+        )
 
     crl_path = ca_dir / CRL_FILE
     entries: list[x509.RevokedCertificate] = []
@@ -607,17 +677,19 @@ def _check_validity(
         )
 
 
-def _check_role(certificate: x509.Certificate, path: Path, role: Role) -> None:
+def _check_role(certificate: x509.Certificate, what: str, role: Role) -> None:
     wanted = _ROLE_USAGE[role]
     try:
         usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
-        return  # no EKU extension means any usage is allowed
+        # X.509 reads a missing EKU as "any usage"; fedlink wants the role stated, as the
+        # coordinator does on every call.
+        usages = x509.ExtendedKeyUsage([])
     if wanted not in usages:
         flag = "--server" if role == "server" else "--client"
         raise PKIError(
-            f"certificate {path} is not a {role} certificate; issue one with "
-            f"`fedlink certs issue {flag}`"
+            f"{what} is not a {role} certificate (no {role}-auth extended key usage); issue one "
+            f"with `fedlink certs issue {flag}`"
         )
 
 

@@ -1,12 +1,14 @@
 """Who may call the coordinator: checked on every call, before the round engine sees it.
 
 The TLS handshake (BoringSSL inside gRPC) has already verified the client certificate when the
-connection was made: signed by the federation CA, a client certificate, inside its validity
-period; anything else never reaches Python (gRPC logs "Handshake failed ... certificate has
-expired" and the like). A connection outlives its handshake, though, so every call is checked
-again here: the certificate must still be valid, its name on the allow-list (when there is
-one), and its serial number absent from the revocation list, which is reloaded whenever its
-file changes. Each identity has one active session: a new `Join` supersedes the previous one.
+connection was made: a chain to the federation CA, inside its validity period; anything else
+never reaches Python (gRPC logs "Handshake failed ... certificate has expired" and the like).
+BoringSSL builds that chain itself, through any intermediate the client sends, and accepts
+certificates fedlink does not (no client-auth usage, SHA-1 signatures, small RSA keys). So every
+call checks the leaf again here, against the CA directly (`peer_certificate`), and checks what a
+long-lived connection can outlive: the CA's and the certificate's validity, the allow-list
+(when there is one) and the revocation list, which is reloaded whenever its file changes. Each
+identity has one active session: a new `Join` supersedes the previous one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from cryptography import x509
+
 from fedlink.common.errors import AccessDenied, PKIError
 from fedlink.common.pki import (
     PeerCertificate,
@@ -28,6 +32,7 @@ from fedlink.common.pki import (
     load_revocation_list,
     peer_certificate,
 )
+from fedlink.common.storage import write_durably
 from fedlink.common.wire import JOIN_REQUIRED
 from fedlink.server.config import ServerConfig
 
@@ -40,10 +45,16 @@ def _utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+# The name of the file in `state_dir` that keeps the highest CRL number the coordinator has
+# loaded, so a restart does not forget it and accept a rolled-back list.
+CRL_NUMBER_FILE = "crl-number"
+
+
 @lru_cache(maxsize=4096)
-def parse_peer(cert_pem: bytes) -> PeerCertificate:
-    """The verified peer certificate of a call, parsed once per distinct certificate."""
-    return peer_certificate(cert_pem)
+def parse_peer(cert_pem: bytes, ca_pem: bytes) -> PeerCertificate:
+    """A call's peer certificate, checked against the CA once per distinct certificate (only
+    successes are cached, so a refused certificate is checked, and refused, every time)."""
+    return peer_certificate(cert_pem, ca_pem)
 
 
 class RevocationWatch:
@@ -54,13 +65,26 @@ class RevocationWatch:
     loudly and the last good list stays in force, so a bad copy never un-revokes anyone.
     """
 
-    def __init__(self, path: Path, ca_pem: bytes) -> None:
+    def __init__(self, path: Path, ca_pem: bytes, state_dir: Path) -> None:
         self._path = Path(path)
         self._ca_pem = ca_pem
+        self._number_file = Path(state_dir) / CRL_NUMBER_FILE
         self._lock = threading.Lock()
-        # A list that cannot be loaded at startup stops the coordinator (PKIError).
+        # A list that cannot be loaded at startup stops the coordinator (PKIError), and so does
+        # one older than a list this state_dir has seen: a rollback survives no restart.
         self._stamp = self._file_stamp()
         self._list = load_revocation_list(self._path, ca_pem)
+        seen = self._seen_number()
+        if self._list.number < seen:
+            raise PKIError(
+                f"revocation list {self._path} has CRL number {self._list.number}, older than "
+                f"number {seen} this coordinator loaded before (recorded in {self._number_file}); "
+                "it would un-revoke certificates. Copy the current crl.pem from the CA directory"
+            )
+        try:
+            self._record_number(seen)
+        except OSError as exc:
+            raise PKIError(f"cannot write {self._number_file}: {exc.strerror}") from None
         log.info(
             "revocation list %s: %d revoked certificate(s) (CRL number %d)",
             self._path,
@@ -87,7 +111,12 @@ class RevocationWatch:
                             self._list.number,
                         )
                     else:
-                        self._list = loaded
+                        previous, self._list = self._list.number, loaded
+                        try:
+                            self._record_number(previous)
+                        except OSError as exc:
+                            # The new list is in force; only a restart could forget it.
+                            log.error("cannot write %s: %s", self._number_file, exc.strerror)
                         log.info(
                             "reloaded revocation list %s: %d revoked certificate(s) (CRL number %d)",
                             self._path,
@@ -95,6 +124,22 @@ class RevocationWatch:
                             loaded.number,
                         )
             return self._list
+
+    def _seen_number(self) -> int:
+        try:
+            return int(self._number_file.read_text().strip() or 0)
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:
+            raise PKIError(
+                f"cannot read the last CRL number from {self._number_file} ({exc}); restore it, "
+                "or delete it to trust the current revocation list"
+            ) from None
+
+    def _record_number(self, recorded: int) -> None:
+        if self._list.number > recorded:
+            self._number_file.parent.mkdir(parents=True, exist_ok=True)
+            write_durably(self._number_file, f"{self._list.number}\n".encode())
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -106,14 +151,19 @@ class RevocationWatch:
 
 
 class AccessPolicy:
-    """The allow-list, the revocation list and the certificate's validity period."""
+    """The federation CA, the allow-list, the revocation list and the validity periods."""
 
     def __init__(
         self,
+        ca_pem: bytes,
         allowed: Collection[str] = (),
         revocations: RevocationWatch | None = None,
         clock: Clock = _utc_now,
     ) -> None:
+        self._ca_pem = ca_pem
+        ca = x509.load_pem_x509_certificate(ca_pem)
+        self._ca_not_before = ca.not_valid_before_utc
+        self._ca_not_after = ca.not_valid_after_utc
         self._allowed = frozenset(allowed)
         self._revocations = revocations
         self._clock = clock
@@ -122,20 +172,36 @@ class AccessPolicy:
     def from_config(cls, config: ServerConfig) -> AccessPolicy:
         """The policy `config` asks for; a revocation list that cannot be loaded is an error
         (PKIError), so the coordinator never starts believing nobody is revoked."""
+        assert config.ca is not None, "a coordinator with TLS has a CA certificate"
+        try:
+            ca_pem = config.ca.read_bytes()
+        except OSError as exc:
+            raise PKIError(f"cannot read the CA certificate {config.ca}: {exc.strerror}") from None
         revocations = None
-        if config.revocation_list is not None and config.ca is not None:
-            try:
-                ca_pem = config.ca.read_bytes()
-            except OSError as exc:
-                raise PKIError(
-                    f"cannot read the CA certificate {config.ca}: {exc.strerror}"
-                ) from None
-            revocations = RevocationWatch(config.revocation_list, ca_pem)
-        return cls(config.allowed_clients, revocations)
+        if config.revocation_list is not None:
+            revocations = RevocationWatch(config.revocation_list, ca_pem, config.state_dir)
+        return cls(ca_pem, config.allowed_clients, revocations)
+
+    def identify(self, cert_pem: bytes) -> PeerCertificate:
+        """The identity `cert_pem` establishes; AccessDenied (UNAUTHENTICATED) for a certificate
+        the CA did not sign directly, a CA certificate, one without client-auth usage, weak
+        algorithms or a name fedlink would not issue."""
+        try:
+            return parse_peer(cert_pem, self._ca_pem)
+        except PKIError as exc:
+            raise AccessDenied("UNAUTHENTICATED", str(exc)) from None
 
     def check(self, peer: PeerCertificate) -> None:
         """Raise AccessDenied (with the gRPC status to answer) unless `peer` may call now."""
         now = self._clock()
+        if not self._ca_not_before <= now <= self._ca_not_after:
+            raise AccessDenied(
+                "UNAUTHENTICATED",
+                f"the federation CA is valid from {self._ca_not_before:%Y-%m-%d %H:%M:%S} to "
+                f"{self._ca_not_after:%Y-%m-%d %H:%M:%S} UTC, so no certificate it issued is "
+                "valid now; the operator must create a new CA (`fedlink certs init --force`) "
+                "and reissue every certificate",
+            )
         if now > peer.not_after:
             raise AccessDenied(
                 "UNAUTHENTICATED",

@@ -11,16 +11,10 @@ from typing import Any, NoReturn, TypeAlias
 
 import grpc
 
-from fedlink.common.errors import (
-    AccessDenied,
-    PKIError,
-    StorageError,
-    UpdateRejected,
-    UploadIncomplete,
-)
+from fedlink.common.errors import AccessDenied, StorageError, UpdateRejected, UploadIncomplete
 from fedlink.common.secagg_wire import setup_to_proto
 from fedlink.common.wire import JOIN_REQUIRED, SESSION_METADATA_KEY, PayloadInfo
-from fedlink.server.access import AccessPolicy, Sessions, parse_peer
+from fedlink.server.access import AccessPolicy, Sessions
 from fedlink.server.config import ServerConfig
 from fedlink.server.limits import CallSlot, ClientLimits
 from fedlink.server.rounds import ResultHeader, RoundEngine, TaskKind, TaskOffer
@@ -31,6 +25,9 @@ log = logging.getLogger(__name__)
 
 # Seconds between log lines about the same client being refused for the same reason.
 REFUSAL_LOG_INTERVAL = 60.0
+
+# How refusals of certificates that establish no identity are logged.
+UNIDENTIFIED = "an unacceptable certificate"
 
 
 _KINDS = {
@@ -50,7 +47,8 @@ class FederationServicer(pb_grpc.FederationServicer):
         self._engine = engine
         self._config = config
         self._federation_id = federation_id
-        self._policy = AccessPolicy.from_config(config)
+        # Insecure development mode has no certificates, so nothing for a policy to check.
+        self._policy = None if config.insecure else AccessPolicy.from_config(config)
         self._sessions = Sessions()
         self._limits = ClientLimits(
             rate=config.rate_limit_per_second,
@@ -206,10 +204,13 @@ class FederationServicer(pb_grpc.FederationServicer):
         if not certs:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
         pem = certs[0]
+        assert self._policy is not None
         try:
-            peer = parse_peer(pem if isinstance(pem, bytes) else str(pem).encode())
-        except PKIError as exc:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            peer = self._policy.identify(pem if isinstance(pem, bytes) else str(pem).encode())
+        except AccessDenied as exc:
+            # Whoever made this certificate can make many under any name: log them all under
+            # one key, so they cannot flood the log or grow the refusal table.
+            self._refuse(context, UNIDENTIFIED, exc)
         try:
             self._policy.check(peer)
         except AccessDenied as exc:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,9 @@ import pytest
 from conftest import fedlink_process
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from forged import Forged, Signer, forge, forge_sha1, self_signed_ca
 
 from fedlink.common.pki import init_ca, issue_certificate, revoke_certificate
 from fedlink.common.tensors import StateDict, encode_state
@@ -440,3 +444,174 @@ def test_calls_beyond_the_coordinators_concurrency_cap_get_resource_exhausted(
     assert "Concurrent RPC limit exceeded" in (refused.details() or "")
     for poll in polls:
         poll.cancel()
+
+
+# --- identity edges: certificates the federation CA signed that fedlink would never issue ----
+
+# Each makes (certificate chain sent by the client, its key) from the federation CA; the TLS
+# handshake accepts every one of them, so only the coordinator's per-call check stands between
+# them and an identity of their choosing.
+_HOSTILE: dict[str, tuple[Callable[[Signer], tuple[bytes, bytes]], str]] = {
+    "leaf-of-an-intermediate": (
+        lambda ca: _chain(forge(ca, "intermediate", ca=True), "hospital-a"),
+        "was not issued by the federation CA itself",
+    ),
+    "leaf-of-a-ca-true-client": (
+        lambda ca: _chain(forge(ca, "site-b", ca=True), "hospital-a"),
+        "was not issued by the federation CA itself",
+    ),
+    "ca-true-client": (
+        lambda ca: _pair(forge(ca, "hospital-a", ca=True)),
+        "is a CA certificate (CA:TRUE)",
+    ),
+    "newline-in-name": (
+        lambda ca: _pair(forge(ca, "hospital-a\n2026-12-04 13:00:00 INFO forged: line")),
+        "which is not a fedlink name",
+    ),
+    "ecdsa-sha1": (lambda ca: _pair(forge_sha1(ca, "hospital-a")), "is signed with SHA1"),
+    "rsa-1024": (
+        lambda ca: _pair(forge(ca, "hospital-a", key=rsa.generate_private_key(65537, 1024))),
+        "holds a 1024-bit RSA key",
+    ),
+    "no-client-auth-usage": (
+        lambda ca: _pair(forge(ca, "hospital-a", eku=False)),
+        "no client-auth extended key usage",
+    ),
+}
+
+
+def _pair(leaf: Forged) -> tuple[bytes, bytes]:
+    return leaf.cert_pem, leaf.key_pem
+
+
+def _chain(issuer: Forged, name: str) -> tuple[bytes, bytes]:
+    leaf = forge(issuer.as_signer(), name)
+    return leaf.cert_pem + issuer.cert_pem, leaf.key_pem
+
+
+@pytest.mark.parametrize("kind", sorted(_HOSTILE))
+def test_a_certificate_fedlink_would_not_issue_is_refused_on_every_call(
+    pki: Any,
+    start_coordinator: Any,
+    small_state: StateDict,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+) -> None:
+    coordinator = _waiting(start_coordinator, small_state)
+    make, reason = _HOSTILE[kind]
+    cert, key = make(Signer.load(pki.ca_dir))
+    stub = _stub(coordinator.address, _credentials(cert, key, pki.ca_pem.read_bytes()))
+    with caplog.at_level(logging.WARNING, logger="fedlink"):
+        refused = _refusal(stub.Join, pb.JoinRequest())
+        # UNAUTHENTICATED, not UNAVAILABLE: the handshake let it through, the coordinator did not.
+        assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert reason in (refused.details() or "")
+        assert "fedlink certs issue" in (refused.details() or "")
+        assert _refusal(stub.Heartbeat, pb.HeartbeatRequest()).code() == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+        assert _refusal(stub.PullTask, pb.PullTaskRequest()).code() == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refusals and all("\n" not in message for message in refusals)
+
+
+def test_a_leaf_of_a_revoked_intermediate_stays_refused(
+    pki: Any, start_coordinator: Any, small_state: StateDict, tmp_path: Path
+) -> None:
+    ca_dir = tmp_path / "ca"
+    shutil.copytree(pki.ca_dir, ca_dir)
+    intermediate = forge(Signer.load(ca_dir), "intermediate", ca=True)
+    revoke_certificate(ca_dir, serial=intermediate.cert.serial_number)
+    coordinator = _waiting(start_coordinator, small_state, revocation_list=ca_dir / "crl.pem")
+    cert, key = _chain(intermediate, "hospital-a")
+    stub = _stub(coordinator.address, _credentials(cert, key, pki.ca_pem.read_bytes()))
+    refused = _refusal(stub.Join, pb.JoinRequest())
+    assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "no intermediates" in (refused.details() or "")
+
+
+def test_an_expiring_ca_ends_the_authorisation_of_open_connections(
+    start_coordinator: Any, small_state: StateDict, tmp_path: Path
+) -> None:
+    # A CA a few seconds from its end; its certificates end with it.
+    ca_dir = tmp_path / "short-ca"
+    ca_dir.mkdir()
+    not_after = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(seconds=4)
+    ca = self_signed_ca("short-lived federation CA", not_after)
+    ca.write(ca_dir, "ca")
+    server = issue_certificate(
+        ca_dir, tmp_path / "srv", "server", role="server", hosts=["127.0.0.1"]
+    )
+    client = issue_certificate(ca_dir, tmp_path / "cli", "site-a", role="client")
+    coordinator = _waiting(
+        start_coordinator, small_state, cert=server.cert, key=server.key, ca=server.ca
+    )
+    stub = _stub(
+        coordinator.address,
+        _credentials(client.cert.read_bytes(), client.key.read_bytes(), ca.cert_pem),
+    )
+    _, session = _join(stub)
+    time.sleep((not_after - dt.datetime.now(dt.timezone.utc)).total_seconds() + 1.2)
+
+    refused = _refusal(stub.Heartbeat, pb.HeartbeatRequest(), metadata=session)
+    assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "the federation CA is valid from" in (refused.details() or "")
+    assert "fedlink certs init --force" in (refused.details() or "")
+
+
+def test_a_rolled_back_revocation_list_stops_a_restarted_coordinator(
+    pki: Any, start_coordinator: Any, small_state: StateDict, tmp_path: Path
+) -> None:
+    from fedlink.common.errors import PKIError
+
+    ca_dir = tmp_path / "ca"
+    shutil.copytree(pki.ca_dir, ca_dir)
+    revoke_certificate(ca_dir, serial=1)
+    older = tmp_path / "crl-1.pem"
+    shutil.copy(ca_dir / "crl.pem", older)
+    cert, _, _ = pki.client("rolled-back")
+    revoke_certificate(ca_dir, cert=cert)
+    deployed = tmp_path / "deployed-crl.pem"
+    shutil.copy(ca_dir / "crl.pem", deployed)
+    state = tmp_path / "state"
+
+    first = _waiting(start_coordinator, small_state, revocation_list=deployed, state_dir=state)
+    refused = _refusal(first.stub(pki, "rolled-back").Join, pb.JoinRequest())
+    assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+    first.stop.set()
+    first.engine.request_stop()
+    first.thread.join(10)
+    first.server.stop(0).wait()
+
+    # Someone puts back the list from before "rolled-back" was revoked, and restarts.
+    shutil.copy(older, deployed)
+    with pytest.raises(PKIError, match="has CRL number 1, older than number 2"):
+        _waiting(start_coordinator, small_state, revocation_list=deployed, state_dir=state)
+    shutil.copy(ca_dir / "crl.pem", deployed)
+    second = _waiting(start_coordinator, small_state, revocation_list=deployed, state_dir=state)
+    refused = _refusal(second.stub(pki, "rolled-back").Join, pb.JoinRequest())
+    assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_the_certs_cli_refuses_a_forging_name_and_an_over_long_serial_in_one_line(
+    pki: Any, tmp_path: Path
+) -> None:
+    ca_dir = tmp_path / "ca"
+    shutil.copytree(pki.ca_dir, ca_dir)
+    runs = {
+        "issue": [
+            *("certs", "issue", "--ca-dir", str(ca_dir), "--out", str(tmp_path / "out")),
+            *("--client", "--name", "site-a\n2026-12-04 INFO forged"),
+        ],
+        "revoke": ["certs", "revoke", "--ca-dir", str(ca_dir), "--serial", "ff" * 64],
+    }
+    for name, arguments in runs.items():
+        log = tmp_path / f"{name}.log"
+        assert fedlink_process(arguments, log).wait(timeout=60) == 2
+        output = log.read_text()
+        assert output.count("\n") == 1 and "Traceback" not in output, output
+        assert output.startswith(f"fedlink certs {name}: error: ")
+    assert not (tmp_path / "out").exists()
+    assert not (ca_dir / "crl.pem").exists()

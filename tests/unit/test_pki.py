@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from forged import Signer, forge, forge_sha1
 
 from fedlink.certs import add_certs_parser
 from fedlink.common import pki as pki_module
@@ -246,7 +247,10 @@ def test_client_certificate_with_hosts_is_refused(ca_dir: Path, tmp_path: Path) 
 
 @pytest.mark.parametrize(
     "name",
-    ["", "a" * 65, "client 1", "../escape", "a/b", "-client", ".hidden", "clïent", "ca", "CA"],
+    [
+        *("", "a" * 65, "client 1", "../escape", "a/b", "-client", ".hidden", "clïent", "ca", "CA"),
+        *("client-1\n2026-12-04 INFO forged", "client-1\r", "site\x1b[31m", "site\u2028x"),
+    ],
 )
 def test_invalid_names_are_rejected(ca_dir: Path, tmp_path: Path, name: str) -> None:
     with pytest.raises(PKIError, match="name"):
@@ -412,6 +416,19 @@ def test_load_credentials_checks_the_role_when_asked(client: CertPaths, server: 
         load_credentials(client.cert, client.key, client.ca, role="server")
 
 
+def test_load_credentials_refuses_a_sha1_signature_and_a_certificate_without_its_role(
+    ca_dir: Path, tmp_path: Path
+) -> None:
+    ca = Signer.load(ca_dir)
+    cert, key = forge_sha1(ca, "old-tool").write(tmp_path, "old-tool")
+    with pytest.raises(PKIError, match=r"old-tool.pem is signed with SHA1, which can be forged"):
+        load_credentials(cert, key, ca_dir / "ca.pem")
+    cert, key = forge(ca, "no-usage", eku=False).write(tmp_path, "no-usage")
+    load_credentials(cert, key, ca_dir / "ca.pem")  # no role asked for
+    with pytest.raises(PKIError, match=r"not a client certificate \(no client-auth extended key"):
+        load_credentials(cert, key, ca_dir / "ca.pem", role="client")
+
+
 @posix_only
 def test_load_credentials_warns_about_a_key_readable_by_others(
     client: CertPaths, caplog: pytest.LogCaptureFixture
@@ -441,7 +458,7 @@ def test_load_credentials_is_quiet_about_an_owner_only_key(
 def test_peer_certificate_names_the_common_name_serial_and_validity(
     client: CertPaths, server: CertPaths
 ) -> None:
-    peer = peer_certificate(client.cert.read_bytes())
+    peer = peer_certificate(client.cert.read_bytes(), (client.ca).read_bytes())
     issued = _cert(client.cert)
     assert peer.identity == "client-1"
     assert peer.serial == issued.serial_number
@@ -449,12 +466,13 @@ def test_peer_certificate_names_the_common_name_serial_and_validity(
         issued.not_valid_before_utc,
         issued.not_valid_after_utc,
     )
-    assert peer_certificate(server.cert.read_bytes()).identity == "coordinator"
+    with pytest.raises(PKIError, match="is not a client certificate"):
+        peer_certificate(server.cert.read_bytes(), server.ca.read_bytes())
 
 
-def test_peer_certificate_rejects_garbage() -> None:
+def test_peer_certificate_rejects_garbage(client: CertPaths) -> None:
     with pytest.raises(PKIError):
-        peer_certificate(b"not a certificate")
+        peer_certificate(b"not a certificate", client.ca.read_bytes())
 
 
 # --- revocation ----------------------------------------------------------------------------------
@@ -617,12 +635,32 @@ def test_cli_revoke_takes_a_file_or_a_hex_serial(
     assert "no federation CA" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("serial", ["ff" * 21, "1" * 41, "-5", "0"])
+def test_cli_revoke_refuses_an_impossible_serial_in_one_line(
+    ca_dir: Path, capsys: pytest.CaptureFixture[str], serial: str
+) -> None:
+    assert _cli("certs", "revoke", "--ca-dir", str(ca_dir), "--serial", serial) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "at most 40 hex digits" in err
+    assert not (ca_dir / "crl.pem").exists()
+
+
+def test_cli_revoke_refuses_a_malformed_serial_without_a_traceback(
+    ca_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        _cli("certs", "revoke", "--ca-dir", str(ca_dir), "--serial", "zz:12")
+    assert exited.value.code == 2
+    assert "expected a hex serial number, got 'zz:12'" in capsys.readouterr().err
+
+
 def test_a_signed_statement_verifies_only_for_its_signer_under_the_federation_ca(
     ca_dir: Path, client: CertPaths, server: CertPaths, tmp_path: Path
 ) -> None:
     ca_pem = (ca_dir / "ca.pem").read_bytes()
     cert_pem = client.cert.read_bytes()
-    name = peer_certificate(cert_pem).identity
+    name = peer_certificate(cert_pem, ca_pem).identity
     signature = sign_statement(client.key.read_bytes(), b"keys for round 7")
     verify_statement(cert_pem, ca_pem, name, b"keys for round 7", signature)
     with pytest.raises(PKIError, match="signature is not"):
@@ -647,7 +685,7 @@ def test_a_certificate_checked_once_is_not_checked_again_but_every_signature_is(
     # name checks are kept per (certificate, CA, identity); validity and signature never are.
     ca_pem = (ca_dir / "ca.pem").read_bytes()
     cert_pem = client.cert.read_bytes()
-    name = peer_certificate(cert_pem).identity
+    name = peer_certificate(cert_pem, ca_pem).identity
     signature = sign_statement(client.key.read_bytes(), b"round 1")
     verify_statement(cert_pem, ca_pem, name, b"round 1", signature)
     hits = pki_module._statement_signer.cache_info().hits
