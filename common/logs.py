@@ -46,3 +46,11 @@ def configure_logging(*, verbose: bool, log_format: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def escape_for_log(text: str, limit: int) -> str:
+    """`text` from a peer made safe for one log line: control characters (newlines that could
+    forge a line, terminal escapes) written as escapes, and at most `limit` characters kept."""
+    clipped = text[:limit]
+    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in clipped)
+    return escaped + ("…" if len(text) > limit else "")
