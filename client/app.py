@@ -23,6 +23,7 @@ from fedlink.client.connection import (
     Backoff,
     client_credentials,
     open_channel,
+    trust_problem,
 )
 from fedlink.client.secure import SECURE_STEPS, SecureParticipant, encode_update, step_encodings
 from fedlink.common.accounting import PrivacyAccountant
@@ -214,6 +215,11 @@ class FederationClient:
                     raise FatalClientError(
                         f"the coordinator refused this client: {exc.details()}"
                     ) from None
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    # A certificate the bundle cannot trust never fixes itself: do not retry.
+                    problem = trust_problem(self._config)
+                    if problem is not None:
+                        raise FatalClientError(problem) from None
                 if code not in TRANSIENT_CODES or not self._backoff.wait(
                     f"{code.name}: {exc.details()}"
                 ):
