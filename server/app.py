@@ -5,17 +5,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from fedlink.common.errors import ConfigError
 from fedlink.common.pki import load_credentials
 from fedlink.common.storage import publish_file
 from fedlink.common.tasks import load_task
@@ -114,7 +117,23 @@ def _build_server(
     return server, port
 
 
+def _check_writable(directory: Path, flag: str) -> None:
+    """Create `directory` and prove a file can be written there, before any work: a mistake in
+    the path is one clear line at start-up, not a traceback from deep inside the first round."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"{flag} {directory} is not usable: {exc.strerror or exc}; choose a directory this "
+            f"user can create and write (pass {flag} or set it in the config file)"
+        ) from None
+
+
 def run_server(config: ServerConfig) -> int:
+    for directory, flag in ((config.state_dir, "--state-dir"), (config.run_dir, "--run-dir")):
+        _check_writable(directory, flag)
     task = load_task(config.task)
     checkpoint = CheckpointStore(config.state_dir, keep=config.keep_checkpoints).latest()
     if checkpoint is not None:

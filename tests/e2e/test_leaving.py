@@ -1,11 +1,14 @@
 """Clients that cannot or will not go on say so, with real processes, certificates and signals:
 a signalled client leaves and the next round does not wait for it; a task's exception reaches
-the coordinator's log; a client whose model differs from the coordinator's stops at Join."""
+the coordinator's log; a client whose model differs from the coordinator's stops at Join; the
+demo stops when a client dies; an unusable state_dir is one line."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -99,3 +102,29 @@ def test_a_client_whose_model_differs_exits_2_at_join_naming_the_tensor(
     assert "'fc2.bias' (float32 [10]) is missing" not in client_log  # names the real difference
     assert "'fc2.bias' is float32 [10] at the coordinator but float32 [12] here" in client_log
     assert "load_state_dict" not in client_log and "Traceback" not in client_log
+
+
+def test_the_demo_stops_at_once_with_the_error_when_a_client_dies(tmp_path: Path) -> None:
+    demo = ["demo", "--clients", "2", "--rounds", "50", "--task", TASK]
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "fedlink", *demo, "--run-dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, **ENV, "FAULTY_TRAIN_ERROR": "no data in /srv/site"},
+    )
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert time.monotonic() - started < 120
+    assert "exited with status 1 before the run finished" in result.stderr
+    assert "RuntimeError: no data in /srv/site" in result.stderr
+
+
+def test_an_unusable_state_dir_is_one_line_and_exit_2(pki: Any, tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    server = _server(pki, tmp_path, "run", state_dir=tmp_path / "a-file" / "state")
+    assert server.wait(timeout=60) == 2
+    lines = _log(tmp_path, "run").strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "--state-dir" in lines[0] and "is not usable: Not a directory" in lines[0]
