@@ -59,6 +59,9 @@ def open_channel(config: ClientConfig, creds: Credentials | None = None) -> grpc
 # An OpenSSL verify code: the certificate does not name the host (X509_V_ERR_HOSTNAME_MISMATCH,
 # X509_V_ERR_IP_ADDRESS_MISMATCH); any other verify failure is a chain the bundle does not trust.
 _NAME_MISMATCH_CODES = frozenset({62, 64})
+# Verify codes meaning the chain does not lead to the bundle's CA (unable to get the issuer,
+# locally or at all; self-signed; a signature that does not verify).
+_OTHER_CA_CODES = frozenset({2, 7, 18, 19, 20, 21})
 
 
 def trust_problem(config: ClientConfig, timeout: float = 5.0) -> str | None:
@@ -89,8 +92,15 @@ def trust_problem(config: ClientConfig, timeout: float = 5.0) -> str | None:
                 f"{names or 'no host'}); connect with --server using one of those names, or set "
                 "--server-name to the name in the coordinator's certificate"
             )
+        issuer = issuer or "an unknown issuer"
+        if exc.verify_code not in _OTHER_CA_CODES:  # e.g. expired, not yet valid
+            return (
+                f"the coordinator's certificate (issued by {issuer}) cannot be trusted: "
+                f"{exc.verify_message}; ask the coordinator's operator to issue a valid one "
+                "(`fedlink certs issue --server`), and check this machine's clock"
+            )
         return (
-            f"the coordinator's certificate (issued by {issuer or 'an unknown issuer'}) is not "
+            f"the coordinator's certificate (issued by {issuer}) is not "
             f"signed by the CA in {config.ca} ({_subject_of(config.ca)}): "
             f"{exc.verify_message}; use the federation's CA certificate (ca.pem from the "
             "coordinator's `fedlink certs init`) as --ca, or check that --server points at "
