@@ -24,6 +24,8 @@ from fedlink.server.report import read_metrics, table_header, table_row
 
 STARTUP_TIMEOUT_SECONDS = 120.0
 SHUTDOWN_TIMEOUT_SECONDS = 60.0
+# Lines of a failed client's log shown when the demo stops because of it.
+DEAD_CLIENT_LOG_LINES = 15
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,7 +144,10 @@ def run_demo(args: argparse.Namespace) -> int:
                     logs / f"{name}.log",
                 )
             )
-        _follow_progress(run_dir / "metrics.jsonl", args.rounds, server)
+        died = _follow_progress(run_dir / "metrics.jsonl", args.rounds, server, clients)
+        if died is not None:
+            _report_dead_client(died + 1, clients[died].returncode, logs)
+            return 1
         server_code = server.wait()
         client_codes = [_wait_or_kill(c) for c in clients]
     except KeyboardInterrupt:
@@ -199,8 +204,15 @@ def _wait_for_address(address_file: Path, server: subprocess.Popen[bytes]) -> st
     raise SystemExit("the coordinator did not start listening in time")
 
 
-def _follow_progress(metrics: Path, rounds: int, server: subprocess.Popen[bytes]) -> None:
-    """A progress bar (when on a terminal) plus one table row per finished round."""
+def _follow_progress(
+    metrics: Path,
+    rounds: int,
+    server: subprocess.Popen[bytes],
+    clients: list[subprocess.Popen[bytes]],
+) -> int | None:
+    """A progress bar (when on a terminal) plus one table row per finished round, until the
+    coordinator exits; or the index of a client that failed first (every client is needed for
+    every round, so the run could only wait for it forever)."""
     shown = 0
     with tqdm(total=rounds, unit="round", desc="training", disable=None, leave=False) as bar:
         tqdm.write(table_header())
@@ -213,8 +225,23 @@ def _follow_progress(metrics: Path, rounds: int, server: subprocess.Popen[bytes]
                 bar.update(1)
             shown = len(records)
             if server.poll() is not None:
-                return
+                return None
+            for index, client in enumerate(clients):
+                if client.poll() not in (None, 0):  # 0: told to stop as the run ends
+                    return index
             time.sleep(0.2)
+
+
+def _report_dead_client(number: int, code: int | None, logs: Path) -> None:
+    log_path = logs / f"client-{number}.log"
+    tail = log_path.read_text(errors="replace").splitlines()[-DEAD_CLIENT_LOG_LINES:]
+    print(
+        f"fedlink demo: client-{number} exited with status {code} before the run finished; "
+        f"stopping the federation. The end of {log_path}:",
+        *(f"  {line}" for line in tail),
+        sep="\n",
+        file=sys.stderr,
+    )
 
 
 def _read_lines(path: Path) -> list[dict[str, Any]]:

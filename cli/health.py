@@ -82,7 +82,7 @@ def _run_health(args: argparse.Namespace) -> int:
 def check_health(config: HealthConfig) -> str:
     """The coordinator's health status name (SERVING, NOT_SERVING, ...) or the gRPC error."""
     from fedlink.client.config import ClientConfig
-    from fedlink.client.connection import open_channel
+    from fedlink.client.connection import open_channel, trust_problem
 
     # The same channel a client opens: same certificate checks, same server-name handling.
     client = ClientConfig(
@@ -100,6 +100,10 @@ def check_health(config: HealthConfig) -> str:
                 timeout=config.timeout_seconds,
             )
         except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                problem = trust_problem(client, timeout=config.timeout_seconds)
+                if problem is not None:  # the client's message, not OpenSSL's text
+                    return problem
             return f"{error.code().name}: {error.details()}"
     name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     return name

@@ -23,6 +23,7 @@ from fedlink.client.connection import (
     Backoff,
     client_credentials,
     open_channel,
+    trust_problem,
 )
 from fedlink.client.secure import SECURE_STEPS, SecureParticipant, encode_update, step_encodings
 from fedlink.common.accounting import PrivacyAccountant
@@ -38,7 +39,14 @@ from fedlink.common.tasks.base import (
     TrainResult,
 )
 from fedlink.common.tasks.training import check_dpsgd_model
-from fedlink.common.tensors import open_state_file, save_state_file
+from fedlink.common.tensors import (
+    first_difference,
+    manifest_digest,
+    manifest_entries,
+    manifest_of,
+    open_state_file,
+    save_state_file,
+)
 from fedlink.common.threads import size_torch_threads
 from fedlink.common.wire import (
     ENCODING,
@@ -60,6 +68,9 @@ MAX_MODEL_BYTES = 64 << 30
 # Secure aggregation's step messages (roster, share bundles, unmasking request) are small: a few
 # hundred bytes per client of the session.
 MAX_MESSAGE_BYTES = 64 << 20
+# Leave is a courtesy on the way out: never hold the exit up for long, nor send a whole traceback.
+LEAVE_TIMEOUT_SECONDS = 5.0
+LEAVE_REASON_CHARS = 500
 
 
 class FatalClientError(FedlinkError):
@@ -161,28 +172,51 @@ class FederationClient:
         try:
             self._connect()
             heartbeat.start()
-            while True:
-                try:
-                    if not self._serve_one_task():
-                        log.info("federation finished; exiting")
-                        return 0
-                    self._backoff.reset()
-                except grpc.RpcError as exc:
-                    code = exc.code()
-                    if exc.details() == JOIN_REQUIRED:
-                        self._connect()  # the coordinator restarted and forgot us
-                    elif code in TRANSIENT_CODES:
-                        if not self._backoff.wait(f"{code.name}: {exc.details()}"):
-                            raise FatalClientError("coordinator unreachable for too long") from None
-                    else:
-                        raise FatalClientError(
-                            f"the coordinator ended the session: {code.name}: {exc.details()}"
-                        ) from None
+            self._serve()
+            return 0
+        except BaseException as exc:
+            # Whatever ends this client (a signal, a refusal, the task's own exception), the
+            # coordinator hears it now instead of waiting out the liveness timeout.
+            self._leave(_leave_reason(exc))
+            raise
         finally:
             self._stop_heartbeat.set()
             if heartbeat.is_alive():
                 heartbeat.join()  # never close the channel under an in-flight call
             self._channel.close()
+
+    def _serve(self) -> None:
+        """Carry out tasks until the federation is over."""
+        while True:
+            try:
+                if not self._serve_one_task():
+                    log.info("federation finished; exiting")
+                    return
+                self._backoff.reset()
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if exc.details() == JOIN_REQUIRED:
+                    self._connect()  # the coordinator restarted and forgot us
+                elif code in TRANSIENT_CODES:
+                    if not self._backoff.wait(f"{code.name}: {exc.details()}"):
+                        raise FatalClientError("coordinator unreachable for too long") from None
+                else:
+                    raise FatalClientError(
+                        f"the coordinator ended the session: {code.name}: {exc.details()}"
+                    ) from None
+
+    def _leave(self, reason: str) -> None:
+        """Tell the coordinator this client is going (best effort: it may be unreachable)."""
+        if not self._metadata:
+            return  # never joined
+        try:
+            self._stub.Leave(
+                pb.LeaveRequest(reason=reason[:LEAVE_REASON_CHARS]),
+                metadata=self._metadata,
+                timeout=LEAVE_TIMEOUT_SECONDS,
+            )
+        except grpc.RpcError as exc:
+            log.debug("could not tell the coordinator this client leaves: %s", exc.code().name)
 
     def _connect(self) -> None:
         while True:
@@ -197,12 +231,20 @@ class FederationClient:
                     raise FatalClientError(
                         f"the coordinator refused this client: {exc.details()}"
                     ) from None
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    # A certificate the bundle cannot trust never fixes itself: do not retry.
+                    problem = trust_problem(self._config)
+                    if problem is not None:
+                        raise FatalClientError(problem) from None
                 if code not in TRANSIENT_CODES or not self._backoff.wait(
                     f"{code.name}: {exc.details()}"
                 ):
                     raise FatalClientError(
                         f"could not join the federation: {code.name}: {exc.details()}"
                     ) from None
+        for key, value in call.trailing_metadata() or ():
+            if key == SESSION_METADATA_KEY:
+                self._metadata = ((SESSION_METADATA_KEY, str(value)),)
         if reply.task != self._config.task:
             raise FatalClientError(
                 f"the coordinator runs task {reply.task!r} but this client is configured for "
@@ -214,14 +256,30 @@ class FederationClient:
                 check_dpsgd_model(self._model)
             except TaskError as exc:
                 raise FatalClientError(f"task {reply.task!r}: {exc}") from None
-        for key, value in call.trailing_metadata() or ():
-            if key == SESSION_METADATA_KEY:
-                self._metadata = ((SESSION_METADATA_KEY, str(value)),)
+        self._check_model(reply)
         self._join = reply
         if self._secure is None or reply.identity != self._secure.identity:
             self._secure = SecureParticipant(reply.identity, self._credentials)
         self._backoff.reset()
         log.info("joined federation %s as %s", reply.federation_id[:8], reply.identity)
+
+    def _check_model(self, reply: pb.JoinReply) -> None:
+        """Refuse to take part with a model other than the coordinator's (names, dtypes,
+        shapes), naming the first tensor that differs, before any round is started."""
+        if not reply.model_manifest_sha256:
+            return  # a coordinator that sends no fingerprint: checked at the first download
+        ours = manifest_entries(manifest_of(self._model.state_dict()))
+        if manifest_digest(ours) == reply.model_manifest_sha256:
+            return
+        theirs = [(e.name, e.dtype, tuple(e.shape)) for e in reply.model_manifest]
+        difference = (first_difference(theirs, ours) if theirs else None) or (
+            "the model fingerprints differ"
+        )
+        raise FatalClientError(
+            f"task {self._config.task!r} builds a different model than the coordinator's: "
+            f"{difference}; run the same version of the task, with the same settings, as the "
+            "coordinator"
+        )
 
     def _serve_one_task(self) -> bool:
         """Pull one task and carry it out; False when the federation is over."""
@@ -444,6 +502,15 @@ class FederationClient:
                 )
             except grpc.RpcError as exc:
                 log.debug("heartbeat failed: %s", exc.code().name)
+
+
+def _leave_reason(exc: BaseException) -> str:
+    """What the coordinator is told when this client stops with `exc`."""
+    if _Signals.received is not None:
+        return f"received {_Signals.received}"
+    if isinstance(exc, FedlinkError):
+        return str(exc)
+    return f"the task failed: {type(exc).__name__}: {exc}"
 
 
 class ShutdownRequested(BaseException):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
+import ssl
 import time
 
 import grpc
+from cryptography import x509
 
 from fedlink.client.config import ClientConfig
 from fedlink.common.pki import Credentials, load_credentials
@@ -51,6 +54,94 @@ def open_channel(config: ClientConfig, creds: Credentials | None = None) -> grpc
         root_certificates=creds.ca_pem, private_key=creds.key_pem, certificate_chain=creds.cert_pem
     )
     return grpc.secure_channel(config.server, credentials, options=options)
+
+
+# An OpenSSL verify code: the certificate does not name the host (X509_V_ERR_HOSTNAME_MISMATCH,
+# X509_V_ERR_IP_ADDRESS_MISMATCH); any other verify failure is a chain the bundle does not trust.
+_NAME_MISMATCH_CODES = frozenset({62, 64})
+# Verify codes meaning the chain does not lead to the bundle's CA (unable to get the issuer,
+# locally or at all; self-signed; a signature that does not verify).
+_OTHER_CA_CODES = frozenset({2, 7, 18, 19, 20, 21})
+
+
+def trust_problem(config: ClientConfig, timeout: float = 5.0) -> str | None:
+    """Why this client cannot trust the coordinator's certificate, or None if it can (or if the
+    coordinator cannot be reached at all: that is a network problem, retried elsewhere).
+
+    gRPC reports a failed TLS handshake as UNAVAILABLE, like a network outage, with OpenSSL's
+    text in a debug string. So the coordinator's certificate is checked again here with Python's
+    `ssl` against the same CA bundle and name, which tells the two causes apart precisely.
+    """
+    if config.insecure or config.ca is None:
+        return None
+    host, _, port = config.server.rpartition(":")
+    host = host.strip("[]")
+    name = config.server_name or host
+    context = ssl.create_default_context(cafile=str(config.ca))
+    try:
+        with (
+            socket.create_connection((host, int(port)), timeout=timeout) as sock,
+            context.wrap_socket(sock, server_hostname=name),
+        ):
+            return None
+    except ssl.SSLCertVerificationError as exc:
+        issuer, names = _presented_certificate(host, int(port), name, timeout)
+        if exc.verify_code in _NAME_MISMATCH_CODES:
+            return (
+                f"the coordinator's certificate is not valid for the name {name!r} (it names "
+                f"{names or 'no host'}); connect with --server using one of those names, or set "
+                "--server-name to the name in the coordinator's certificate"
+            )
+        issuer = issuer or "an unknown issuer"
+        if exc.verify_code not in _OTHER_CA_CODES:  # e.g. expired, not yet valid
+            return (
+                f"the coordinator's certificate (issued by {issuer}) cannot be trusted: "
+                f"{exc.verify_message}; ask the coordinator's operator to issue a valid one "
+                "(`fedlink certs issue --server`), and check this machine's clock"
+            )
+        return (
+            f"the coordinator's certificate (issued by {issuer}) is not "
+            f"signed by the CA in {config.ca} ({_subject_of(config.ca)}): "
+            f"{exc.verify_message}; use the federation's CA certificate (ca.pem from the "
+            "coordinator's `fedlink certs init`) as --ca, or check that --server points at "
+            "this federation's coordinator"
+        )
+    except (OSError, ValueError):
+        return None  # unreachable or not TLS at all: the caller's retry handles it
+
+
+def _presented_certificate(host: str, port: int, name: str, timeout: float) -> tuple[str, str]:
+    """The issuer and host names of the certificate the coordinator presents, read without
+    verifying it (only to say what is wrong with it)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as sock,
+            context.wrap_socket(sock, server_hostname=name) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        cert = x509.load_der_x509_certificate(der)
+        issuer = cert.issuer.rfc4514_string()
+        try:
+            alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names = [str(n) for n in alt.get_values_for_type(x509.DNSName)]
+            names += [str(a) for a in alt.get_values_for_type(x509.IPAddress)]
+        except x509.ExtensionNotFound:
+            names = []
+        return issuer, ", ".join(repr(n) for n in names)
+    except (OSError, ValueError, AssertionError):
+        return "", ""
+
+
+def _subject_of(ca: object) -> str:
+    try:
+        with open(str(ca), "rb") as pem:
+            return x509.load_pem_x509_certificate(pem.read()).subject.rfc4514_string()
+    except (OSError, ValueError):
+        return "unreadable"
 
 
 def client_credentials(config: ClientConfig) -> Credentials | None:

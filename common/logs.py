@@ -64,3 +64,9 @@ def configure_logging(*, verbose: bool, log_format: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def escape_for_log(text: str, limit: int) -> str:
+    """`text` from a peer cut to `limit` characters and escaped as TextFormatter escapes every
+    message, so it stays one line in JSON logs and in anything else it is passed on to."""
+    return text[:limit].translate(_ESCAPES) + ("…" if len(text) > limit else "")

@@ -6,6 +6,7 @@ execute code (unlike Python object serialization, which fedlink never uses for t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -53,6 +54,42 @@ Manifest = dict[str, TensorSpec]
 
 def manifest_of(state: Mapping[str, torch.Tensor]) -> Manifest:
     return {name: TensorSpec(t.dtype, tuple(t.shape)) for name, t in state.items()}
+
+
+# A manifest as plain text fields (name, dtype without "torch.", shape), in name order: what
+# travels in JoinReply, so either side compares without turning a peer's strings into dtypes.
+ManifestEntries = list[tuple[str, str, tuple[int, ...]]]
+
+
+def manifest_entries(manifest: Manifest) -> ManifestEntries:
+    return [
+        (name, str(spec.dtype).removeprefix("torch."), spec.shape)
+        for name, spec in sorted(manifest.items())
+    ]
+
+
+def manifest_digest(entries: ManifestEntries) -> bytes:
+    """The model's fingerprint: SHA-256 over its names, dtypes and shapes (not its values)."""
+    digest = hashlib.sha256()
+    for name, dtype, shape in entries:
+        digest.update(f"{name}\t{dtype}\t{','.join(map(str, shape))}\n".encode())
+    return digest.digest()
+
+
+def first_difference(expected: ManifestEntries, actual: ManifestEntries) -> str | None:
+    """The first tensor (in name order) where `actual` differs from `expected`, described."""
+    theirs = {name: (dtype, shape) for name, dtype, shape in expected}
+    ours = {name: (dtype, shape) for name, dtype, shape in actual}
+    for name in sorted(theirs.keys() | ours.keys()):
+        if name not in ours:
+            dtype, shape = theirs[name]
+            return f"{name!r} ({dtype} {list(shape)}) is missing from this client's model"
+        if name not in theirs:
+            return f"{name!r} is in this client's model but not in the coordinator's"
+        if theirs[name] != ours[name]:
+            (d1, s1), (d2, s2) = theirs[name], ours[name]
+            return f"{name!r} is {d1} {list(s1)} at the coordinator but {d2} {list(s2)} here"
+    return None
 
 
 def encode_state(state: Mapping[str, torch.Tensor]) -> bytes:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 import grpc
@@ -124,6 +126,20 @@ def _build_server(
     return server, port
 
 
+def _check_writable(directory: Path, flag: str) -> None:
+    """Create `directory` and prove a file can be written there, before any work: a mistake in
+    the path is one clear line at start-up, not a traceback from deep inside the first round."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"{flag} {directory} is not usable: {exc.strerror or exc}; choose a directory this "
+            f"user can create and write (pass {flag} or set it in the config file)"
+        ) from None
+
+
 def _bind(add_port: Callable[[], int], listen: str) -> int:
     """Bind the listening port, or raise ConfigError saying why a coordinator cannot start."""
     try:
@@ -139,6 +155,8 @@ def _bind(add_port: Callable[[], int], listen: str) -> int:
 
 
 def run_server(config: ServerConfig) -> int:
+    for directory, flag in ((config.state_dir, "--state-dir"), (config.run_dir, "--run-dir")):
+        _check_writable(directory, flag)
     lock = lock_state_dir(config.state_dir)
     try:
         return _coordinate(config)

@@ -423,6 +423,22 @@ class RoundEngine:
             self._known.add(identity)
             self._cond.notify_all()
 
+    def leave(self, identity: str, reason: str) -> None:
+        """The client said it is going away: it is no longer alive, so the phase in progress
+        closes without it (as if it had gone silent) and it is not sampled until it joins again.
+        Forgotten from the known clients too, so `below_quorum = "wait"` does not wait for it."""
+        with self._cond:
+            if self._sessions.pop(identity, None) is None:
+                return
+            self._known.discard(identity)
+            log.warning("client %s left (%d connected): %s", identity, len(self._sessions), reason)
+            self._cond.notify_all()
+
+    @property
+    def manifest(self) -> Manifest:
+        """Names, dtypes and shapes of the global model (fixed for the run)."""
+        return self._manifest
+
     def touch(self, identity: str) -> bool:
         """Record a sign of life; False when the client has not joined this coordinator."""
         with self._cond:

@@ -12,7 +12,9 @@ from typing import Any, NoReturn, TypeAlias
 import grpc
 
 from fedlink.common.errors import AccessDenied, StorageError, UpdateRejected, UploadIncomplete
+from fedlink.common.logs import escape_for_log
 from fedlink.common.secagg_wire import setup_to_proto
+from fedlink.common.tensors import manifest_digest, manifest_entries
 from fedlink.common.wire import JOIN_REQUIRED, SESSION_METADATA_KEY, PayloadInfo
 from fedlink.server.access import AccessPolicy, Sessions
 from fedlink.server.config import ServerConfig
@@ -22,6 +24,13 @@ from fedlink.v1 import federation_pb2 as pb
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+# Characters of a leaving client's reason that reach the log (a traceback's last line fits).
+MAX_LEAVE_REASON = 500
+
+# Tensors listed in JoinReply beside the fingerprint (a ResNet-50 has ~320); a larger model
+# sends only the hash, which keeps the reply far below gRPC's message limit.
+MAX_MANIFEST_ENTRIES = 4096
 
 # Seconds between log lines about the same client being refused for the same reason.
 REFUSAL_LOG_INTERVAL = 60.0
@@ -56,6 +65,13 @@ class FederationServicer(pb_grpc.FederationServicer):
             max_calls=config.max_calls_per_client,
         )
         self._refusals_logged: dict[tuple[str, str], float] = {}
+        entries = manifest_entries(engine.manifest)
+        self._model_digest = manifest_digest(entries)
+        self._model_manifest = [
+            pb.TensorManifestEntry(name=name, dtype=dtype, shape=shape)
+            for name, dtype, shape in entries
+            if len(entries) <= MAX_MANIFEST_ENTRIES
+        ]
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         if self._config.insecure:
@@ -85,6 +101,8 @@ class FederationServicer(pb_grpc.FederationServicer):
                 chunk_size=self._config.chunk_size,
                 heartbeat_interval_seconds=self._config.heartbeat_interval_seconds,
                 num_rounds=self._config.num_rounds,
+                model_manifest_sha256=self._model_digest,
+                model_manifest=self._model_manifest,
             )
         finally:
             if slot is not None:
@@ -178,6 +196,15 @@ class FederationServicer(pb_grpc.FederationServicer):
             if not self._engine.touch(identity):
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, JOIN_REQUIRED)
             return pb.HeartbeatReply(federation_active=self._engine.active)
+        finally:
+            slot.release()
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
+        identity, slot = self._caller(context)
+        try:
+            reason = escape_for_log(request.reason, MAX_LEAVE_REASON) or "no reason given"
+            self._engine.leave(identity, reason)
+            return pb.LeaveReply()
         finally:
             slot.release()
 

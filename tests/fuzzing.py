@@ -657,6 +657,7 @@ def extreme_case(client: FuzzClient, data: st.DataObject) -> None:
 OUTSIDER_REQUESTS = {
     "/fedlink.v1.Federation/Join": pb.JoinRequest,
     "/fedlink.v1.Federation/Heartbeat": pb.HeartbeatRequest,
+    "/fedlink.v1.Federation/Leave": pb.LeaveRequest,
     "/fedlink.v1.Federation/PullTask": pb.PullTaskRequest,
     "/fedlink.v1.Federation/PushResult": pb.ResultMessage,
     "/grpc.health.v1.Health/Check": health_pb2.HealthCheckRequest,

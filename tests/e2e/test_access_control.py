@@ -105,6 +105,9 @@ def test_only_allow_listed_identities_may_call(
     assert _refusal(stranger.Heartbeat, pb.HeartbeatRequest()).code() == (
         grpc.StatusCode.PERMISSION_DENIED
     )
+    assert _refusal(stranger.Leave, pb.LeaveRequest(reason="x")).code() == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
 
 
 def test_another_cas_certificate_with_an_allow_listed_name_is_still_refused(
@@ -311,6 +314,10 @@ def test_a_second_join_supersedes_the_first_session_and_the_identity_counts_once
     assert "this session of 'twin' was superseded" in details
     assert "stop the other process" in details
     assert _refusal(first.Heartbeat, pb.HeartbeatRequest(), metadata=old).code() == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+    # Nor can the superseded process make the new one leave.
+    assert _refusal(first.Leave, pb.LeaveRequest(), metadata=old).code() == (
         grpc.StatusCode.FAILED_PRECONDITION
     )
 

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from fedlink.common.logs import JsonFormatter, TextFormatter
+from fedlink.common.logs import JsonFormatter, TextFormatter, escape_for_log
 
 
 def _record(message: str, *args: object, exc_info: bool = False) -> logging.LogRecord:
@@ -41,3 +41,15 @@ def test_a_traceback_keeps_its_lines_and_json_escapes_everything() -> None:
     assert text.splitlines()[0].endswith("failed for x\\ny")
     assert "Traceback (most recent call last):" in text
     assert json.loads(JsonFormatter().format(record))["message"] == "failed for x\ny"
+
+
+def test_control_characters_are_escaped_so_peer_text_cannot_forge_log_lines() -> None:
+    forged = "bye\n2026-01-01 00:00:00 INFO fake line\x1b[2J\r"
+    escaped = escape_for_log(forged, 500)
+    assert "\n" not in escaped and "\r" not in escaped and "\x1b" not in escaped
+    assert escaped == "bye\\n2026-01-01 00:00:00 INFO fake line\\x1b[2J\\r"
+
+
+def test_long_peer_text_is_cut_to_the_limit_and_marked() -> None:
+    assert escape_for_log("x" * 1000, 10) == "x" * 10 + "…"
+    assert escape_for_log("short", 10) == "short"

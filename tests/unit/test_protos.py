@@ -54,10 +54,16 @@ def _method(name: str) -> MethodDescriptor:
     return service.methods_by_name[name]
 
 
-def test_federation_service_declares_exactly_the_four_rpcs() -> None:
+def test_federation_service_declares_exactly_the_task_channel_rpcs() -> None:
     service = federation_pb2.DESCRIPTOR.services_by_name["Federation"]
     assert service.full_name == "fedlink.v1.Federation"
-    assert set(service.methods_by_name) == {"Join", "PullTask", "PushResult", "Heartbeat"}
+    assert set(service.methods_by_name) == {
+        "Join",
+        "PullTask",
+        "PushResult",
+        "Heartbeat",
+        "Leave",
+    }
 
 
 @pytest.mark.parametrize(
@@ -67,6 +73,7 @@ def test_federation_service_declares_exactly_the_four_rpcs() -> None:
         ("PullTask", "PullTaskRequest", "TaskMessage", False, True),
         ("PushResult", "ResultMessage", "PushResultReply", True, False),
         ("Heartbeat", "HeartbeatRequest", "HeartbeatReply", False, False),
+        ("Leave", "LeaveRequest", "LeaveReply", False, False),
     ],
 )
 def test_rpc_has_its_message_types_and_streaming_direction(

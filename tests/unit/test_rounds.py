@@ -204,6 +204,38 @@ def test_a_silent_participant_is_dropped_once_its_liveness_timeout_passes(
     assert (record.clients_sampled, record.clients_accepted) == (2, 1)
 
 
+def test_a_participant_that_leaves_is_dropped_at_once_and_not_sampled_again(
+    tmp_path: Path, running: list[Running]
+) -> None:
+    # Liveness and round deadline far beyond the test: only the Leave can close the round.
+    config = _config(
+        tmp_path,
+        num_rounds=2,
+        min_clients=2,
+        min_fit_clients=1,
+        fraction_fit=1.0,
+        liveness_timeout_seconds=60,
+    )
+    engine = RoundEngine(config, _state(0))
+    engine.join("stays")
+    engine.join("leaves")
+    run = _run(engine)
+    running.append(run)
+    first = _task(engine, "stays")
+    _task(engine, "leaves")  # pulled, then the client stops
+    _deliver(engine, "stays", first, _state(1))
+    engine.leave("leaves", "received SIGTERM")
+    engine.leave("leaves", "said twice")  # a second Leave changes nothing
+    second = _task(engine, "stays")
+    assert second.round == 2
+    with pytest.raises(UpdateRejected, match="Join"):
+        engine.next_task("leaves", timeout=0.1)  # must join again to take part
+    _deliver(engine, "stays", second, _state(2))
+    summary = run.summary(timeout=20)
+    assert summary.completed
+    assert summary.last_record is not None and summary.last_record.clients_sampled == 1
+
+
 def test_below_quorum_retry_repeats_the_round_with_other_clients(
     tmp_path: Path, running: list[Running]
 ) -> None:

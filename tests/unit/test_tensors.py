@@ -20,6 +20,9 @@ from fedlink.common.tensors import (
     SUPPORTED_DTYPES,
     TensorSpec,
     encode_state,
+    first_difference,
+    manifest_digest,
+    manifest_entries,
     manifest_of,
     open_state_file,
     save_state_file,
@@ -303,3 +306,31 @@ def test_save_state_file_keeps_previous_file_when_encoding_fails(tmp_path: Path)
         save_state_file({"w": torch.zeros(3, dtype=torch.complex64)}, path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["model.safetensors"]
+
+
+def test_the_model_fingerprint_depends_on_names_dtypes_and_shapes_but_not_values() -> None:
+    state = {"b": torch.zeros(2), "a": torch.ones(3, 4, dtype=torch.float16)}
+    entries = manifest_entries(manifest_of(state))
+    assert entries == [("a", "float16", (3, 4)), ("b", "float32", (2,))]
+    same_shapes = manifest_entries(manifest_of({"a": torch.rand(3, 4).half(), "b": torch.rand(2)}))
+    assert manifest_digest(same_shapes) == manifest_digest(entries)
+    for other in (
+        {"a": torch.ones(3, 4, dtype=torch.float16), "b": torch.zeros(3)},
+        {"a": torch.ones(3, 4), "b": torch.zeros(2)},
+        {"a": torch.ones(3, 4, dtype=torch.float16), "c": torch.zeros(2)},
+    ):
+        assert manifest_digest(manifest_entries(manifest_of(other))) != manifest_digest(entries)
+
+
+def test_first_difference_names_the_first_tensor_in_name_order() -> None:
+    theirs = [("a", "float32", (2,)), ("b", "float32", (3,)), ("c", "int64", ())]
+    assert first_difference(theirs, theirs) is None
+    assert first_difference(theirs, [("a", "float32", (2,)), ("b", "float16", (3,))]) == (
+        "'b' is float32 [3] at the coordinator but float16 [3] here"
+    )
+    assert first_difference(theirs, theirs[:2]) == (
+        "'c' (int64 []) is missing from this client's model"
+    )
+    assert first_difference(theirs, [*theirs, ("d", "float32", (1,))]) == (
+        "'d' is in this client's model but not in the coordinator's"
+    )

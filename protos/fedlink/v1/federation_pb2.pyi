@@ -53,7 +53,7 @@ class JoinRequest(_message.Message):
     def __init__(self, client_version: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("federation_id", "identity", "task", "task_config", "chunk_size", "heartbeat_interval_seconds", "num_rounds")
+    __slots__ = ("federation_id", "identity", "task", "task_config", "chunk_size", "heartbeat_interval_seconds", "num_rounds", "model_manifest_sha256", "model_manifest")
     class TaskConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,8 @@ class JoinReply(_message.Message):
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     NUM_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
+    MODEL_MANIFEST_FIELD_NUMBER: _ClassVar[int]
     federation_id: str
     identity: str
     task: str
@@ -75,7 +77,29 @@ class JoinReply(_message.Message):
     chunk_size: int
     heartbeat_interval_seconds: float
     num_rounds: int
-    def __init__(self, federation_id: _Optional[str] = ..., identity: _Optional[str] = ..., task: _Optional[str] = ..., task_config: _Optional[_Mapping[str, str]] = ..., chunk_size: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[float] = ..., num_rounds: _Optional[int] = ...) -> None: ...
+    model_manifest_sha256: bytes
+    model_manifest: _containers.RepeatedCompositeFieldContainer[TensorManifestEntry]
+    def __init__(self, federation_id: _Optional[str] = ..., identity: _Optional[str] = ..., task: _Optional[str] = ..., task_config: _Optional[_Mapping[str, str]] = ..., chunk_size: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[float] = ..., num_rounds: _Optional[int] = ..., model_manifest_sha256: _Optional[bytes] = ..., model_manifest: _Optional[_Iterable[_Union[TensorManifestEntry, _Mapping]]] = ...) -> None: ...
+
+class TensorManifestEntry(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class LeaveReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class PullTaskRequest(_message.Message):
     __slots__ = ()

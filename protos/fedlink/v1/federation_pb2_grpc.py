@@ -54,6 +54,11 @@ class FederationStub:
                 request_serializer=fedlink_dot_v1_dot_federation__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=fedlink_dot_v1_dot_federation__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/fedlink.v1.Federation/Leave',
+                request_serializer=fedlink_dot_v1_dot_federation__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=fedlink_dot_v1_dot_federation__pb2.LeaveReply.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -87,6 +92,14 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Leave(self, request, context):
+        """The client is going away (shut down, or it cannot take part): drop it from the round in
+        progress and stop sampling it until it joins again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +122,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=fedlink_dot_v1_dot_federation__pb2.HeartbeatRequest.FromString,
                     response_serializer=fedlink_dot_v1_dot_federation__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=fedlink_dot_v1_dot_federation__pb2.LeaveRequest.FromString,
+                    response_serializer=fedlink_dot_v1_dot_federation__pb2.LeaveReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +237,33 @@ class Federation:
             '/fedlink.v1.Federation/Heartbeat',
             fedlink_dot_v1_dot_federation__pb2.HeartbeatRequest.SerializeToString,
             fedlink_dot_v1_dot_federation__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlink.v1.Federation/Leave',
+            fedlink_dot_v1_dot_federation__pb2.LeaveRequest.SerializeToString,
+            fedlink_dot_v1_dot_federation__pb2.LeaveReply.FromString,
             options,
             channel_credentials,
             insecure,
