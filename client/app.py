@@ -368,12 +368,15 @@ class FederationClient:
                         setup, self._model.state_dict(), global_state, result.num_examples
                     )
                     if setup.clip_norm > 0:
+                        # What this client actually did: z = std sqrt(t) / S for any sum of t.
                         log.info(
                             "round %d: DP: change clipped to norm %g, Gaussian noise of std "
-                            "%.4g added before masking",
+                            "%.4g added before masking (noise multiplier %.4g for a sum of %d)",
                             header.round,
                             setup.clip_norm,
                             setup.noise_std,
+                            setup.noise_std * math.sqrt(setup.params.threshold) / setup.clip_norm,
+                            setup.params.threshold,
                         )
                     answer = self._secure.advertise(setup, vector, header.round, model_digest)
             else:
