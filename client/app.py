@@ -356,7 +356,9 @@ class FederationClient:
             if header.kind == pb.TASK_KIND_SECAGG_ADVERTISE:
                 self._load_global_model(header, stream)
                 answer = self._secure.given_answer(header.kind, setup)
-                model_digest = header.payload.sha256
+                # The global model and the training seed make an update reproducible: a second
+                # masked input for the same pair could be subtracted from the first.
+                model_digest = header.payload.sha256 + header.seed.to_bytes(8, "big")
                 if answer is None:
                     # Before training: a refused session costs no work.
                     self._secure.admit(setup, header.round, model_digest)

@@ -62,8 +62,8 @@ class PrivacyFloor:
     0 means no floor for the first three. With any of them set the site also refuses plain
     (not securely aggregated) training, where the coordinator would read its update.
     `max_attempts_per_round` caps the masked inputs sent for one round (by round number and by
-    global model, so renumbering a retry does not reset it): two sums that differ only in
-    whether this client took part give its update away by subtraction.
+    global model with training seed, so renumbering a retry does not reset it): two sums that
+    differ only in whether this client took part give its update away by subtraction.
     """
 
     min_clients: int = 0
