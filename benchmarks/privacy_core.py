@@ -34,6 +34,7 @@ Timings are wall-clock seconds on this machine; on a shared machine they are upp
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import statistics
@@ -176,10 +177,10 @@ def session(n: int, ring_bits: int, dropped: int, neighbours: int = 0) -> dict[s
             states[k], weights[k], max_weight=MAX_WEIGHT, layout=layout, encoding=encoding
         )
         timings["encode"].append(time.perf_counter() - start)
-        inbox_bytes = wire.shares_to_bytes(server.shares_for(identity))
-        inbox = wire.shares_from_bytes(inbox_bytes)
+        inbox_bytes = wire.shares_to_bytes(server.shares_for(identity), server.contributors)
+        inbox, announced = wire.inbox_from_bytes(inbox_bytes)
         start = time.perf_counter()
-        masked = clients[identity].masked_input(vector, inbox).tobytes()
+        masked = clients[identity].masked_input(vector, inbox, announced).tobytes()
         timings["mask"].append(time.perf_counter() - start)
         start = time.perf_counter()
         server.add_masked_input(identity, params.vector_from_bytes(masked))
@@ -187,7 +188,15 @@ def session(n: int, ring_bits: int, dropped: int, neighbours: int = 0) -> dict[s
         if identity == probe:
             received["share_bundles"] = len(inbox_bytes)
             sent["masked_vector"] = len(masked)
-    request_bytes = wire.unmask_request_to_bytes(server.close_masked_inputs())
+    # The consistency step without certificates (the statement's digest stands in for the
+    # signature, as in --insecure mode): a signature's cost is in the federation benchmark.
+    survivors = wire.unmask_request_from_bytes(
+        wire.unmask_request_to_bytes(server.close_masked_inputs())
+    )
+    for identity in survivors.survivors:
+        statement = clients[identity].agree(survivors, b"setup")
+        server.add_view_signature(identity, hashlib.sha256(statement).digest())
+    request_bytes = wire.unmask_request_to_bytes(server.close_agreement())
     received["unmask_request"] = len(request_bytes)
     request = wire.unmask_request_from_bytes(request_bytes)
     for identity in request.survivors:

@@ -25,9 +25,22 @@ from fedlink.client.connection import (
     open_channel,
     trust_problem,
 )
-from fedlink.client.secure import SECURE_STEPS, SecureParticipant, encode_update, step_encodings
+from fedlink.client.secure import (
+    SECURE_STEPS,
+    PrivacyFloor,
+    SecureParticipant,
+    encode_update,
+    step_encodings,
+)
 from fedlink.common.accounting import PrivacyAccountant
-from fedlink.common.errors import ConfigError, FedlinkError, PayloadError, SecAggError, TaskError
+from fedlink.common.errors import (
+    BelowPrivacyFloor,
+    ConfigError,
+    FedlinkError,
+    PayloadError,
+    SecAggError,
+    TaskError,
+)
 from fedlink.common.secagg_wire import setup_from_proto
 from fedlink.common.tasks import load_task
 from fedlink.common.tasks.base import (
@@ -153,6 +166,12 @@ class FederationClient:
         )
         self._stop_heartbeat = threading.Event()
         self._secure: SecureParticipant | None = None
+        self._floor = PrivacyFloor(
+            min_clients=config.secagg_min_clients,
+            min_threshold=config.secagg_min_threshold,
+            min_noise_multiplier=config.dp_min_noise_multiplier,
+            max_attempts_per_round=config.secagg_max_attempts_per_round,
+        )
         # Record-level DP-SGD: every round's local steps compose, for as long as this process runs.
         self._dpsgd_accountant = PrivacyAccountant()
 
@@ -259,7 +278,7 @@ class FederationClient:
         self._check_model(reply)
         self._join = reply
         if self._secure is None or reply.identity != self._secure.identity:
-            self._secure = SecureParticipant(reply.identity, self._credentials)
+            self._secure = SecureParticipant(reply.identity, self._credentials, self._floor)
         self._backoff.reset()
         log.info("joined federation %s as %s", reply.federation_id[:8], reply.identity)
 
@@ -299,6 +318,11 @@ class FederationClient:
             return True
         if header.kind not in (pb.TASK_KIND_TRAIN, pb.TASK_KIND_EVALUATE):
             raise FatalClientError(f"coordinator sent unknown task kind {header.kind}")
+        if header.kind == pb.TASK_KIND_TRAIN and self._floor.requires_secure_aggregation:
+            raise FatalClientError(
+                "the coordinator asks for an update without secure aggregation, which it could "
+                "read; this site's privacy floor (secagg_min_*, dp_min_noise_multiplier) requires it"
+            )
         self._load_global_model(header, stream)
         if header.kind == pb.TASK_KIND_TRAIN:
             self._train(header)
@@ -406,7 +430,12 @@ class FederationClient:
             if header.kind == pb.TASK_KIND_SECAGG_ADVERTISE:
                 self._load_global_model(header, stream)
                 answer = self._secure.given_answer(header.kind, setup)
+                # The global model and the training seed make an update reproducible: a second
+                # masked input for the same pair could be subtracted from the first.
+                model_digest = header.payload.sha256 + header.seed.to_bytes(8, "big")
                 if answer is None:
+                    # Before training: a refused session costs no work.
+                    self._secure.admit(setup, header.round, model_digest)
                     # Only DP encodes the change from the global model; otherwise skip the copy.
                     global_state = snapshot(self._model) if setup.clip_norm > 0 else {}
                     # Metrics are not sent under secure aggregation (DP-SGD's epsilon is logged).
@@ -415,20 +444,26 @@ class FederationClient:
                         setup, self._model.state_dict(), global_state, result.num_examples
                     )
                     if setup.clip_norm > 0:
+                        # What this client actually did: z = std sqrt(t) / S for any sum of t.
                         log.info(
                             "round %d: DP: change clipped to norm %g, Gaussian noise of std "
-                            "%.4g added before masking",
+                            "%.4g added before masking (noise multiplier %.4g for a sum of %d)",
                             header.round,
                             setup.clip_norm,
                             setup.noise_std,
+                            setup.noise_std * math.sqrt(setup.params.threshold) / setup.clip_norm,
+                            setup.params.threshold,
                         )
-                    answer = self._secure.advertise(setup, vector)
+                    answer = self._secure.advertise(setup, vector, header.round, model_digest)
             else:
                 message = io.BytesIO()
                 self._receive(
                     header, stream, message, encoding=expected, max_size=MAX_MESSAGE_BYTES
                 )
                 answer = self._secure.respond(header.kind, setup, message.getvalue())
+        except BelowPrivacyFloor as exc:
+            log.error("round %d: refusing %s: %s", header.round, step, exc)
+            raise FatalClientError(f"below this site's privacy floor: {exc}") from None
         except SecAggError as exc:
             log.warning("round %d: declining %s: %s", header.round, step, exc)
             self._push(header, 0, {}, None)

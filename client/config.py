@@ -80,6 +80,34 @@ class ClientConfig:
         ),
     )
     log_format: str = field(default="text", metadata=_help("log lines on stderr: text or json"))
+    # This site's privacy floor (docs/privacy.md): what it refuses from any coordinator.
+    secagg_min_clients: int = field(
+        default=0,
+        metadata=_help(
+            "refuse secure-aggregation sessions with fewer clients (0: no floor); any floor set "
+            "also refuses training without secure aggregation"
+        ),
+    )
+    secagg_min_threshold: int = field(
+        default=0,
+        metadata=_help(
+            "refuse secure-aggregation sessions whose sums may cover fewer clients (0: no floor)"
+        ),
+    )
+    dp_min_noise_multiplier: float = field(
+        default=0.0,
+        metadata=_help(
+            "refuse secure-aggregation sessions without DP or with a smaller noise multiplier "
+            "(0: no floor)"
+        ),
+    )
+    secagg_max_attempts_per_round: int = field(
+        default=1,
+        metadata=_help(
+            "masked inputs this client sends for one round (or one global model) at most; "
+            "more let a coordinator subtract two sums"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if not self.insecure and not (self.cert and self.key and self.ca):
@@ -101,3 +129,10 @@ class ClientConfig:
             if not getattr(self, name) > 0:  # also refuses NaN
                 raise ConfigError(f"{name} must be positive")
         check_log_format(self.log_format)
+        for name in ("secagg_min_clients", "secagg_min_threshold"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0")
+        if not self.dp_min_noise_multiplier >= 0:  # also refuses NaN
+            raise ConfigError("dp_min_noise_multiplier must be >= 0")
+        if self.secagg_max_attempts_per_round < 1:
+            raise ConfigError("secagg_max_attempts_per_round must be >= 1")

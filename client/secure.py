@@ -1,32 +1,47 @@
 """This client's side of secure aggregation (docs/privacy.md), one session at a time.
 
-The coordinator runs a secure round as four tasks that share one session (server/rounds.py).
+The coordinator runs a secure round as five tasks that share one session (server/rounds.py).
 The update is encoded into the ring right after training; the session's secrets (two X25519
 private keys, the self-mask seed, the encoded update) live in this object only, and are
 dropped as soon as a task for another session arrives.
+
+The coordinator is not trusted to keep the promise of secure aggregation: the survivors sign
+their view of the session and check each other's signatures before unmasking (common/secagg.py),
+and the site's own `PrivacyFloor` bounds what any coordinator can ask of it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
+from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
 from fedlink.common.dp import add_gaussian_noise, clip_update
-from fedlink.common.errors import SecAggError, SecAggRefused
+from fedlink.common.errors import BelowPrivacyFloor, SecAggError, SecAggRefused
 from fedlink.common.fixedpoint import UpdateLayout, encode_weighted_update
 from fedlink.common.pki import Credentials
 from fedlink.common.secagg import KeyAdvertisement, RingVector, SecAggClient
-from fedlink.common.secagg_auth import check_advertisement, sign_advertisement
+from fedlink.common.secagg_auth import (
+    check_advertisement,
+    check_view_signatures,
+    sign_advertisement,
+    sign_view,
+)
 from fedlink.common.secagg_wire import (
     SecAggStep,
     SessionSetup,
+    inbox_from_bytes,
     keys_to_bytes,
     roster_from_bytes,
-    shares_from_bytes,
+    setup_digest,
     shares_to_bytes,
     unmask_request_from_bytes,
     unmask_response_to_bytes,
+    view_signature_to_bytes,
 )
 from fedlink.common.tensors import manifest_of
 from fedlink.v1 import federation_pb2 as pb
@@ -35,8 +50,59 @@ SECURE_STEPS = (
     pb.TASK_KIND_SECAGG_ADVERTISE,
     pb.TASK_KIND_SECAGG_SHARE_KEYS,
     pb.TASK_KIND_SECAGG_MASKED_INPUT,
+    pb.TASK_KIND_SECAGG_CONSISTENCY,
     pb.TASK_KIND_SECAGG_UNMASK,
 )
+
+
+@dataclass(frozen=True)
+class PrivacyFloor:
+    """The least privacy this site accepts from any coordinator (the client's own config).
+
+    0 means no floor for the first three. With any of them set the site also refuses plain
+    (not securely aggregated) training, where the coordinator would read its update.
+    `max_attempts_per_round` caps the masked inputs sent for one round (by round number and by
+    global model with training seed, so renumbering a retry does not reset it): two sums that
+    differ only in whether this client took part give its update away by subtraction.
+    """
+
+    min_clients: int = 0
+    min_threshold: int = 0
+    min_noise_multiplier: float = 0.0
+    max_attempts_per_round: int = 1
+
+    @property
+    def requires_secure_aggregation(self) -> bool:
+        return self.min_clients > 0 or self.min_threshold > 0 or self.min_noise_multiplier > 0
+
+    def check_setup(self, setup: SessionSetup) -> None:
+        """BelowPrivacyFloor unless the session's threshold and DP meet this site's floor."""
+        threshold = setup.params.threshold
+        if threshold < self.min_threshold:
+            raise BelowPrivacyFloor(
+                f"the coordinator would unmask sums of as few as {threshold} clients; this "
+                f"site's floor (secagg_min_threshold) is {self.min_threshold}"
+            )
+        if self.min_noise_multiplier > 0:
+            if setup.clip_norm == 0:
+                raise BelowPrivacyFloor(
+                    "the coordinator asks for updates without DP clipping and noise; this site's "
+                    f"floor (dp_min_noise_multiplier) is {self.min_noise_multiplier:g}"
+                )
+            # Each client adds std z S / sqrt(t), so any sum of >= t carries at least z S.
+            multiplier = setup.noise_std * math.sqrt(threshold) / setup.clip_norm
+            if multiplier < self.min_noise_multiplier * (1 - 1e-9):
+                raise BelowPrivacyFloor(
+                    f"the coordinator's DP noise amounts to a noise multiplier of {multiplier:.4g}; "
+                    f"this site's floor (dp_min_noise_multiplier) is {self.min_noise_multiplier:g}"
+                )
+
+    def check_cohort(self, clients: int) -> None:
+        if clients < self.min_clients:
+            raise BelowPrivacyFloor(
+                f"the session's roster has {clients} clients; this site's floor "
+                f"(secagg_min_clients) is {self.min_clients}"
+            )
 
 
 def step_encodings(kind: pb.TaskKind, setup: SessionSetup) -> tuple[str, str]:
@@ -89,18 +155,43 @@ def encode_update(
 
 
 class SecureParticipant:
-    """Answers the four steps of the current session; a re-offered step (the upload of the
+    """Answers the five steps of the current session; a re-offered step (the upload of the
     answer broke off) gets the same answer again, never a second, different one."""
 
-    def __init__(self, identity: str, credentials: Credentials | None) -> None:
-        """`credentials` sign this client's keys and check its peers' (None: --insecure
-        development mode, where keys are neither signed nor checked)."""
+    def __init__(
+        self,
+        identity: str,
+        credentials: Credentials | None,
+        floor: PrivacyFloor = PrivacyFloor(),
+    ) -> None:
+        """`credentials` sign this client's keys and view and check its peers' (None:
+        --insecure development mode, where nothing is signed or checked, so a malicious
+        coordinator is not defended against)."""
         self.identity = identity
         self._credentials = credentials
+        self._floor = floor
         self._setup: SessionSetup | None = None
         self._client: SecAggClient | None = None
         self._vector: RingVector | None = None
         self._answers: dict[pb.TaskKind, bytes] = {}
+        self._roster: dict[str, KeyAdvertisement] = {}
+        self._statement: bytes | None = None  # the view this client signed
+        self._attempt: tuple[int, bytes] = (0, b"")  # (round, global model digest)
+        # Masked inputs sent, by round number and by global model digest.
+        self._contributions: Counter[int | bytes] = Counter()
+
+    def admit(self, setup: SessionSetup, round_number: int, model_digest: bytes) -> None:
+        """Refuse a session below this site's floor (BelowPrivacyFloor) or one more attempt at
+        a round this client already contributed to as often as it allows (SecAggRefused);
+        called before training, so a refused session costs nothing."""
+        self._floor.check_setup(setup)
+        spent = max(self._contributions[round_number], self._contributions[model_digest])
+        if spent >= self._floor.max_attempts_per_round:
+            raise SecAggRefused(
+                f"this client already sent {spent} masked input(s) for round {round_number} or "
+                f"this global model, its limit (secagg_max_attempts_per_round); another attempt "
+                "could be subtracted from the last one"
+            )
 
     def given_answer(self, kind: pb.TaskKind, setup: SessionSetup) -> bytes | None:
         """The answer already given to this step of this session, if any."""
@@ -108,9 +199,14 @@ class SecureParticipant:
             return None
         return self._answers.get(kind)
 
-    def advertise(self, setup: SessionSetup, vector: RingVector) -> bytes:
+    def advertise(
+        self, setup: SessionSetup, vector: RingVector, round_number: int, model_digest: bytes
+    ) -> bytes:
         """Start a session with this client's encoded update: fresh keys, to advertise."""
+        self.admit(setup, round_number, model_digest)
         self._setup, self._vector, self._answers = setup, vector, {}
+        self._roster, self._statement = {}, None
+        self._attempt = (round_number, model_digest)
         self._client = SecAggClient(self.identity, setup.params)
         keys = self._client.advertise()
         if self._credentials is not None:
@@ -130,13 +226,35 @@ class SecureParticipant:
         if kind == pb.TASK_KIND_SECAGG_SHARE_KEYS:
             roster = roster_from_bytes(message)
             self._check_roster(roster, setup.params.session)
+            self._floor.check_cohort(len(roster))
             answer = shares_to_bytes(self._client.share_keys(roster))
+            self._roster = roster
         elif kind == pb.TASK_KIND_SECAGG_MASKED_INPUT:
             assert self._vector is not None
-            masked = self._client.masked_input(self._vector, shares_from_bytes(message))
+            round_number, model_digest = self._attempt
+            self.admit(setup, round_number, model_digest)
+            bundles, contributors = inbox_from_bytes(message)
+            masked = self._client.masked_input(self._vector, bundles, contributors)
             answer, self._vector = masked.tobytes(), None
+            self._contributions.update((round_number, model_digest))
+        elif kind == pb.TASK_KIND_SECAGG_CONSISTENCY:
+            request = unmask_request_from_bytes(message)
+            self._statement = self._client.agree(request, setup_digest(setup))
+            # --insecure has no certificates: the view's digest stands in, unauthenticated.
+            signature = (
+                hashlib.sha256(self._statement).digest()
+                if self._credentials is None
+                else sign_view(self._statement, self._credentials)
+            )
+            answer = view_signature_to_bytes(signature)
         else:
             request = unmask_request_from_bytes(message)
+            if self._statement is None:
+                raise SecAggRefused("asked to unmask before this client signed a survivor set")
+            if self._credentials is not None:
+                check_view_signatures(
+                    request, self._statement, self._roster, self._credentials.ca_pem
+                )
             answer = unmask_response_to_bytes(self._client.unmask(request))
         return self._remember(kind, answer)
 

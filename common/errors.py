@@ -85,3 +85,9 @@ class SecAggError(FedlinkError):
 class SecAggRefused(SecAggError):
     """A client refuses a request that would reveal its secrets, e.g. both the self-mask share and
     the masking-key share of the same peer (which would let the server unmask that peer's input)."""
+
+
+class BelowPrivacyFloor(SecAggRefused):
+    """The coordinator asks a client for less privacy than its site's own floor allows (a
+    smaller cohort or threshold, no DP or less noise, more attempts at one round, or no secure
+    aggregation at all): the client takes no part."""

@@ -1,8 +1,9 @@
-"""Secure aggregation (Bonawitz et al., CCS 2017; SecAgg+, Bell et al., CCS 2020) against an
-honest-but-curious coordinator.
+"""Secure aggregation (Bonawitz et al., CCS 2017; SecAgg+, Bell et al., CCS 2020) that holds
+against a malicious coordinator.
 
 The coordinator learns the sum of the clients' ring vectors (see fixedpoint.py) and nothing else
-about any one of them, even when clients drop out, as long as at least `threshold` remain.
+about any one of them, even when clients drop out, as long as at least `threshold` remain, and
+even when it lies to clients about who took part (the consistency step below).
 
 Who shares keys and masks with whom is the session's graph (`SessionGraph`): by default the
 complete graph (every client with every other, the CCS 2017 protocol, as written below); with
@@ -13,18 +14,26 @@ wire. Then "U1" in steps 2 to 4 reads "the client and its neighbours in U1" (lik
 the Shamir threshold is `neighbour_threshold` t_k among those k + 1 holders, and the
 coordinator's unmasking is O(n k) instead of O(n^2).
 
-The four steps, each a message through the coordinator (which only relays and sums):
+The five steps, each a message through the coordinator (which only relays and sums):
 1. advertise: each client sends two X25519 public keys, one to encrypt shares (c) and one to
    agree pairwise masks (s). The coordinator's list of them is the roster U1.
 2. share keys: each client draws a self-mask seed b_u and Shamir-shares both b_u and its mask
    private key s_u among U1 (threshold t). Each share travels to its holder encrypted and
    authenticated with a key agreed between the c keys, so the coordinator cannot read it.
-   U2 = the clients whose shares arrived.
+   U2 = the clients whose shares arrived; the coordinator announces U2 with the relayed shares,
+   and a client refuses unless it received a bundle from each of its neighbours in U2 and those
+   are at least the share threshold, not counting itself.
 3. masked input: y_u = x_u + PRG(b_u) + sum_{v in U2, v > u} PRG(s_uv) - sum_{v in U2, v < u} PRG(s_uv)
    (mod 2^k), s_uv being HKDF of the X25519 agreement of s_u and s_v bound to the session and both
    identities. Pairwise masks cancel in the sum; the self mask hides y_u even if the coordinator
    later learns s_uv for a peer it (wrongly) declared dropped. U3 = the clients whose y_u arrived.
-4. unmask: each survivor reveals its share of b_u for every u in U3 and its share of s_u for every
+4. consistency (the malicious-server variant of the paper): each survivor checks that U3 and
+   U2 \\ U3 are exactly the U2 it was told, and signs its whole view (`view_statement`: setup,
+   roster with every key, U2, U3) with its client certificate, once per session.
+5. unmask: a client goes on only if every survivor's signature over its own view verifies
+   (secagg_auth.py): then all of U3, at least t > |U1| / 2 clients, saw the same setup, roster, U2
+   and U3, so no client of the sum masked against another U2 than the rest, and no survivor can be
+   told it survived in one story and have its peers dropped in another. Then each survivor reveals its share of b_u for every u in U3 and its share of s_u for every
    u in U2 \\ U3, never both kinds for one peer (`ShareGuard`). From t shares of each the
    coordinator removes the self masks of U3 and the pairwise masks the dropped clients left.
 
@@ -34,8 +43,9 @@ disjoint groups of t clients exist, so even a coordinator that tells clients dif
 about who dropped cannot collect t shares of both kinds for one client. With neighbourhoods the
 same holds per client: clients refuse t_k <= k / 2, a minority of its k + 1 holders. They also
 refuse to unmask survivors that the graph does not connect: the coordinator could then unmask
-each component's sum on its own. (The malicious-server variant of the paper adds a signed
-consistency round; this implementation does not.)
+each component's sum on its own. Every survivor must sign (not only t of them, as in the paper):
+a survivor's own signature is what shows it masked against the same U2 as the others, so one
+that drops out between its masked input and the consistency step fails the attempt.
 """
 
 from __future__ import annotations
@@ -148,10 +158,12 @@ class KeyAdvertisement:
 
 @dataclass(frozen=True)
 class UnmaskRequest:
-    """The coordinator's view after step 3: whose masked input it holds and who dropped."""
+    """The coordinator's view after step 3: whose masked input it holds and who dropped; in the
+    unmask step also every survivor's signature over its view (identity -> signature)."""
 
     survivors: tuple[str, ...]
     dropped: tuple[str, ...]
+    signatures: Mapping[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -287,6 +299,33 @@ def advertisement_statement(session: str, identity: str, advertisement: KeyAdver
     )
 
 
+def view_statement(
+    session: str,
+    setup_digest: bytes,
+    roster: Mapping[str, KeyAdvertisement],
+    contributors: Collection[str],
+    survivors: Collection[str],
+) -> bytes:
+    """What every survivor signs in the consistency step: the session's setup (its digest), the
+    roster U1 with both keys of each client, U2 and U3. Clients that sign the same bytes saw the
+    same session; a count before each list keeps the encoding unambiguous."""
+    members = sorted(roster)
+    keys = [
+        part for u in members for part in (u, roster[u].cipher_key.hex(), roster[u].mask_key.hex())
+    ]
+    return _context(
+        "session-view",
+        session,
+        setup_digest.hex(),
+        str(len(members)),
+        *keys,
+        str(len(contributors)),
+        *sorted(contributors),
+        str(len(survivors)),
+        *sorted(survivors),
+    )
+
+
 def pairwise_mask_key(
     private: X25519PrivateKey, peer_public: bytes, session: str, a: str, b: str
 ) -> bytes:
@@ -328,7 +367,8 @@ class _ClientPhase(Enum):
     ADVERTISE = 1
     SHARE = 2
     MASK = 3
-    UNMASK = 4
+    AGREE = 4
+    UNMASK = 5
 
 
 class SecAggClient:
@@ -348,6 +388,8 @@ class SecAggClient:
         self._held: dict[str, tuple[Share, Share]] = {}
         self._graph: SessionGraph | None = None
         self._contributors: frozenset[str] = frozenset()  # itself and its neighbours in U2
+        self._announced: frozenset[str] = frozenset()  # U2 as the coordinator announced it
+        self._agreed: UnmaskRequest | None = None  # the survivor set this client signed
 
     def advertise(self) -> KeyAdvertisement:
         self._expect(_ClientPhase.ADVERTISE)
@@ -380,10 +422,13 @@ class SecAggClient:
                     f"must be at least {majority_of(k)} so that no coordinator can collect both "
                     "kinds of share"
                 )
-        elif 2 * threshold <= len(roster):
+        # Also with neighbourhoods: a survivor set that t > n / 2 clients signed is the only one
+        # (no two disjoint groups of t exist), which the consistency step relies on.
+        if 2 * threshold <= len(roster):
             raise SecAggRefused(
                 f"threshold {threshold} is at most half of the {len(roster)} clients; it must be "
-                f"at least {len(roster) // 2 + 1} so that no coordinator can collect both kinds of share"
+                f"at least {len(roster) // 2 + 1} so that no coordinator can collect both kinds of "
+                "share or get two different survivor sets signed"
             )
         public_keys = [key for ad in roster.values() for key in (ad.cipher_key, ad.mask_key)]
         if len(set(public_keys)) != len(public_keys):
@@ -419,23 +464,38 @@ class SecAggClient:
         self._phase = _ClientPhase.MASK
         return ciphertexts
 
-    def masked_input(self, vector: RingVector, ciphertexts: Mapping[str, bytes]) -> RingVector:
+    def masked_input(
+        self, vector: RingVector, ciphertexts: Mapping[str, bytes], contributors: Collection[str]
+    ) -> RingVector:
         """y_u for the encoded update `vector`, given the shares addressed to this client by its
-        neighbours in U2 (the clients whose shares the coordinator received)."""
+        neighbours in U2 and `contributors`, U2 as the coordinator announces it (all of it, also
+        beyond this client's neighbourhood: it is part of the view signed in the next step)."""
         self._expect(_ClientPhase.MASK)
         assert self._graph is not None
         _check_vector(vector, self.params)
-        unexpected = set(ciphertexts) - self._graph.neighbours[self.identity]
-        if unexpected:
-            raise SecAggError(f"share bundles from unexpected senders: {sorted(unexpected)}")
-        contributors = frozenset(ciphertexts) | {self.identity}
-        # Fewer would leave this client's input masked by too few peers, and its secrets
-        # impossible to rebuild.
-        needed = self._graph.share_threshold
-        if len(contributors) < needed:
-            group = "of this client's neighbourhood " if self._graph.sparse else ""
+        announced = frozenset(contributors)
+        if self.identity not in announced or not announced <= self._roster.keys():
             raise SecAggError(
-                f"only {len(contributors)} clients {group}shared keys; the threshold is {needed}"
+                "the clients announced as having shared keys must include this client and be "
+                "of the roster"
+            )
+        if len(announced) < self.params.threshold:
+            raise SecAggError(
+                f"only {len(announced)} clients shared keys; the threshold is {self.params.threshold}"
+            )
+        peers = self._graph.neighbours[self.identity] & announced
+        if set(ciphertexts) != peers:
+            raise SecAggRefused(
+                f"the coordinator announced share bundles from {sorted(peers)} but relayed them "
+                f"from {sorted(ciphertexts)}"
+            )
+        # Not counting itself: with fewer peers' masks, fewer peers' keys would strip them.
+        needed = self._graph.share_threshold
+        if len(peers) < needed:
+            group = "of this client's neighbours " if self._graph.sparse else "peers "
+            raise SecAggRefused(
+                f"only {len(peers)} {group}shared keys; this client masks against at least "
+                f"{needed} (the share threshold, not counting itself)"
             )
         received: dict[str, tuple[Share, Share]] = {}
         for sender, ciphertext in ciphertexts.items():
@@ -464,11 +524,12 @@ class SecAggClient:
                 raise SecAggError(f"the shares from {sender!r} are addressed to another index")
             received[sender] = (b_share, s_share)
         self._held.update(received)
-        self._contributors = contributors
+        self._contributors = peers | {self.identity}
+        self._announced = announced
 
         masked: RingVector = vector.copy()
         prg.add_keystream(self._self_seed, masked)
-        for peer in sorted(contributors - {self.identity}):
+        for peer in sorted(peers):
             key = pairwise_mask_key(
                 self._mask_private,
                 self._roster[peer].mask_key,
@@ -477,16 +538,16 @@ class SecAggClient:
                 peer,
             )
             prg.add_keystream(key, masked, subtract=peer < self.identity)
-        self._phase = _ClientPhase.UNMASK
+        self._phase = _ClientPhase.AGREE
         return masked
 
-    def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
-        """Shares of b_u for the survivors and of s_u for the dropped among the clients whose
-        shares this client holds (itself and its neighbours in U2; names of other clients of the
-        roster are passed over, it holds nothing of theirs). Refuses anything that would reveal
-        both kinds for one peer, an inconsistent or too small survivor set, and survivors that
-        fall apart into groups whose sums could be unmasked separately."""
-        self._expect(_ClientPhase.UNMASK)
+    def agree(self, request: UnmaskRequest, setup_digest: bytes) -> bytes:
+        """The consistency step: check the survivor set U3 against U2 as announced, and return
+        `view_statement` for this client to sign. A client agrees to one survivor set per
+        session; `unmask` then answers only that one. Refuses an inconsistent or too small
+        survivor set, and survivors that fall apart into groups whose sums could be unmasked
+        separately."""
+        self._expect(_ClientPhase.AGREE)
         assert self._graph is not None
         survivors, dropped = set(request.survivors), set(request.dropped)
         if survivors & dropped:
@@ -497,13 +558,10 @@ class SecAggClient:
             raise SecAggRefused(
                 f"{self.identity!r} sent its masked input; the coordinator cannot count it as dropped"
             )
-        named = survivors | dropped
-        ours = self._graph.group(self.identity)
-        outside = {peer for peer in named if peer not in self._roster or peer in ours}
-        outside -= self._contributors
-        if outside:
-            raise SecAggError(
-                f"unmasking asks about clients that did not share keys: {sorted(outside)}"
+        if survivors | dropped != self._announced:
+            raise SecAggRefused(
+                "the survivors and the dropped must be exactly the clients announced as having "
+                f"shared keys ({sorted(self._announced)}), got {sorted(survivors | dropped)}"
             )
         if len(survivors) < self.params.threshold:
             raise SecAggError(
@@ -513,6 +571,24 @@ class SecAggClient:
             raise SecAggRefused(
                 "the survivors fall apart into groups no pairwise mask joins, so the sum of each "
                 "group could be unmasked on its own"
+            )
+        self._agreed = UnmaskRequest(tuple(sorted(survivors)), tuple(sorted(dropped)))
+        self._phase = _ClientPhase.UNMASK
+        return view_statement(
+            self.params.session, setup_digest, self._roster, self._announced, survivors
+        )
+
+    def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
+        """Shares of b_u for the survivors and of s_u for the dropped among the clients whose
+        shares this client holds (itself and its neighbours in U2), for the survivor set it
+        agreed to only. The caller first checks that every survivor signed the same view
+        (client/secure.py). Refuses anything that would reveal both kinds for one peer."""
+        self._expect(_ClientPhase.UNMASK)
+        assert self._graph is not None and self._agreed is not None
+        survivors, dropped = set(request.survivors), set(request.dropped)
+        if (survivors, dropped) != (set(self._agreed.survivors), set(self._agreed.dropped)):
+            raise SecAggRefused(
+                "the unmasking request differs from the survivor set this client signed"
             )
         survivors &= self._contributors
         dropped &= self._contributors
@@ -535,8 +611,9 @@ class _ServerPhase(Enum):
     ADVERTISE = 1
     SHARE = 2
     MASK = 3
-    UNMASK = 4
-    DONE = 5
+    AGREE = 4
+    UNMASK = 5
+    DONE = 6
 
 
 class SecAggServer:
@@ -557,6 +634,7 @@ class SecAggServer:
         self._sum: RingVector = np.zeros(params.vector_length, dtype=params.dtype)
         self._masked_from: set[str] = set()
         self._request: UnmaskRequest | None = None
+        self._signatures: dict[str, bytes] = {}
         self._responses: dict[str, UnmaskResponse] = {}
         self.corrupt_responders: list[str] = []
 
@@ -564,6 +642,11 @@ class SecAggServer:
     def graph(self) -> SessionGraph | None:
         """The session's graph, once step 1 has closed."""
         return self._graph
+
+    @property
+    def roster(self) -> Mapping[str, KeyAdvertisement]:
+        """The advertised keys (U1 once step 1 has closed)."""
+        return self._keys
 
     # Step 1.
     def add_keys(self, identity: str, advertisement: KeyAdvertisement) -> None:
@@ -607,6 +690,11 @@ class SecAggServer:
         self._contributors = frozenset(self._outboxes)
         self._phase = _ServerPhase.MASK
 
+    @property
+    def contributors(self) -> tuple[str, ...]:
+        """U2, announced to every client with its share bundles, once step 2 has closed."""
+        return tuple(sorted(self._contributors))
+
     def shares_for(self, recipient: str) -> dict[str, bytes]:
         """The share bundles addressed to `recipient` by its neighbours in U2."""
         self._expect(_ServerPhase.MASK)
@@ -631,7 +719,7 @@ class SecAggServer:
         self._masked_from.add(identity)
 
     def close_masked_inputs(self) -> UnmaskRequest:
-        """End step 3: the request every survivor answers (U3 and U2 minus U3)."""
+        """End step 3: the survivor set every survivor signs in step 4 (U3 and U2 minus U3)."""
         self._expect(_ServerPhase.MASK)
         self._require(len(self._masked_from), "sent masked inputs")
         assert self._graph is not None
@@ -647,10 +735,49 @@ class SecAggServer:
             dropped=tuple(sorted(self._contributors - self._masked_from)),
         )
         self._outboxes.clear()
+        self._phase = _ServerPhase.AGREE
+        return self._request
+
+    def view_statement(self, setup_digest: bytes) -> bytes:
+        """What each survivor signs in step 4, as the coordinator's own view has it."""
+        assert self._request is not None
+        return view_statement(
+            self.params.session,
+            setup_digest,
+            self._keys,
+            self._contributors,
+            self._request.survivors,
+        )
+
+    # Step 4.
+    def add_view_signature(self, identity: str, signature: bytes) -> None:
+        self._expect(_ServerPhase.AGREE)
+        assert self._request is not None
+        if identity not in self._request.survivors:
+            raise SecAggError(f"{identity!r} is not a survivor of this session")
+        if identity in self._signatures:
+            raise SecAggError(f"{identity!r} already signed the survivor set")
+        self._signatures[identity] = signature
+
+    def close_agreement(self) -> UnmaskRequest:
+        """End step 4: the unmasking request with every survivor's signature. Clients unmask
+        only a survivor set that all survivors signed, so one that did not sign fails it."""
+        self._expect(_ServerPhase.AGREE)
+        assert self._request is not None
+        missing = sorted(set(self._request.survivors) - self._signatures.keys())
+        if missing:
+            self._phase = _ServerPhase.DONE
+            raise SecAggError(
+                f"{missing} sent masked inputs but did not sign the survivor set; clients "
+                "unmask only a set every survivor signed, so this sum cannot be recovered"
+            )
+        self._request = UnmaskRequest(
+            self._request.survivors, self._request.dropped, dict(sorted(self._signatures.items()))
+        )
         self._phase = _ServerPhase.UNMASK
         return self._request
 
-    # Step 4.
+    # Step 5.
     def add_unmask_response(self, identity: str, response: UnmaskResponse) -> None:
         self._expect(_ServerPhase.UNMASK)
         assert self._request is not None

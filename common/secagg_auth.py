@@ -7,13 +7,19 @@ over the session id, its identity and both public keys (`advertisement_statement
 peer checks the signature, that the certificate was issued by the federation CA and that it
 names the identity the roster lists. The coordinator checks the same on arrival, so one client's
 bad advertisement is refused before it can make every peer refuse the roster.
+
+The same keys sign each survivor's view of the session in the consistency step
+(`view_statement`): a client unmasks only when every survivor's signature over its own view
+verifies, with the certificate that survivor advertised its keys with.
 """
 
 from __future__ import annotations
 
-from fedlink.common.errors import PKIError, SecAggError
+from collections.abc import Mapping
+
+from fedlink.common.errors import PKIError, SecAggError, SecAggRefused
 from fedlink.common.pki import Credentials, sign_statement, verify_statement
-from fedlink.common.secagg import KeyAdvertisement, advertisement_statement
+from fedlink.common.secagg import KeyAdvertisement, UnmaskRequest, advertisement_statement
 
 
 def sign_advertisement(
@@ -41,3 +47,47 @@ def check_advertisement(
         )
     except PKIError as exc:
         raise SecAggError(f"the keys advertised for {identity!r} are not its own: {exc}") from None
+
+
+def sign_view(statement: bytes, credentials: Credentials) -> bytes:
+    """This client's signature over its `view_statement` for the consistency step."""
+    return sign_statement(credentials.key_pem, statement)
+
+
+def check_view_signatures(
+    request: UnmaskRequest,
+    statement: bytes,
+    roster: Mapping[str, KeyAdvertisement],
+    ca_pem: bytes,
+) -> None:
+    """SecAggRefused unless every survivor signed `statement` (this client's own view) with the
+    federation certificate it advertised its keys with: then all of them, at least the
+    threshold, saw the same setup, roster, U2 and U3."""
+    for survivor in request.survivors:
+        signature = request.signatures.get(survivor, b"")
+        if not signature or survivor not in roster:
+            raise SecAggRefused(f"{survivor!r} did not sign the survivor set")
+        try:
+            verify_statement(roster[survivor].certificate, ca_pem, survivor, statement, signature)
+        except PKIError as exc:
+            raise SecAggRefused(
+                f"{survivor!r} signed another view of this session than this client's (another "
+                f"setup, roster, U2 or U3), or not at all: {exc}"
+            ) from None
+
+
+def check_view_signature(
+    signature: bytes,
+    statement: bytes,
+    identity: str,
+    advertisement: KeyAdvertisement,
+    ca_pem: bytes,
+) -> None:
+    """SecAggError unless `identity` signed `statement` with the certificate it advertised its
+    keys with: the coordinator's check on arrival."""
+    try:
+        verify_statement(advertisement.certificate, ca_pem, identity, statement, signature)
+    except PKIError as exc:
+        raise SecAggError(
+            f"{identity!r}'s signature does not cover the coordinator's view of the session: {exc}"
+        ) from None

@@ -10,8 +10,9 @@ wrong key or share lengths and out-of-range settings raise SecAggError, never an
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -35,9 +36,11 @@ ROSTER_ENCODING = pb.SecAggRoster.DESCRIPTOR.full_name
 SHARES_ENCODING = pb.SecAggShares.DESCRIPTOR.full_name
 UNMASK_REQUEST_ENCODING = pb.SecAggUnmaskRequest.DESCRIPTOR.full_name
 UNMASK_RESPONSE_ENCODING = pb.SecAggUnmaskResponse.DESCRIPTOR.full_name
+VIEW_SIGNATURE_ENCODING = pb.SecAggViewSignature.DESCRIPTOR.full_name
 _EXACT_FLOAT_BITS = 52
 # A fedlink client certificate is under 1 KB of PEM; anything near this is not one.
 MAX_CERTIFICATE_BYTES = 16 << 10
+MAX_SIGNATURE_BYTES = 512
 
 _M = TypeVar("_M", bound=Message)
 
@@ -48,11 +51,12 @@ def ring_encoding(ring_bits: int) -> str:
 
 
 class SecAggStep(enum.Enum):
-    """A session's four steps; both sides name their task kinds for them SECAGG_<NAME>."""
+    """A session's five steps; both sides name their task kinds for them SECAGG_<NAME>."""
 
     ADVERTISE = "advertise"
     SHARE_KEYS = "share_keys"
     MASKED_INPUT = "masked_input"
+    CONSISTENCY = "consistency"
     UNMASK = "unmask"
 
     def encodings(self, ring_bits: int) -> tuple[str, str]:
@@ -61,6 +65,7 @@ class SecAggStep(enum.Enum):
             SecAggStep.ADVERTISE: (MODEL_ENCODING, KEYS_ENCODING),
             SecAggStep.SHARE_KEYS: (ROSTER_ENCODING, SHARES_ENCODING),
             SecAggStep.MASKED_INPUT: (SHARES_ENCODING, ring_encoding(ring_bits)),
+            SecAggStep.CONSISTENCY: (UNMASK_REQUEST_ENCODING, VIEW_SIGNATURE_ENCODING),
             SecAggStep.UNMASK: (UNMASK_REQUEST_ENCODING, UNMASK_RESPONSE_ENCODING),
         }[self]
 
@@ -115,6 +120,12 @@ def setup_to_proto(setup: SessionSetup) -> pb.SecAggSetup:
     )
 
 
+def setup_digest(setup: SessionSetup) -> bytes:
+    """SHA-256 of the whole setup as it travels: part of the view every survivor signs, so
+    clients told different thresholds, graphs, encodings or DP settings never agree."""
+    return hashlib.sha256(setup_to_proto(setup).SerializeToString(deterministic=True)).digest()
+
+
 def setup_from_proto(message: pb.SecAggSetup) -> SessionSetup:
     try:
         params = SecAggParams(
@@ -164,19 +175,30 @@ def roster_from_bytes(data: bytes) -> dict[str, KeyAdvertisement]:
     return {identity: _keys(keys) for identity, keys in sorted(message.keys.items())}
 
 
-def shares_to_bytes(bundles: Mapping[str, bytes]) -> bytes:
-    """Encrypted share bundles by peer (recipient when a client pushes, sender when it pulls)."""
-    return pb.SecAggShares(bundles=dict(bundles)).SerializeToString(deterministic=True)
+def shares_to_bytes(bundles: Mapping[str, bytes], contributors: Iterable[str] = ()) -> bytes:
+    """Encrypted share bundles by peer (recipient when a client pushes, sender when it pulls),
+    and when it pulls U2, every client whose bundles arrived."""
+    message = pb.SecAggShares(bundles=dict(bundles), contributors=sorted(contributors))
+    return message.SerializeToString(deterministic=True)
 
 
 def shares_from_bytes(data: bytes) -> dict[str, bytes]:
     return dict(sorted(_parse(pb.SecAggShares, data).bundles.items()))
 
 
+def inbox_from_bytes(data: bytes) -> tuple[dict[str, bytes], tuple[str, ...]]:
+    """A client's share bundles by sender, and U2 as the coordinator announces it."""
+    message = _parse(pb.SecAggShares, data)
+    contributors = tuple(message.contributors)
+    if len(set(contributors)) != len(contributors):
+        raise SecAggError("the announced contributors list a client twice")
+    return dict(sorted(message.bundles.items())), contributors
+
+
 def unmask_request_to_bytes(request: UnmaskRequest) -> bytes:
     return pb.SecAggUnmaskRequest(
-        survivors=request.survivors, dropped=request.dropped
-    ).SerializeToString()
+        survivors=request.survivors, dropped=request.dropped, signatures=dict(request.signatures)
+    ).SerializeToString(deterministic=True)
 
 
 def unmask_request_from_bytes(data: bytes) -> UnmaskRequest:
@@ -184,7 +206,20 @@ def unmask_request_from_bytes(data: bytes) -> UnmaskRequest:
     survivors, dropped = tuple(message.survivors), tuple(message.dropped)
     if len(set(survivors)) != len(survivors) or len(set(dropped)) != len(dropped):
         raise SecAggError("the unmasking request lists a client twice")
-    return UnmaskRequest(survivors=survivors, dropped=dropped)
+    if any(len(signature) > MAX_SIGNATURE_BYTES for signature in message.signatures.values()):
+        raise SecAggError("a survivor's signature is implausibly large")
+    return UnmaskRequest(survivors, dropped, dict(sorted(message.signatures.items())))
+
+
+def view_signature_to_bytes(signature: bytes) -> bytes:
+    return pb.SecAggViewSignature(signature=signature).SerializeToString()
+
+
+def view_signature_from_bytes(data: bytes) -> bytes:
+    signature = _parse(pb.SecAggViewSignature, data).signature
+    if len(signature) > MAX_SIGNATURE_BYTES:
+        raise SecAggError("a view signature is implausibly large")
+    return signature
 
 
 def unmask_response_to_bytes(response: UnmaskResponse) -> bytes:
@@ -217,7 +252,10 @@ def _keys(message: pb.SecAggKeys) -> KeyAdvertisement:
             raise SecAggError(
                 f"an advertised public key is {len(key)} bytes, not {PUBLIC_KEY_BYTES}"
             )
-    if len(message.certificate) > MAX_CERTIFICATE_BYTES or len(message.signature) > 512:
+    if (
+        len(message.certificate) > MAX_CERTIFICATE_BYTES
+        or len(message.signature) > MAX_SIGNATURE_BYTES
+    ):
         raise SecAggError("an advertisement's certificate or signature is implausibly large")
     return KeyAdvertisement(
         cipher_key=message.cipher_key,

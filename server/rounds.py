@@ -42,7 +42,7 @@ from fedlink.common.errors import (
 )
 from fedlink.common.fixedpoint import FixedPoint, UpdateLayout
 from fedlink.common.secagg import SecAggParams, SecAggServer, majority_of
-from fedlink.common.secagg_auth import check_advertisement
+from fedlink.common.secagg_auth import check_advertisement, check_view_signature
 from fedlink.common.secagg_wire import (
     ROSTER_ENCODING,
     SHARES_ENCODING,
@@ -51,10 +51,12 @@ from fedlink.common.secagg_wire import (
     SessionSetup,
     keys_from_bytes,
     roster_to_bytes,
+    setup_digest,
     shares_from_bytes,
     shares_to_bytes,
     unmask_request_to_bytes,
     unmask_response_from_bytes,
+    view_signature_from_bytes,
 )
 from fedlink.common.tensors import (
     Manifest,
@@ -107,10 +109,11 @@ class TaskKind(enum.Enum):
     EVALUATE = "evaluate"
     WAIT = "wait"
     STOP = "stop"
-    # Secure aggregation's four steps, in order (docs/privacy.md).
+    # Secure aggregation's five steps, in order (docs/privacy.md).
     SECAGG_ADVERTISE = "secagg-advertise"
     SECAGG_SHARE_KEYS = "secagg-share-keys"
     SECAGG_MASKED_INPUT = "secagg-masked-input"
+    SECAGG_CONSISTENCY = "secagg-consistency"
     SECAGG_UNMASK = "secagg-unmask"
 
 
@@ -118,6 +121,7 @@ SECURE_STEPS = (
     TaskKind.SECAGG_ADVERTISE,
     TaskKind.SECAGG_SHARE_KEYS,
     TaskKind.SECAGG_MASKED_INPUT,
+    TaskKind.SECAGG_CONSISTENCY,
     TaskKind.SECAGG_UNMASK,
 )
 
@@ -947,7 +951,7 @@ class RoundEngine:
     def _train_securely(
         self, round_number: int, sampled: list[str], stop: threading.Event
     ) -> _Training | None:
-        """One attempt at a round under secure aggregation: four phases, each with the clients
+        """One attempt at a round under secure aggregation: five phases, each with the clients
         that completed the previous one, then the unmasked sum decoded into the new model.
 
         The threshold t is a strict majority of the clients sampled (and at least min_results):
@@ -969,6 +973,7 @@ class RoundEngine:
                 (TaskKind.SECAGG_ADVERTISE, cfg.round_timeout_seconds),
                 (TaskKind.SECAGG_SHARE_KEYS, step_timeout),
                 (TaskKind.SECAGG_MASKED_INPUT, step_timeout),
+                (TaskKind.SECAGG_CONSISTENCY, step_timeout),
                 (TaskKind.SECAGG_UNMASK, step_timeout),
             )
             details: dict[str, Any] = {"task_id": session}
@@ -1072,7 +1077,7 @@ class RoundEngine:
                 identity: _message_file(
                     secure,
                     f"inbox-{index}",
-                    shares_to_bytes(server.shares_for(identity)),
+                    shares_to_bytes(server.shares_for(identity), server.contributors),
                     SHARES_ENCODING,
                 )
                 for index, identity in enumerate(sorted(delivered))
@@ -1081,6 +1086,12 @@ class RoundEngine:
             return {"inboxes": inboxes, "payload": self._global}
         if kind is TaskKind.SECAGG_MASKED_INPUT:
             request = server.close_masked_inputs()
+            payload = _message_file(
+                secure, "survivors", unmask_request_to_bytes(request), UNMASK_REQUEST_ENCODING
+            )
+            return {"payload": payload}
+        if kind is TaskKind.SECAGG_CONSISTENCY:
+            request = server.close_agreement()
             payload = _message_file(
                 secure, "unmask", unmask_request_to_bytes(request), UNMASK_REQUEST_ENCODING
             )
@@ -1301,8 +1312,9 @@ def _take_secure_message(
 ) -> None:
     """Hand one client's verified step message to the secure-aggregation state. A masked vector
     is folded into the running sum here; its spool file is deleted afterwards, so nothing any
-    one client sent stays on disk. Advertised keys must carry the client's signature (unless
-    `ca_pem` is None: --insecure development mode)."""
+    one client sent stays on disk. Advertised keys and survivors' views must carry the client's
+    signature (unless `ca_pem` is None: --insecure development mode), so one client's bad
+    signature is refused on arrival instead of failing the unmask step for everyone."""
     server = secure.server
     data = spool.read_bytes()
     try:
@@ -1315,6 +1327,14 @@ def _take_secure_message(
             server.add_shares(identity, shares_from_bytes(data))
         elif kind is TaskKind.SECAGG_MASKED_INPUT:
             server.add_masked_input(identity, secure.setup.params.vector_from_bytes(data))
+        elif kind is TaskKind.SECAGG_CONSISTENCY:
+            signature = view_signature_from_bytes(data)
+            if ca_pem is not None:
+                statement = server.view_statement(setup_digest(secure.setup))
+                check_view_signature(
+                    signature, statement, identity, server.roster[identity], ca_pem
+                )
+            server.add_view_signature(identity, signature)
         else:
             server.add_unmask_response(identity, unmask_response_from_bytes(data))
     except SecAggError as exc:

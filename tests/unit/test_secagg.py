@@ -3,7 +3,7 @@ messages (keys, encrypted shares, masked vectors, unmasking shares), with dropou
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -30,6 +30,8 @@ from fedlink.common.secagg import (
     SecAggParams,
     SecAggServer,
     SessionGraph,
+    ShareGuard,
+    ShareKind,
     UnmaskRequest,
     UnmaskResponse,
 )
@@ -145,15 +147,30 @@ def _finish(
         session.vectors[identity] = vector
         session.received_shares[identity] = server.shares_for(identity)
         session.masked[identity] = session.clients[identity].masked_input(
-            vector, session.received_shares[identity]
+            vector, session.received_shares[identity], server.contributors
         )
         server.add_masked_input(identity, session.masked[identity])
-    request = server.close_masked_inputs()
+    request = _agreed(server, session.clients)
     for k, identity in enumerate(ids):
         if identity in request.survivors and k not in drop_after_masked:
             session.responses[identity] = session.clients[identity].unmask(request)
             server.add_unmask_response(identity, session.responses[identity])
     return session, server.result(), layout, encoding
+
+
+def _agreed(server: SecAggServer, clients: Mapping[str, SecAggClient]) -> UnmaskRequest:
+    """Steps 3's end and 4: every survivor agrees to the survivor set (no certificates at this
+    level, so each one's statement stands in for its signature; client/secure.py signs)."""
+    return _agree_to(server.close_masked_inputs(), server, clients)
+
+
+def _agree_to(
+    request: UnmaskRequest, server: SecAggServer, clients: Mapping[str, SecAggClient]
+) -> UnmaskRequest:
+    """Step 4 for the survivor set step 3 ended with (see `_agreed`)."""
+    for identity in request.survivors:
+        server.add_view_signature(identity, clients[identity].agree(request, b"setup"))
+    return server.close_agreement()
 
 
 def _check_matches_fedavg(
@@ -288,41 +305,53 @@ def _through_masking(
             server.add_masked_input(
                 identity,
                 clients[identity].masked_input(
-                    np.arange(16, dtype=np.uint64), server.shares_for(identity)
+                    np.arange(16, dtype=np.uint64),
+                    server.shares_for(identity),
+                    server.contributors,
                 ),
             )
     return ids, clients, server
 
 
-def test_client_refuses_to_reveal_both_shares_of_one_peer_in_one_request() -> None:
+def test_client_refuses_to_agree_to_a_peer_both_surviving_and_dropped() -> None:
     ids, clients, _ = _through_masking()
     greedy = UnmaskRequest(survivors=tuple(ids), dropped=("c1",))
     with pytest.raises(SecAggRefused, match="both survived and dropped"):
-        clients["c0"].unmask(greedy)
+        clients["c0"].agree(greedy, b"setup")
 
 
-def test_client_refuses_to_reveal_the_other_share_in_a_later_request() -> None:
+def test_client_unmasks_only_the_survivor_set_it_agreed_to() -> None:
     ids, clients, server = _through_masking()
-    honest = server.close_masked_inputs()
+    honest = _agreed(server, clients)
     first = clients["c0"].unmask(honest)
     assert set(first.self_mask_shares) == set(ids) and not first.mask_key_shares
     # The coordinator now claims c1 dropped, to get c1's mask-key share as well.
     lying = UnmaskRequest(survivors=tuple(i for i in ids if i != "c1"), dropped=("c1",))
+    with pytest.raises(SecAggRefused, match="differs from the survivor set this client signed"):
+        clients["c0"].unmask(lying)
+    with pytest.raises(SecAggError, match="out of order"):  # one survivor set per session
+        clients["c0"].agree(lying, b"setup")
+    # Refusal releases nothing and the honest request can still be answered identically.
+    assert clients["c0"].unmask(honest) == first
+
+
+def test_the_share_guard_refuses_the_other_kind_in_a_later_release() -> None:
+    guard = ShareGuard()
+    guard.release({"c1": ShareKind.SELF_MASK})
     with pytest.raises(
         SecAggRefused,
         match=r"refusing to reveal the mask key share of 'c1'.*self-mask seed share was already revealed",
     ):
-        clients["c0"].unmask(lying)
-    # Refusal releases nothing and the honest request can still be answered identically.
-    assert clients["c0"].unmask(honest) == first
+        guard.release({"c1": ShareKind.MASK_KEY, "c2": ShareKind.SELF_MASK})
+    guard.release({"c1": ShareKind.SELF_MASK, "c2": ShareKind.MASK_KEY})  # nothing was recorded
 
 
 def test_client_refuses_to_be_counted_as_dropped_and_to_unmask_below_threshold() -> None:
     _, clients, _ = _through_masking()
     with pytest.raises(SecAggRefused, match="cannot count it as dropped"):
-        clients["c0"].unmask(UnmaskRequest(survivors=("c1", "c2", "c3"), dropped=("c0",)))
+        clients["c0"].agree(UnmaskRequest(survivors=("c1", "c2", "c3"), dropped=("c0",)), b"")
     with pytest.raises(SecAggError, match="only 2 clients survived"):
-        clients["c0"].unmask(UnmaskRequest(survivors=("c0", "c1"), dropped=("c2", "c3", "c4")))
+        clients["c0"].agree(UnmaskRequest(survivors=("c0", "c1"), dropped=("c2", "c3", "c4")), b"")
 
 
 def test_client_refuses_a_threshold_of_half_the_roster_or_less() -> None:
@@ -351,13 +380,18 @@ def test_tampered_or_misrouted_share_bundles_fail_authentication() -> None:
     vector = np.zeros(4, dtype=np.uint64)
     tampered = bytearray(outboxes["b"]["a"])
     tampered[5] ^= 1
+    everyone = ("a", "b", "c")
     with pytest.raises(SecAggError, match="from 'b' failed authentication"):
-        clients["a"].masked_input(vector, {"b": bytes(tampered), "c": outboxes["c"]["a"]})
-    with pytest.raises(SecAggError, match=r"unexpected senders: \['a', 'mallory'\]"):
-        clients["a"].masked_input(vector, {"a": outboxes["b"]["a"], "mallory": outboxes["c"]["a"]})
+        clients["a"].masked_input(vector, {"b": bytes(tampered), "c": outboxes["c"]["a"]}, everyone)
+    with pytest.raises(SecAggRefused, match=r"relayed them from \['a', 'mallory'\]"):
+        clients["a"].masked_input(
+            vector, {"a": outboxes["b"]["a"], "mallory": outboxes["c"]["a"]}, everyone
+        )
     # c's bundle for b, relayed to a as if it came from c, does not decrypt either.
     with pytest.raises(SecAggError, match="from 'c' failed authentication"):
-        clients["a"].masked_input(vector, {"b": outboxes["b"]["a"], "c": outboxes["c"]["b"]})
+        clients["a"].masked_input(
+            vector, {"b": outboxes["b"]["a"], "c": outboxes["c"]["b"]}, everyone
+        )
 
 
 def test_share_bundles_relayed_by_the_coordinator_do_not_contain_the_shares_in_clear() -> None:
@@ -366,16 +400,20 @@ def test_share_bundles_relayed_by_the_coordinator_do_not_contain_the_shares_in_c
     roster = {i: c.advertise() for i, c in clients.items()}
     outboxes = {i: c.share_keys(roster) for i, c in clients.items()}
     clients["y"].masked_input(
-        np.zeros(4, dtype=np.uint64), {"x": outboxes["x"]["y"], "z": outboxes["z"]["y"]}
+        np.zeros(4, dtype=np.uint64),
+        {"x": outboxes["x"]["y"], "z": outboxes["z"]["y"]},
+        ("x", "y", "z"),
     )
-    revealed = clients["y"].unmask(UnmaskRequest(survivors=("x", "y", "z"), dropped=()))
+    request = UnmaskRequest(survivors=("x", "y", "z"), dropped=())
+    clients["y"].agree(request, b"setup")
+    revealed = clients["y"].unmask(request)
     share_value = revealed.self_mask_shares["x"].to_bytes()[2:]
     assert share_value not in outboxes["x"]["y"]
 
 
 def test_server_detects_a_corrupted_unmasking_share() -> None:
     _, clients, server = _through_masking(drop_after_shares={4})
-    request = server.close_masked_inputs()
+    request = _agreed(server, clients)
     for identity in request.survivors:
         response = clients[identity].unmask(request)
         if identity == "c0":
@@ -392,7 +430,7 @@ def test_one_survivor_with_corrupted_shares_is_found_and_left_out_given_two_spar
     # 6 survivors, threshold 4: without c2 there are still 5 answers, one more than needed to
     # check every rebuilt secret, so c2's wrong share is pinned on c2 and the sum is right.
     _, clients, server = _through_masking(n=6, threshold=4)
-    request = server.close_masked_inputs()
+    request = _agreed(server, clients)
     for identity in request.survivors:
         response = clients[identity].unmask(request)
         if identity == "c2":
@@ -445,7 +483,7 @@ def test_a_masked_vector_is_independent_of_the_update_it_hides(n: int, k: int, t
     masked = {}
     for identity in ids:
         masked[identity] = clients[identity].masked_input(
-            vectors[identity], server.shares_for(identity)
+            vectors[identity], server.shares_for(identity), server.contributors
         )
         server.add_masked_input(identity, masked[identity])
 
@@ -458,7 +496,7 @@ def test_a_masked_vector_is_independent_of_the_update_it_hides(n: int, k: int, t
     correlation = np.corrcoef(one.astype(np.float64), encoding.decode(vectors["c0"]))[0, 1]
     assert abs(correlation) < 5 / np.sqrt(length)
 
-    request = server.close_masked_inputs()
+    request = _agreed(server, clients)
     for identity in ids:
         server.add_unmask_response(identity, clients[identity].unmask(request))
     expected_sum = sum(ramp * (j + 1) / n for j in range(n))
@@ -500,9 +538,12 @@ def test_split_dp_noise_through_secure_aggregation_gives_the_sum_its_full_noise(
             noisy, 1.0, max_weight=1.0, layout=layout, encoding=encoding
         )
         server.add_masked_input(
-            identity, clients[identity].masked_input(vector, server.shares_for(identity))
+            identity,
+            clients[identity].masked_input(
+                vector, server.shares_for(identity), server.contributors
+            ),
         )
-    request = server.close_masked_inputs()
+    request = _agreed(server, clients)
     for identity in request.survivors:
         server.add_unmask_response(identity, clients[identity].unmask(request))
     decoded = encoding.decode(server.result())
@@ -517,7 +558,9 @@ def test_split_dp_noise_through_secure_aggregation_gives_the_sum_its_full_noise(
 def test_masked_vectors_travel_as_raw_little_endian_bytes() -> None:
     _, clients, server = _through_masking(drop_after_shares={4})
     params = clients["c4"].params
-    masked = clients["c4"].masked_input(np.arange(16, dtype=np.uint64), server.shares_for("c4"))
+    masked = clients["c4"].masked_input(
+        np.arange(16, dtype=np.uint64), server.shares_for("c4"), server.contributors
+    )
     received = params.vector_from_bytes(masked.tobytes())
     assert np.array_equal(received, masked)
     server.add_masked_input("c4", received)  # read-only input is fine: the sum is the server's
@@ -529,7 +572,7 @@ def test_steps_out_of_order_are_refused() -> None:
     params = SecAggParams(session="s", threshold=2, vector_length=4)
     client = SecAggClient("a", params)
     with pytest.raises(SecAggError, match="out of order"):
-        client.masked_input(np.zeros(4, dtype=np.uint64), {})
+        client.masked_input(np.zeros(4, dtype=np.uint64), {}, ("a",))
     with pytest.raises(ValueError, match="threshold must be >= 2"):
         SecAggParams(session="s", threshold=1, vector_length=4)
 
@@ -552,7 +595,9 @@ def _through_plus_masking(session: Session, roster: dict[str, KeyAdvertisement])
     server.close_sharing()
     for identity in session.ids:
         masked = session.clients[identity].masked_input(
-            np.arange(server.params.vector_length, dtype=np.uint64), server.shares_for(identity)
+            np.arange(server.params.vector_length, dtype=np.uint64),
+            server.shares_for(identity),
+            server.contributors,
         )
         server.add_masked_input(identity, masked)
     return server.close_masked_inputs()
@@ -652,26 +697,32 @@ def test_secagg_plus_fails_cleanly_when_a_needed_secret_lacks_t_k_shares() -> No
 
 
 def test_secagg_plus_refuses_survivors_that_fall_apart_into_separately_summable_groups() -> None:
-    # A ring of 8 with 2 neighbours each: if places 0 and 4 drop after sharing keys, places 1-3
+    # A ring of 8 with 2 neighbours each: if places 0 and 4 are counted as dropped, places 1-3
     # and 5-7 are two groups no pairwise mask joins, and each group's sum could be unmasked.
+    # (Dropped before masking, their neighbours would already refuse to mask against 1 peer.)
     n = 8
-    states, weights = _states(n, seed=32)
     session, roster, graph = _plus(n, 2, 2, threshold=5)
-    with pytest.raises(SecAggError, match="fall apart into groups"):
-        _finish(
-            session,
-            roster,
-            states,
-            weights,
-            drop_after_shares=_positions(session, graph, 0, 4),
-        )
-    # A client refuses the same request from a coordinator that asks anyway.
     ring = graph.ring
     request = UnmaskRequest(
         survivors=tuple(sorted(set(ring) - {ring[0], ring[4]})), dropped=(ring[0], ring[4])
     )
+    honest = _through_plus_masking(session, roster)
+    assert set(honest.survivors) == set(ring)
+    # A client refuses the split survivor set from a coordinator that asks anyway.
     with pytest.raises(SecAggRefused, match="fall apart into groups"):
-        session.clients[ring[1]].unmask(request)
+        session.clients[ring[1]].agree(request, b"setup")
+    # And the coordinator's own side refuses to ask when those two never sent masked inputs.
+    server = SecAggServer(session.server.params)
+    for identity in session.ids:
+        server.add_keys(identity, roster[identity])
+    server.close_advertisement()
+    for identity in session.ids:
+        server.add_shares(identity, {peer: b"" for peer in graph.neighbours[identity]})
+    server.close_sharing()
+    for identity in request.survivors:
+        server.add_masked_input(identity, np.zeros(server.params.vector_length, dtype=np.uint64))
+    with pytest.raises(SecAggError, match="fall apart into groups"):
+        server.close_masked_inputs()
 
 
 def test_a_client_refuses_a_neighbourhood_threshold_of_half_its_neighbours_or_less() -> None:
@@ -693,6 +744,7 @@ def test_a_secagg_plus_client_reveals_one_kind_per_neighbour_and_nothing_of_othe
     client = session.clients[me]
     everyone = tuple(session.ids)
     assert request.survivors == everyone
+    client.agree(request, b"setup")
     honest = client.unmask(request)
     assert set(honest.self_mask_shares) == graph.group(me)
     assert stranger not in honest.self_mask_shares
@@ -700,17 +752,21 @@ def test_a_secagg_plus_client_reveals_one_kind_per_neighbour_and_nothing_of_othe
     lying = UnmaskRequest(
         survivors=tuple(u for u in everyone if u != neighbour), dropped=(neighbour,)
     )
-    with pytest.raises(SecAggRefused, match=rf"mask key share of '{neighbour}'"):
+    with pytest.raises(SecAggRefused, match="differs from the survivor set this client signed"):
         client.unmask(lying)
-    # A non-neighbour named as dropped is passed over: this client holds nothing of it.
+    # A non-neighbour named as dropped is passed over: the client holds nothing of it.
     other = UnmaskRequest(
         survivors=tuple(u for u in everyone if u != stranger), dropped=(stranger,)
     )
-    answer = client.unmask(other)
+    assert stranger not in graph.group(neighbour)
+    session.clients[neighbour].agree(other, b"setup")
+    answer = session.clients[neighbour].unmask(other)
     assert not answer.mask_key_shares and stranger not in answer.self_mask_shares
-    # A name outside the roster is refused, as with the complete graph.
-    with pytest.raises(SecAggError, match=r"did not share keys: \['mallory'\]"):
-        client.unmask(UnmaskRequest(survivors=everyone, dropped=("mallory",)))
+    # A name outside the announced U2 is refused, as with the complete graph.
+    with pytest.raises(SecAggRefused, match="exactly the clients announced"):
+        session.clients[ring[2]].agree(
+            UnmaskRequest(survivors=everyone, dropped=("mallory",)), b"setup"
+        )
 
 
 def test_one_corrupt_responder_is_found_per_secret_given_t_k_plus_two_shares_of_each() -> None:
@@ -718,7 +774,7 @@ def test_one_corrupt_responder_is_found_per_secret_given_t_k_plus_two_shares_of_
     n = 12
     session, roster, graph = _plus(n, 6, 4)
     server = session.server
-    request = _through_plus_masking(session, roster)
+    request = _agree_to(_through_plus_masking(session, roster), server, session.clients)
     culprit = graph.ring[3]
     victim = graph.ring[4]
     for identity in request.survivors:

@@ -50,10 +50,20 @@ def test_session_over_serialized_messages_recovers_the_sum_despite_a_dropout() -
     server.close_sharing()
     stored: dict[str, bytes] = {}
     for i in ids:
-        pulled = wire.shares_from_bytes(wire.shares_to_bytes(server.shares_for(i)))
-        stored[i] = clients[i].masked_input(vectors[i], pulled).tobytes()
+        pulled, announced = wire.inbox_from_bytes(
+            wire.shares_to_bytes(server.shares_for(i), server.contributors)
+        )
+        assert announced == server.contributors
+        stored[i] = clients[i].masked_input(vectors[i], pulled, announced).tobytes()
         server.add_masked_input(i, setup.params.vector_from_bytes(stored[i]))
-    request_bytes = wire.unmask_request_to_bytes(server.close_masked_inputs())
+    survivors = wire.unmask_request_to_bytes(server.close_masked_inputs())
+    digest = wire.setup_digest(setup)
+    for i in ids:
+        statement = clients[i].agree(wire.unmask_request_from_bytes(survivors), digest)
+        signature = wire.view_signature_to_bytes(statement[-32:])  # no certificates here
+        server.add_view_signature(i, wire.view_signature_from_bytes(signature))
+    request_bytes = wire.unmask_request_to_bytes(server.close_agreement())
+    assert set(wire.unmask_request_from_bytes(request_bytes).signatures) == set(ids)
     killed = ids[1]
     for i in ids:
         if i != killed:
@@ -166,8 +176,8 @@ def test_a_request_naming_a_client_twice_is_refused() -> None:
 
 
 def test_a_request_for_both_shares_of_one_peer_is_refused_after_the_wire() -> None:
-    """The client's ShareGuard still holds when the request arrives as bytes: a second request
-    that lists an earlier survivor as dropped gets nothing."""
+    """A client still refuses when the request arrives as bytes: a second request that lists an
+    earlier survivor as dropped gets nothing."""
     setup = _setup(3, length=8, threshold=2)
     ids = ["a", "b", "c"]
     clients = {i: SecAggClient(i, setup.params) for i in ids}
@@ -175,8 +185,9 @@ def test_a_request_for_both_shares_of_one_peer_is_refused_after_the_wire() -> No
     outboxes = {i: clients[i].share_keys(roster) for i in ids}
     for i in ids:
         inbox = {sender: box[i] for sender, box in outboxes.items() if sender != i}
-        clients[i].masked_input(np.zeros(8, dtype=np.uint64), inbox)
+        clients[i].masked_input(np.zeros(8, dtype=np.uint64), inbox, ids)
     first = wire.unmask_request_to_bytes(UnmaskRequest(survivors=("a", "b", "c"), dropped=()))
+    clients["a"].agree(wire.unmask_request_from_bytes(first), b"setup")
     clients["a"].unmask(wire.unmask_request_from_bytes(first))
     second = wire.unmask_request_to_bytes(UnmaskRequest(survivors=("a", "b"), dropped=("c",)))
     with pytest.raises(SecAggRefused):

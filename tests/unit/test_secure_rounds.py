@@ -48,6 +48,7 @@ _WIRE_KINDS = {
     TaskKind.SECAGG_ADVERTISE: pb.TASK_KIND_SECAGG_ADVERTISE,
     TaskKind.SECAGG_SHARE_KEYS: pb.TASK_KIND_SECAGG_SHARE_KEYS,
     TaskKind.SECAGG_MASKED_INPUT: pb.TASK_KIND_SECAGG_MASKED_INPUT,
+    TaskKind.SECAGG_CONSISTENCY: pb.TASK_KIND_SECAGG_CONSISTENCY,
     TaskKind.SECAGG_UNMASK: pb.TASK_KIND_SECAGG_UNMASK,
 }
 
@@ -122,7 +123,9 @@ class Client:
             if offer.kind is TaskKind.SECAGG_ADVERTISE:
                 with open_state_file(offer.payload.path) as global_state:
                     vector = encode_update(setup, self.update, global_state, self.num_examples)
-                answer = participant.advertise(setup, vector)
+                answer = participant.advertise(
+                    setup, vector, offer.round, offer.payload.info.sha256
+                )
             else:
                 try:
                     answer = participant.respond(wire_kind, setup, offer.payload.path.read_bytes())
@@ -508,7 +511,9 @@ def test_a_client_refuses_an_unmasking_request_that_would_strip_a_peers_masks() 
     clients = {name: SecureParticipant(name, None) for name in ("a", "b", "c")}
     roster = roster_to_bytes(
         {
-            name: keys_from_bytes(client.advertise(setup, encode_update(setup, state, state, 10)))
+            name: keys_from_bytes(
+                client.advertise(setup, encode_update(setup, state, state, 10), 1, b"model")
+            )
             for name, client in clients.items()
         }
     )
@@ -518,12 +523,13 @@ def test_a_client_refuses_an_unmasking_request_that_would_strip_a_peers_masks() 
     }
     for name, client in clients.items():
         inbox = {sender: box[name] for sender, box in outboxes.items() if sender != name}
-        client.respond(pb.TASK_KIND_SECAGG_MASKED_INPUT, setup, shares_to_bytes(inbox))
-    unmask = pb.TASK_KIND_SECAGG_UNMASK
+        client.respond(pb.TASK_KIND_SECAGG_MASKED_INPUT, setup, shares_to_bytes(inbox, clients))
+    consistency, unmask = pb.TASK_KIND_SECAGG_CONSISTENCY, pb.TASK_KIND_SECAGG_UNMASK
     both = unmask_request_to_bytes(UnmaskRequest(survivors=("a", "b", "c"), dropped=("b",)))
     with pytest.raises(SecAggRefused, match="both survived and dropped"):
-        clients["a"].respond(unmask, setup, both)
+        clients["a"].respond(consistency, setup, both)
     honest = unmask_request_to_bytes(UnmaskRequest(survivors=("a", "b", "c"), dropped=()))
+    clients["a"].respond(consistency, setup, honest)
     answer = unmask_response_from_bytes(clients["a"].respond(unmask, setup, honest))
     assert set(answer.self_mask_shares) == {"a", "b", "c"} and answer.mask_key_shares == {}
     # Asking again, now with b "dropped": the same answer, no share of b's mask key.
@@ -581,13 +587,12 @@ def test_a_client_refuses_a_roster_in_which_the_coordinator_replaced_a_peers_key
         name: SecureParticipant(name, load_credentials(*pki.client(name), role="client"))
         for name in ("a", "b", "c")
     }
+    vector = encode_update(setup, state, state, 10)
     roster = {
-        name: keys_from_bytes(client.advertise(setup, encode_update(setup, state, state, 10)))
+        name: keys_from_bytes(client.advertise(setup, vector, 1, b"model"))
         for name, client in clients.items()
     }
-    mallory = keys_from_bytes(
-        SecureParticipant("b", None).advertise(setup, encode_update(setup, state, state, 10))
-    )
+    mallory = keys_from_bytes(SecureParticipant("b", None).advertise(setup, vector, 1, b"model"))
     share_keys = pb.TASK_KIND_SECAGG_SHARE_KEYS
     forged = dict(roster)
     forged["b"] = KeyAdvertisement(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64link/v1/federation.proto\x12\nfedlink.v1\"=\n\x0bPayloadInfo\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\x12\x10\n\x08\x65ncoding\x18\x03 \x01(\t\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"%\n\x0bJoinRequest\x12\x16\n\x0e\x63lient_version\x18\x01 \x01(\t\"\xd5\x02\n\tJoinReply\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12:\n\x0btask_config\x18\x04 \x03(\x0b\x32%.fedlink.v1.JoinReply.TaskConfigEntry\x12\x12\n\nchunk_size\x18\x05 \x01(\r\x12\"\n\x1aheartbeat_interval_seconds\x18\x06 \x01(\x01\x12\x12\n\nnum_rounds\x18\x07 \x01(\r\x12\x1d\n\x15model_manifest_sha256\x18\x08 \x01(\x0c\x12\x37\n\x0emodel_manifest\x18\t \x03(\x0b\x32\x1f.fedlink.v1.TensorManifestEntry\x1a\x31\n\x0fTaskConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x13TensorManifestEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0c\n\nLeaveReply\"\x11\n\x0fPullTaskRequest\"\xce\x01\n\nTaskHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.fedlink.v1.TaskKind\x12(\n\x07payload\x18\x04 \x01(\x0b\x32\x17.fedlink.v1.PayloadInfo\x12\x1b\n\x13retry_after_seconds\x18\x05 \x01(\x01\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\'\n\x06secagg\x18\x07 \x01(\x0b\x32\x17.fedlink.v1.SecAggSetup\"\xee\x01\n\x0bSecAggSetup\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x11\n\tthreshold\x18\x02 \x01(\r\x12\x11\n\tring_bits\x18\x03 \x01(\r\x12\x15\n\rvector_length\x18\x04 \x01(\x04\x12\x11\n\tfrac_bits\x18\x05 \x01(\r\x12\x13\n\x0bvalue_bound\x18\x06 \x01(\x01\x12\x12\n\nmax_weight\x18\x07 \x01(\x01\x12\x11\n\tnoise_std\x18\x08 \x01(\x01\x12\x11\n\tclip_norm\x18\t \x01(\x01\x12\x12\n\nneighbours\x18\n \x01(\r\x12\x1b\n\x13neighbour_threshold\x18\x0b \x01(\r\"Z\n\nSecAggKeys\x12\x12\n\ncipher_key\x18\x01 \x01(\x0c\x12\x10\n\x08mask_key\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"\x85\x01\n\x0cSecAggRoster\x12\x30\n\x04keys\x18\x01 \x03(\x0b\x32\".fedlink.v1.SecAggRoster.KeysEntry\x1a\x43\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.fedlink.v1.SecAggKeys:\x02\x38\x01\"v\n\x0cSecAggShares\x12\x36\n\x07\x62undles\x18\x01 \x03(\x0b\x32%.fedlink.v1.SecAggShares.BundlesEntry\x1a.\n\x0c\x42undlesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"9\n\x13SecAggUnmaskRequest\x12\x11\n\tsurvivors\x18\x01 \x03(\t\x12\x0f\n\x07\x64ropped\x18\x02 \x03(\t\"\xa1\x02\n\x14SecAggUnmaskResponse\x12N\n\x10self_mask_shares\x18\x01 \x03(\x0b\x32\x34.fedlink.v1.SecAggUnmaskResponse.SelfMaskSharesEntry\x12L\n\x0fmask_key_shares\x18\x02 \x03(\x0b\x32\x33.fedlink.v1.SecAggUnmaskResponse.MaskKeySharesEntry\x1a\x35\n\x13SelfMaskSharesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1a\x34\n\x12MaskKeySharesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"f\n\x0bTaskMessage\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.fedlink.v1.TaskHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedlink.v1.ChunkH\x00\x42\t\n\x07message\"\xd6\x01\n\x0cResultHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x36\n\x07metrics\x18\x04 \x03(\x0b\x32%.fedlink.v1.ResultHeader.MetricsEntry\x12(\n\x07payload\x18\x05 \x01(\x0b\x32\x17.fedlink.v1.PayloadInfo\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"j\n\rResultMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedlink.v1.ResultHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedlink.v1.ChunkH\x00\x42\t\n\x07message\"4\n\x0fPushResultReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"#\n\x10HeartbeatRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"+\n\x0eHeartbeatReply\x12\x19\n\x11\x66\x65\x64\x65ration_active\x18\x01 \x01(\x08*\xfb\x01\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x01\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x02\x12\x12\n\x0eTASK_KIND_WAIT\x10\x03\x12\x12\n\x0eTASK_KIND_STOP\x10\x04\x12\x1e\n\x1aTASK_KIND_SECAGG_ADVERTISE\x10\x05\x12\x1f\n\x1bTASK_KIND_SECAGG_SHARE_KEYS\x10\x06\x12!\n\x1dTASK_KIND_SECAGG_MASKED_INPUT\x10\x07\x12\x1b\n\x17TASK_KIND_SECAGG_UNMASK\x10\x08\x32\xd2\x02\n\nFederation\x12\x36\n\x04Join\x12\x17.fedlink.v1.JoinRequest\x1a\x15.fedlink.v1.JoinReply\x12\x42\n\x08PullTask\x12\x1b.fedlink.v1.PullTaskRequest\x1a\x17.fedlink.v1.TaskMessage0\x01\x12\x46\n\nPushResult\x12\x19.fedlink.v1.ResultMessage\x1a\x1b.fedlink.v1.PushResultReply(\x01\x12\x45\n\tHeartbeat\x12\x1c.fedlink.v1.HeartbeatRequest\x1a\x1a.fedlink.v1.HeartbeatReply\x12\x39\n\x05Leave\x12\x18.fedlink.v1.LeaveRequest\x1a\x16.fedlink.v1.LeaveReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64link/v1/federation.proto\x12\nfedlink.v1\"=\n\x0bPayloadInfo\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\x12\x10\n\x08\x65ncoding\x18\x03 \x01(\t\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"%\n\x0bJoinRequest\x12\x16\n\x0e\x63lient_version\x18\x01 \x01(\t\"\xd5\x02\n\tJoinReply\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12:\n\x0btask_config\x18\x04 \x03(\x0b\x32%.fedlink.v1.JoinReply.TaskConfigEntry\x12\x12\n\nchunk_size\x18\x05 \x01(\r\x12\"\n\x1aheartbeat_interval_seconds\x18\x06 \x01(\x01\x12\x12\n\nnum_rounds\x18\x07 \x01(\r\x12\x1d\n\x15model_manifest_sha256\x18\x08 \x01(\x0c\x12\x37\n\x0emodel_manifest\x18\t \x03(\x0b\x32\x1f.fedlink.v1.TensorManifestEntry\x1a\x31\n\x0fTaskConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x13TensorManifestEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0c\n\nLeaveReply\"\x11\n\x0fPullTaskRequest\"\xce\x01\n\nTaskHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.fedlink.v1.TaskKind\x12(\n\x07payload\x18\x04 \x01(\x0b\x32\x17.fedlink.v1.PayloadInfo\x12\x1b\n\x13retry_after_seconds\x18\x05 \x01(\x01\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\'\n\x06secagg\x18\x07 \x01(\x0b\x32\x17.fedlink.v1.SecAggSetup\"\xee\x01\n\x0bSecAggSetup\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x11\n\tthreshold\x18\x02 \x01(\r\x12\x11\n\tring_bits\x18\x03 \x01(\r\x12\x15\n\rvector_length\x18\x04 \x01(\x04\x12\x11\n\tfrac_bits\x18\x05 \x01(\r\x12\x13\n\x0bvalue_bound\x18\x06 \x01(\x01\x12\x12\n\nmax_weight\x18\x07 \x01(\x01\x12\x11\n\tnoise_std\x18\x08 \x01(\x01\x12\x11\n\tclip_norm\x18\t \x01(\x01\x12\x12\n\nneighbours\x18\n \x01(\r\x12\x1b\n\x13neighbour_threshold\x18\x0b \x01(\r\"Z\n\nSecAggKeys\x12\x12\n\ncipher_key\x18\x01 \x01(\x0c\x12\x10\n\x08mask_key\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"\x85\x01\n\x0cSecAggRoster\x12\x30\n\x04keys\x18\x01 \x03(\x0b\x32\".fedlink.v1.SecAggRoster.KeysEntry\x1a\x43\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.fedlink.v1.SecAggKeys:\x02\x38\x01\"\x8c\x01\n\x0cSecAggShares\x12\x36\n\x07\x62undles\x18\x01 \x03(\x0b\x32%.fedlink.v1.SecAggShares.BundlesEntry\x12\x14\n\x0c\x63ontributors\x18\x02 \x03(\t\x1a.\n\x0c\x42undlesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\xb1\x01\n\x13SecAggUnmaskRequest\x12\x11\n\tsurvivors\x18\x01 \x03(\t\x12\x0f\n\x07\x64ropped\x18\x02 \x03(\t\x12\x43\n\nsignatures\x18\x03 \x03(\x0b\x32/.fedlink.v1.SecAggUnmaskRequest.SignaturesEntry\x1a\x31\n\x0fSignaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"(\n\x13SecAggViewSignature\x12\x11\n\tsignature\x18\x01 \x01(\x0c\"\xa1\x02\n\x14SecAggUnmaskResponse\x12N\n\x10self_mask_shares\x18\x01 \x03(\x0b\x32\x34.fedlink.v1.SecAggUnmaskResponse.SelfMaskSharesEntry\x12L\n\x0fmask_key_shares\x18\x02 \x03(\x0b\x32\x33.fedlink.v1.SecAggUnmaskResponse.MaskKeySharesEntry\x1a\x35\n\x13SelfMaskSharesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1a\x34\n\x12MaskKeySharesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"f\n\x0bTaskMessage\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.fedlink.v1.TaskHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedlink.v1.ChunkH\x00\x42\t\n\x07message\"\xd6\x01\n\x0cResultHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x36\n\x07metrics\x18\x04 \x03(\x0b\x32%.fedlink.v1.ResultHeader.MetricsEntry\x12(\n\x07payload\x18\x05 \x01(\x0b\x32\x17.fedlink.v1.PayloadInfo\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"j\n\rResultMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedlink.v1.ResultHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedlink.v1.ChunkH\x00\x42\t\n\x07message\"4\n\x0fPushResultReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"#\n\x10HeartbeatRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"+\n\x0eHeartbeatReply\x12\x19\n\x11\x66\x65\x64\x65ration_active\x18\x01 \x01(\x08*\x9d\x02\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x01\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x02\x12\x12\n\x0eTASK_KIND_WAIT\x10\x03\x12\x12\n\x0eTASK_KIND_STOP\x10\x04\x12\x1e\n\x1aTASK_KIND_SECAGG_ADVERTISE\x10\x05\x12\x1f\n\x1bTASK_KIND_SECAGG_SHARE_KEYS\x10\x06\x12!\n\x1dTASK_KIND_SECAGG_MASKED_INPUT\x10\x07\x12\x1b\n\x17TASK_KIND_SECAGG_UNMASK\x10\x08\x12 \n\x1cTASK_KIND_SECAGG_CONSISTENCY\x10\t2\xd2\x02\n\nFederation\x12\x36\n\x04Join\x12\x17.fedlink.v1.JoinRequest\x1a\x15.fedlink.v1.JoinReply\x12\x42\n\x08PullTask\x12\x1b.fedlink.v1.PullTaskRequest\x1a\x17.fedlink.v1.TaskMessage0\x01\x12\x46\n\nPushResult\x12\x19.fedlink.v1.ResultMessage\x1a\x1b.fedlink.v1.PushResultReply(\x01\x12\x45\n\tHeartbeat\x12\x1c.fedlink.v1.HeartbeatRequest\x1a\x1a.fedlink.v1.HeartbeatReply\x12\x39\n\x05Leave\x12\x18.fedlink.v1.LeaveRequest\x1a\x16.fedlink.v1.LeaveReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,14 +37,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SECAGGROSTER_KEYSENTRY']._serialized_options = b'8\001'
   _globals['_SECAGGSHARES_BUNDLESENTRY']._loaded_options = None
   _globals['_SECAGGSHARES_BUNDLESENTRY']._serialized_options = b'8\001'
+  _globals['_SECAGGUNMASKREQUEST_SIGNATURESENTRY']._loaded_options = None
+  _globals['_SECAGGUNMASKREQUEST_SIGNATURESENTRY']._serialized_options = b'8\001'
   _globals['_SECAGGUNMASKRESPONSE_SELFMASKSHARESENTRY']._loaded_options = None
   _globals['_SECAGGUNMASKRESPONSE_SELFMASKSHARESENTRY']._serialized_options = b'8\001'
   _globals['_SECAGGUNMASKRESPONSE_MASKKEYSHARESENTRY']._loaded_options = None
   _globals['_SECAGGUNMASKRESPONSE_MASKKEYSHARESENTRY']._serialized_options = b'8\001'
   _globals['_RESULTHEADER_METRICSENTRY']._loaded_options = None
   _globals['_RESULTHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKKIND']._serialized_start=2375
-  _globals['_TASKKIND']._serialized_end=2626
+  _globals['_TASKKIND']._serialized_start=2561
+  _globals['_TASKKIND']._serialized_end=2846
   _globals['_PAYLOADINFO']._serialized_start=43
   _globals['_PAYLOADINFO']._serialized_end=104
   _globals['_CHUNK']._serialized_start=106
@@ -73,32 +75,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SECAGGROSTER']._serialized_end=1336
   _globals['_SECAGGROSTER_KEYSENTRY']._serialized_start=1269
   _globals['_SECAGGROSTER_KEYSENTRY']._serialized_end=1336
-  _globals['_SECAGGSHARES']._serialized_start=1338
-  _globals['_SECAGGSHARES']._serialized_end=1456
-  _globals['_SECAGGSHARES_BUNDLESENTRY']._serialized_start=1410
-  _globals['_SECAGGSHARES_BUNDLESENTRY']._serialized_end=1456
-  _globals['_SECAGGUNMASKREQUEST']._serialized_start=1458
-  _globals['_SECAGGUNMASKREQUEST']._serialized_end=1515
-  _globals['_SECAGGUNMASKRESPONSE']._serialized_start=1518
-  _globals['_SECAGGUNMASKRESPONSE']._serialized_end=1807
-  _globals['_SECAGGUNMASKRESPONSE_SELFMASKSHARESENTRY']._serialized_start=1700
-  _globals['_SECAGGUNMASKRESPONSE_SELFMASKSHARESENTRY']._serialized_end=1753
-  _globals['_SECAGGUNMASKRESPONSE_MASKKEYSHARESENTRY']._serialized_start=1755
-  _globals['_SECAGGUNMASKRESPONSE_MASKKEYSHARESENTRY']._serialized_end=1807
-  _globals['_TASKMESSAGE']._serialized_start=1809
-  _globals['_TASKMESSAGE']._serialized_end=1911
-  _globals['_RESULTHEADER']._serialized_start=1914
-  _globals['_RESULTHEADER']._serialized_end=2128
-  _globals['_RESULTHEADER_METRICSENTRY']._serialized_start=2082
-  _globals['_RESULTHEADER_METRICSENTRY']._serialized_end=2128
-  _globals['_RESULTMESSAGE']._serialized_start=2130
-  _globals['_RESULTMESSAGE']._serialized_end=2236
-  _globals['_PUSHRESULTREPLY']._serialized_start=2238
-  _globals['_PUSHRESULTREPLY']._serialized_end=2290
-  _globals['_HEARTBEATREQUEST']._serialized_start=2292
-  _globals['_HEARTBEATREQUEST']._serialized_end=2327
-  _globals['_HEARTBEATREPLY']._serialized_start=2329
-  _globals['_HEARTBEATREPLY']._serialized_end=2372
-  _globals['_FEDERATION']._serialized_start=2629
-  _globals['_FEDERATION']._serialized_end=2967
+  _globals['_SECAGGSHARES']._serialized_start=1339
+  _globals['_SECAGGSHARES']._serialized_end=1479
+  _globals['_SECAGGSHARES_BUNDLESENTRY']._serialized_start=1433
+  _globals['_SECAGGSHARES_BUNDLESENTRY']._serialized_end=1479
+  _globals['_SECAGGUNMASKREQUEST']._serialized_start=1482
+  _globals['_SECAGGUNMASKREQUEST']._serialized_end=1659
+  _globals['_SECAGGUNMASKREQUEST_SIGNATURESENTRY']._serialized_start=1610
+  _globals['_SECAGGUNMASKREQUEST_SIGNATURESENTRY']._serialized_end=1659
+  _globals['_SECAGGVIEWSIGNATURE']._serialized_start=1661
+  _globals['_SECAGGVIEWSIGNATURE']._serialized_end=1701
+  _globals['_SECAGGUNMASKRESPONSE']._serialized_start=1704
+  _globals['_SECAGGUNMASKRESPONSE']._serialized_end=1993
+  _globals['_SECAGGUNMASKRESPONSE_SELFMASKSHARESENTRY']._serialized_start=1886
+  _globals['_SECAGGUNMASKRESPONSE_SELFMASKSHARESENTRY']._serialized_end=1939
+  _globals['_SECAGGUNMASKRESPONSE_MASKKEYSHARESENTRY']._serialized_start=1941
+  _globals['_SECAGGUNMASKRESPONSE_MASKKEYSHARESENTRY']._serialized_end=1993
+  _globals['_TASKMESSAGE']._serialized_start=1995
+  _globals['_TASKMESSAGE']._serialized_end=2097
+  _globals['_RESULTHEADER']._serialized_start=2100
+  _globals['_RESULTHEADER']._serialized_end=2314
+  _globals['_RESULTHEADER_METRICSENTRY']._serialized_start=2268
+  _globals['_RESULTHEADER_METRICSENTRY']._serialized_end=2314
+  _globals['_RESULTMESSAGE']._serialized_start=2316
+  _globals['_RESULTMESSAGE']._serialized_end=2422
+  _globals['_PUSHRESULTREPLY']._serialized_start=2424
+  _globals['_PUSHRESULTREPLY']._serialized_end=2476
+  _globals['_HEARTBEATREQUEST']._serialized_start=2478
+  _globals['_HEARTBEATREQUEST']._serialized_end=2513
+  _globals['_HEARTBEATREPLY']._serialized_start=2515
+  _globals['_HEARTBEATREPLY']._serialized_end=2558
+  _globals['_FEDERATION']._serialized_start=2849
+  _globals['_FEDERATION']._serialized_end=3187
 # @@protoc_insertion_point(module_scope)

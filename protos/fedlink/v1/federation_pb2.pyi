@@ -18,6 +18,7 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_KIND_SECAGG_SHARE_KEYS: _ClassVar[TaskKind]
     TASK_KIND_SECAGG_MASKED_INPUT: _ClassVar[TaskKind]
     TASK_KIND_SECAGG_UNMASK: _ClassVar[TaskKind]
+    TASK_KIND_SECAGG_CONSISTENCY: _ClassVar[TaskKind]
 TASK_KIND_UNSPECIFIED: TaskKind
 TASK_KIND_TRAIN: TaskKind
 TASK_KIND_EVALUATE: TaskKind
@@ -27,6 +28,7 @@ TASK_KIND_SECAGG_ADVERTISE: TaskKind
 TASK_KIND_SECAGG_SHARE_KEYS: TaskKind
 TASK_KIND_SECAGG_MASKED_INPUT: TaskKind
 TASK_KIND_SECAGG_UNMASK: TaskKind
+TASK_KIND_SECAGG_CONSISTENCY: TaskKind
 
 class PayloadInfo(_message.Message):
     __slots__ = ("size", "sha256", "encoding")
@@ -175,7 +177,7 @@ class SecAggRoster(_message.Message):
     def __init__(self, keys: _Optional[_Mapping[str, SecAggKeys]] = ...) -> None: ...
 
 class SecAggShares(_message.Message):
-    __slots__ = ("bundles",)
+    __slots__ = ("bundles", "contributors")
     class BundlesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -184,16 +186,33 @@ class SecAggShares(_message.Message):
         value: bytes
         def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     BUNDLES_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     bundles: _containers.ScalarMap[str, bytes]
-    def __init__(self, bundles: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    contributors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, bundles: _Optional[_Mapping[str, bytes]] = ..., contributors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SecAggUnmaskRequest(_message.Message):
-    __slots__ = ("survivors", "dropped")
+    __slots__ = ("survivors", "dropped", "signatures")
+    class SignaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURES_FIELD_NUMBER: _ClassVar[int]
     survivors: _containers.RepeatedScalarFieldContainer[str]
     dropped: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+    signatures: _containers.ScalarMap[str, bytes]
+    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., signatures: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class SecAggViewSignature(_message.Message):
+    __slots__ = ("signature",)
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    signature: bytes
+    def __init__(self, signature: _Optional[bytes] = ...) -> None: ...
 
 class SecAggUnmaskResponse(_message.Message):
     __slots__ = ("self_mask_shares", "mask_key_shares")
