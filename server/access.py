@@ -16,10 +16,11 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from fedlink.common.errors import AccessDenied, PKIError
 from fedlink.common.pki import (
@@ -44,6 +45,19 @@ def _utc_now() -> dt.datetime:
 def parse_peer(cert_pem: bytes) -> PeerCertificate:
     """The verified peer certificate of a call, parsed once per distinct certificate."""
     return peer_certificate(cert_pem)
+
+
+def verified_peer(auth_context: Mapping[str, Any]) -> PeerCertificate:
+    """The client certificate the TLS handshake verified for a call (its `auth_context()`);
+    AccessDenied(UNAUTHENTICATED) when there is none or it cannot be parsed."""
+    certs = auth_context.get("x509_pem_cert")
+    if not certs:
+        raise AccessDenied("UNAUTHENTICATED", "a client certificate is required")
+    pem = certs[0]
+    try:
+        return parse_peer(pem if isinstance(pem, bytes) else str(pem).encode())
+    except PKIError as exc:
+        raise AccessDenied("UNAUTHENTICATED", str(exc)) from None
 
 
 class RevocationWatch:
@@ -133,8 +147,10 @@ class AccessPolicy:
             revocations = RevocationWatch(config.revocation_list, ca_pem)
         return cls(config.allowed_clients, revocations)
 
-    def check(self, peer: PeerCertificate) -> None:
-        """Raise AccessDenied (with the gRPC status to answer) unless `peer` may call now."""
+    def check(self, peer: PeerCertificate, *, allow_list: bool = True) -> None:
+        """Raise AccessDenied (with the gRPC status to answer) unless `peer` may call now.
+        `allow_list=False` checks only the certificate (validity, revocation): the health
+        check's Check, which holds nothing, answers any unrevoked certificate of the CA."""
         now = self._clock()
         if now > peer.not_after:
             raise AccessDenied(
@@ -149,7 +165,7 @@ class AccessPolicy:
                 f"the client certificate of {peer.identity!r} is not valid until "
                 f"{peer.not_before:%Y-%m-%d %H:%M:%S} UTC; check the clocks of both machines",
             )
-        if self._allowed and peer.identity not in self._allowed:
+        if allow_list and self._allowed and peer.identity not in self._allowed:
             raise AccessDenied(
                 "PERMISSION_DENIED",
                 f"client {peer.identity!r} is not on this federation's allow-list; ask the "

@@ -11,10 +11,10 @@ from typing import Any, NoReturn, TypeAlias
 
 import grpc
 
-from fedlink.common.errors import AccessDenied, PKIError, UpdateRejected, UploadIncomplete
+from fedlink.common.errors import AccessDenied, UpdateRejected, UploadIncomplete
 from fedlink.common.secagg_wire import setup_to_proto
 from fedlink.common.wire import JOIN_REQUIRED, SESSION_METADATA_KEY, PayloadInfo
-from fedlink.server.access import AccessPolicy, Sessions, parse_peer
+from fedlink.server.access import AccessPolicy, Sessions, verified_peer
 from fedlink.server.config import ServerConfig
 from fedlink.server.limits import CallSlot, ClientLimits
 from fedlink.server.rounds import ResultHeader, RoundEngine, TaskKind, TaskOffer
@@ -52,6 +52,11 @@ class FederationServicer(pb_grpc.FederationServicer):
             max_calls=config.max_calls_per_client,
         )
         self._refusals_logged: dict[tuple[str, str], float] = {}
+
+    @property
+    def policy(self) -> AccessPolicy:
+        """The allow-list and revocation list, shared with the health service."""
+        return self._policy
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         if self._config.insecure:
@@ -193,14 +198,10 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     def _verified_identity(self, context: grpc.ServicerContext) -> str:
         """The verified client certificate's common name, once the access policy allows it."""
-        certs = context.auth_context().get("x509_pem_cert")
-        if not certs:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
-        pem = certs[0]
         try:
-            peer = parse_peer(pem if isinstance(pem, bytes) else str(pem).encode())
-        except PKIError as exc:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            peer = verified_peer(context.auth_context())
+        except AccessDenied as exc:
+            _abort(context, exc)
         try:
             self._policy.check(peer)
         except AccessDenied as exc:
@@ -276,17 +277,31 @@ class RequestParsing(grpc.ServerInterceptor):
 
 
 def _parsing_unary(behavior: Behavior, parse: Callable[[bytes], Any]) -> Behavior:
-    def parsed(raw: bytes, context: grpc.ServicerContext) -> Any:
-        return behavior(_parse(parse, raw, context), context)
+    def parsed(raw: bytes, context: grpc.ServicerContext, *respond: Any) -> Any:
+        return behavior(_parse(parse, raw, context), context, *respond)
 
-    return parsed
+    return _scheduled_like(parsed, behavior)
 
 
 def _parsing_stream(behavior: Behavior, parse: Callable[[bytes], Any]) -> Behavior:
     def parsed(raw: Iterator[bytes], context: grpc.ServicerContext) -> Any:
         return behavior((_parse_streamed(parse, message) for message in raw), context)
 
-    return parsed
+    return _scheduled_like(parsed, behavior)
+
+
+# gRPC reads these attributes of a handler to decide where it runs: `experimental_non_blocking`
+# (a server stream answered through a callback, holding no thread while it waits; the health
+# service's Watch) and `experimental_thread_pool` (a pool of its own). A wrapper that dropped
+# them put every Watch stream on a pool thread for as long as it stayed open.
+_SCHEDULING = ("experimental_non_blocking", "experimental_thread_pool")
+
+
+def _scheduled_like(wrapper: Behavior, behavior: Behavior) -> Behavior:
+    for name in _SCHEDULING:
+        if hasattr(behavior, name):
+            setattr(wrapper, name, getattr(behavior, name))
+    return wrapper
 
 
 MALFORMED = "malformed request: not a valid protobuf message"
