@@ -81,9 +81,7 @@ def start_server(config: ServerConfig, engine: RoundEngine) -> Listening:
     """Bind and start the gRPC server for `engine`; health reports SERVING once it listens."""
     health_servicer = health.HealthServicer()
     servicer = FederationServicer(engine, config, federation_id=uuid.uuid4().hex)
-    guarded = GuardedHealth(
-        health_servicer, None if config.insecure else servicer.policy, config
-    )
+    guarded = GuardedHealth(health_servicer, None if config.insecure else servicer.policy, config)
     server, port = _build_server(config, servicer, guarded)
     server.start()
     listening = Listening(server, port, health_servicer)
