@@ -25,6 +25,7 @@ from fedlink.common.wire import MESSAGE_OVERHEAD
 from fedlink.server.checkpoints import CheckpointStore, check_resumable, run_identity
 from fedlink.server.config import ServerConfig
 from fedlink.server.health import HEALTH_THREADS, GuardedHealth
+from fedlink.server.memory import start_memory_trim
 from fedlink.server.monitoring import MetricsEndpoint
 from fedlink.server.report import MetricsLog, plot_accuracy, read_metrics, table_header, table_row
 from fedlink.server.rounds import Evaluator, RoundEngine, RoundRecord
@@ -177,6 +178,7 @@ def run_server(config: ServerConfig) -> int:
         config.address_file.write_text(f"{host}:{port}\n")
 
     stop = threading.Event()
+    start_memory_trim(stop)
     previous = _install_signal_handlers(stop, on_signal=lambda: listening.set_serving(False))
     try:
         print(table_header(), flush=True)
