@@ -91,7 +91,7 @@ def test_a_watch_flood_from_a_certificate_off_the_allow_list_holds_nothing(
             channel = pki.channel(address, "stranger")
             channels.append(channel)
             stub = health_pb2_grpc.HealthStub(channel)
-            streams += [stub.Watch(health_pb2.HealthCheckRequest()) for _ in range(64)]
+            streams += [stub.Watch(health_pb2.HealthCheckRequest(), timeout=20) for _ in range(64)]
         rounds_at_flood = _rounds_done(run_dir)
         codes = [stream.code() for stream in streams]  # waits for each stream's end
         threads_during = _threads(server.pid)
