@@ -14,7 +14,7 @@ from types import FrameType
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
 
 from fedlink.common.pki import load_credentials
 from fedlink.common.storage import publish_file
@@ -24,7 +24,7 @@ from fedlink.common.tensors import StateDict
 from fedlink.common.wire import MESSAGE_OVERHEAD
 from fedlink.server.checkpoints import CheckpointStore, check_resumable, run_identity
 from fedlink.server.config import ServerConfig
-from fedlink.server.health import HEALTH_THREADS, GuardedHealth
+from fedlink.server.health import HEALTH_THREADS, GuardedHealth, HealthStatuses
 from fedlink.server.memory import start_memory_trim
 from fedlink.server.monitoring import MetricsEndpoint
 from fedlink.server.report import MetricsLog, plot_accuracy, read_metrics, table_header, table_row
@@ -66,7 +66,7 @@ def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
 class Listening:
     server: grpc.Server
     port: int
-    health: health.HealthServicer
+    health: HealthStatuses
 
     def set_serving(self, serving: bool) -> None:
         status = (
@@ -80,7 +80,7 @@ class Listening:
 
 def start_server(config: ServerConfig, engine: RoundEngine) -> Listening:
     """Bind and start the gRPC server for `engine`; health reports SERVING once it listens."""
-    health_servicer = health.HealthServicer()
+    health_servicer = HealthStatuses()
     servicer = FederationServicer(engine, config, federation_id=uuid.uuid4().hex)
     guarded = GuardedHealth(health_servicer, None if config.insecure else servicer.policy, config)
     server, port = _build_server(config, servicer, guarded)

@@ -1,8 +1,8 @@
 """The standard `grpc.health.v1` service, guarded so that no caller can hold the coordinator
 with it.
 
-gRPC's `HealthServicer` keeps the statuses and notifies Watch streams; this module decides who
-may ask and how much they may hold:
+`HealthStatuses` keeps the statuses and notifies Watch streams; `GuardedHealth` decides who may
+ask and how much they may hold:
 
 - `Check` answers any certificate the federation CA signed that is valid and not revoked, on
   or off the allow-list: it holds nothing once answered, and the container healthcheck
@@ -17,11 +17,13 @@ may ask and how much they may hold:
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from concurrent import futures
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
 
 from fedlink.common.errors import AccessDenied
 from fedlink.server.access import AccessPolicy, verified_peer
@@ -33,11 +35,61 @@ SERVICE = "grpc.health.v1.Health"
 HEALTH_THREADS = 4
 
 
+Status = int  # a health_pb2.HealthCheckResponse.ServingStatus value
+Send = Callable[[health_pb2.HealthCheckResponse], Any]
+
+
+class HealthStatuses:
+    """The serving status of each service, and the Watch streams to tell when one changes.
+
+    Replaces grpc_health's `HealthServicer`, which sends to its watchers while holding its lock
+    and takes that lock in the callback gRPC runs, on its only polling thread, when a stream
+    ends. A send waits for that polling thread, so a Watch starting while another was
+    cancelled froze the whole coordinator (found by the health-stream fuzz family). Here the
+    lock guards only the tables; every send happens outside it, and the end-of-stream callback
+    only forgets the stream.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._statuses: dict[str, Status] = {"": health_pb2.HealthCheckResponse.SERVING}
+        self._watchers: dict[str, set[Send]] = {}
+
+    def set(self, service: str, status: Status) -> None:
+        with self._lock:
+            self._statuses[service] = status
+            watchers = list(self._watchers.get(service, ()))
+        for send in watchers:
+            send(health_pb2.HealthCheckResponse(status=status))
+
+    def get(self, service: str) -> Status | None:
+        with self._lock:
+            return self._statuses.get(service)
+
+    def watch(self, service: str, send: Send, context: grpc.ServicerContext) -> None:
+        """Send `service`'s status now and on every change until the stream ends."""
+        with self._lock:
+            self._watchers.setdefault(service, set()).add(send)
+            status = self._statuses.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+        if not context.add_callback(lambda: self._forget(service, send)):
+            self._forget(service, send)  # the stream has already ended
+            return
+        send(health_pb2.HealthCheckResponse(status=status))
+
+    def _forget(self, service: str, send: Send) -> None:
+        with self._lock:
+            watchers = self._watchers.get(service)
+            if watchers is not None:
+                watchers.discard(send)
+                if not watchers:
+                    del self._watchers[service]
+
+
 class GuardedHealth:
-    """Who may use the health service, in front of gRPC's `HealthServicer` (`statuses`)."""
+    """Who may use the health service, in front of the `statuses`."""
 
     def __init__(
-        self, statuses: health.HealthServicer, policy: AccessPolicy | None, config: ServerConfig
+        self, statuses: HealthStatuses, policy: AccessPolicy | None, config: ServerConfig
     ) -> None:
         self.statuses = statuses
         self._policy = policy  # None in --insecure mode: no certificates to check
@@ -53,8 +105,10 @@ class GuardedHealth:
         self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
     ) -> health_pb2.HealthCheckResponse:
         self._admit(context, allow_list=False).release()
-        reply: health_pb2.HealthCheckResponse = self.statuses.Check(request, context)
-        return reply
+        status = self.statuses.get(request.service)
+        if status is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
 
     def watch(
         self,
@@ -63,9 +117,11 @@ class GuardedHealth:
         send_response_callback: Any,
     ) -> None:
         slot = self._admit(context, allow_list=True)
-        # Released when the stream ends, whoever ends it.
-        context.add_callback(slot.release)
-        self.statuses.Watch(request, context, send_response_callback)
+        # Released when the stream ends, whoever ends it (or now, if it already has).
+        if not context.add_callback(slot.release):
+            slot.release()
+            return
+        self.statuses.watch(request.service, send_response_callback, context)
 
     def _admit(self, context: grpc.ServicerContext, *, allow_list: bool) -> CallSlot:
         try:
