@@ -8,8 +8,9 @@ It issues a CA and certificates, starts `fedlink server` (task digits, mutual TL
 an allow-list naming only the fuzzing client, rate limits raised so they do not interfere) and
 lets one client drive a single-client round that is repeated while everything it sends is
 refused: malformed protobuf bytes, broken chunk sequences, crafted safetensors documents, finite
-but extreme values, stale task ids, and random requests from a CA-signed client that is not on
-the allow-list. After each
+but extreme values, stale task ids, random requests from a CA-signed client that is not on the
+allow-list, health Watch streams held open (by that outsider and beyond the per-client limit),
+and TCP connections that never complete a TLS handshake (counted per connection). After each
 family the coordinator process must be alive, its health service SERVING and the global model's
 SHA-256 unchanged; every case must end in one of its family's refusal statuses within 30 s.
 Finally an honest update is accepted, the one-round run finishes with exit status 0, and its
@@ -206,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             client = FuzzClient(
                 channel(work / "certs", "fuzzer", address),
                 channel(work / "certs", "outsider", address),
+                address,
             )
             probe = channel(work / "certs", "fuzzer", address)
             client.join()

@@ -18,10 +18,11 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
@@ -182,6 +183,15 @@ class AccessPolicy:
             revocations = RevocationWatch(config.revocation_list, ca_pem, config.state_dir)
         return cls(ca_pem, config.allowed_clients, revocations)
 
+    def peer_of(self, auth_context: Mapping[str, Any]) -> PeerCertificate:
+        """The identity of the client certificate the TLS handshake verified for a call (its
+        `auth_context()`), checked by `identify`; AccessDenied (UNAUTHENTICATED) without one."""
+        certs = auth_context.get("x509_pem_cert")
+        if not certs:
+            raise AccessDenied("UNAUTHENTICATED", "a client certificate is required")
+        pem = certs[0]
+        return self.identify(pem if isinstance(pem, bytes) else str(pem).encode())
+
     def identify(self, cert_pem: bytes) -> PeerCertificate:
         """The identity `cert_pem` establishes; AccessDenied (UNAUTHENTICATED) for a certificate
         the CA did not sign directly, a CA certificate, one without client-auth usage, weak
@@ -191,8 +201,10 @@ class AccessPolicy:
         except PKIError as exc:
             raise AccessDenied("UNAUTHENTICATED", str(exc)) from None
 
-    def check(self, peer: PeerCertificate) -> None:
-        """Raise AccessDenied (with the gRPC status to answer) unless `peer` may call now."""
+    def check(self, peer: PeerCertificate, *, allow_list: bool = True) -> None:
+        """Raise AccessDenied (with the gRPC status to answer) unless `peer` may call now.
+        `allow_list=False` checks only the certificate (validity, revocation): the health
+        check's Check, which holds nothing, answers any unrevoked certificate of the CA."""
         now = self._clock()
         if not self._ca_not_before <= now <= self._ca_not_after:
             raise AccessDenied(
@@ -215,7 +227,7 @@ class AccessPolicy:
                 f"the client certificate of {peer.identity!r} is not valid until "
                 f"{peer.not_before:%Y-%m-%d %H:%M:%S} UTC; check the clocks of both machines",
             )
-        if self._allowed and peer.identity not in self._allowed:
+        if allow_list and self._allowed and peer.identity not in self._allowed:
             raise AccessDenied(
                 "PERMISSION_DENIED",
                 f"client {peer.identity!r} is not on this federation's allow-list; ask the "

@@ -16,7 +16,7 @@ from types import FrameType
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from fedlink.common.errors import ConfigError
 from fedlink.common.pki import load_credentials
@@ -28,6 +28,8 @@ from fedlink.common.threads import size_torch_threads
 from fedlink.common.wire import MESSAGE_OVERHEAD
 from fedlink.server.checkpoints import CheckpointStore, check_resumable, run_identity
 from fedlink.server.config import ServerConfig
+from fedlink.server.health import HEALTH_THREADS, GuardedHealth, HealthStatuses
+from fedlink.server.memory import start_memory_trim
 from fedlink.server.monitoring import MetricsEndpoint
 from fedlink.server.report import MetricsLog, plot_metrics, read_metrics, table_header, table_row
 from fedlink.server.rounds import Evaluator, RoundEngine, RoundRecord
@@ -58,11 +60,22 @@ TRANSPORT_OPTIONS = [
 ]
 
 
+def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC core's limits on connections, before any call (docs/security.md): a handshake that
+    does not finish is cut off, an idle connection is closed, and beyond `max_connections`
+    (handshaking or not) a new connection is closed at once."""
+    return [
+        ("grpc.server_handshake_timeout_ms", round(config.handshake_timeout_seconds * 1000)),
+        ("grpc.max_connection_idle_ms", round(config.max_connection_idle_seconds * 1000)),
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
+    ]
+
+
 @dataclass
 class Listening:
     server: grpc.Server
     port: int
-    health: health.HealthServicer
+    health: HealthStatuses
 
     def set_serving(self, serving: bool) -> None:
         status = (
@@ -76,9 +89,10 @@ class Listening:
 
 def start_server(config: ServerConfig, engine: RoundEngine) -> Listening:
     """Bind and start the gRPC server for `engine`; health reports SERVING once it listens."""
-    health_servicer = health.HealthServicer()
+    health_servicer = HealthStatuses()
     servicer = FederationServicer(engine, config, federation_id=uuid.uuid4().hex)
-    server, port = _build_server(config, servicer, health_servicer)
+    guarded = GuardedHealth(health_servicer, servicer.policy, config)
+    server, port = _build_server(config, servicer, guarded)
     server.start()
     listening = Listening(server, port, health_servicer)
     listening.set_serving(True)
@@ -86,7 +100,7 @@ def start_server(config: ServerConfig, engine: RoundEngine) -> Listening:
 
 
 def _build_server(
-    config: ServerConfig, servicer: FederationServicer, health_servicer: health.HealthServicer
+    config: ServerConfig, servicer: FederationServicer, guarded_health: GuardedHealth
 ) -> tuple[grpc.Server, int]:
     """A gRPC server with the federation and health services, bound with mTLS (or, only when
     asked for explicitly, plaintext). Returns the server and the bound port."""
@@ -102,10 +116,12 @@ def _build_server(
             # start silently and the kernel would split the clients between the two.
             ("grpc.so_reuseport", 0),
             *TRANSPORT_OPTIONS,
+            *connection_options(config),
         ],
     )
     pb_grpc.add_FederationServicer_to_server(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pool = futures.ThreadPoolExecutor(HEALTH_THREADS, thread_name_prefix="health")
+    server.add_generic_rpc_handlers((guarded_health.handler(health_pool),))
     if config.insecure:
         log.warning(
             "INSECURE MODE: no TLS, clients are not authenticated and traffic is readable by "
@@ -217,6 +233,7 @@ def _coordinate(config: ServerConfig) -> int:
         config.address_file.write_text(f"{host}:{port}\n")
 
     stop = threading.Event()
+    start_memory_trim(stop)
     previous = _install_signal_handlers(stop, on_signal=lambda: listening.set_serving(False))
     try:
         print(table_header(), flush=True)

@@ -174,6 +174,26 @@ class ServerConfig:
     max_concurrent_rpcs: int = field(
         default=2048, metadata=_help("calls in progress or queued across all clients")
     )
+    max_health_watches_per_client: int = field(
+        default=4, metadata=_help("health Watch streams one allowed identity may hold open")
+    )
+    max_health_watches: int = field(
+        default=256, metadata=_help("health Watch streams open across all identities")
+    )
+    max_connections: int = field(
+        default=1024,
+        metadata=_help(
+            "TCP connections, handshaking or established, from all sources; beyond it a new "
+            "one is closed at once"
+        ),
+    )
+    handshake_timeout_seconds: float = field(
+        default=10.0, metadata=_help("a connection whose TLS handshake takes longer is closed")
+    )
+    max_connection_idle_seconds: float = field(
+        default=300.0,
+        metadata=_help("a connection without a call in progress this long is closed"),
+    )
     # Client-level differential privacy (DP-FedAvg, docs/privacy.md): on when dp_clip_norm is set.
     dp_clip_norm: float | None = field(
         default=None,
@@ -265,6 +285,9 @@ class ServerConfig:
             "rate_limit_burst": self.rate_limit_burst,
             "max_calls_per_client": self.max_calls_per_client,
             "max_concurrent_rpcs": self.max_concurrent_rpcs,
+            "max_health_watches_per_client": self.max_health_watches_per_client,
+            "max_health_watches": self.max_health_watches,
+            "max_connections": self.max_connections,
             "keep_checkpoints": self.keep_checkpoints,
         }
         for name, value in positive.items():
@@ -310,6 +333,11 @@ class ServerConfig:
         self._check_dpsgd()
 
     def _check_access(self) -> None:
+        for name in ("handshake_timeout_seconds", "max_connection_idle_seconds"):
+            seconds = getattr(self, name)
+            # Written as "not >= 0.001" so that NaN is refused too; gRPC takes milliseconds.
+            if not (math.isfinite(seconds) and seconds >= 0.001):
+                raise ConfigError(f"{name} must be a positive number of seconds, got {seconds}")
         if not (self.rate_limit_per_second > 0 and math.isfinite(self.rate_limit_per_second)):
             raise ConfigError(
                 f"rate_limit_per_second must be a positive number, got {self.rate_limit_per_second}"

@@ -42,7 +42,7 @@ class CallSlot:
 
 class ClientLimits:
     """A token bucket (`rate` calls per second on average, bursts of `burst`) and at most
-    `max_calls` calls in progress, per identity."""
+    `max_calls` calls in progress, per identity; optionally `max_total_calls` in all."""
 
     def __init__(
         self,
@@ -50,11 +50,17 @@ class ClientLimits:
         rate: float,
         burst: int,
         max_calls: int,
+        max_total_calls: int | None = None,
+        settings: tuple[str, str] = ("max_calls_per_client", ""),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._rate = rate
         self._burst = float(burst)
         self._max_calls = max_calls
+        self._max_total_calls = max_total_calls
+        self._total_calls = 0
+        # The config keys named in refusals: (per identity, in total).
+        self._settings = settings
         self._clock = clock
         self._clients: dict[str, _Client] = {}
         self._lock = threading.Lock()
@@ -79,12 +85,20 @@ class ClientLimits:
                 raise AccessDenied(
                     "RESOURCE_EXHAUSTED",
                     f"client {identity!r} already has {client.calls} calls in progress, the "
-                    f"limit (max_calls_per_client); finish or cancel one first",
+                    f"limit ({self._settings[0]}); finish or cancel one first",
+                )
+            if self._max_total_calls is not None and self._total_calls >= self._max_total_calls:
+                raise AccessDenied(
+                    "RESOURCE_EXHAUSTED",
+                    f"the coordinator already serves {self._total_calls} such calls, the limit "
+                    f"({self._settings[1]}); retry later",
                 )
             client.tokens -= 1.0
             client.calls += 1
+            self._total_calls += 1
         return CallSlot(self, identity)
 
     def _release(self, identity: str) -> None:
         with self._lock:
             self._clients[identity].calls -= 1
+            self._total_calls -= 1

@@ -74,6 +74,12 @@ class FederationServicer(pb_grpc.FederationServicer):
             if len(entries) <= MAX_MANIFEST_ENTRIES
         ]
 
+    @property
+    def policy(self) -> AccessPolicy | None:
+        """The allow-list and revocation list, shared with the health service (None in
+        --insecure mode)."""
+        return self._policy
+
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         if self._config.insecure:
             identity = f"insecure-{secrets.token_hex(4)}"
@@ -228,13 +234,9 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     def _verified_identity(self, context: grpc.ServicerContext) -> str:
         """The verified client certificate's common name, once the access policy allows it."""
-        certs = context.auth_context().get("x509_pem_cert")
-        if not certs:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
-        pem = certs[0]
-        assert self._policy is not None
+        assert self._policy is not None  # not called in --insecure mode
         try:
-            peer = self._policy.identify(pem if isinstance(pem, bytes) else str(pem).encode())
+            peer = self._policy.peer_of(context.auth_context())
         except AccessDenied as exc:
             # Whoever made this certificate can make many under any name: log them all under
             # one key, so they cannot flood the log or grow the refusal table.
@@ -314,17 +316,31 @@ class RequestParsing(grpc.ServerInterceptor):
 
 
 def _parsing_unary(behavior: Behavior, parse: Callable[[bytes], Any]) -> Behavior:
-    def parsed(raw: bytes, context: grpc.ServicerContext) -> Any:
-        return behavior(_parse(parse, raw, context), context)
+    def parsed(raw: bytes, context: grpc.ServicerContext, *respond: Any) -> Any:
+        return behavior(_parse(parse, raw, context), context, *respond)
 
-    return parsed
+    return _scheduled_like(parsed, behavior)
 
 
 def _parsing_stream(behavior: Behavior, parse: Callable[[bytes], Any]) -> Behavior:
     def parsed(raw: Iterator[bytes], context: grpc.ServicerContext) -> Any:
         return behavior((_parse_streamed(parse, message) for message in raw), context)
 
-    return parsed
+    return _scheduled_like(parsed, behavior)
+
+
+# gRPC reads these attributes of a handler to decide where it runs: `experimental_non_blocking`
+# (a server stream answered through a callback, holding no thread while it waits; the health
+# service's Watch) and `experimental_thread_pool` (a pool of its own). A wrapper that dropped
+# them put every Watch stream on a pool thread for as long as it stayed open.
+_SCHEDULING = ("experimental_non_blocking", "experimental_thread_pool")
+
+
+def _scheduled_like(wrapper: Behavior, behavior: Behavior) -> Behavior:
+    for name in _SCHEDULING:
+        if hasattr(behavior, name):
+            setattr(wrapper, name, getattr(behavior, name))
+    return wrapper
 
 
 MALFORMED = "malformed request: not a valid protobuf message"

@@ -17,7 +17,9 @@ import hashlib
 import itertools
 import json
 import math
+import socket
 import struct
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +27,7 @@ from typing import Any
 import grpc
 import safetensors.torch
 import torch
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import assume
 from hypothesis import strategies as st
 
@@ -57,6 +59,7 @@ class FuzzClient:
 
     channel: grpc.Channel
     outsider: grpc.Channel  # a CA-signed client the coordinator's allow-list refuses
+    address: str  # host:port, for connections that never start a TLS handshake
     timeout: float = 30.0
     outcomes: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
     history: list[pb.TaskHeader] = field(default_factory=list)
@@ -697,6 +700,73 @@ def outsider_case(client: FuzzClient, data: st.DataObject) -> None:
         )
 
 
+# The coordinator's default max_health_watches_per_client.
+WATCH_LIMIT = 4
+HEALTH_SERVICES = st.sampled_from(["", "fedlink.v1.Federation", "unknown"]) | st.text(max_size=32)
+
+
+def _first_answer(watch: Any) -> str:
+    """The first status a Watch stream reports, or the gRPC code that ended it."""
+    try:
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(next(watch).status))
+    except grpc.RpcError as error:
+        return str(error.code().name)
+
+
+def health_stream_case(client: FuzzClient, data: st.DataObject) -> None:
+    """Health Watch streams held open: refused to a caller off the allow-list, at most
+    WATCH_LIMIT at a time to an allowed one (a cancelled stream gives its slot back, at once or
+    a moment later), and neither holds a handler thread."""
+    request = health_pb2.HealthCheckRequest(service=data.draw(HEALTH_SERVICES))
+    outsiders = [
+        health_pb2_grpc.HealthStub(client.outsider).Watch(request, timeout=client.timeout)
+        for _ in range(data.draw(st.integers(0, 24)))
+    ]
+    mine = [
+        health_pb2_grpc.HealthStub(client.channel).Watch(request, timeout=client.timeout)
+        for _ in range(data.draw(st.integers(1, 2 * WATCH_LIMIT)))
+    ]
+    try:
+        outcomes = [_first_answer(watch) for watch in [*outsiders, *mine]]
+    finally:
+        for watch in [*outsiders, *mine]:
+            watch.cancel()
+    for outcome in outcomes:
+        client.outcomes[("health-stream", outcome)] += 1
+    if any(outcome != "PERMISSION_DENIED" for outcome in outcomes[: len(outsiders)]):
+        raise ServerFailure(f"a Watch off the allow-list was not refused: {outcomes}")
+    admitted = [o for o in outcomes[len(outsiders) :] if o != "RESOURCE_EXHAUSTED"]
+    if len(admitted) > WATCH_LIMIT or any(o.startswith(("UNKNOWN", "INTERNAL")) for o in admitted):
+        raise ServerFailure(f"Watch streams of one allowed client: {outcomes[len(outsiders) :]}")
+
+
+def handshake_less_case(client: FuzzClient, data: st.DataObject) -> None:
+    """TCP connections that never complete a TLS handshake: silent, or sending bytes that are
+    not a ClientHello (HTTP/2's preface in clear, a truncated TLS record, noise), held a moment
+    and dropped. The coordinator must then still answer a health check on an honest channel."""
+    host, port = client.address.rsplit(":", 1)
+    payloads = st.sampled_from(
+        [b"", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"\x16\x03\x01\x02\x00\x01"]
+    ) | st.binary(max_size=64)
+    connections = []
+    try:
+        for payload in data.draw(st.lists(payloads, min_size=1, max_size=48)):
+            connection = socket.create_connection((host, int(port)), timeout=client.timeout)
+            if payload:
+                connection.sendall(payload)
+            connections.append(connection)
+        time.sleep(data.draw(st.floats(0, 0.2)))
+    finally:
+        for connection in connections:
+            connection.close()
+    client.outcomes[("handshake-less", "CLOSED")] += len(connections)
+    reply = health_pb2_grpc.HealthStub(client.channel).Check(
+        health_pb2.HealthCheckRequest(), timeout=client.timeout
+    )
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise ServerFailure("after handshake-less connections the coordinator is not SERVING")
+
+
 FAMILIES: dict[str, Callable[[FuzzClient, st.DataObject], None]] = {
     "protobuf": protobuf_case,
     "chunks": chunks_case,
@@ -704,4 +774,6 @@ FAMILIES: dict[str, Callable[[FuzzClient, st.DataObject], None]] = {
     "stale-task": stale_case,
     "extreme": extreme_case,
     "outsider": outsider_case,
+    "health-stream": health_stream_case,
+    "handshake-less": handshake_less_case,
 }

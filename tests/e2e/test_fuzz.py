@@ -21,6 +21,8 @@ from fuzzing import (
     FuzzClient,
     chunks_case,
     extreme_case,
+    handshake_less_case,
+    health_stream_case,
     honest_payload,
     outsider_case,
     protobuf_case,
@@ -36,7 +38,7 @@ from fedlink.common.tensors import StateDict, open_state_file
 from fedlink.server.app import start_server
 from fedlink.server.rounds import RoundEngine, RunSummary
 
-# Examples per property: 1,500 cases in all, about 20 s on 2 cores.
+# Examples per property: 1,600 cases in all, about 25 s on 2 cores.
 EXAMPLES = 250
 FUZZ = settings(
     max_examples=EXAMPLES,
@@ -44,6 +46,8 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+# Each of these cases opens dozens of streams or connections: fewer of them cover the family.
+FEWER = settings(FUZZ, max_examples=EXAMPLES // 5)
 
 
 @dataclass
@@ -91,7 +95,7 @@ def target(pki: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Targe
     thread = threading.Thread(target=lambda: result.update(summary=engine.run(stop)))
     thread.start()
     address = f"127.0.0.1:{listening.port}"
-    client = FuzzClient(pki.channel(address, "fuzzer"), pki.channel(address, "outsider"))
+    client = FuzzClient(pki.channel(address, "fuzzer"), pki.channel(address, "outsider"), address)
     client.join()
     try:
         yield Target(client, engine, stop, thread, result)
@@ -137,6 +141,22 @@ def test_stale_and_replayed_task_ids_are_refused_without_using_up_the_submission
     target: Target, data: st.DataObject
 ) -> None:
     stale_case(target.client, data)
+
+
+@FEWER
+@given(data=st.data())
+def test_health_watch_streams_are_refused_off_the_allow_list_and_bounded_per_client(
+    target: Target, data: st.DataObject
+) -> None:
+    health_stream_case(target.client, data)
+
+
+@FEWER
+@given(data=st.data())
+def test_connections_that_never_handshake_leave_the_coordinator_serving(
+    target: Target, data: st.DataObject
+) -> None:
+    handshake_less_case(target.client, data)
 
 
 @FUZZ

@@ -64,3 +64,20 @@ def test_a_refused_call_costs_no_token() -> None:
     _refused(limits, "a")  # over the calls limit
     slot.release()
     limits.admit("a").release()  # the second token is still there
+
+
+def test_calls_in_progress_are_capped_in_total_across_identities() -> None:
+    limits = ClientLimits(
+        rate=1000.0,
+        burst=1000,
+        max_calls=2,
+        max_total_calls=3,
+        settings=("max_health_watches_per_client", "max_health_watches"),
+    )
+    slots = [limits.admit("a"), limits.admit("a"), limits.admit("b")]
+    assert "(max_health_watches_per_client)" in str(_refused(limits, "a"))
+    assert "(max_health_watches)" in str(_refused(limits, "c"))
+    slots[0].release()
+    slots[0].release()  # idempotent: frees one slot, not two
+    slots.append(limits.admit("c"))
+    _refused(limits, "d")
