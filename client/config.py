@@ -104,8 +104,8 @@ class ClientConfig:
     secagg_max_attempts_per_round: int = field(
         default=1,
         metadata=_help(
-            "masked inputs this client sends for one round (or one global model) at most; "
-            "more let a coordinator subtract two sums"
+            "sessions of one round (or one global model) in which this client signs the "
+            "survivor set, at most; more let a coordinator subtract two sums"
         ),
     )
 

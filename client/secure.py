@@ -61,9 +61,12 @@ class PrivacyFloor:
 
     0 means no floor for the first three. With any of them set the site also refuses plain
     (not securely aggregated) training, where the coordinator would read its update.
-    `max_attempts_per_round` caps the masked inputs sent for one round (by round number and by
-    global model with training seed, so renumbering a retry does not reset it): two sums that
-    differ only in whether this client took part give its update away by subtraction.
+    `max_attempts_per_round` caps the sessions of one round (by round number and by global model
+    with training seed, so renumbering a retry does not reset it) in which this client signed
+    the survivor set: two sums that differ only in whether this client took part give its update
+    away by subtraction. An attempt counts when the client signs, not when it sends its masked
+    input: no honest holder releases shares before every survivor's signature verifies, so a
+    masked input from a session this client never signed can never be unmasked into a sum.
     """
 
     min_clients: int = 0
@@ -177,7 +180,7 @@ class SecureParticipant:
         self._roster: dict[str, KeyAdvertisement] = {}
         self._statement: bytes | None = None  # the view this client signed
         self._attempt: tuple[int, bytes] = (0, b"")  # (round, global model digest)
-        # Masked inputs sent, by round number and by global model digest.
+        # Sessions whose survivor set this client signed, by round number and by model digest.
         self._contributions: Counter[int | bytes] = Counter()
 
     def admit(self, setup: SessionSetup, round_number: int, model_digest: bytes) -> None:
@@ -188,9 +191,10 @@ class SecureParticipant:
         spent = max(self._contributions[round_number], self._contributions[model_digest])
         if spent >= self._floor.max_attempts_per_round:
             raise SecAggRefused(
-                f"this client already sent {spent} masked input(s) for round {round_number} or "
-                f"this global model, its limit (secagg_max_attempts_per_round); another attempt "
-                "could be subtracted from the last one"
+                f"this client already signed the survivors of {spent} session(s) of round "
+                f"{round_number} or of this global model, its limit "
+                "(secagg_max_attempts_per_round); another attempt could be subtracted from the "
+                "last one"
             )
 
     def given_answer(self, kind: pb.TaskKind, setup: SessionSetup) -> bytes | None:
@@ -236,10 +240,13 @@ class SecureParticipant:
             bundles, contributors = inbox_from_bytes(message)
             masked = self._client.masked_input(self._vector, bundles, contributors)
             answer, self._vector = masked.tobytes(), None
-            self._contributions.update((round_number, model_digest))
         elif kind == pb.TASK_KIND_SECAGG_CONSISTENCY:
             request = unmask_request_from_bytes(message)
+            round_number, model_digest = self._attempt
+            self.admit(setup, round_number, model_digest)
             self._statement = self._client.agree(request, setup_digest(setup))
+            # From here this session's sum may include this client's input: it counts.
+            self._contributions.update((round_number, model_digest))
             # --insecure has no certificates: the view's digest stands in, unauthenticated.
             signature = (
                 hashlib.sha256(self._statement).digest()

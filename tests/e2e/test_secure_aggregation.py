@@ -139,26 +139,28 @@ def test_a_secagg_plus_federation_trains_the_same_model_as_plaintext_fedavg(
 def test_a_client_killed_in_the_middle_of_a_secure_round_does_not_stop_the_federation(
     pki: Any, tmp_path: Path
 ) -> None:
-    # 4 clients, threshold 3. site-3 is SIGKILLed in round 2 as it starts sharing its keys:
+    # 5 clients, threshold 3. site-4 is SIGKILLed in round 2 as it starts sharing its keys:
     # it advertised keys, so the others must mask against it, and its masks are removed from
     # the sum with the shares of its mask key the survivors hold (or it is left out earlier).
-    federation = Federation(pki, tmp_path / "run", 4, secure=True, num_rounds=4, min_fit_clients=3)
-    victim = federation.clients[3]
+    # Five, so that the four left still each mask against the threshold of peers (3, not
+    # counting themselves) when the victim's bundles never arrived.
+    federation = Federation(pki, tmp_path / "run", 5, secure=True, num_rounds=4, min_fit_clients=4)
+    victim = federation.clients[4]
     deadline = time.monotonic() + 240
-    while "round 2: secagg_share_keys" not in federation.client_log(3).read_text():
-        assert time.monotonic() < deadline, federation.client_log(3).read_text()
+    while "round 2: secagg_share_keys" not in federation.client_log(4).read_text():
+        assert time.monotonic() < deadline, federation.client_log(4).read_text()
         assert victim.poll() is None
         time.sleep(0.01)
     victim.send_signal(signal.SIGKILL)
     records = federation.finish()
     assert [r["round"] for r in records] == [1, 2, 3, 4]
-    assert records[0]["clients_accepted"] == 4
-    assert records[1]["clients_accepted"] >= 3
-    assert [r["clients_accepted"] for r in records[2:]] == [3, 3]
+    assert records[0]["clients_accepted"] == 5
+    assert records[1]["clients_accepted"] >= 4
+    assert [r["clients_accepted"] for r in records[2:]] == [4, 4]
     assert records[-1]["test_accuracy"] > records[0]["test_accuracy"]
     log = federation.server_log()
     assert "secure aggregation failed" not in log
-    assert "no sign of life from site-3" in log
+    assert "no sign of life from site-4" in log
 
 
 def test_secure_aggregation_with_dp_splits_the_noise_across_the_clients(
@@ -215,6 +217,10 @@ def test_a_coordinator_killed_mid_secure_round_restarts_the_round_with_fresh_key
             partition_index=i,
             num_partitions=3,
             reconnect_max_delay_seconds=1,
+            # Rounds take ~0.1 s, so the kill may land after the clients signed round 3's
+            # survivors; a site that must ride out coordinator crashes at that point allows a
+            # second attempt (docs/privacy.md: the trade-off with differencing).
+            secagg_max_attempts_per_round=2,
         )
         for i in range(3)
     ]
