@@ -575,10 +575,11 @@ def run_client(config: ClientConfig) -> int:
     previous = {sig: signal.signal(sig, _raise_shutdown) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return FederationClient(config).run()
-    except ShutdownRequested as exc:
-        log.info("received %s: left the federation", exc)
-        return 0
-    except FedlinkError as exc:
+    except BaseException as exc:
+        # The signal's exception can reach here re-wrapped by whatever it interrupted: a
+        # library's own error (safetensors), or a RuntimeError from a class being defined
+        # (torch imports torch._dynamo lazily at the first optimizer). Once a shutdown signal
+        # has arrived, whatever unwinds the client is that shutdown.
         if _Signals.received is not None:
             log.info("received %s: left the federation", _Signals.received)
             return 0

@@ -115,8 +115,11 @@ def test_backoff_delays_grow_with_jitter_and_give_up_after_the_limit(
 
 
 class _InterruptedWhileLoading:
-    """Stands in for FederationClient: SIGTERM arrives while a library reads the global model,
-    and the library turns the interruption into an error of its own, as safetensors does."""
+    """Stands in for FederationClient: SIGTERM arrives while a library works, and the library
+    turns the interruption into an error of its own: safetensors reading the global model, or
+    Python defining a class during torch's lazy import of torch._dynamo (a RuntimeError)."""
+
+    rewrap: type[BaseException] = TensorFormatError
 
     def __init__(self, config: object) -> None:
         pass
@@ -126,13 +129,27 @@ class _InterruptedWhileLoading:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler raises in here
         except app.ShutdownRequested as exc:
-            raise TensorFormatError("not a valid safetensors payload: interrupted") from exc
+            raise self.rewrap("interrupted") from exc
         raise AssertionError("SIGTERM was not delivered")
 
 
+@pytest.mark.parametrize("rewrap", [TensorFormatError, RuntimeError])
 def test_a_shutdown_signal_exits_cleanly_even_when_a_library_rewraps_it(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, rewrap: type[BaseException]
 ) -> None:
+    monkeypatch.setattr(_InterruptedWhileLoading, "rewrap", rewrap)
     monkeypatch.setattr(app, "FederationClient", _InterruptedWhileLoading)
     assert app.run_client(ClientConfig(insecure=True)) == 0
     assert signal.getsignal(signal.SIGTERM) is not app._raise_shutdown  # handlers restored
+
+
+def test_an_error_without_a_shutdown_signal_still_propagates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class _Crashes(_InterruptedWhileLoading):
+        def run(self) -> int:
+            raise RuntimeError("the task's own bug")
+
+    monkeypatch.setattr(app, "FederationClient", _Crashes)
+    with pytest.raises(RuntimeError, match="own bug"):
+        app.run_client(ClientConfig(insecure=True))
