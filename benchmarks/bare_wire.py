@@ -34,7 +34,6 @@ from fedlink.client.config import ClientConfig
 from fedlink.client.connection import open_channel
 from fedlink.common.pki import load_credentials
 from fedlink.common.wire import DEFAULT_CHUNK_SIZE, MESSAGE_OVERHEAD
-from fedlink.server.config import ServerConfig
 
 SERVICE = "fedlinkbench.Wire"
 DOWNLOAD = f"/{SERVICE}/Download"
@@ -52,11 +51,12 @@ def make_chunks(size: int, chunk_size: int) -> list[bytes]:
 
 def serve(args: argparse.Namespace) -> int:
     # The coordinator's own transport settings (keepalive, HTTP/2 flow control). Imported here,
-    # not at the top: fedlink.server.app imports torch, which the clients need not load.
-    from fedlink.server.app import TRANSPORT_OPTIONS
+    # not at the top: fedlink.server.transport imports torch, which the clients need not load.
+    from fedlink.server.transport import TRANSPORT_OPTIONS
 
     chunks = make_chunks(args.size, args.chunk_size)
-    max_workers = ServerConfig(insecure=True).max_workers  # fedlink's default handler threads
+    # A thread per stream: more than the benchmark's concurrent streams, so none ever waits.
+    max_workers = 64
 
     def download(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         yield from chunks

@@ -18,6 +18,12 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may use (affinity and cgroup quota), at least 1."""
+    cpus: int = joblib.cpu_count()
+    return max(1, cpus)
+
+
 def size_torch_threads(requested: int) -> int:
     """Set torch's intra-op thread count and return it.
 
@@ -29,5 +35,5 @@ def size_torch_threads(requested: int) -> int:
     elif os.environ.get("OMP_NUM_THREADS"):
         pass  # told otherwise by the environment, which torch read at import
     else:
-        torch.set_num_threads(max(1, joblib.cpu_count()))
+        torch.set_num_threads(usable_cpus())
     return torch.get_num_threads()

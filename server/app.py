@@ -7,139 +7,33 @@ import logging
 import signal
 import tempfile
 import threading
-import uuid
 from collections.abc import Callable
-from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-import grpc
 import torch
-from grpc_health.v1 import health_pb2
 
 from fedlink.common.errors import ConfigError
-from fedlink.common.pki import load_credentials
 from fedlink.common.storage import publish_file
 from fedlink.common.tasks import load_task
 from fedlink.common.tasks.base import TaskModule
 from fedlink.common.tensors import StateDict
 from fedlink.common.threads import size_torch_threads
-from fedlink.common.wire import MESSAGE_OVERHEAD
 from fedlink.server.checkpoints import CheckpointStore, check_resumable, run_identity
 from fedlink.server.config import ServerConfig
-from fedlink.server.health import HEALTH_THREADS, GuardedHealth, HealthStatuses
 from fedlink.server.memory import start_memory_trim
 from fedlink.server.monitoring import MetricsEndpoint
 from fedlink.server.report import MetricsLog, plot_metrics, read_metrics, table_header, table_row
 from fedlink.server.rounds import Evaluator, RoundEngine, RoundRecord
-from fedlink.server.service import FederationServicer, RequestParsing
 from fedlink.server.state_lock import lock_state_dir
 from fedlink.server.tracking import close_trackers, open_trackers, track_round
-from fedlink.v1 import federation_pb2_grpc as pb_grpc
+from fedlink.server.transport import start_server
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "fedlink.v1.Federation"
 # Exit status when the coordinator stopped because it could not write its state (EX_TEMPFAIL):
 # nothing was lost, and a restart on the same state_dir resumes once the disk is usable.
 EXIT_STORAGE_FAILURE = 75
-TRANSPORT_OPTIONS = [
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    # Bandwidth-delay probing lets each stream's receive window grow to many MB, so concurrent
-    # uploads buffered tens of MB each inside gRPC (measured: +42 MiB per ResNet-18 client vs
-    # +17 MiB without it, at the same round time). Memory must not grow with the clients.
-    ("grpc.http2.bdp_probe", 0),
-    # Without probing the window would stay at 64 KiB: one 64 KiB burst per round trip, about
-    # 3 MB/s per upload at 20 ms RTT. A fixed 4 MiB window bounds the per-stream buffer and
-    # still fills long links (measured on loopback, 100M x 10: +18 MiB per client).
-    ("grpc.http2.lookahead_bytes", 4 << 20),
-]
-
-
-def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """gRPC core's limits on connections, before any call (docs/security.md): a handshake that
-    does not finish is cut off, an idle connection is closed, and beyond `max_connections`
-    (handshaking or not) a new connection is closed at once."""
-    return [
-        ("grpc.server_handshake_timeout_ms", round(config.handshake_timeout_seconds * 1000)),
-        ("grpc.max_connection_idle_ms", round(config.max_connection_idle_seconds * 1000)),
-        ("grpc.max_allowed_incoming_connections", config.max_connections),
-    ]
-
-
-@dataclass
-class Listening:
-    server: grpc.Server
-    port: int
-    health: HealthStatuses
-
-    def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for service in ("", SERVICE_NAME):
-            self.health.set(service, status)
-
-
-def start_server(config: ServerConfig, engine: RoundEngine) -> Listening:
-    """Bind and start the gRPC server for `engine`; health reports SERVING once it listens."""
-    health_servicer = HealthStatuses()
-    servicer = FederationServicer(engine, config, federation_id=uuid.uuid4().hex)
-    guarded = GuardedHealth(health_servicer, servicer.policy, config)
-    server, port = _build_server(config, servicer, guarded)
-    server.start()
-    listening = Listening(server, port, health_servicer)
-    listening.set_serving(True)
-    return listening
-
-
-def _build_server(
-    config: ServerConfig, servicer: FederationServicer, guarded_health: GuardedHealth
-) -> tuple[grpc.Server, int]:
-    """A gRPC server with the federation and health services, bound with mTLS (or, only when
-    asked for explicitly, plaintext). Returns the server and the bound port."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
-        # Beyond this many calls in progress or queued, gRPC answers RESOURCE_EXHAUSTED itself.
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-        interceptors=[RequestParsing()],
-        options=[
-            ("grpc.max_receive_message_length", config.chunk_size + MESSAGE_OVERHEAD),
-            ("grpc.max_send_message_length", config.chunk_size + MESSAGE_OVERHEAD),
-            # gRPC sets SO_REUSEPORT by default: a second coordinator on the same port would
-            # start silently and the kernel would split the clients between the two.
-            ("grpc.so_reuseport", 0),
-            *TRANSPORT_OPTIONS,
-            *connection_options(config),
-        ],
-    )
-    pb_grpc.add_FederationServicer_to_server(servicer, server)
-    health_pool = futures.ThreadPoolExecutor(HEALTH_THREADS, thread_name_prefix="health")
-    server.add_generic_rpc_handlers((guarded_health.handler(health_pool),))
-    if config.insecure:
-        log.warning(
-            "INSECURE MODE: no TLS, clients are not authenticated and traffic is readable by "
-            "anyone on the network. Use this for local development only."
-        )
-        port = _bind(lambda: server.add_insecure_port(config.listen), config.listen)
-    else:
-        assert config.cert and config.key and config.ca
-        creds = load_credentials(config.cert, config.key, config.ca, role="server")
-        server_credentials = grpc.ssl_server_credentials(
-            [(creds.key_pem, creds.cert_pem)],
-            root_certificates=creds.ca_pem,
-            require_client_auth=True,
-        )
-        port = _bind(
-            lambda: server.add_secure_port(config.listen, server_credentials), config.listen
-        )
-    return server, port
 
 
 def _check_writable(directory: Path, flag: str) -> None:
@@ -154,20 +48,6 @@ def _check_writable(directory: Path, flag: str) -> None:
             f"{flag} {directory} is not usable: {exc.strerror or exc}; choose a directory this "
             f"user can create and write (pass {flag} or set it in the config file)"
         ) from None
-
-
-def _bind(add_port: Callable[[], int], listen: str) -> int:
-    """Bind the listening port, or raise ConfigError saying why a coordinator cannot start."""
-    try:
-        port = add_port()
-    except RuntimeError:  # gRPC's "Failed to bind to address"
-        port = 0
-    if port == 0:
-        raise ConfigError(
-            f"cannot listen on {listen}: the address is in use (another coordinator?) or not "
-            "an address of this machine; stop the other process or choose another --listen"
-        )
-    return port
 
 
 def run_server(config: ServerConfig) -> int:

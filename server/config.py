@@ -120,8 +120,11 @@ class ServerConfig:
         default=None, metadata=_help("write the bound host:port here once listening")
     )
     max_workers: int = field(
-        default=512,
-        metadata=_help("gRPC handler threads (each connected client holds one while polling)"),
+        default=0,
+        metadata=_help(
+            "threads that hash, spool and validate results (waiting clients hold none); 0: the "
+            "CPUs this process may use"
+        ),
     )
     metrics_listen: str | None = field(
         default=None,
@@ -281,7 +284,6 @@ class ServerConfig:
             "local_epochs": self.local_epochs,
             "batch_size": self.batch_size,
             "max_num_examples": self.max_num_examples,
-            "max_workers": self.max_workers,
             "rate_limit_burst": self.rate_limit_burst,
             "max_calls_per_client": self.max_calls_per_client,
             "max_concurrent_rpcs": self.max_concurrent_rpcs,
@@ -313,8 +315,9 @@ class ServerConfig:
         if self.below_quorum not in ("retry", "wait"):
             raise ConfigError(f"below_quorum must be retry or wait, got {self.below_quorum!r}")
         check_log_format(self.log_format)
-        if self.threads < 0:
-            raise ConfigError(f"threads must be 0 (automatic) or positive, got {self.threads}")
+        for name, value in (("threads", self.threads), ("max_workers", self.max_workers)):
+            if value < 0:
+                raise ConfigError(f"{name} must be 0 (automatic) or positive, got {value}")
         rule = parse_rule(self.aggregation)
         if self.min_results < rule.min_updates:
             raise ConfigError(

@@ -9,17 +9,17 @@ ask and how much they may hold:
   (`fedlink health`, compose's `healthcheck` certificate) must keep working when an operator
   sets `allowed_clients`. It is rate-limited per identity like every other call.
 - `Watch` (a stream that stays open) is refused (PERMISSION_DENIED) to identities off the
-  allow-list or revoked, and bounded per identity and in total (RESOURCE_EXHAUSTED). An admitted
-  stream holds no handler thread: it is answered through gRPC's non-blocking callback.
-- Both run on a small pool of their own, so health answers do not wait for a free thread of the
-  federation's pool (which long polls may fill).
+  allow-list or revoked, and bounded per identity and in total (RESOURCE_EXHAUSTED).
+- Both are coroutines on the coordinator's event loop like the federation's calls: a Watch
+  stream waiting for the next change holds no thread.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
-from collections.abc import Callable
-from concurrent import futures
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -31,58 +31,64 @@ from fedlink.server.config import ServerConfig
 from fedlink.server.limits import CallSlot, ClientLimits
 
 SERVICE = "grpc.health.v1.Health"
-# Check and the start of a Watch take microseconds; a few threads answer thousands per second.
-HEALTH_THREADS = 4
-
 
 Status = int  # a health_pb2.HealthCheckResponse.ServingStatus value
-Send = Callable[[health_pb2.HealthCheckResponse], Any]
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class HealthStatuses:
     """The serving status of each service, and the Watch streams to tell when one changes.
 
-    Replaces grpc_health's `HealthServicer`, which sends to its watchers while holding its lock
-    and takes that lock in the callback gRPC runs, on its only polling thread, when a stream
-    ends. A send waits for that polling thread, so a Watch starting while another was
-    cancelled froze the whole coordinator (found by the health-stream fuzz family). Here the
-    lock guards only the tables; every send happens outside it, and the end-of-stream callback
-    only forgets the stream.
+    `set` may be called from any thread (the round loop, a signal handler): it only records the
+    status and wakes the watchers, which send from the event loop. A watcher that falls behind
+    sends the latest status, never a queue of old ones, so a slow reader holds nothing.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._statuses: dict[str, Status] = {"": health_pb2.HealthCheckResponse.SERVING}
-        self._watchers: dict[str, set[Send]] = {}
+        self._watchers: dict[str, set[Callable[[], None]]] = {}
 
     def set(self, service: str, status: Status) -> None:
         with self._lock:
             self._statuses[service] = status
             watchers = list(self._watchers.get(service, ()))
-        for send in watchers:
-            send(health_pb2.HealthCheckResponse(status=status))
+        for wake in watchers:
+            wake()
 
     def get(self, service: str) -> Status | None:
         with self._lock:
             return self._statuses.get(service)
 
-    def watch(self, service: str, send: Send, context: grpc.ServicerContext) -> None:
-        """Send `service`'s status now and on every change until the stream ends."""
-        with self._lock:
-            self._watchers.setdefault(service, set()).add(send)
-            status = self._statuses.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-        if not context.add_callback(lambda: self._forget(service, send)):
-            self._forget(service, send)  # the stream has already ended
-            return
-        send(health_pb2.HealthCheckResponse(status=status))
+    async def watch(self, service: str) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        """`service`'s status now and after every change, until the stream ends."""
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
 
-    def _forget(self, service: str, send: Send) -> None:
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(changed.set)
+
         with self._lock:
-            watchers = self._watchers.get(service)
-            if watchers is not None:
-                watchers.discard(send)
-                if not watchers:
-                    del self._watchers[service]
+            self._watchers.setdefault(service, set()).add(wake)
+        try:
+            sent: Status | None = None
+            while True:
+                changed.clear()
+                status = self.get(service)
+                if status is None:
+                    status = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+                if status != sent:
+                    yield health_pb2.HealthCheckResponse(status=status)
+                    sent = status
+                await changed.wait()
+        finally:
+            with self._lock:
+                watchers = self._watchers.get(service)
+                if watchers is not None:
+                    watchers.discard(wake)
+                    if not watchers:
+                        del self._watchers[service]
 
 
 class GuardedHealth:
@@ -101,29 +107,26 @@ class GuardedHealth:
             settings=("max_health_watches_per_client", "max_health_watches"),
         )
 
-    def check(
-        self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
+    async def check(
+        self, request: health_pb2.HealthCheckRequest, context: Context
     ) -> health_pb2.HealthCheckResponse:
-        self._admit(context, allow_list=False).release()
+        (await self._admit(context, allow_list=False)).release()
         status = self.statuses.get(request.service)
         if status is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=status)
 
-    def watch(
-        self,
-        request: health_pb2.HealthCheckRequest,
-        context: grpc.ServicerContext,
-        send_response_callback: Any,
-    ) -> None:
-        slot = self._admit(context, allow_list=True)
-        # Released when the stream ends, whoever ends it (or now, if it already has).
-        if not context.add_callback(slot.release):
+    async def watch(
+        self, request: health_pb2.HealthCheckRequest, context: Context
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        slot = await self._admit(context, allow_list=True)
+        try:  # a cancelled stream's coroutine is cancelled: the slot is released either way
+            async for response in self.statuses.watch(request.service):
+                yield response
+        finally:
             slot.release()
-            return
-        self.statuses.watch(request.service, send_response_callback, context)
 
-    def _admit(self, context: grpc.ServicerContext, *, allow_list: bool) -> CallSlot:
+    async def _admit(self, context: Context, *, allow_list: bool) -> CallSlot:
         try:
             if self._policy is None:
                 identity = context.peer()
@@ -133,33 +136,20 @@ class GuardedHealth:
                 identity = peer.identity
             return self._limits.admit(identity)
         except AccessDenied as exc:
-            context.abort(grpc.StatusCode[exc.code], str(exc))
+            await context.abort(grpc.StatusCode[exc.code], str(exc))
 
-    def handler(self, pool: futures.ThreadPoolExecutor) -> grpc.GenericRpcHandler:
-        """The service's method handlers: both on `pool`, Watch non-blocking."""
-
-        def check(request: Any, context: grpc.ServicerContext) -> Any:
-            return self.check(request, context)
-
-        def watch(request: Any, context: grpc.ServicerContext, respond: Any = None) -> None:
-            self.watch(request, context, respond)
-
-        # gRPC Python reads how to schedule a handler from attributes of the function.
-        scheduled_check: Any = check
-        scheduled_watch: Any = watch
-        scheduled_check.experimental_thread_pool = pool
-        scheduled_watch.experimental_thread_pool = pool
-        scheduled_watch.experimental_non_blocking = True
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's method handlers, for a grpc.aio server."""
         request = health_pb2.HealthCheckRequest
         reply = health_pb2.HealthCheckResponse
         return grpc.method_handlers_generic_handler(
             SERVICE,
             {
                 "Check": grpc.unary_unary_rpc_method_handler(
-                    check, request.FromString, reply.SerializeToString
+                    self.check, request.FromString, reply.SerializeToString
                 ),
                 "Watch": grpc.unary_stream_rpc_method_handler(
-                    watch, request.FromString, reply.SerializeToString
+                    self.watch, request.FromString, reply.SerializeToString
                 ),
             },
         )

@@ -20,7 +20,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,6 +192,7 @@ class _Phase:
     metrics: list[tuple[int, Mapping[str, float]]] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     overdue_logged: bool = False
+    validating: int = 0  # results being validated now: the phase closes once there are none
     # Plain training: |global| (for max_update_norm_ratio, measured once) and the sum of
     # weight x largest |value| over the accepted updates (what the FedAvg sum can reach).
     global_norm: float | None = None
@@ -222,6 +223,10 @@ class ResultUpload:
         self._release = release  # gives back the disk space reserved for this upload
         self._file: BinaryIO | None = None
         self._assembler: PayloadAssembler | None = None
+        # Chunks are written by the transport's workers while the call may end on the event
+        # loop: closing waits for a write in progress, and nothing is written once closed.
+        self._lock = threading.Lock()
+        self._closed = False
         if header.payload is not None and spool is not None:
             self._assembler = PayloadAssembler(
                 header.payload, self, max_size=max_size, encoding=encoding
@@ -241,10 +246,13 @@ class ResultUpload:
     def add_chunk(self, offset: int, data: bytes) -> None:
         if self._assembler is None:
             raise UpdateRejected("INVALID_ARGUMENT", "this result takes no payload chunks")
-        try:
-            self._assembler.add(offset, data)
-        except PayloadError as exc:
-            raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
+        with self._lock:
+            if self._closed:
+                raise UploadIncomplete("the upload ended before this chunk was stored")
+            try:
+                self._assembler.add(offset, data)
+            except PayloadError as exc:
+                raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
 
     def complete_payload(self) -> None:
         if self._assembler is None:
@@ -263,14 +271,16 @@ class ResultUpload:
 
     def close(self, *, keep: bool) -> None:
         """Close the spool file; unless `keep`, delete it."""
-        if self._file is not None:
-            # A failed flush was reported by complete_payload; the file is dropped anyway.
-            with contextlib.suppress(OSError):
-                self._file.close()
-        if self.spool is not None and not keep:
-            self.spool.unlink(missing_ok=True)
-        self._release()
-        self._release = lambda: None
+        with self._lock:
+            self._closed = True
+            if self._file is not None:
+                # A failed flush was reported by complete_payload; the file is dropped anyway.
+                with contextlib.suppress(OSError):
+                    self._file.close()
+            if self.spool is not None and not keep:
+                self.spool.unlink(missing_ok=True)
+            self._release()
+            self._release = lambda: None
 
 
 def spool_failure(exc: OSError) -> StorageError:
@@ -335,6 +345,9 @@ class _Training:
 
 Evaluator = Callable[[StateDict], tuple[float, float] | None]
 RoundListener = Callable[[RoundRecord], None]
+# Called, from any thread and with the engine's lock held, when a waiting poll may have a task:
+# it must only hand the news on (set an event, schedule a callback), never block.
+Wake = Callable[[], None]
 
 
 @dataclass
@@ -370,6 +383,7 @@ class RoundEngine:
         self._ca_pem = None if config.insecure or config.ca is None else config.ca.read_bytes()
         self._cond = threading.Condition()
         self._sessions: dict[str, _Session] = {}
+        self._waiters: dict[str, list[Wake]] = {}  # polls waiting for a task, by identity
         # Everyone who ever joined this federation (restored from the checkpoint on restart):
         # the population that `below_quorum = "wait"` samples from.
         self._known: set[str] = set()
@@ -381,7 +395,7 @@ class RoundEngine:
         self._bytes_up = 0
         self._spool_reserved = 0  # bytes promised to uploads in flight
         self._storage_logged = -math.inf
-        self._validation_lock = threading.Lock()
+        self._secure_lock = threading.Lock()  # secure aggregation's state takes one at a time
         self._rule = parse_rule(config.aggregation)
         self._accountant: PrivacyAccountant | None = None
         if config.dp_clip_norm is not None:
@@ -456,45 +470,81 @@ class RoundEngine:
     def active(self) -> bool:
         return not (self._stopping or self._shutting_down)
 
-    def next_task(self, identity: str, timeout: float = LONG_POLL_SECONDS) -> TaskOffer:
-        """Block until this client has a task, the federation stops, or `timeout` passes."""
-        deadline = time.monotonic() + timeout
+    def poll_task(self, identity: str, wake: Wake | None = None) -> TaskOffer | None:
+        """This client's task now, or None when it has nothing to do yet. With `wake`, and no
+        task, `wake` is registered to be called (from any thread, once) when this client may have
+        one: a phase it takes part in opened, the run stopped, or its interrupted upload may be
+        retried. Only that client's waiters are woken, never every waiting poll."""
         with self._cond:
             if identity not in self._sessions:
                 raise UpdateRejected("FAILED_PRECONDITION", JOIN_REQUIRED)
-            while True:
-                self._sessions[identity].last_seen = time.monotonic()
-                if self._shutting_down:
-                    raise UpdateRejected(
-                        "UNAVAILABLE", "the coordinator is shutting down; retry after it restarts"
-                    )
-                if self._stopping:
-                    self._told_to_stop.add(identity)
-                    self._cond.notify_all()
-                    return TaskOffer(TaskKind.STOP)
-                phase = self._phase
-                if (
-                    phase is not None
-                    and phase.open
-                    and identity in phase.participants
-                    and identity not in phase.submitted
-                    and identity not in phase.finished
-                ):
-                    if identity in phase.pulled:
-                        log.info("round %d: handing the task to %s again", phase.round, identity)
-                    phase.pulled.add(identity)
-                    return TaskOffer(
-                        kind=phase.kind,
-                        task_id=phase.task_id,
-                        round=phase.round,
-                        seed=self._client_seed(phase.round, identity),
-                        payload=phase.inboxes.get(identity, phase.payload),
-                        secagg=phase.secure.setup if phase.secure else None,
-                    )
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return TaskOffer(TaskKind.WAIT)
-                self._cond.wait(remaining)
+            self._sessions[identity].last_seen = time.monotonic()
+            if self._shutting_down:
+                raise UpdateRejected(
+                    "UNAVAILABLE", "the coordinator is shutting down; retry after it restarts"
+                )
+            if self._stopping:
+                self._told_to_stop.add(identity)
+                self._cond.notify_all()
+                return TaskOffer(TaskKind.STOP)
+            phase = self._phase
+            if (
+                phase is not None
+                and phase.open
+                and identity in phase.participants
+                and identity not in phase.submitted
+                and identity not in phase.finished
+            ):
+                if identity in phase.pulled:
+                    log.info("round %d: handing the task to %s again", phase.round, identity)
+                phase.pulled.add(identity)
+                return TaskOffer(
+                    kind=phase.kind,
+                    task_id=phase.task_id,
+                    round=phase.round,
+                    seed=self._client_seed(phase.round, identity),
+                    payload=phase.inboxes.get(identity, phase.payload),
+                    secagg=phase.secure.setup if phase.secure else None,
+                )
+            if wake is not None:
+                self._waiters.setdefault(identity, []).append(wake)
+            return None
+
+    def cancel_wake(self, identity: str, wake: Wake) -> None:
+        """Forget a `wake` registered by poll_task (the poll ended without being woken)."""
+        with self._cond:
+            waiting = self._waiters.get(identity)
+            if waiting is not None and wake in waiting:
+                waiting.remove(wake)
+                if not waiting:
+                    del self._waiters[identity]
+
+    def next_task(self, identity: str, timeout: float = LONG_POLL_SECONDS) -> TaskOffer:
+        """Block until this client has a task, the federation stops, or `timeout` passes (WAIT).
+        For callers in a thread of their own (in-process drivers, tests); the gRPC servicer
+        waits on `poll_task`'s wake-up without a thread."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ready = threading.Event()
+            wake = ready.set
+            offer = self.poll_task(identity, wake)
+            if offer is not None:
+                return offer
+            woken = ready.wait(max(0.0, deadline - time.monotonic()))
+            self.cancel_wake(identity, wake)
+            if not woken:
+                return TaskOffer(TaskKind.WAIT)
+
+    def _wake(self, identities: Iterable[str] | None = None) -> None:
+        """Call the waiters of `identities` (all when None); with the lock held."""
+        if identities is None:
+            woken = list(self._waiters.values())
+            self._waiters.clear()
+        else:
+            woken = [w for i in identities if (w := self._waiters.pop(i, None)) is not None]
+        for waiting in woken:
+            for wake in waiting:
+                wake()
 
     def open_result(self, identity: str, header: ResultHeader) -> ResultUpload:
         """Check a result header before any payload byte is accepted."""
@@ -619,45 +669,50 @@ class RoundEngine:
 
     def finish_result(self, upload: ResultUpload) -> None:
         """Verify the complete payload and validate it; an accepted update waits on disk until
-        the round is aggregated, a secure-aggregation message is taken in at once."""
+        the round is aggregated, a secure-aggregation message is taken in at once.
+
+        Called from the transport's worker threads: several results are validated at once, with
+        no engine lock held (validation reads a whole mapped update). Only secure aggregation's
+        state, which is not thread-safe, takes its messages one at a time. A phase closes only
+        once no result of it is being validated, so a result is either fully taken in before
+        the phase closes, or refused."""
         phase = upload.phase
         accepted = False
         try:
             upload.complete_payload()
-            # One result at a time: validation reads a whole mapped update, and secure
-            # aggregation's state is not thread-safe. Closing a phase takes this lock too, so a
-            # result is either fully taken in before the phase closes, or refused.
-            with self._validation_lock:
-                if phase.kind is TaskKind.TRAIN:
-                    assert upload.spool is not None
-                    try:
-                        with open_state_file(upload.spool) as state:
-                            check_update(state, self._manifest)
-                            self._check_bounds(phase, state, float(upload.header.num_examples))
-                    except TensorFormatError as exc:
-                        raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
+            with self._cond:
                 if not phase.open:
                     raise UpdateRejected(
                         "DEADLINE_EXCEEDED",
                         f"round {phase.round} closed before the result arrived",
                     )
+                phase.validating += 1
+            try:
+                magnitude = 0.0
+                if phase.kind is TaskKind.TRAIN:
+                    magnitude = self._validate_update(phase, upload)
                 if phase.secure is not None:
                     assert upload.spool is not None
-                    _take_secure_message(
-                        phase.kind, phase.secure, upload.identity, upload.spool, self._ca_pem
-                    )
+                    with self._secure_lock:
+                        _take_secure_message(
+                            phase.kind, phase.secure, upload.identity, upload.spool, self._ca_pem
+                        )
                 with self._cond:
+                    if phase.kind is TaskKind.TRAIN:
+                        assert upload.spool is not None
+                        self._add_magnitude(phase, magnitude)
+                        phase.accepted[upload.identity] = _AcceptedUpdate(
+                            float(upload.header.num_examples), upload.spool
+                        )
                     if phase.secure is None:
                         phase.metrics.append(
                             (upload.header.num_examples, dict(upload.header.metrics))
                         )
-                    if phase.kind is TaskKind.TRAIN:
-                        assert upload.spool is not None
-                        phase.accepted[upload.identity] = _AcceptedUpdate(
-                            float(upload.header.num_examples), upload.spool
-                        )
                     phase.delivered.add(upload.identity)
                     phase.finished.add(upload.identity)
+            finally:
+                with self._cond:
+                    phase.validating -= 1
                     self._cond.notify_all()
             accepted = True
         except UpdateRejected as exc:
@@ -670,18 +725,30 @@ class RoundEngine:
             "accepted %s result from %s (round %d)", phase.kind.value, upload.identity, phase.round
         )
 
-    def _check_bounds(
-        self, phase: _Phase, state: Mapping[str, torch.Tensor], weight: float
-    ) -> None:
-        """An update must stay within max_update_norm_ratio of the global model, and must not be
-        able to push the aggregate out of the finite range (checked whatever the ratio)."""
+    def _validate_update(self, phase: _Phase, upload: ResultUpload) -> float:
+        """Check a training update against the model and max_update_norm_ratio; its weighted
+        magnitude (what it can add to the FedAvg sum)."""
+        assert upload.spool is not None
+        weight = float(upload.header.num_examples)
         ratio = self._config.max_update_norm_ratio
-        if ratio > 0:
-            with open_state_file(phase.payload.path) as global_state:
-                if phase.global_norm is None:
-                    phase.global_norm = model_norm(global_state)
-                check_update_bound(state, global_state, ratio=ratio, global_norm=phase.global_norm)
-        magnitude = weighted_magnitude(state, weight)
+        try:
+            with open_state_file(upload.spool) as state:
+                check_update(state, self._manifest)
+                if ratio > 0:
+                    with open_state_file(phase.payload.path) as global_state:
+                        if phase.global_norm is None:
+                            # Two uploads may both measure it: the same number either way.
+                            phase.global_norm = model_norm(global_state)
+                        check_update_bound(
+                            state, global_state, ratio=ratio, global_norm=phase.global_norm
+                        )
+                return weighted_magnitude(state, weight)
+        except TensorFormatError as exc:
+            raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
+
+    def _add_magnitude(self, phase: _Phase, magnitude: float) -> None:
+        """Refuse an update that could push the aggregate out of the finite range (checked
+        whatever max_update_norm_ratio says); with the lock held."""
         if not phase.weighted_magnitude + magnitude <= SUM_LIMIT:
             raise UpdateRejected(
                 "INVALID_ARGUMENT",
@@ -707,6 +774,7 @@ class RoundEngine:
         with self._cond:
             if upload.identity not in upload.phase.finished:
                 upload.phase.submitted.discard(upload.identity)
+                self._wake([upload.identity])  # it may pull the task again
             self._cond.notify_all()
 
     def reject_participant(self, identity: str, error: UpdateRejected) -> None:
@@ -730,6 +798,7 @@ class RoundEngine:
         """The run is over: every client that pulls is told to stop."""
         with self._cond:
             self._stopping = True
+            self._wake()
             self._cond.notify_all()
 
     # ---- the round loop ---------------------------------------------------------------------
@@ -844,6 +913,7 @@ class RoundEngine:
             if stop.is_set() or storage_failure is not None:
                 with self._cond:
                     self._shutting_down = True
+                    self._wake()
                     self._cond.notify_all()
             else:
                 self.request_stop()
@@ -1124,11 +1194,14 @@ class RoundEngine:
         kind, round_number = phase.kind, phase.round
         with self._cond:
             self._phase = phase
+            self._wake(phase.participants)
             self._cond.notify_all()
             while not stop.is_set() and not self._can_close(phase, deadline):
                 self._cond.wait(0.5)
-        # Closing under the validation lock lets an upload that is being checked finish first.
-        with self._validation_lock, self._cond:
+        # An upload that is being validated finishes first; none starts once the phase closed.
+        with self._cond:
+            while phase.validating:
+                self._cond.wait(0.5)
             phase.open = False
             self._phase = None
         if stop.is_set():

@@ -1,12 +1,16 @@
-"""The gRPC servicer: translates between protobuf messages and the round engine, nothing more."""
+"""The gRPC servicer (grpc.aio): translates between protobuf messages and the round engine,
+nothing more."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
 from typing import Any, NoReturn, TypeAlias
 
 import grpc
@@ -19,7 +23,13 @@ from fedlink.common.wire import JOIN_REQUIRED, SESSION_METADATA_KEY, PayloadInfo
 from fedlink.server.access import AccessPolicy, Sessions
 from fedlink.server.config import ServerConfig
 from fedlink.server.limits import CallSlot, ClientLimits
-from fedlink.server.rounds import ResultHeader, RoundEngine, TaskKind, TaskOffer
+from fedlink.server.rounds import (
+    LONG_POLL_SECONDS,
+    ResultHeader,
+    RoundEngine,
+    TaskKind,
+    TaskOffer,
+)
 from fedlink.v1 import federation_pb2 as pb
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
@@ -53,10 +63,18 @@ _KINDS = {
 
 
 class FederationServicer(pb_grpc.FederationServicer):
-    def __init__(self, engine: RoundEngine, config: ServerConfig, federation_id: str) -> None:
+    """The federation's calls on grpc.aio: a waiting client (a long poll, an idle stream) is a
+    coroutine on the event loop, never a thread. Work that takes CPU or disk time per byte
+    (hashing and spooling chunks, validating a complete result) runs on `work`, a pool sized to
+    the cores, and never holds the engine's lock while it runs."""
+
+    def __init__(
+        self, engine: RoundEngine, config: ServerConfig, federation_id: str, work: Executor
+    ) -> None:
         self._engine = engine
         self._config = config
         self._federation_id = federation_id
+        self._work = work
         # Insecure development mode has no certificates, so nothing for a policy to check.
         self._policy = None if config.insecure else AccessPolicy.from_config(config)
         self._sessions = Sessions()
@@ -80,14 +98,16 @@ class FederationServicer(pb_grpc.FederationServicer):
         --insecure mode)."""
         return self._policy
 
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+    async def Join(
+        self, request: pb.JoinRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.JoinReply:
         if self._config.insecure:
             identity = f"insecure-{secrets.token_hex(4)}"
             token, _ = self._sessions.open(identity, context.peer())
             slot = None
         else:
-            identity = self._verified_identity(context)
-            slot = self._admit(context, identity)
+            identity = await self._verified_identity(context)
+            slot = await self._admit(context, identity)
             token, superseded = self._sessions.open(identity, context.peer())
             if superseded:
                 # The round engine hands a task that was pulled but not delivered to the new
@@ -115,99 +135,127 @@ class FederationServicer(pb_grpc.FederationServicer):
             if slot is not None:
                 slot.release()
 
-    def PullTask(
-        self, request: pb.PullTaskRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.TaskMessage]:
-        identity, slot = self._caller(context)
+    async def PullTask(
+        self, request: pb.PullTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.TaskMessage]:
+        identity, slot = await self._caller(context)
         try:
-            yield from self._task_stream(identity, context)
+            try:
+                offer = await self._next_task(identity)
+            except UpdateRejected as exc:
+                await _abort(context, exc)
+            yield pb.TaskMessage(header=_task_header(offer))
+            if offer.payload is None:
+                return
+            sent = 0
+            try:
+                # Reads of the sealed payload file come from the page cache; each message waits
+                # for the client's flow control, so a slow reader holds one chunk, not the model.
+                for offset, data in offer.payload.chunks(self._config.chunk_size):
+                    yield pb.TaskMessage(chunk=pb.Chunk(offset=offset, data=data))
+                    sent += len(data)
+            finally:
+                self._engine.count_bytes(down=sent)
         finally:
             slot.release()
 
-    def _task_stream(
-        self, identity: str, context: grpc.ServicerContext
-    ) -> Iterator[pb.TaskMessage]:
-        try:
-            offer = self._engine.next_task(identity)
-        except UpdateRejected as exc:
-            _abort(context, exc)
-        yield pb.TaskMessage(header=_task_header(offer))
-        if offer.payload is None:
-            return
-        sent = 0
-        for offset, data in offer.payload.chunks(self._config.chunk_size):
-            if not context.is_active():
-                break
-            yield pb.TaskMessage(chunk=pb.Chunk(offset=offset, data=data))
-            sent += len(data)
-        self._engine.count_bytes(down=sent)
+    async def _next_task(self, identity: str) -> TaskOffer:
+        """The long poll: wait, as a coroutine, until the engine wakes this client or
+        LONG_POLL_SECONDS pass (WAIT: the client polls again)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LONG_POLL_SECONDS
+        while True:
+            ready = asyncio.Event()
+            wake = _waker(loop, ready)
+            offer = self._engine.poll_task(identity, wake)
+            if offer is not None:
+                return offer
+            try:
+                await asyncio.wait_for(ready.wait(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                return TaskOffer(TaskKind.WAIT)
+            finally:
+                self._engine.cancel_wake(identity, wake)
 
-    def PushResult(
-        self, request_iterator: Iterator[pb.ResultMessage], context: grpc.ServicerContext
+    async def PushResult(
+        self,
+        request_iterator: AsyncIterator[pb.ResultMessage],
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.PushResultReply:
-        identity, slot = self._caller(context)
+        identity, slot = await self._caller(context)
         try:
-            return self._receive_result(identity, request_iterator, context)
+            return await self._receive_result(identity, request_iterator, context)
         finally:
             slot.release()
 
-    def _receive_result(
+    async def _receive_result(
         self,
         identity: str,
-        request_iterator: Iterator[pb.ResultMessage],
-        context: grpc.ServicerContext,
+        request_iterator: AsyncIterator[pb.ResultMessage],
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.PushResultReply:
+        loop = asyncio.get_running_loop()
+        messages = aiter(request_iterator)
         try:
-            first = next(request_iterator, None)
+            first = await anext(messages, None)
         except UpdateRejected as exc:  # a malformed message (see RequestParsing)
             self._engine.reject_participant(identity, exc)
-            _abort(context, exc)
+            await _abort(context, exc)
         if first is None or first.WhichOneof("message") != "header":
             error = UpdateRejected("INVALID_ARGUMENT", "the first message must be a ResultHeader")
             self._engine.reject_participant(identity, error)
-            _abort(context, error)
+            await _abort(context, error)
         try:
             upload = self._engine.open_result(identity, _result_header(first.header))
         except (UpdateRejected, StorageError) as exc:
-            _abort(context, exc)
+            await _abort(context, exc)
         received = 0
+        finishing: asyncio.Future[None] | None = None
         try:
-            for message in request_iterator:
+            async for message in messages:
                 if message.WhichOneof("message") != "chunk":
                     raise UpdateRejected("INVALID_ARGUMENT", "only one ResultHeader per upload")
-                upload.add_chunk(message.chunk.offset, message.chunk.data)
-                received += len(message.chunk.data)
-            self._engine.finish_result(upload)
+                chunk = message.chunk
+                await loop.run_in_executor(self._work, upload.add_chunk, chunk.offset, chunk.data)
+                received += len(chunk.data)
+            # Once the whole result is in, it is validated to the end even if the client goes
+            # away meanwhile: the engine may already have accepted it.
+            finishing = loop.run_in_executor(self._work, self._engine.finish_result, upload)
+            await asyncio.shield(finishing)
         except UpdateRejected as exc:
             self._engine.reject_result(upload, exc)
-            _abort(context, exc)
+            await _abort(context, exc)
         except UploadIncomplete as exc:
             self._engine.abandon_result(upload)
-            _abort(context, exc)
+            await _abort(context, exc)
         except StorageError as exc:
             self._engine.defer_result(upload, exc)
-            _abort(context, exc)
+            await _abort(context, exc)
         except BaseException:
-            # The client cancelled or disconnected mid-upload (grpc.RpcError), or worse.
-            self._engine.abandon_result(upload)
+            # The client cancelled or disconnected mid-upload (the call's task is cancelled),
+            # or worse: forget the partial upload (a chunk being written finishes first).
+            if finishing is None:
+                self._engine.abandon_result(upload)
             raise
         finally:
             self._engine.count_bytes(up=received)
         return pb.PushResultReply(accepted=True, message="accepted")
 
-    def Heartbeat(
-        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.HeartbeatReply:
-        identity, slot = self._caller(context)
+        identity, slot = await self._caller(context)
         try:
             if not self._engine.touch(identity):
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, JOIN_REQUIRED)
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, JOIN_REQUIRED)
             return pb.HeartbeatReply(federation_active=self._engine.active)
         finally:
             slot.release()
 
-    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
-        identity, slot = self._caller(context)
+    async def Leave(
+        self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.LeaveReply:
+        identity, slot = await self._caller(context)
         try:
             reason = escape_for_log(request.reason, MAX_LEAVE_REASON) or "no reason given"
             self._engine.leave(identity, reason)
@@ -215,24 +263,24 @@ class FederationServicer(pb_grpc.FederationServicer):
         finally:
             slot.release()
 
-    def _caller(self, context: grpc.ServicerContext) -> tuple[str, CallSlot]:
+    async def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, CallSlot]:
         """Who is calling, checked (access policy, session) and admitted (rate, calls in
         progress). The returned slot must be released when the call ends."""
-        token = dict(context.invocation_metadata()).get(SESSION_METADATA_KEY)
+        token = dict(context.invocation_metadata() or ()).get(SESSION_METADATA_KEY)
         token = token if isinstance(token, str) else None
         if self._config.insecure:
             identity = self._sessions.identity_of(token)
             if identity is None:
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, JOIN_REQUIRED)
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, JOIN_REQUIRED)
         else:
-            identity = self._verified_identity(context)
+            identity = await self._verified_identity(context)
             try:
                 self._sessions.check(identity, token)
             except AccessDenied as exc:
-                self._refuse(context, identity, exc)
-        return identity, self._admit(context, identity)
+                await self._refuse(context, identity, exc)
+        return identity, await self._admit(context, identity)
 
-    def _verified_identity(self, context: grpc.ServicerContext) -> str:
+    async def _verified_identity(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         """The verified client certificate's common name, once the access policy allows it."""
         assert self._policy is not None  # not called in --insecure mode
         try:
@@ -240,26 +288,26 @@ class FederationServicer(pb_grpc.FederationServicer):
         except AccessDenied as exc:
             # Whoever made this certificate can make many under any name: log them all under
             # one key, so they cannot flood the log or grow the refusal table.
-            self._refuse(context, UNIDENTIFIED, exc)
+            await self._refuse(context, UNIDENTIFIED, exc)
         try:
             self._policy.check(peer)
         except AccessDenied as exc:
             # Revoked or expired mid-run: drop it from the current round, which must not wait.
             self._engine.reject_participant(peer.identity, UpdateRejected(exc.code, str(exc)))
-            self._refuse(context, peer.identity, exc)
+            await self._refuse(context, peer.identity, exc)
         return peer.identity
 
-    def _admit(self, context: grpc.ServicerContext, identity: str) -> CallSlot:
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any], identity: str) -> CallSlot:
+        """A call slot, released by the handler's `finally` (a cancelled call's coroutine is
+        cancelled, so that runs too)."""
         try:
-            slot = self._limits.admit(identity)
+            return self._limits.admit(identity)
         except AccessDenied as exc:
-            self._refuse(context, identity, exc)
-        # Released by the handler's `finally`, or here when gRPC ends the call without resuming
-        # the handler (a cancelled stream).
-        context.add_callback(slot.release)
-        return slot
+            await self._refuse(context, identity, exc)
 
-    def _refuse(self, context: grpc.ServicerContext, identity: str, exc: AccessDenied) -> NoReturn:
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext[Any, Any], identity: str, exc: AccessDenied
+    ) -> NoReturn:
         # One log line per identity and kind of refusal per minute: a client hammering the
         # coordinator must not flood its log.
         key = (identity, exc.code)
@@ -267,90 +315,101 @@ class FederationServicer(pb_grpc.FederationServicer):
         if now - self._refusals_logged.get(key, -math.inf) >= REFUSAL_LOG_INTERVAL:
             self._refusals_logged[key] = now
             log.warning("refused %s (%s): %s", identity, context.peer(), exc)
-        context.abort(grpc.StatusCode[exc.code], str(exc))
+        await context.abort(grpc.StatusCode[exc.code], str(exc))
 
 
 # Generic only in the type stubs, so the alias is a string.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-Behavior = Callable[[Any, grpc.ServicerContext], Any]
+Behavior = Callable[..., Any]
 
 
-class RequestParsing(grpc.ServerInterceptor):
+class RequestParsing(grpc.aio.ServerInterceptor):
     """Parse every request message inside the handler instead of in gRPC.
 
-    gRPC Python (1.85) never releases the state of a call whose request fails to deserialize
-    ("Exception deserializing request!"): about 19 KB stays allocated per malformed request, so
-    any client with a certificate could grow the coordinator's memory without bound. With the
-    parsing moved into the handler, a malformed message is answered INVALID_ARGUMENT and the call
-    ends normally. Applies to every service on the server, the health service included (only
-    PushResult takes a request stream; its handler turns a malformed message into a status).
+    gRPC Python (1.85, sync server) never released the state of a call whose request failed to
+    deserialize ("Exception deserializing request!"): about 19 KB stayed allocated per malformed
+    request, so any client with a certificate could grow the coordinator's memory without
+    bound. With the parsing in the handler, a malformed message is answered INVALID_ARGUMENT and
+    the call ends like any other, whatever the server's implementation does. Applies to every
+    service on the server, the health service included (only PushResult takes a request stream;
+    its handler turns a malformed message into a status).
     """
 
-    def intercept_service(
+    async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler | None:
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
         parse = handler.request_deserializer
         serialize = handler.response_serializer
         if handler.request_streaming:
-            stream = handler.stream_stream if handler.response_streaming else handler.stream_unary
-            assert stream is not None
-            parsed_stream = _parsing_stream(stream, parse)
-            if handler.response_streaming:
-                return grpc.stream_stream_rpc_method_handler(
-                    parsed_stream, response_serializer=serialize
-                )
+            assert not handler.response_streaming and handler.stream_unary is not None
             return grpc.stream_unary_rpc_method_handler(
-                parsed_stream, response_serializer=serialize
+                _parsing_stream(handler.stream_unary, parse), response_serializer=serialize
             )
-        unary = handler.unary_stream if handler.response_streaming else handler.unary_unary
-        assert unary is not None
-        parsed_unary = _parsing_unary(unary, parse)
         if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(parsed_unary, response_serializer=serialize)
-        return grpc.unary_unary_rpc_method_handler(parsed_unary, response_serializer=serialize)
+            assert handler.unary_stream is not None
+            return grpc.unary_stream_rpc_method_handler(
+                _parsing_unary_stream(handler.unary_stream, parse), response_serializer=serialize
+            )
+        assert handler.unary_unary is not None
+        return grpc.unary_unary_rpc_method_handler(
+            _parsing_unary(handler.unary_unary, parse), response_serializer=serialize
+        )
 
 
 def _parsing_unary(behavior: Behavior, parse: Callable[[bytes], Any]) -> Behavior:
-    def parsed(raw: bytes, context: grpc.ServicerContext, *respond: Any) -> Any:
-        return behavior(_parse(parse, raw, context), context, *respond)
+    async def parsed(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return await behavior(await _parse(parse, raw, context), context)
 
-    return _scheduled_like(parsed, behavior)
+    return parsed
+
+
+def _parsing_unary_stream(behavior: Behavior, parse: Callable[[bytes], Any]) -> Behavior:
+    async def parsed(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async for reply in behavior(await _parse(parse, raw, context), context):
+            yield reply
+
+    return parsed
 
 
 def _parsing_stream(behavior: Behavior, parse: Callable[[bytes], Any]) -> Behavior:
-    def parsed(raw: Iterator[bytes], context: grpc.ServicerContext) -> Any:
-        return behavior((_parse_streamed(parse, message) for message in raw), context)
+    async def parsed(raw: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return await behavior(_parsed_stream(parse, raw), context)
 
-    return _scheduled_like(parsed, behavior)
-
-
-# gRPC reads these attributes of a handler to decide where it runs: `experimental_non_blocking`
-# (a server stream answered through a callback, holding no thread while it waits; the health
-# service's Watch) and `experimental_thread_pool` (a pool of its own). A wrapper that dropped
-# them put every Watch stream on a pool thread for as long as it stayed open.
-_SCHEDULING = ("experimental_non_blocking", "experimental_thread_pool")
+    return parsed
 
 
-def _scheduled_like(wrapper: Behavior, behavior: Behavior) -> Behavior:
-    for name in _SCHEDULING:
-        if hasattr(behavior, name):
-            setattr(wrapper, name, getattr(behavior, name))
-    return wrapper
+async def _parsed_stream(parse: Callable[[bytes], Any], raw: AsyncIterator[bytes]) -> Any:
+    # A generator function, not an expression: gRPC's request iterator is only started if the
+    # handler reads it (a call refused before that would leave it never awaited).
+    async for message in raw:
+        yield _parse_streamed(parse, message)
+
+
+def _waker(loop: asyncio.AbstractEventLoop, ready: asyncio.Event) -> Callable[[], None]:
+    """A wake-up the engine may call from any thread: sets `ready` on the loop's thread."""
+
+    def wake() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            loop.call_soon_threadsafe(ready.set)
+
+    return wake
 
 
 MALFORMED = "malformed request: not a valid protobuf message"
 
 
-def _parse(parse: Callable[[bytes], Any], raw: bytes, context: grpc.ServicerContext) -> Any:
+async def _parse(
+    parse: Callable[[bytes], Any], raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+) -> Any:
     try:
         return parse(raw)
     except Exception:  # protobuf's DecodeError, or anything else the parser raises
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED)
 
 
 def _parse_streamed(parse: Callable[[bytes], Any], raw: bytes) -> Any:
@@ -362,11 +421,11 @@ def _parse_streamed(parse: Callable[[bytes], Any], raw: bytes) -> Any:
         raise UpdateRejected("INVALID_ARGUMENT", MALFORMED) from None
 
 
-def _abort(
-    context: grpc.ServicerContext,
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any],
     exc: UpdateRejected | UploadIncomplete | AccessDenied | StorageError,
 ) -> NoReturn:
-    context.abort(grpc.StatusCode[exc.code], str(exc))
+    await context.abort(grpc.StatusCode[exc.code], str(exc))
 
 
 def _task_header(offer: TaskOffer) -> pb.TaskHeader:

@@ -20,9 +20,9 @@ import torch
 
 from fedlink.common.pki import init_ca, issue_certificate
 from fedlink.common.tensors import StateDict
-from fedlink.server.app import start_server
 from fedlink.server.config import ServerConfig
 from fedlink.server.rounds import RoundEngine, RunSummary
+from fedlink.server.transport import LoopServer, start_server
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
 
@@ -87,7 +87,7 @@ class Coordinator:
     address: str
     stop: threading.Event
     thread: threading.Thread
-    server: grpc.Server
+    server: LoopServer
     result: dict[str, RunSummary] = field(default_factory=dict)
 
     def stub(self, pki: Pki, name: str) -> pb_grpc.FederationStub:

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from fedlink.common.tensors import StateDict
-from fedlink.server.app import start_server
 from fedlink.server.rounds import RoundEngine
+from fedlink.server.transport import start_server
 
 
 def _health(*arguments: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

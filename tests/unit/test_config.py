@@ -268,7 +268,6 @@ def test_chunk_size_at_bounds_is_accepted(chunk_size: int) -> None:
         "local_epochs",
         "batch_size",
         "max_num_examples",
-        "max_workers",
         "rate_limit_burst",
         "max_calls_per_client",
         "max_concurrent_rpcs",
@@ -303,6 +302,12 @@ def test_min_results_above_min_fit_clients_is_rejected() -> None:
 def test_out_of_range_server_values_are_rejected(overrides: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         _server(**overrides)
+
+
+def test_max_workers_is_automatic_at_zero_and_never_negative() -> None:
+    assert _server().max_workers == 0
+    with pytest.raises(ConfigError, match="max_workers must be 0 .automatic. or positive"):
+        _server(max_workers=-1)
 
 
 @pytest.mark.parametrize(
