@@ -64,6 +64,8 @@ def configure_logging(*, verbose: bool, log_format: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # grpc.aio logs a line at debug level for every call it schedules: --verbose is for fedlink.
+    logging.getLogger("grpc").setLevel(logging.INFO)
 
 
 def escape_for_log(text: str, limit: int) -> str:

@@ -26,6 +26,7 @@ from fedlink.server.limits import CallSlot, ClientLimits
 from fedlink.server.rounds import (
     LONG_POLL_SECONDS,
     ResultHeader,
+    ResultUpload,
     RoundEngine,
     TaskKind,
     TaskOffer,
@@ -210,7 +211,6 @@ class FederationServicer(pb_grpc.FederationServicer):
         except (UpdateRejected, StorageError) as exc:
             await _abort(context, exc)
         received = 0
-        finishing: asyncio.Future[None] | None = None
         try:
             async for message in messages:
                 if message.WhichOneof("message") != "chunk":
@@ -218,10 +218,6 @@ class FederationServicer(pb_grpc.FederationServicer):
                 chunk = message.chunk
                 await loop.run_in_executor(self._work, upload.add_chunk, chunk.offset, chunk.data)
                 received += len(chunk.data)
-            # Once the whole result is in, it is validated to the end even if the client goes
-            # away meanwhile: the engine may already have accepted it.
-            finishing = loop.run_in_executor(self._work, self._engine.finish_result, upload)
-            await asyncio.shield(finishing)
         except UpdateRejected as exc:
             self._engine.reject_result(upload, exc)
             await _abort(context, exc)
@@ -234,12 +230,36 @@ class FederationServicer(pb_grpc.FederationServicer):
         except BaseException:
             # The client cancelled or disconnected mid-upload (the call's task is cancelled),
             # or worse: forget the partial upload (a chunk being written finishes first).
-            if finishing is None:
-                self._engine.abandon_result(upload)
+            self._engine.abandon_result(upload)
             raise
         finally:
             self._engine.count_bytes(up=received)
+        # Shielded: a client that goes away after its last chunk (gRPC may report that as a
+        # complete stream, then cancel the call) still has its result settled with the engine.
+        refusal = await asyncio.shield(loop.run_in_executor(self._work, self._settle, upload))
+        if refusal is not None:
+            await _abort(context, refusal)
         return pb.PushResultReply(accepted=True, message="accepted")
+
+    def _settle(
+        self, upload: ResultUpload
+    ) -> UpdateRejected | UploadIncomplete | StorageError | None:
+        """Finish a complete upload on a worker and tell the engine how it ended; the refusal to
+        report to the client, if any. Runs to the end whatever happens to the call meanwhile."""
+        try:
+            self._engine.finish_result(upload)
+        except UpdateRejected as exc:
+            return exc  # finish_result has recorded the rejection
+        except UploadIncomplete as exc:
+            self._engine.abandon_result(upload)
+            return exc
+        except StorageError as exc:
+            self._engine.defer_result(upload, exc)
+            return exc
+        except BaseException:
+            self._engine.abandon_result(upload)
+            raise
+        return None
 
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
