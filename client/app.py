@@ -155,6 +155,13 @@ class FederationClient:
         self._attack: Attack | None = None
         if config.simulate_attack is not None:  # evaluation only, never a default
             self._attack = parse_attack(config.simulate_attack, config.num_partitions)
+        if config.state_dir is not None:
+            try:
+                config.state_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(
+                    f"--state-dir {config.state_dir} is not usable: {exc.strerror or exc}"
+                ) from None
         self._credentials = client_credentials(config)
         self._channel = open_channel(config, self._credentials)
         self._stub = pb_grpc.FederationStub(self._channel)
@@ -278,7 +285,12 @@ class FederationClient:
         self._check_model(reply)
         self._join = reply
         if self._secure is None or reply.identity != self._secure.identity:
-            self._secure = SecureParticipant(reply.identity, self._credentials, self._floor)
+            signed = None
+            if self._config.state_dir is not None:
+                signed = self._config.state_dir / f"secagg-signed-{reply.identity}.json"
+            self._secure = SecureParticipant(
+                reply.identity, self._credentials, self._floor, signed
+            )
         self._backoff.reset()
         log.info("joined federation %s as %s", reply.federation_id[:8], reply.identity)
 

@@ -101,6 +101,14 @@ class ClientConfig:
             "(0: no floor)"
         ),
     )
+    state_dir: Path | None = field(
+        default=None,
+        metadata=_help(
+            "where this client keeps what must outlive a restart: the secure-aggregation "
+            "sessions it signed, so secagg_max_attempts_per_round holds across restarts (unset: "
+            "in memory only)"
+        ),
+    )
     secagg_max_attempts_per_round: int = field(
         default=1,
         metadata=_help(

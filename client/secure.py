@@ -13,15 +13,22 @@ and the site's own `PrivacyFloor` bounds what any coordinator can ask of it.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from fedlink.common.dp import add_gaussian_noise, clip_update
-from fedlink.common.errors import BelowPrivacyFloor, SecAggError, SecAggRefused
+from fedlink.common.errors import (
+    BelowPrivacyFloor,
+    ConfigError,
+    SecAggError,
+    SecAggRefused,
+    StorageError,
+)
 from fedlink.common.fixedpoint import UpdateLayout, encode_weighted_update
 from fedlink.common.pki import Credentials
 from fedlink.common.secagg import KeyAdvertisement, RingVector, SecAggClient
@@ -43,6 +50,7 @@ from fedlink.common.secagg_wire import (
     unmask_response_to_bytes,
     view_signature_to_bytes,
 )
+from fedlink.common.storage import write_durably
 from fedlink.common.tensors import manifest_of
 from fedlink.v1 import federation_pb2 as pb
 
@@ -53,6 +61,58 @@ SECURE_STEPS = (
     pb.TASK_KIND_SECAGG_CONSISTENCY,
     pb.TASK_KIND_SECAGG_UNMASK,
 )
+
+
+class SignedSessions:
+    """How many secure-aggregation sessions of each round, and of each global model, this client
+    signed the survivors of. The counts by global model are also kept in `path` when given (the
+    client's state_dir), so a restarted client keeps counting: otherwise a coordinator could
+    retry a round after each restart and subtract the sums. (Round numbers start again in every
+    run, so they are counted in memory only; the same global model trained again with the same
+    seed gives the same update, whichever run asks.) The file holds counts only, no keys or
+    updates, for the newest models."""
+
+    KEEP = 256  # entries kept: far more than the rounds a retry could still reach
+
+    def __init__(self, path: Path | None) -> None:
+        self._path = path
+        self._counts: dict[str, int] = {}
+        if path is not None and path.exists():
+            self._counts = _read_counts(path)
+
+    def spent(self, round_number: int, model_digest: bytes) -> int:
+        return max(self._counts.get(key, 0) for key in _keys(round_number, model_digest))
+
+    def record(self, round_number: int, model_digest: bytes) -> None:
+        for key in _keys(round_number, model_digest):
+            self._counts[key] = self._counts.pop(key, 0) + 1  # newest last
+        while len(self._counts) > self.KEEP:
+            del self._counts[next(iter(self._counts))]
+        if self._path is not None:
+            kept = {k: v for k, v in self._counts.items() if k.startswith("model:")}
+            try:
+                write_durably(self._path, json.dumps(kept).encode())
+            except StorageError as exc:
+                # Signing without a record would let a restart reset the count: refuse instead.
+                raise SecAggRefused(f"cannot record this session before signing: {exc}") from None
+
+
+def _keys(round_number: int, model_digest: bytes) -> tuple[str, str]:
+    return f"round:{round_number}", f"model:{model_digest.hex()}"
+
+
+def _read_counts(path: Path) -> dict[str, int]:
+    try:
+        counts = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is unreadable ({exc}); restore it or remove it") from None
+    if not isinstance(counts, dict) or not all(
+        isinstance(k, str) and type(v) is int and v >= 0 for k, v in counts.items()
+    ):
+        raise ConfigError(
+            f"{path} is not a fedlink record of signed sessions; restore it or remove it"
+        )
+    return counts
 
 
 @dataclass(frozen=True)
@@ -166,10 +226,12 @@ class SecureParticipant:
         identity: str,
         credentials: Credentials | None,
         floor: PrivacyFloor = PrivacyFloor(),
+        signed_sessions_file: Path | None = None,
     ) -> None:
         """`credentials` sign this client's keys and view and check its peers' (None:
         --insecure development mode, where nothing is signed or checked, so a malicious
-        coordinator is not defended against)."""
+        coordinator is not defended against). `signed_sessions_file` keeps the count of signed
+        sessions across restarts (None: in memory only)."""
         self.identity = identity
         self._credentials = credentials
         self._floor = floor
@@ -181,14 +243,14 @@ class SecureParticipant:
         self._statement: bytes | None = None  # the view this client signed
         self._attempt: tuple[int, bytes] = (0, b"")  # (round, global model digest)
         # Sessions whose survivor set this client signed, by round number and by model digest.
-        self._contributions: Counter[int | bytes] = Counter()
+        self._signed = SignedSessions(signed_sessions_file)
 
     def admit(self, setup: SessionSetup, round_number: int, model_digest: bytes) -> None:
         """Refuse a session below this site's floor (BelowPrivacyFloor) or one more attempt at
         a round this client already contributed to as often as it allows (SecAggRefused);
         called before training, so a refused session costs nothing."""
         self._floor.check_setup(setup)
-        spent = max(self._contributions[round_number], self._contributions[model_digest])
+        spent = self._signed.spent(round_number, model_digest)
         if spent >= self._floor.max_attempts_per_round:
             raise SecAggRefused(
                 f"this client already signed the survivors of {spent} session(s) of round "
@@ -245,8 +307,9 @@ class SecureParticipant:
             round_number, model_digest = self._attempt
             self.admit(setup, round_number, model_digest)
             self._statement = self._client.agree(request, setup_digest(setup))
-            # From here this session's sum may include this client's input: it counts.
-            self._contributions.update((round_number, model_digest))
+            # From here this session's sum may include this client's input: it counts, on disk
+            # before the signature leaves (a crash in between errs on the side of counting).
+            self._signed.record(round_number, model_digest)
             # --insecure has no certificates: the view's digest stands in, unauthenticated.
             signature = (
                 hashlib.sha256(self._statement).digest()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from fedlink.client.secure import PrivacyFloor, SecureParticipant, encode_update
 from fedlink.common import prg
 from fedlink.common.dp import client_noise_std, secure_value_bound
-from fedlink.common.errors import BelowPrivacyFloor, SecAggRefused
+from fedlink.common.errors import BelowPrivacyFloor, ConfigError, SecAggRefused
 from fedlink.common.fixedpoint import FixedPoint, UpdateLayout
 from fedlink.common.pki import load_credentials
 from fedlink.common.secagg import (
@@ -283,6 +284,34 @@ def test_a_retried_round_gets_no_second_masked_input_to_subtract(pki: Any) -> No
     with pytest.raises(SecAggRefused, match="already signed the survivors of 1 session"):
         victim.advertise(second, again, 2, MODEL)  # renumbered, same model
     victim.advertise(second, again, 2, b"next-global-model")  # the next round is fine
+
+
+def test_a_restarted_client_still_refuses_a_second_attempt_at_the_same_model(
+    pki: Any, tmp_path: Path
+) -> None:
+    # The count of signed sessions outlives the process when the site has a state_dir: a
+    # coordinator cannot get a second signed attempt at the same global model by waiting for
+    # (or provoking) a client restart. Without one the count is in memory only.
+    names = [f"site-{i}" for i in range(3)]
+    record = tmp_path / "secagg-signed-site-0.json"
+    cheat = Cheat(pki, names)
+    credentials = load_credentials(*pki.client("site-0"), role="client")
+    cheat.clients["site-0"] = SecureParticipant("site-0", credentials, PrivacyFloor(), record)
+    setups = dict.fromkeys(names, _setup("attempt-1", 2, 3))
+    cheat.advertise(setups, _vectors(setups))
+    cheat.share_keys()
+    cheat.masked_input()
+    cheat.consistency(dict.fromkeys(names, UnmaskRequest(tuple(names), ())))
+    assert MODEL.hex() in record.read_text()
+    second = _setup("attempt-2", 2, 3)
+    restarted = SecureParticipant("site-0", credentials, PrivacyFloor(), record)
+    with pytest.raises(SecAggRefused, match="already signed the survivors of 1 session"):
+        restarted.admit(second, 1, MODEL)
+    restarted.admit(second, 1, b"next-global-model")
+    SecureParticipant("site-0", credentials).admit(second, 1, MODEL)  # no state_dir: forgotten
+    record.write_text('{"model:00": "many"}')
+    with pytest.raises(ConfigError, match="not a fedlink record of signed sessions"):
+        SecureParticipant("site-0", credentials, PrivacyFloor(), record)
 
 
 def test_with_dp_every_attempt_carries_fresh_noise(pki: Any) -> None:
