@@ -11,6 +11,8 @@ from fedlink.common.tasks.base import TaskModule
 
 BUILTIN_TASKS = {
     "digits": "fedlink.common.tasks.digits",
+    "diabetes": "fedlink.common.tasks.diabetes",
+    "fashion-mnist": "fedlink.common.tasks.fashion_mnist",
     "mnist": "fedlink.common.tasks.mnist",
     "cifar10": "fedlink.common.tasks.cifar10",
     "cifar10-resnet18": "fedlink.common.tasks.cifar10_resnet18",

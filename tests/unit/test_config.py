@@ -374,7 +374,7 @@ def test_rate_limit_must_be_a_positive_number(rate: str) -> None:
 
 def test_task_config_sends_training_hyperparameters_as_strings() -> None:
     config = _server(local_epochs=2, batch_size=16, learning_rate=0.1, momentum=0.0)
-    assert config.task_config() == {
+    assert config.hyperparameters() == {
         "local_epochs": "2",
         "batch_size": "16",
         "learning_rate": "0.1",
@@ -501,12 +501,12 @@ def test_bad_dpsgd_settings_are_refused(overrides: dict[str, Any], message: str)
 
 
 def test_dpsgd_settings_reach_the_clients_only_when_dpsgd_is_on() -> None:
-    assert not any(key.startswith("dpsgd") for key in _server().task_config())
+    assert not any(key.startswith("dpsgd") for key in _server().hyperparameters())
     config = load_config(
         ServerConfig,
         environ={**DEV, "FEDLINK_DPSGD_NOISE_MULTIPLIER": "1.1", "FEDLINK_DPSGD_DELTA": "1e-6"},
     )
-    sent = config.task_config()
+    sent = config.hyperparameters()
     assert (sent["dpsgd_noise_multiplier"], sent["dpsgd_max_grad_norm"]) == ("1.1", "1.0")
     assert sent["dpsgd_delta"] == "1e-06"
 
