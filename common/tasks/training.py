@@ -30,7 +30,6 @@ from fedlink.common.tasks.base import (
     TrainResult,
 )
 
-
 # A batch's mean loss from the model's outputs and the labels.
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
