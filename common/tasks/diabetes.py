@@ -42,8 +42,9 @@ DATA_FILE = "diabetes.npz"
 TARGET_MEAN, TARGET_STD = 152.133, 77.006
 _SPLIT_SEED = 0  # fixed: every client and the coordinator must agree on the test split
 # R² is 1 - MSE / Var(y): a ratio, not a mean, so averaging the clients' own R² would be wrong.
-# It is computed from the averaged MSE and target moments instead (`aggregate_metrics`).
-NOT_AVERAGED = ("r2",)
+# It is computed from the averaged MSE and target moments instead (`aggregate_metrics`); the
+# moments are statistics, not results, and stay out of metrics.jsonl.
+NOT_AVERAGED = ("r2", "target_mean", "target_square_mean")
 
 
 class DiabetesMLP(nn.Module):
