@@ -72,7 +72,7 @@ def test_the_task_settings_of_a_header_reach_the_train_config() -> None:
 def test_hostile_task_settings_in_a_header_are_refused() -> None:
     empty = pb.TaskHeader()
     empty.task_config["nothing"].CopyFrom(pb.SettingValue())
-    with pytest.raises(FatalClientError, match="invalid task settings: .*'nothing' has no value"):
+    with pytest.raises(FatalClientError, match=r"invalid task settings: .*'nothing' has no value"):
         task_settings_from(empty)
     flood = pb.TaskHeader()
     for i in range(65):
@@ -85,7 +85,7 @@ def test_hostile_task_settings_in_a_header_are_refused() -> None:
         task_settings_from(long)
     odd_name = pb.TaskHeader()
     odd_name.task_config["../x"].integer = 1
-    with pytest.raises(FatalClientError, match="name '../x'"):
+    with pytest.raises(FatalClientError, match=r"name '\.\./x'"):
         task_settings_from(odd_name)
     infinite = pb.TaskHeader()
     infinite.task_config["x"].number = float("inf")
