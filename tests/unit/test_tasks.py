@@ -234,6 +234,8 @@ def test_mnist_reads_a_local_copy_from_data_dir(tmp_path: Path) -> None:
     assert len(set(data.train.labels.tolist())) == 2
     assert data.test is None  # 8 examples: too few to hold out a local test split
     assert mnist.build_model()(features.unsqueeze(0)).shape == (1, 10)
+    # The coordinator's test set from its test_data_dir (the first contract's call still works).
+    assert size(load_test_set(mnist, tmp_path)) == 10  # type: ignore[arg-type]
 
 
 @pytest.fixture
