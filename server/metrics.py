@@ -17,7 +17,7 @@ from fnmatch import fnmatchcase
 
 from fedlink.common.errors import TaskError
 from fedlink.common.tasks.base import TaskModule
-from fedlink.common.tasks.contract import check_metric_values
+from fedlink.common.tasks.contract import MAX_METRICS, check_metric_values
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,16 @@ class MetricAggregator:
                 if self._averaged(name):
                     total, count = totals.get(name, (0.0, 0))
                     totals[name] = (total + num_examples * value, count + num_examples)
+        if len(totals) > MAX_METRICS:
+            # Each result is bounded, but clients could each name different metrics: keep those
+            # that cover the most examples, so metrics.jsonl and the plot stay bounded.
+            kept = sorted(totals, key=lambda name: (-totals[name][1], name))[:MAX_METRICS]
+            log.warning(
+                "clients reported %d different metrics; keeping the %d most widely reported",
+                len(totals),
+                MAX_METRICS,
+            )
+            totals = {name: totals[name] for name in kept}
         combined = {name: total / count for name, (total, count) in totals.items() if count > 0}
         if self._custom is not None and results:
             combined.update(self._run_custom(results))

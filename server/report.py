@@ -111,6 +111,10 @@ PLOT_PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
 )
 
 
+# Panels for the task's own metrics, in the order first reported; the rest stay in metrics.jsonl.
+MAX_TASK_PANELS = 12
+
+
 def metric_panels(
     records: Sequence[Mapping[str, Any]],
 ) -> list[tuple[str, list[tuple[str, list[tuple[int, float]]]]]]:
@@ -124,7 +128,7 @@ def metric_panels(
         for group in ("test_metrics", "federated_metrics")
         for name in r.get(group) or {}
     )
-    for name in names:
+    for name in list(names)[:MAX_TASK_PANELS]:
         panels.append(
             (
                 name,

@@ -95,17 +95,22 @@ def named_metrics(result: EvalResult) -> dict[str, float]:
     return check_metric_values(metrics, "evaluate()")
 
 
+def is_metric_name(name: object) -> bool:
+    """A short plain name: it becomes a metrics.jsonl key, a table cell and a tracker tag."""
+    return (
+        isinstance(name, str)
+        and len(name) <= MAX_METRIC_NAME_CHARS
+        and _METRIC_NAME.fullmatch(name) is not None
+    )
+
+
 def check_metric_values(metrics: Mapping[str, Any], source: str) -> dict[str, float]:
     """`metrics` as finite floats, or a TaskError saying which of `source`'s metrics is wrong."""
     if len(metrics) > MAX_METRICS:
         raise TaskError(f"{source} reports {len(metrics)} metrics; at most {MAX_METRICS}")
     checked: dict[str, float] = {}
     for name, value in metrics.items():
-        if (
-            not isinstance(name, str)
-            or len(name) > MAX_METRIC_NAME_CHARS
-            or not _METRIC_NAME.fullmatch(name)
-        ):
+        if not is_metric_name(name):
             raise TaskError(
                 f"{source}: metric name {name!r} must be a letter or _ followed by letters, "
                 f"digits, _ . or -, at most {MAX_METRIC_NAME_CHARS} characters"

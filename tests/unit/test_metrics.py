@@ -54,6 +54,13 @@ def test_a_task_declaring_its_aggregation_wrongly_is_told_so() -> None:
         MetricAggregator.for_task(Task())  # type: ignore[arg-type]
 
 
+def test_clients_naming_many_different_metrics_cannot_grow_the_results_without_bound() -> None:
+    results = [(1, {f"c{client}.m{i}": 1.0 for i in range(60)}) for client in range(10)]
+    results.append((100, {"loss": 0.5}))
+    combined = MetricAggregator()(results)
+    assert len(combined) == 64 and combined["loss"] == 0.5  # the most widely reported kept
+
+
 def test_loss_and_accuracy_are_kept_out_of_the_other_metrics() -> None:
     assert other_metrics({"loss": 1.0, "accuracy": 0.5, "r2": 0.3}) == {"r2": 0.3}
 
