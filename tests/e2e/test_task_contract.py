@@ -67,9 +67,9 @@ def test_a_regression_federation_reports_mse_mae_and_r2(pki: Any, tmp_path: Path
         "diabetes",
         clients=2,
         num_rounds=4,
-        local_epochs=5,
+        local_epochs=2,
         optimizer="adam",
-        learning_rate=0.01,
+        learning_rate=0.002,
         weight_decay=0.0001,
     )
     assert [r["round"] for r in records] == [1, 2, 3, 4]
