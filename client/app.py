@@ -42,8 +42,15 @@ from fedlink.common.errors import (
     TaskError,
 )
 from fedlink.common.secagg_wire import setup_from_proto
+from fedlink.common.task_settings import (
+    NO_SETTINGS,
+    TaskSettings,
+    TaskSettingsError,
+    settings_from_proto,
+)
 from fedlink.common.tasks import load_task
 from fedlink.common.tasks.base import (
+    OPTIMIZERS,
     ClientData,
     DataRequest,
     DPSGDConfig,
@@ -51,6 +58,7 @@ from fedlink.common.tasks.base import (
     TrainConfig,
     TrainResult,
 )
+from fedlink.common.tasks.contract import evaluate
 from fedlink.common.tasks.training import check_dpsgd_model
 from fedlink.common.tensors import (
     first_difference,
@@ -107,8 +115,11 @@ def pick_device(choice: str) -> torch.device:
     return device
 
 
-def train_config_from(task_config: Mapping[str, str], seed: int) -> TrainConfig:
-    """The coordinator's hyper-parameters, checked: a hostile coordinator gets a clear error."""
+def train_config_from(
+    task_config: Mapping[str, str], seed: int, settings: TaskSettings = NO_SETTINGS
+) -> TrainConfig:
+    """The coordinator's hyper-parameters (and the task's own `settings`, already checked),
+    checked: a hostile coordinator gets a clear error."""
     try:
         dpsgd = None
         if "dpsgd_noise_multiplier" in task_config:  # record-level DP-SGD; DPSGDConfig checks
@@ -122,8 +133,11 @@ def train_config_from(task_config: Mapping[str, str], seed: int) -> TrainConfig:
             batch_size=int(task_config.get("batch_size", "32")),
             learning_rate=float(task_config.get("learning_rate", "0.01")),
             momentum=float(task_config.get("momentum", "0.9")),
+            weight_decay=float(task_config.get("weight_decay", "0.0")),
+            optimizer=task_config.get("optimizer", "sgd"),
             seed=seed,
             dpsgd=dpsgd,
+            task_config=settings,
         )
     except ValueError as exc:
         raise FatalClientError(f"coordinator sent malformed training settings: {exc}") from None
@@ -133,7 +147,21 @@ def train_config_from(task_config: Mapping[str, str], seed: int) -> TrainConfig:
         raise FatalClientError(f"coordinator sent out-of-range training settings: {config}")
     if not all(math.isfinite(v) for v in (config.learning_rate, config.momentum)):
         raise FatalClientError("coordinator sent non-finite training settings")
+    if not 0 <= config.weight_decay <= 1 or config.optimizer not in OPTIMIZERS:
+        raise FatalClientError(
+            f"coordinator sent out-of-range training settings: weight_decay "
+            f"{config.weight_decay} (0 to 1), optimizer {config.optimizer!r} "
+            f"({', '.join(OPTIMIZERS)})"
+        )
     return config
+
+
+def task_settings_from(header: pb.TaskHeader) -> TaskSettings:
+    """The task's settings a header carries, checked (plain bounded values, never code)."""
+    try:
+        return settings_from_proto(header.task_config)
+    except TaskSettingsError as exc:
+        raise FatalClientError(f"coordinator sent invalid task settings: {exc}") from None
 
 
 class FederationClient:
@@ -288,9 +316,7 @@ class FederationClient:
             signed = None
             if self._config.state_dir is not None:
                 signed = self._config.state_dir / f"secagg-signed-{reply.identity}.json"
-            self._secure = SecureParticipant(
-                reply.identity, self._credentials, self._floor, signed
-            )
+            self._secure = SecureParticipant(reply.identity, self._credentials, self._floor, signed)
         self._backoff.reset()
         log.info("joined federation %s as %s", reply.federation_id[:8], reply.identity)
 
@@ -376,7 +402,9 @@ class FederationClient:
         """Train the loaded global model on the local data; the result and the metrics a
         plaintext result reports (the loss and, with DP-SGD, the epsilon spent so far)."""
         assert self._join is not None
-        config = train_config_from(self._join.task_config, seed=header.seed)
+        config = train_config_from(
+            self._join.task_config, seed=header.seed, settings=task_settings_from(header)
+        )
         torch.manual_seed(header.seed)
         if self._attack is None:
             result = self._task.train(self._model, self._data, config, self._device)
@@ -488,9 +516,10 @@ class FederationClient:
 
     def _evaluate(self, header: pb.TaskHeader) -> None:
         dataset = self._data.test if self._data.test is not None else self._data.train
-        result = self._task.evaluate(self._model, dataset, self._device)
-        metrics = {"loss": result.loss, "accuracy": result.accuracy}
-        self._push(header, result.num_examples, metrics, None)
+        result = evaluate(
+            self._task, self._model, dataset, self._device, task_settings_from(header)
+        )
+        self._push(header, result.num_examples, result.metrics, None)
 
     def _push(
         self,

@@ -15,6 +15,7 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from fedlink.common.errors import ConfigError
@@ -97,6 +98,14 @@ def _read_toml(path: Path, names: set[str]) -> dict[str, Any]:
     return data
 
 
+def _inline_table(text: str) -> dict[str, Any]:
+    """`a = 1, b = "x"` (a TOML inline table without its braces) as a dict."""
+    try:
+        return dict(tomllib.loads(f"table = {{{text}}}")["table"])
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f'expected name = value pairs such as a = 1, b = "x": {exc}') from None
+
+
 def _base_type(hint: Any) -> Any:
     """`X | None` -> X; anything else unchanged."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -135,6 +144,13 @@ def _convert(name: str, value: Any, hint: Any) -> Any:
             if not isinstance(value, str):
                 raise ValueError(f"expected a string, got {value!r}")
             return value
+        if typing.get_origin(base) is Mapping:
+            # A TOML table; from a flag or variable, the inside of an inline table:
+            # --task-config 'mu = 0.01, mode = "fast"'. The config class checks the values.
+            table = _inline_table(value) if isinstance(value, str) else value
+            if not isinstance(table, Mapping):
+                raise ValueError(f"expected a table of name = value, got {value!r}")
+            return MappingProxyType(dict(table))
         if typing.get_origin(base) is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(item).strip() for item in items if str(item).strip())

@@ -17,11 +17,13 @@ from fedlink.common.errors import ConfigError
 from fedlink.common.storage import publish_file
 from fedlink.common.tasks import load_task
 from fedlink.common.tasks.base import TaskModule
+from fedlink.common.tasks.contract import evaluate, load_test_set
 from fedlink.common.tensors import StateDict
 from fedlink.common.threads import size_torch_threads
 from fedlink.server.checkpoints import CheckpointStore, check_resumable, run_identity
 from fedlink.server.config import ServerConfig
 from fedlink.server.memory import start_memory_trim
+from fedlink.server.metrics import MetricAggregator
 from fedlink.server.monitoring import MetricsEndpoint
 from fedlink.server.report import MetricsLog, plot_metrics, read_metrics, table_header, table_row
 from fedlink.server.rounds import Evaluator, RoundEngine, RoundRecord
@@ -70,7 +72,8 @@ def _coordinate(config: ServerConfig) -> int:
     torch.manual_seed(config.seed)
     model = task.build_model()
     initial_state = model.state_dict()
-    evaluate_centrally = _central_evaluator(task, model)
+    aggregate_evaluation = MetricAggregator.for_task(task)
+    evaluate_centrally = _central_evaluator(config, task, model, aggregate_evaluation)
     if evaluate_centrally is None:
         del model  # nothing to evaluate on: hold only the serialized global model
     config.run_dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +96,7 @@ def _coordinate(config: ServerConfig) -> int:
         evaluate_centrally=evaluate_centrally,
         on_round=on_round,
         resume_from=checkpoint,
+        aggregate_evaluation=aggregate_evaluation,
     )
     del initial_state
     endpoint = (
@@ -162,19 +166,25 @@ def _coordinate(config: ServerConfig) -> int:
     return 0
 
 
-def _central_evaluator(task: TaskModule, model: torch.nn.Module) -> Evaluator | None:
-    """Evaluation of each new global model on the task's centralized test set, if it has one."""
-    test_set = task.load_test_data()
+def _central_evaluator(
+    config: ServerConfig,
+    task: TaskModule,
+    model: torch.nn.Module,
+    aggregate: MetricAggregator,
+) -> Evaluator | None:
+    """Evaluation of each new global model on the task's centralized test set, if it has one;
+    its metrics are combined like one client's, so they mean what the federated ones mean."""
+    test_set = load_test_set(task, config.test_data_dir)
     if test_set is None:
         return None
     device = torch.device("cpu")
 
-    def evaluate(state: StateDict) -> tuple[float, float]:
+    def evaluate_centrally(state: StateDict) -> dict[str, float]:
         model.load_state_dict(state)
-        result = task.evaluate(model, test_set, device)
-        return result.loss, result.accuracy
+        result = evaluate(task, model, test_set, device, config.task_config)
+        return aggregate([(result.num_examples, result.metrics)])
 
-    return evaluate
+    return evaluate_centrally
 
 
 def _install_signal_handlers(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,13 @@ from fedlink.common.errors import ConfigError, PKIError
 from fedlink.common.fixedpoint import RING_BITS
 from fedlink.common.logs import check_log_format
 from fedlink.common.pki import validate_name
+from fedlink.common.task_settings import (
+    NO_SETTINGS,
+    SettingValue,
+    TaskSettingsError,
+    check_task_settings,
+)
+from fedlink.common.tasks.base import OPTIMIZERS
 from fedlink.common.wire import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from fedlink.server.robust import AggregationRule, FedAvg, parse_rule
 
@@ -76,9 +84,31 @@ class ServerConfig:
     local_epochs: int = field(default=1, metadata=_help("local epochs per round (sent to clients)"))
     batch_size: int = field(default=32, metadata=_help("local batch size (sent to clients)"))
     learning_rate: float = field(
-        default=0.01, metadata=_help("local SGD learning rate (sent to clients)")
+        default=0.01, metadata=_help("local learning rate (sent to clients)")
     )
-    momentum: float = field(default=0.9, metadata=_help("local SGD momentum (sent to clients)"))
+    momentum: float = field(
+        default=0.9, metadata=_help("local SGD momentum (sent to clients; sgd only)")
+    )
+    weight_decay: float = field(
+        default=0.0, metadata=_help("local L2 weight decay (sent to clients)")
+    )
+    optimizer: str = field(
+        default="sgd", metadata=_help("local optimizer: sgd, adam or adamw (sent to clients)")
+    )
+    task_config: Mapping[str, SettingValue] = field(
+        default_factory=lambda: NO_SETTINGS,
+        metadata=_help(
+            "task-specific settings sent to the task's train and evaluate on every client: a "
+            "TOML table of strings, integers, numbers and booleans (docs/tasks.md)"
+        ),
+    )
+    test_data_dir: Path | None = field(
+        default=None,
+        metadata=_help(
+            "where the coordinator's centralized test set is read from (the task's "
+            "load_test_data(data_dir)); unset = the task's default source"
+        ),
+    )
     max_update_norm_ratio: float = field(
         default=100.0,
         metadata=_help(
@@ -326,6 +356,17 @@ class ServerConfig:
             )
         if not self.learning_rate > 0 or not 0.0 <= self.momentum < 1.0:
             raise ConfigError("learning_rate must be > 0 and momentum in [0, 1)")
+        if not (math.isfinite(self.weight_decay) and 0.0 <= self.weight_decay <= 1.0):
+            raise ConfigError(f"weight_decay must be in [0, 1], got {self.weight_decay}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
+        try:
+            # Frozen: the checked, read-only copy replaces what the TOML gave.
+            object.__setattr__(self, "task_config", check_task_settings(self.task_config))
+        except TaskSettingsError as exc:
+            raise ConfigError(str(exc)) from None
         if self.evaluate_every < 0 or self.max_round_retries < 0:
             raise ConfigError("evaluate_every and max_round_retries must be >= 0")
         if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
@@ -438,13 +479,16 @@ class ServerConfig:
         if not 0 < self.dpsgd_delta < 1:
             raise ConfigError(f"dpsgd_delta must be in (0, 1), got {self.dpsgd_delta}")
 
-    def task_config(self) -> dict[str, str]:
-        """The training hyper-parameters every client receives when it joins."""
+    def hyperparameters(self) -> dict[str, str]:
+        """The training hyper-parameters every client receives when it joins (the task's own
+        settings, `task_config`, travel in every task header instead)."""
         config = {
             "local_epochs": str(self.local_epochs),
             "batch_size": str(self.batch_size),
             "learning_rate": repr(self.learning_rate),
             "momentum": repr(self.momentum),
+            "weight_decay": repr(self.weight_decay),
+            "optimizer": self.optimizer,
         }
         if self.dpsgd_noise_multiplier is not None:
             config.update(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ TABLE_COLUMNS = (
     "seconds",
     "MB moved",
     "epsilon",
+    "metrics",  # the task's other metrics (test set; federated when there is none)
 )
 
 
@@ -81,7 +83,13 @@ def table_row(record: Mapping[str, Any]) -> str:
         f"{moved:.2f}",
         number(record.get("epsilon"), ".3f"),  # DP only; rows written before DP existed lack it
     )
-    return "  ".join(f"{c:>9}" for c in cells)
+    return "  ".join([*(f"{c:>9}" for c in cells), _other_metrics(record)]).rstrip()
+
+
+def _other_metrics(record: Mapping[str, Any]) -> str:
+    """`name=value` for each of the task's other metrics; centralized ones, else federated."""
+    metrics = record.get("test_metrics") or record.get("federated_metrics") or {}
+    return " ".join(f"{name}={value:.4g}" for name, value in metrics.items())
 
 
 def format_table(records: Iterable[Mapping[str, Any]]) -> str:
@@ -103,28 +111,70 @@ PLOT_PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
 )
 
 
+# Panels for the task's own metrics, in the order first reported; the rest stay in metrics.jsonl.
+MAX_TASK_PANELS = 12
+
+
+def metric_panels(
+    records: Sequence[Mapping[str, Any]],
+) -> list[tuple[str, list[tuple[str, list[tuple[int, float]]]]]]:
+    """(title, [(label, [(round, value)])]) for each panel of the plot: accuracy, loss and
+    privacy, then one per metric of the task's own (test_metrics, federated_metrics). A panel
+    whose metrics the run never reported is left out."""
+    panels: list[tuple[str, tuple[tuple[str, str], ...]]] = list(PLOT_PANELS)
+    names = dict.fromkeys(
+        name
+        for r in records
+        for group in ("test_metrics", "federated_metrics")
+        for name in r.get(group) or {}
+    )
+    for name in list(names)[:MAX_TASK_PANELS]:
+        panels.append(
+            (
+                name,
+                (
+                    (f"test_metrics.{name}", "centralized test"),
+                    (f"federated_metrics.{name}", "federated eval"),
+                ),
+            )
+        )
+    drawn = []
+    for title, series in panels:
+        lines = []
+        for key, label in series:
+            points = [(r["round"], value) for r in records if (value := _field(r, key)) is not None]
+            if points:
+                lines.append((label, points))
+        if lines:
+            drawn.append((title, lines))
+    return drawn
+
+
+def _field(record: Mapping[str, Any], key: str) -> float | None:
+    """`record[key]`, or `record[group][name]` for a key `group.name`."""
+    group, _, name = key.partition(".")
+    value = (record.get(group) or {}).get(name) if name else record.get(key)
+    return value if isinstance(value, int | float) else None
+
+
 def plot_metrics(records: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Every metric the run reported, one panel per kind (accuracy, loss, privacy), as a PNG.
-    A panel whose metrics the run never reported is left out."""
+    """Every metric the run reported as a PNG: a panel per kind (accuracy, loss, privacy) and
+    one per metric of the task's own, four panels to a row."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and in containers
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    panels = []
-    for title, series in PLOT_PANELS:
-        lines = []
-        for key, label in series:
-            points = [(r["round"], r[key]) for r in records if r.get(key) is not None]
-            if points:
-                lines.append((label, points))
-        if lines:
-            panels.append((title, lines))
+    panels = metric_panels(records)
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (title, lines) in zip(axes[0], panels, strict=True):
+    columns = min(len(panels), 4)
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (title, lines) in zip(axes.flat, panels, strict=False):
         for label, points in lines:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=label)
         ax.set_xlabel("round")

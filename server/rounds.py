@@ -75,6 +75,7 @@ from fedlink.common.wire import (
 from fedlink.server.aggregation import SUM_LIMIT, StreamingFedAvg, weighted_magnitude
 from fedlink.server.checkpoints import Checkpoint, CheckpointStore, run_identity
 from fedlink.server.config import ServerConfig
+from fedlink.server.metrics import MetricAggregator, other_metrics
 from fedlink.server.monitoring import CoordinatorMetrics
 from fedlink.server.privacy import ROUND_SAMPLE_RATE, DPFedAvg
 from fedlink.server.robust import FedAvg, parse_rule
@@ -314,6 +315,9 @@ class RoundRecord:
     # Record-level DP-SGD: the largest epsilon this round's clients reported (plaintext rounds
     # only: under secure aggregation clients send no metrics, and log it instead).
     dpsgd_epsilon: float | None = None
+    # The task's other evaluation metrics by name (MSE, AUROC...; server/metrics.py).
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    federated_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -343,7 +347,7 @@ class _Training:
     metrics: list[tuple[int, Mapping[str, float]]]
 
 
-Evaluator = Callable[[StateDict], tuple[float, float] | None]
+Evaluator = Callable[[StateDict], Mapping[str, float]]
 RoundListener = Callable[[RoundRecord], None]
 # Called, from any thread and with the engine's lock held, when a waiting poll may have a task:
 # it must only hand the news on (set an event, schedule a callback), never block.
@@ -364,10 +368,12 @@ class RoundEngine:
         evaluate_centrally: Evaluator | None = None,
         on_round: RoundListener | None = None,
         resume_from: Checkpoint | None = None,
+        aggregate_evaluation: MetricAggregator | None = None,
     ) -> None:
         self._config = config
         self._manifest: Manifest = manifest_of(initial_state)
         self._evaluate_centrally = evaluate_centrally
+        self._aggregate_evaluation = aggregate_evaluation or MetricAggregator()
         self._on_round = on_round
         self.metrics = CoordinatorMetrics()
         self.metrics.count_clients_with(lambda: len(self._alive_clients()))
@@ -861,9 +867,9 @@ class RoundEngine:
                 global_file = self._write_global(state, round_number)
                 with self._cond:
                     self._global = global_file
-                central = self._evaluate_centrally(state) if self._evaluate_centrally else None
+                central = self._evaluate_centrally(state) if self._evaluate_centrally else {}
                 del state  # the serialized global model is the only copy kept between rounds
-                federated: tuple[float, float] | None = None
+                federated: Mapping[str, float] = {}
                 if cfg.evaluate_every and round_number % cfg.evaluate_every == 0:
                     evaluation = self._run_phase(
                         self._new_phase(TaskKind.EVALUATE, round_number, sampled),
@@ -872,22 +878,24 @@ class RoundEngine:
                     )
                     if evaluation is None:
                         break
-                    federated = _weighted_eval(evaluation.metrics)
+                    federated = self._aggregate_evaluation(evaluation.metrics)
                 record = RoundRecord(
                     round=round_number,
                     clients_sampled=len(sampled),
                     clients_accepted=train.accepted,
                     rejected=dict(train.rejected),
                     train_loss=_weighted_mean(train.metrics, "loss"),
-                    test_loss=central[0] if central else None,
-                    test_accuracy=central[1] if central else None,
-                    federated_loss=federated[0] if federated else None,
-                    federated_accuracy=federated[1] if federated else None,
+                    test_loss=central.get("loss"),
+                    test_accuracy=central.get("accuracy"),
+                    federated_loss=federated.get("loss"),
+                    federated_accuracy=federated.get("accuracy"),
                     seconds=time.monotonic() - started,
                     bytes_down=self._bytes_down,
                     bytes_up=self._bytes_up,
                     epsilon=epsilon,
                     dpsgd_epsilon=_largest(train.metrics, "dpsgd_epsilon"),
+                    test_metrics=other_metrics(central),
+                    federated_metrics=other_metrics(federated),
                 )
                 self._checkpoint(global_file, record)
                 last_record = record
@@ -1440,14 +1448,6 @@ def _weighted_mean(results: list[tuple[int, Mapping[str, float]]], key: str) -> 
 def _largest(results: list[tuple[int, Mapping[str, float]]], key: str) -> float | None:
     values = [m[key] for _, m in results if key in m]
     return max(values) if values else None
-
-
-def _weighted_eval(results: list[tuple[int, Mapping[str, float]]]) -> tuple[float, float] | None:
-    loss = _weighted_mean(results, "loss")
-    accuracy = _weighted_mean(results, "accuracy")
-    if loss is None or accuracy is None:
-        return None
-    return loss, accuracy
 
 
 __all__ = [

@@ -18,6 +18,7 @@ import grpc
 from fedlink.common.errors import AccessDenied, StorageError, UpdateRejected, UploadIncomplete
 from fedlink.common.logs import escape_for_log
 from fedlink.common.secagg_wire import setup_to_proto
+from fedlink.common.task_settings import TaskSettings, write_settings
 from fedlink.common.tensors import manifest_digest, manifest_entries
 from fedlink.common.wire import JOIN_REQUIRED, SESSION_METADATA_KEY, PayloadInfo
 from fedlink.server.access import AccessPolicy, Sessions
@@ -125,7 +126,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 federation_id=self._federation_id,
                 identity=identity,
                 task=self._config.task,
-                task_config=self._config.task_config(),
+                task_config=self._config.hyperparameters(),
                 chunk_size=self._config.chunk_size,
                 heartbeat_interval_seconds=self._config.heartbeat_interval_seconds,
                 num_rounds=self._config.num_rounds,
@@ -145,7 +146,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 offer = await self._next_task(identity)
             except UpdateRejected as exc:
                 await _abort(context, exc)
-            yield pb.TaskMessage(header=_task_header(offer))
+            yield pb.TaskMessage(header=_task_header(offer, self._config.task_config))
             if offer.payload is None:
                 return
             sent = 0
@@ -448,10 +449,12 @@ async def _abort(
     await context.abort(grpc.StatusCode[exc.code], str(exc))
 
 
-def _task_header(offer: TaskOffer) -> pb.TaskHeader:
+def _task_header(offer: TaskOffer, task_config: TaskSettings) -> pb.TaskHeader:
     header = pb.TaskHeader(
         task_id=offer.task_id, round=offer.round, kind=_KINDS[offer.kind], seed=offer.seed
     )
+    if offer.kind in (TaskKind.TRAIN, TaskKind.EVALUATE, TaskKind.SECAGG_ADVERTISE):
+        write_settings(header.task_config, task_config)  # the steps that run the task's code
     if offer.kind is TaskKind.WAIT:
         header.retry_after_seconds = 0.0
     if offer.payload is not None:

@@ -83,9 +83,14 @@ class MlflowTracker:
 
 
 def round_metrics(record: RoundRecord) -> dict[str, float]:
-    """The numeric, finite fields of a round's row (absent metrics are left out, not zero)."""
+    """The numeric, finite fields of a round's row (absent metrics are left out, not zero); the
+    task's own metrics as test_<name> and federated_<name>, beside test_loss and the rest."""
+    fields = dataclasses.asdict(record)
+    for group in ("test", "federated"):
+        for name, value in fields.pop(f"{group}_metrics").items():
+            fields[f"{group}_{name}"] = value
     metrics: dict[str, float] = {}
-    for name, value in dataclasses.asdict(record).items():
+    for name, value in fields.items():
         if name == "round" or isinstance(value, bool) or not isinstance(value, int | float):
             continue
         if math.isfinite(value):
@@ -99,6 +104,9 @@ def run_settings(config: ServerConfig) -> dict[str, str]:
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if field.name in _NOT_PARAMETERS or value is None:
+            continue
+        if isinstance(value, Mapping):  # task_config: one parameter per setting
+            settings.update({f"{field.name}.{k}": str(v) for k, v in value.items()})
             continue
         if isinstance(value, tuple):
             value = ",".join(str(v) for v in value)

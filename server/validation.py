@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 
 from fedlink.common.errors import UpdateRejected
+from fedlink.common.tasks.contract import MAX_METRIC_NAME_CHARS, is_metric_name
 from fedlink.common.tensors import Manifest
 
 MAX_METRICS = 64
@@ -29,6 +30,13 @@ def check_metrics(metrics: Mapping[str, float]) -> None:
     if len(metrics) > MAX_METRICS:
         raise UpdateRejected("INVALID_ARGUMENT", f"at most {MAX_METRICS} metrics per result")
     for name, value in metrics.items():
+        # Names become metrics.jsonl keys, table cells and tracker tags: short and plain only.
+        if not is_metric_name(name):
+            raise UpdateRejected(
+                "INVALID_ARGUMENT",
+                f"metric name {name[:MAX_METRIC_NAME_CHARS]!r} is not a letter or _ followed by "
+                f"letters, digits, _ . or - (at most {MAX_METRIC_NAME_CHARS} characters)",
+            )
         if not math.isfinite(value):
             raise UpdateRejected("INVALID_ARGUMENT", f"metric {name!r} is not finite")
 

@@ -12,6 +12,8 @@ from fedlink.common.tasks.base import TaskModule
 BUILTIN_TASKS = {
     "digits": "fedlink.common.tasks.digits",
     "mnist": "fedlink.common.tasks.mnist",
+    "fashion-mnist": "fedlink.common.tasks.fashion_mnist",
+    "diabetes": "fedlink.common.tasks.diabetes",
     "cifar10": "fedlink.common.tasks.cifar10",
     "cifar10-resnet18": "fedlink.common.tasks.cifar10_resnet18",
 }

@@ -4,18 +4,26 @@ A task is a plain Python module (built in, or any importable `package.module`) w
 
     build_model() -> torch.nn.Module
     load_data(request: DataRequest) -> ClientData
-    load_test_data() -> Dataset | None          # centralized test set for the coordinator
+    load_test_data(data_dir) -> Dataset | None  # the coordinator's test set; or load_test_data()
     train(model, data, config, device) -> TrainResult
-    evaluate(model, dataset, device) -> EvalResult
+    evaluate(model, dataset, device[, task_config]) -> EvalResult
+
+and optionally, for metrics that cannot be averaged over clients (docs/tasks.md#metrics):
+
+    NOT_AVERAGED: Collection[str]                 # metric names or fnmatch patterns
+    aggregate_metrics(results) -> Mapping[str, float]
 
 `train` and `evaluate` usually delegate to `fedlink.common.tasks.training`, which implements the
-standard supervised classification loop; a task overrides them only when it trains differently.
+standard supervised loops; a task overrides them only when it trains differently. Tasks written
+for the first contract (`load_test_data()`, `evaluate` without `task_config`, loss and accuracy
+only) keep working: `fedlink.common.tasks.contract` calls each function the way it is written.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -24,9 +32,14 @@ from torch.utils.data import Dataset
 
 from fedlink.common.accounting import MechanismStep
 from fedlink.common.errors import TaskError
+from fedlink.common.task_settings import NO_SETTINGS, TaskSettings
 
-# A dataset of (features, label) pairs; labels are int64 class indices.
+# A dataset of (features, label) pairs; labels are int64 class indices, or floating targets for
+# regression.
 ExampleDataset = Dataset[tuple[torch.Tensor, torch.Tensor]]
+
+# Local optimizers the coordinator may ask for (`optimizer`); `train_supervised` builds them.
+OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 @dataclass(frozen=True)
@@ -48,13 +61,14 @@ class DataRequest:
 
 
 class TensorExamples(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """In-memory examples: `features[i]` with class index `labels[i]` (int64)."""
+    """In-memory examples: `features[i]` with label `labels[i]`: a class index (int64) for
+    integer labels, kept as they are for floating ones (regression targets)."""
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         if len(features) != len(labels):
             raise TaskError(f"{len(features)} feature rows but {len(labels)} labels")
         self.features = features
-        self.labels = labels.long()
+        self.labels = labels if labels.is_floating_point() else labels.long()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -103,10 +117,13 @@ class TrainConfig:
     local_epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 0.01
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
     seed: int = 0
-    dpsgd: DPSGDConfig | None = None  # None: ordinary SGD
+    dpsgd: DPSGDConfig | None = None  # None: ordinary, non-private training
+    optimizer: str = "sgd"  # one of OPTIMIZERS
+    # The federation's task-specific settings ([task_config] on the coordinator).
+    task_config: TaskSettings = field(default_factory=lambda: NO_SETTINGS)
 
 
 @dataclass(frozen=True)
@@ -120,24 +137,27 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
+    """An evaluation: `loss`, `accuracy` (None for tasks without one, such as regression) and
+    any other named metrics. The coordinator averages each over clients, weighted by
+    `num_examples`, unless the task says otherwise (NOT_AVERAGED, aggregate_metrics)."""
+
     num_examples: int
     loss: float
-    accuracy: float
+    accuracy: float | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
 
 class TaskModule(Protocol):
-    """Static type of a loaded task module."""
+    """Static type of a loaded task module. `load_test_data` and `evaluate` have two accepted
+    forms each: call them through `fedlink.common.tasks.contract`."""
+
+    load_test_data: Callable[..., ExampleDataset | None]  # (data_dir) or ()
+    evaluate: Callable[..., EvalResult]  # (model, dataset, device[, task_config])
 
     def build_model(self) -> torch.nn.Module: ...
 
     def load_data(self, request: DataRequest) -> ClientData: ...
 
-    def load_test_data(self) -> ExampleDataset | None: ...
-
     def train(
         self, model: torch.nn.Module, data: ClientData, config: TrainConfig, device: torch.device
     ) -> TrainResult: ...
-
-    def evaluate(
-        self, model: torch.nn.Module, dataset: ExampleDataset, device: torch.device
-    ) -> EvalResult: ...

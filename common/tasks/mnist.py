@@ -67,9 +67,10 @@ def load_data(request: DataRequest) -> ClientData:
     )
 
 
-def load_test_data() -> ExampleDataset:
-    """The 10,000 MNIST test images, read from the default location."""
-    images, labels = _load(None, train=False)
+def load_test_data(data_dir: Path | None = None) -> ExampleDataset:
+    """The 10,000 MNIST test images, from `data_dir` (the coordinator's test_data_dir) or the
+    default location."""
+    images, labels = _load(data_dir, train=False)
     return _examples(images, labels, np.arange(len(labels)))
 
 

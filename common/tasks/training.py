@@ -1,8 +1,10 @@
-"""The standard supervised classification loop that built-in tasks (and most user tasks) use.
+"""The standard supervised loops that built-in tasks (and most user tasks) use.
 
-Written like pytorch/examples' mnist/main.py: SGD, cross-entropy, a DataLoader, explicit device
-handling. Shuffling is seeded from the round's TrainConfig, so a client's round is reproducible;
-with record-level DP-SGD (`TrainConfig.dpsgd`) batches and noise are secret, so it is not.
+Written like pytorch/examples' mnist/main.py: an optimizer (SGD by default, Adam or AdamW when
+the coordinator asks), a loss (cross-entropy for classifiers, MSE for regression), a DataLoader,
+explicit device handling. Shuffling is seeded from the round's TrainConfig, so a client's round
+is reproducible; with record-level DP-SGD (`TrainConfig.dpsgd`) batches and noise are secret, so
+it is not.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import math
 import secrets
 import warnings
-from collections.abc import Sized
+from collections.abc import Callable, Sized
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from torch.utils.data import DataLoader
 from fedlink.common.accounting import MechanismStep
 from fedlink.common.errors import TaskError
 from fedlink.common.tasks.base import (
+    OPTIMIZERS,
     ClientData,
     DPSGDConfig,
     EvalResult,
@@ -27,9 +30,30 @@ from fedlink.common.tasks.base import (
     TrainResult,
 )
 
+# A batch's mean loss from the model's outputs and the labels.
+LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 def train_classifier(
     model: torch.nn.Module, data: ClientData, config: TrainConfig, device: torch.device
+) -> TrainResult:
+    """Train a classifier (logits, int64 class labels) with cross-entropy."""
+    return train_supervised(model, data, config, device, F.cross_entropy)
+
+
+def train_regressor(
+    model: torch.nn.Module, data: ClientData, config: TrainConfig, device: torch.device
+) -> TrainResult:
+    """Train a regressor (one output per target, floating targets) with mean squared error."""
+    return train_supervised(model, data, config, device, _mse)
+
+
+def train_supervised(
+    model: torch.nn.Module,
+    data: ClientData,
+    config: TrainConfig,
+    device: torch.device,
+    loss_function: LossFunction,
 ) -> TrainResult:
     """Train `model` on `data.train` for `config.local_epochs` epochs; it stays on `device`.
 
@@ -43,24 +67,43 @@ def train_classifier(
     num_examples = _size(data.train, "training")
     model.to(device)
     model.train()
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=config.learning_rate,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
+    optimizer = make_optimizer(model, config)
     if config.dpsgd is not None:
         return _train_private(
-            model, data.train, num_examples, optimizer, config, config.dpsgd, device
+            model, data.train, num_examples, optimizer, config, config.dpsgd, device, loss_function
         )
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=generator)
     total_loss, seen = 0.0, 0
     for _ in range(config.local_epochs):
         for features, labels in loader:
-            total_loss += _step(model, optimizer, features, labels, device)
+            total_loss += _step(model, optimizer, features, labels, device, loss_function)
             seen += len(labels)
     return TrainResult(num_examples=num_examples, loss=total_loss / seen)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer `config.optimizer` names, with its learning rate and weight decay (and
+    momentum, for SGD: Adam's moments are its own)."""
+    parameters = model.parameters()
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            parameters,
+            lr=config.learning_rate,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+    if config.optimizer == "adam":
+        return torch.optim.Adam(
+            parameters, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(
+            parameters, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+    raise TaskError(
+        f"unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
+    )
 
 
 def check_dpsgd_model(model: torch.nn.Module) -> None:
@@ -89,6 +132,7 @@ def _train_private(
     config: TrainConfig,
     dpsgd: DPSGDConfig,
     device: torch.device,
+    loss_function: LossFunction,
 ) -> TrainResult:
     """DP-SGD (Abadi et al., CCS 2016) through Opacus: per-example gradients clipped to
     `max_grad_norm` C, N(0, (z C)^2) added to each batch's sum, batches Poisson-sampled.
@@ -127,7 +171,9 @@ def _train_private(
             for _ in range(config.local_epochs):
                 for features, labels in loader:
                     # An empty batch (possible under Poisson sampling) still takes a noisy step.
-                    total_loss += _step(wrapped, private_optimizer, features, labels, device)
+                    total_loss += _step(
+                        wrapped, private_optimizer, features, labels, device, loss_function
+                    )
                     seen += len(labels)
                     steps += 1
     finally:
@@ -142,11 +188,12 @@ def _step(
     features: torch.Tensor,
     labels: torch.Tensor,
     device: torch.device,
+    loss_function: LossFunction,
 ) -> float:
-    """One SGD step on a batch; returns the batch's summed loss."""
+    """One optimizer step on a batch; returns the batch's summed loss."""
     features, labels = features.to(device), labels.to(device)
     optimizer.zero_grad()
-    loss = F.cross_entropy(model(features), labels)
+    loss = loss_function(model(features), labels)
     torch.autograd.backward(loss)  # loss.backward(), which torch leaves untyped
     optimizer.step()
     return loss.item() * len(labels) if len(labels) else 0.0
@@ -170,6 +217,52 @@ def evaluate_classifier(
     return EvalResult(
         num_examples=num_examples, loss=total_loss / num_examples, accuracy=correct / num_examples
     )
+
+
+def evaluate_regressor(
+    model: torch.nn.Module, dataset: ExampleDataset, device: torch.device, batch_size: int = 256
+) -> EvalResult:
+    """Mean squared error (the loss), mean absolute error and R² of `model` on `dataset`.
+
+    R² = 1 - MSE / Var(y) cannot be averaged over clients (each has its own variance), so it is
+    reported through the statistics it follows from, as means the coordinator can average:
+    `target_mean` and `target_square_mean`; `r2_from_means` completes it (server side, and
+    here for this data set alone).
+    """
+    num_examples = _size(dataset, "evaluation")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    model.to(device)
+    model.eval()
+    squared, absolute, total, total_squares = 0.0, 0.0, 0.0, 0.0
+    with torch.no_grad():
+        for features, targets in loader:
+            features, targets = features.to(device), targets.to(device).float()
+            error = model(features).reshape(targets.shape) - targets
+            squared += float((error**2).sum())
+            absolute += float(error.abs().sum())
+            total += float(targets.sum())
+            total_squares += float((targets**2).sum())
+    means = {
+        "mse": squared / num_examples,
+        "target_mean": total / num_examples,
+        "target_square_mean": total_squares / num_examples,
+    }
+    return EvalResult(
+        num_examples=num_examples,
+        loss=means["mse"],
+        metrics={"mae": absolute / num_examples, **means, "r2": r2_from_means(means)},
+    )
+
+
+def r2_from_means(means: dict[str, float]) -> float:
+    """R² from the mean squared error and the targets' first two moments (all example means);
+    0 when the targets do not vary (nothing to explain)."""
+    variance = means["target_square_mean"] - means["target_mean"] ** 2
+    return 1.0 - means["mse"] / variance if variance > 0 else 0.0
+
+
+def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(outputs.reshape(targets.shape), targets.float())
 
 
 def _size(dataset: ExampleDataset, role: str) -> int:

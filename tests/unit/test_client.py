@@ -10,11 +10,17 @@ import pytest
 import torch
 
 from fedlink.client import app
-from fedlink.client.app import FatalClientError, pick_device, train_config_from
+from fedlink.client.app import (
+    FatalClientError,
+    pick_device,
+    task_settings_from,
+    train_config_from,
+)
 from fedlink.client.config import ClientConfig
 from fedlink.client.connection import Backoff
 from fedlink.common.errors import ConfigError, TensorFormatError
 from fedlink.common.tasks.base import DPSGDConfig
+from fedlink.v1 import federation_pb2 as pb
 
 
 def test_auto_device_is_cuda_only_when_cuda_exists() -> None:
@@ -45,6 +51,46 @@ def test_training_settings_from_the_coordinator_are_parsed() -> None:
     )
     assert (config.local_epochs, config.batch_size, config.seed) == (2, 16, 7)
     assert (config.learning_rate, config.momentum) == (0.05, 0.5)
+    assert (config.optimizer, config.weight_decay) == ("sgd", 0.0)  # an older coordinator
+
+
+def test_weight_decay_and_optimizer_from_the_coordinator_are_parsed() -> None:
+    config = train_config_from({"weight_decay": "0.0005", "optimizer": "adamw"}, seed=0)
+    assert (config.optimizer, config.weight_decay) == ("adamw", 0.0005)
+
+
+def test_the_task_settings_of_a_header_reach_the_train_config() -> None:
+    header = pb.TaskHeader()
+    header.task_config["mu"].number = 0.01
+    header.task_config["mode"].text = "fast"
+    header.task_config["layers"].integer = 3
+    header.task_config["centered"].flag = True
+    config = train_config_from({}, seed=0, settings=task_settings_from(header))
+    assert dict(config.task_config) == {"mu": 0.01, "mode": "fast", "layers": 3, "centered": True}
+
+
+def test_hostile_task_settings_in_a_header_are_refused() -> None:
+    empty = pb.TaskHeader()
+    empty.task_config["nothing"].CopyFrom(pb.SettingValue())
+    with pytest.raises(FatalClientError, match=r"invalid task settings: .*'nothing' has no value"):
+        task_settings_from(empty)
+    flood = pb.TaskHeader()
+    for i in range(65):
+        flood.task_config[f"k{i}"].integer = i
+    with pytest.raises(FatalClientError, match="at most 64"):
+        task_settings_from(flood)
+    long = pb.TaskHeader()
+    long.task_config["text"].text = "x" * 5000
+    with pytest.raises(FatalClientError, match="at most 1024"):
+        task_settings_from(long)
+    odd_name = pb.TaskHeader()
+    odd_name.task_config["../x"].integer = 1
+    with pytest.raises(FatalClientError, match=r"name '\.\./x'"):
+        task_settings_from(odd_name)
+    infinite = pb.TaskHeader()
+    infinite.task_config["x"].number = float("inf")
+    with pytest.raises(FatalClientError, match="not a finite number"):
+        task_settings_from(infinite)
 
 
 @pytest.mark.parametrize(
@@ -58,6 +104,11 @@ def test_training_settings_from_the_coordinator_are_parsed() -> None:
         {"learning_rate": "-1"},
         {"learning_rate": "inf"},
         {"momentum": "1.0"},
+        {"weight_decay": "-0.1"},
+        {"weight_decay": "nan"},
+        {"weight_decay": "2"},
+        {"optimizer": "lbfgs"},
+        {"optimizer": "__import__('os')"},
     ],
 )
 def test_hostile_training_settings_are_refused(settings: dict[str, str]) -> None:

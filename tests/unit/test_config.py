@@ -306,7 +306,7 @@ def test_out_of_range_server_values_are_rejected(overrides: dict[str, float]) ->
 
 def test_max_workers_is_automatic_at_zero_and_never_negative() -> None:
     assert _server().max_workers == 0
-    with pytest.raises(ConfigError, match="max_workers must be 0 .automatic. or positive"):
+    with pytest.raises(ConfigError, match=r"max_workers must be 0 \(automatic\) or positive"):
         _server(max_workers=-1)
 
 
@@ -379,12 +379,62 @@ def test_rate_limit_must_be_a_positive_number(rate: str) -> None:
 
 def test_task_config_sends_training_hyperparameters_as_strings() -> None:
     config = _server(local_epochs=2, batch_size=16, learning_rate=0.1, momentum=0.0)
-    assert config.task_config() == {
+    assert config.hyperparameters() == {
         "local_epochs": "2",
         "batch_size": "16",
         "learning_rate": "0.1",
         "momentum": "0.0",
+        "weight_decay": "0.0",
+        "optimizer": "sgd",
     }
+
+
+def test_task_config_comes_from_a_toml_table_as_plain_values(tmp_path: Path) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text(
+        'insecure = true\n[task_config]\nmu = 0.01\nmode = "fast"\nlayers = 3\nflag = true\n'
+    )
+    config = load_config(ServerConfig, path=path, environ={})
+    assert dict(config.task_config) == {"mu": 0.01, "mode": "fast", "layers": 3, "flag": True}
+    with pytest.raises(TypeError):
+        config.task_config["mu"] = 1.0  # type: ignore[index]  # read-only: the checked copy
+
+
+def test_task_config_from_a_flag_or_variable_is_an_inline_table() -> None:
+    environ = {**DEV, "FEDLINK_TASK_CONFIG": 'mu = 0.5, mode = "slow"'}
+    assert dict(load_config(ServerConfig, environ=environ).task_config) == {
+        "mu": 0.5,
+        "mode": "slow",
+    }
+    with pytest.raises(ConfigError, match="invalid value for task_config"):
+        load_config(ServerConfig, environ={**DEV, "FEDLINK_TASK_CONFIG": "mu ="})
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("[task_config]\nwhen = 2024-01-01\n", "'when' is a date"),
+        ("[task_config]\nlayers = [1, 2]\n", "'layers' is a list"),
+        ("[task_config.nested]\nx = 1\n", "'nested' is a dict"),
+        ("[task_config]\nbig = nan\n", "not a finite number"),
+        ('[task_config]\ntext = "' + "x" * 2000 + '"\n', "at most 1024"),
+    ],
+)
+def test_task_config_refuses_anything_but_plain_values(
+    tmp_path: Path, table: str, message: str
+) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text("insecure = true\n" + table)
+    with pytest.raises(ConfigError, match=message):
+        load_config(ServerConfig, path=path, environ={})
+
+
+def test_optimizer_and_weight_decay_are_checked() -> None:
+    assert _server(optimizer="adam", weight_decay=0.01).hyperparameters()["optimizer"] == "adam"
+    with pytest.raises(ConfigError, match="optimizer must be one of sgd, adam, adamw"):
+        _server(optimizer="rmsprop")
+    with pytest.raises(ConfigError, match="weight_decay must be in"):
+        _server(weight_decay=-1.0)
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -506,12 +556,12 @@ def test_bad_dpsgd_settings_are_refused(overrides: dict[str, Any], message: str)
 
 
 def test_dpsgd_settings_reach_the_clients_only_when_dpsgd_is_on() -> None:
-    assert not any(key.startswith("dpsgd") for key in _server().task_config())
+    assert not any(key.startswith("dpsgd") for key in _server().hyperparameters())
     config = load_config(
         ServerConfig,
         environ={**DEV, "FEDLINK_DPSGD_NOISE_MULTIPLIER": "1.1", "FEDLINK_DPSGD_DELTA": "1e-6"},
     )
-    sent = config.task_config()
+    sent = config.hyperparameters()
     assert (sent["dpsgd_noise_multiplier"], sent["dpsgd_max_grad_norm"]) == ("1.1", "1.0")
     assert sent["dpsgd_delta"] == "1e-06"
 

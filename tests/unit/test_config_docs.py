@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,8 @@ def _toml_blocks(section: str) -> list[str]:
 def _documented_default(value: Any) -> str:
     if value is None:
         return "unset"
+    if isinstance(value, Mapping):
+        return f"`{dict(value)}`"  # a table: `{}`
     if isinstance(value, tuple):
         return f"`{list(value)}`"  # a TOML list
     if isinstance(value, bool):
@@ -72,7 +75,12 @@ def test_field_table_lists_exactly_the_fields_with_flag_env_and_default(cls: typ
         _, flag, env, _, default, meaning = rows[field.name]
         assert flag == f"`--{field.name.replace('_', '-')}`"
         assert env == f"`{ENV_PREFIXES[cls]}{field.name.upper()}`"
-        assert default.startswith(_documented_default(field.default)), field.name
+        value = (
+            field.default
+            if field.default_factory is dataclasses.MISSING
+            else field.default_factory()
+        )
+        assert default.startswith(_documented_default(value)), field.name
         assert meaning, field.name
 
 

@@ -20,6 +20,7 @@ from fedlink.common.tensors import StateDict, encode_state, open_state_file
 from fedlink.common.wire import PayloadInfo
 from fedlink.server.checkpoints import CheckpointStore
 from fedlink.server.config import ServerConfig
+from fedlink.server.metrics import MetricAggregator
 from fedlink.server.rounds import (
     ResultHeader,
     RoundEngine,
@@ -526,3 +527,40 @@ def test_a_checkpoint_written_before_dp_existed_still_loads(
     path.write_text(json.dumps(document))
     checkpoint = CheckpointStore(config.state_dir, keep=3).latest()
     assert checkpoint is not None and checkpoint.round == 1 and checkpoint.privacy == ()
+
+
+def test_a_round_records_the_tasks_metrics_combined_as_the_task_says(
+    tmp_path: Path, running: list[Running]
+) -> None:
+    def count_total(results: Any) -> dict[str, float]:
+        return {"count": sum(metrics["stat.count"] for _, metrics in results)}
+
+    records: list[RoundRecord] = []
+    config = _config(tmp_path, evaluate_every=1, min_clients=2, min_fit_clients=2)
+    engine = RoundEngine(
+        config,
+        _state(0),
+        evaluate_centrally=lambda state: {"loss": 0.25, "mae": 2.0},
+        on_round=records.append,
+        aggregate_evaluation=MetricAggregator(not_averaged=("stat.*",), custom=count_total),
+    )
+    clients = ["site-0", "site-1"]
+    for name in clients:
+        engine.join(name)
+    run = _run(engine)
+    running.append(run)
+    for name in clients:
+        _deliver(engine, name, _task(engine, name), _state(1))
+    for number, name in enumerate(clients, start=1):
+        offer = engine.next_task(name, timeout=10)
+        assert offer.kind is TaskKind.EVALUATE
+        metrics = {"loss": float(number), "mae": float(number), "stat.count": 5.0}
+        header = ResultHeader(offer.task_id, offer.round, 10 * number, metrics, None)
+        engine.finish_result(engine.open_result(name, header))
+    run.summary()
+    (record,) = records
+    assert record.test_loss == 0.25 and record.test_accuracy is None
+    assert record.test_metrics == {"mae": 2.0}
+    # Weighted by examples (10 and 20); the statistic is the task's, never averaged.
+    assert record.federated_loss == pytest.approx(5 / 3)
+    assert record.federated_metrics == {"mae": pytest.approx(5 / 3), "count": 10.0}

@@ -14,17 +14,22 @@ import pytest
 import torch
 
 from fedlink.common.errors import DataUnavailableError, TaskError
+from fedlink.common.task_settings import NO_SETTINGS, check_task_settings
 from fedlink.common.tasks import (
     BUILTIN_TASKS,
     REQUIRED_FUNCTIONS,
     cifar10,
     cifar10_resnet18,
+    diabetes,
     digits,
+    fashion_mnist,
     load_task,
     mnist,
 )
-from fedlink.common.tasks.base import DataRequest, TensorExamples, TrainConfig
-from fedlink.common.tasks.training import evaluate_classifier, train_classifier
+from fedlink.common.tasks.base import DataRequest, EvalResult, TensorExamples, TrainConfig
+from fedlink.common.tasks.contract import evaluate as contract_evaluate
+from fedlink.common.tasks.contract import load_test_set, named_metrics, takes
+from fedlink.common.tasks.training import evaluate_classifier, make_optimizer, train_classifier
 
 CPU = torch.device("cpu")
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "tasks.md"
@@ -229,6 +234,8 @@ def test_mnist_reads_a_local_copy_from_data_dir(tmp_path: Path) -> None:
     assert len(set(data.train.labels.tolist())) == 2
     assert data.test is None  # 8 examples: too few to hold out a local test split
     assert mnist.build_model()(features.unsqueeze(0)).shape == (1, 10)
+    # The coordinator's test set from its test_data_dir (the first contract's call still works).
+    assert size(load_test_set(mnist, tmp_path)) == 10  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -275,3 +282,137 @@ def test_mnist_without_network_raises_data_unavailable(tmp_path: Path) -> None:
         pytest.skip("network reachable (or slow to fail): a real download would be attempted")
     with pytest.raises(DataUnavailableError, match="no internet access"):
         mnist.load_data(DataRequest(data_dir=tmp_path / "empty"))
+
+
+# --- the contract beyond classification ------------------------------------------------------
+
+
+def test_a_task_on_the_first_contract_is_called_as_it_was_written() -> None:
+    # digits: load_test_data() without data_dir, evaluate = evaluate_classifier, whose fourth
+    # parameter (batch_size) must never receive the task's settings.
+    settings = check_task_settings({"batch_size": "oops"})
+    assert not takes(digits.load_test_data, "data_dir")
+    assert not takes(evaluate_classifier, "task_config")
+    test = load_test_set(digits, None)
+    assert test is not None
+    result = contract_evaluate(digits, digits.build_model(), test, CPU, settings)
+    assert result.num_examples == 360 and set(result.metrics) == {"loss", "accuracy"}
+    with pytest.raises(TaskError, match="load_test_data\\(\\) takes no data_dir"):
+        load_test_set(digits, Path("/srv/test"))
+
+
+def test_a_task_on_the_second_contract_receives_data_dir_and_task_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "second_contract_task.py").write_text(
+        "from fedlink.common.tasks.base import EvalResult\n"
+        "def load_test_data(data_dir):\n"
+        "    return [data_dir]\n"
+        "def evaluate(model, dataset, device, task_config):\n"
+        "    return EvalResult(len(dataset), 0.5, metrics={'scale': task_config['scale']})\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import second_contract_task as task
+
+    test = load_test_set(task, tmp_path)  # type: ignore[arg-type]
+    assert test == [tmp_path]
+    settings = check_task_settings({"scale": 3})
+    result = contract_evaluate(task, torch.nn.Linear(1, 1), test, CPU, settings)  # type: ignore[arg-type]
+    assert result.metrics == {"loss": 0.5, "scale": 3.0}  # no accuracy: none was reported
+
+
+@pytest.mark.parametrize(
+    ("metrics", "message"),
+    [
+        ({"auroc": float("nan")}, "'auroc' is nan"),
+        ({"bad name!": 1.0}, "metric name 'bad name!'"),
+        ({"flag": True}, "not a number"),
+        ({"loss": 1.0}, "reports 'loss' twice"),
+        ({f"m{i}": 0.0 for i in range(70)}, "at most 64"),
+    ],
+)
+def test_metrics_a_task_reports_are_checked_before_they_are_sent(
+    metrics: dict[str, float], message: str
+) -> None:
+    with pytest.raises(TaskError, match=message):
+        named_metrics(EvalResult(1, 0.5, metrics=metrics))
+
+
+@pytest.mark.parametrize(("optimizer", "rate"), [("sgd", 0.05), ("adam", 0.005), ("adamw", 0.005)])
+def test_the_coordinators_optimizer_and_weight_decay_are_used(optimizer: str, rate: float) -> None:
+    torch.manual_seed(0)
+    model = digits.build_model()
+    data = digits.load_data(DataRequest("iid", 0, 2, seed=0))
+    config = TrainConfig(
+        local_epochs=3, learning_rate=rate, optimizer=optimizer, weight_decay=0.01, seed=1
+    )
+    built = make_optimizer(model, config)
+    assert type(built).__name__.lower() == optimizer
+    assert built.param_groups[0]["weight_decay"] == 0.01
+    digits.train(model, data, config, CPU)
+    assert digits.evaluate(model, digits.load_test_data(), CPU).accuracy > 0.8  # type: ignore[operator]
+
+
+def test_diabetes_regression_learns_and_reports_mse_mae_and_r2() -> None:
+    torch.manual_seed(0)
+    model = diabetes.build_model()
+    data = diabetes.load_data(DataRequest("iid", 0, 2, seed=0))
+    test = diabetes.load_test_data()
+    before = contract_evaluate(diabetes, model, test, CPU, NO_SETTINGS).metrics
+    diabetes.train(model, data, TrainConfig(local_epochs=30, learning_rate=0.01, seed=1), CPU)
+    after = contract_evaluate(diabetes, model, test, CPU, NO_SETTINGS).metrics
+    assert {"loss", "mse", "mae", "r2"} <= set(after) and "accuracy" not in after
+    assert after["mse"] == after["loss"] < before["mse"]
+    assert after["r2"] > 0.2 > before["r2"]
+    assert size(test) == 89  # 20% of the 442 patients
+    assert size(data.train) + size(data.test) == 177  # type: ignore[arg-type]  # half the rest
+    assert data.train[0][1].dtype == torch.float32  # targets stay floating
+
+
+def test_diabetes_partitions_by_target_quartile_for_label_skew() -> None:
+    parts = [diabetes.load_data(DataRequest("classes:1", i, 4, seed=0)) for i in range(4)]
+    means = sorted(float(p.train.labels.mean()) for p in parts)  # type: ignore[attr-defined]
+    assert means[0] < -0.5 and means[-1] > 0.5  # each client holds one quartile
+
+
+fashion_installed = pytest.mark.skipif(
+    not (fashion_mnist.SYSTEM_DIR / "train-images-idx3-ubyte.gz").exists(),
+    reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist; "
+    ".ci/run installs it)",
+)
+
+
+@fashion_installed
+def test_fashion_mnist_trains_one_round_on_the_real_data_of_the_debian_package() -> None:
+    data = fashion_mnist.load_data(DataRequest("iid", 0, 100, seed=0))  # 600 of the 60,000
+    test = fashion_mnist.load_test_data()
+    assert size(test) == 10_000
+    assert size(data.train) + size(data.test) == 600  # type: ignore[arg-type]
+    subset = torch.utils.data.Subset(test, range(1000))
+    torch.manual_seed(0)
+    model = fashion_mnist.build_model()
+    before = fashion_mnist.evaluate(model, subset, CPU)
+    fashion_mnist.train(model, data, TrainConfig(learning_rate=0.05, seed=1), CPU)
+    after = fashion_mnist.evaluate(model, subset, CPU)
+    assert after.loss < before.loss
+    assert after.accuracy > 0.3 and after.accuracy > before.accuracy + 0.1  # type: ignore[operator]
+
+
+def test_fashion_mnist_reads_idx_files_from_data_dir_and_refuses_broken_ones(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 10)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    data = fashion_mnist.load_data(DataRequest(data_dir=tmp_path))
+    assert size(data.train) + size(data.test) == 40  # type: ignore[arg-type]
+    assert data.train[0][0].shape == (1, 28, 28)
+    assert size(fashion_mnist.load_test_data(tmp_path)) == 10
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(
+        b"\x00\x00\x08\x01\x00\x00\x00\x09" + b"\x00" * 9
+    )
+    with pytest.raises(TaskError, match="expected \\(N, 28, 28\\) images and N labels"):
+        fashion_mnist.load_test_data(tmp_path)
+    with pytest.raises(DataUnavailableError, match="apt-get install dataset-fashion-mnist"):
+        fashion_mnist.load_data(DataRequest(data_dir=tmp_path / "empty"))

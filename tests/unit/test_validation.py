@@ -142,6 +142,13 @@ def test_non_finite_metric_is_rejected_naming_it(bad_value: float) -> None:
     assert info.value.code == "INVALID_ARGUMENT"
 
 
+@pytest.mark.parametrize("name", ["", "x" * 65, "a b", "\x1b[2J", "1st", "../loss"])
+def test_a_metric_name_that_is_not_short_and_plain_is_rejected(name: str) -> None:
+    with pytest.raises(UpdateRejected, match="metric name") as info:
+        check_metrics({name: 1.0})
+    assert info.value.code == "INVALID_ARGUMENT"
+
+
 def test_too_many_metrics_are_rejected() -> None:
     metrics = {f"m{i}": 0.0 for i in range(MAX_METRICS + 1)}
     with pytest.raises(UpdateRejected, match=f"at most {MAX_METRICS} metrics") as info:

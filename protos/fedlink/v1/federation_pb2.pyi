@@ -108,7 +108,14 @@ class PullTaskRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("task_id", "round", "kind", "payload", "retry_after_seconds", "seed", "secagg")
+    __slots__ = ("task_id", "round", "kind", "payload", "retry_after_seconds", "seed", "secagg", "task_config")
+    class TaskConfigEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: SettingValue
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[SettingValue, _Mapping]] = ...) -> None: ...
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +123,7 @@ class TaskHeader(_message.Message):
     RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
+    TASK_CONFIG_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     round: int
     kind: TaskKind
@@ -123,7 +131,20 @@ class TaskHeader(_message.Message):
     retry_after_seconds: float
     seed: int
     secagg: SecAggSetup
-    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., payload: _Optional[_Union[PayloadInfo, _Mapping]] = ..., retry_after_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., secagg: _Optional[_Union[SecAggSetup, _Mapping]] = ...) -> None: ...
+    task_config: _containers.MessageMap[str, SettingValue]
+    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., payload: _Optional[_Union[PayloadInfo, _Mapping]] = ..., retry_after_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., secagg: _Optional[_Union[SecAggSetup, _Mapping]] = ..., task_config: _Optional[_Mapping[str, SettingValue]] = ...) -> None: ...
+
+class SettingValue(_message.Message):
+    __slots__ = ("text", "integer", "number", "flag")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    INTEGER_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    FLAG_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    integer: int
+    number: float
+    flag: bool
+    def __init__(self, text: _Optional[str] = ..., integer: _Optional[int] = ..., number: _Optional[float] = ..., flag: _Optional[bool] = ...) -> None: ...
 
 class SecAggSetup(_message.Message):
     __slots__ = ("session", "threshold", "ring_bits", "vector_length", "frac_bits", "value_bound", "max_weight", "noise_std", "clip_norm", "neighbours", "neighbour_threshold")

@@ -1,0 +1,154 @@
+"""Built-in task: the FedAvg-paper CNN (as `mnist`) on Fashion-MNIST (Xiao et al. 2017).
+
+Real data without a download: Debian's `dataset-fashion-mnist` package (`apt-get install
+dataset-fashion-mnist`) puts the four original IDX files in /usr/share/datasets/fashion-mnist,
+which is where this task looks first. `--data-dir DIR` reads them from DIR instead (the `.gz`
+files or their uncompressed copies, directly in DIR or in torchvision's DIR/FashionMNIST/raw).
+With neither, torchvision downloads them into ~/.cache/fedlink/fashion-mnist. Clients partition
+the 60,000 training images; the 10,000 test images are the coordinator's test set.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from numpy.typing import NDArray
+from torch import nn
+
+from fedlink.common.errors import DataUnavailableError, TaskError
+from fedlink.common.partition import client_split
+from fedlink.common.tasks.base import (
+    ClientData,
+    DataRequest,
+    EvalResult,
+    ExampleDataset,
+    TensorExamples,
+    TrainConfig,
+    TrainResult,
+)
+from fedlink.common.tasks.mnist import FedAvgCNN
+from fedlink.common.tasks.training import evaluate_classifier, train_classifier
+
+# Where Debian's dataset-fashion-mnist package installs the files (`dpkg -L`).
+SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_ROOT = Path.home() / ".cache" / "fedlink" / "fashion-mnist"
+_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_MEAN, _STD = 0.2860, 0.3530  # of the Fashion-MNIST training pixels
+# IDX magic numbers: unsigned bytes, three dimensions (images) or one (labels).
+_IMAGES_MAGIC, _LABELS_MAGIC = 0x00000803, 0x00000801
+
+
+def build_model() -> nn.Module:
+    return FedAvgCNN()
+
+
+def load_data(request: DataRequest) -> ClientData:
+    """This client's part of the 60,000 training images."""
+    images, labels = _load(request.data_dir, train=True)
+    train_idx, test_idx = client_split(labels.numpy(), request)
+    return ClientData(
+        train=_examples(images, labels, train_idx),
+        test=None if test_idx is None else _examples(images, labels, test_idx),
+    )
+
+
+def load_test_data(data_dir: Path | None = None) -> ExampleDataset:
+    """The 10,000 test images."""
+    images, labels = _load(data_dir, train=False)
+    return _examples(images, labels, np.arange(len(labels)))
+
+
+def train(
+    model: nn.Module, data: ClientData, config: TrainConfig, device: torch.device
+) -> TrainResult:
+    return train_classifier(model, data, config, device)
+
+
+def evaluate(model: nn.Module, dataset: ExampleDataset, device: torch.device) -> EvalResult:
+    return evaluate_classifier(model, dataset, device)
+
+
+def _load(data_dir: Path | None, *, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images (N, 28, 28), int64 labels (N,)) from `data_dir`, the Debian package, or a
+    download, in that order."""
+    if data_dir is not None:
+        root = Path(data_dir)
+        for folder in (root, root / "FashionMNIST" / "raw"):
+            if _find(folder, _FILES[train][0]) is not None:
+                return _read_pair(folder, train)
+        raise DataUnavailableError(
+            f"no Fashion-MNIST in {root}: expected {' and '.join(_FILES[train])} (.gz or not) in "
+            f"{root} or {root}/FashionMNIST/raw; `apt-get install dataset-fashion-mnist` puts them "
+            f"in {SYSTEM_DIR}"
+        )
+    if _find(SYSTEM_DIR, _FILES[train][0]) is not None:
+        return _read_pair(SYSTEM_DIR, train)
+    try:
+        dataset: Any = torchvision.datasets.FashionMNIST(DEFAULT_ROOT, train=train, download=True)
+    except (OSError, RuntimeError) as error:
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        reason = lines[-1].strip() if lines else type(error).__name__
+        raise DataUnavailableError(
+            f"Fashion-MNIST is neither installed in {SYSTEM_DIR} nor in {DEFAULT_ROOT}, and "
+            f"could not be downloaded ({reason}). On Debian or Ubuntu run "
+            "`apt-get install dataset-fashion-mnist`; elsewhere copy the four *-ubyte.gz files "
+            "to a folder and pass --data-dir DIR"
+        ) from error
+    return dataset.data, dataset.targets.long()
+
+
+def _find(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / f"{name}.gz", folder / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_pair(folder: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    images_name, labels_name = _FILES[train]
+    images = _read_idx(folder, images_name, _IMAGES_MAGIC)
+    labels = _read_idx(folder, labels_name, _LABELS_MAGIC)
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or len(labels) != len(images):
+        raise TaskError(
+            f"{folder}: {images_name} holds {images.shape} and {labels_name} {labels.shape}; "
+            "expected (N, 28, 28) images and N labels"
+        )
+    if labels.max(initial=0) > 9:
+        raise TaskError(f"{folder}: {labels_name} has labels outside 0..9")
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def _read_idx(folder: Path, name: str, magic: int) -> NDArray[np.uint8]:
+    """An IDX file of unsigned bytes (LeCun's MNIST format): big-endian magic, dimension sizes,
+    then the bytes. Plain bytes only: nothing in the file is interpreted as code."""
+    path = _find(folder, name)
+    if path is None:
+        raise DataUnavailableError(f"{folder}: {name}(.gz) is missing")
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as error:
+        raise TaskError(f"cannot read {path}: {error}") from error
+    dims = magic & 0xFF
+    header = 4 + 4 * dims
+    if len(raw) < header or int.from_bytes(raw[:4], "big") != magic:
+        raise TaskError(f"{path} is not an IDX file of unsigned bytes with {dims} dimension(s)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    if len(raw) - header != int(np.prod(shape)):
+        raise TaskError(f"{path}: header says {shape} but {len(raw) - header} bytes follow")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _examples(
+    images: torch.Tensor, labels: torch.Tensor, indices: NDArray[np.int64]
+) -> TensorExamples:
+    index = torch.from_numpy(indices)
+    features = (images[index].float() / 255 - _MEAN) / _STD
+    return TensorExamples(features.unsqueeze(1), labels[index])
