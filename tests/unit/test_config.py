@@ -296,6 +296,9 @@ def test_min_results_above_min_fit_clients_is_rejected() -> None:
         {"evaluate_every": -1},
         {"max_round_retries": -1},
         {"liveness_timeout_seconds": float("nan")},
+        {"finished_grace_seconds": -1},
+        {"finished_grace_seconds": float("nan")},
+        {"finished_grace_seconds": float("inf")},
         {"below_quorum": "hope"},
         {"log_format": "xml"},
     ],
@@ -303,6 +306,10 @@ def test_min_results_above_min_fit_clients_is_rejected() -> None:
 def test_out_of_range_server_values_are_rejected(overrides: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         _server(**overrides)
+
+
+def test_no_grace_after_a_finished_run_is_allowed() -> None:
+    assert _server(finished_grace_seconds=0).finished_grace_seconds == 0
 
 
 @pytest.mark.parametrize(
