@@ -31,11 +31,50 @@ COPY server /src/server
 COPY client /src/client
 COPY protos /src/protos
 RUN /opt/fedlink/bin/pip install --constraint /tmp/torch-pins.txt /src
+# Slim the environment before the final stage copies it (1,384 MB down to 853 MB with the
+# bytecode step below). Nothing removed is used at run time, which the import check proves:
+# - grpcio-tools: generates protobuf code at development time only; pip: installs nothing here;
+# - torch's C++ headers, test binaries, cmake files and static libraries (for building
+#   extensions, which needs a compiler the image does not have); the TensorBoard UI's fast
+#   loader binary (fedlink writes event files; `tensorboard` itself runs elsewhere);
+# - every package's `tests` directory;
+# - the symbol tables of torch's libraries (`strip --strip-unneeded` keeps the dynamic symbols
+#   that loading needs; about 90 MB of libtorch_cpu.so alone). Only torch's: the libraries that
+#   auditwheel bundled into other wheels (`*.libs/`) no longer load once stripped. binutils
+#   stays in this stage.
+RUN set -e; \
+    /opt/fedlink/bin/pip uninstall -y -q grpcio-tools; \
+    site=$(/opt/fedlink/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
+    cd "$site"; \
+    rm -rf torch/include torch/test torch/share/cmake tensorboard_data_server/bin; \
+    find torch/bin -type f ! -name torch_shm_manager -delete; \
+    rm -f torch/lib/*.a; \
+    find . -type d -name tests -prune -exec rm -rf {} +; \
+    if (apt-get update -q && apt-get install -y -q --no-install-recommends binutils) >/dev/null 2>&1; then \
+        strip --strip-unneeded torch/lib/*.so*; \
+    else \
+        echo "binutils could not be installed: native libraries are not stripped" >&2; \
+    fi; \
+    /opt/fedlink/bin/python -m pip uninstall -y -q pip; \
+    /opt/fedlink/bin/python -c 'import torch, sklearn, scipy, matplotlib, opacus, torch.utils.tensorboard, fedlink.main; model = torch.nn.Linear(4, 2); model(torch.randn(3, 4)).sum().backward()'; \
+    /opt/fedlink/bin/fedlink --help >/dev/null
+# Bytecode only for what a federation imports (a quarter of the environment otherwise): every
+# .pyc goes, then a short `fedlink demo` (a coordinator and two clients over mTLS on loopback)
+# compiles what it imports into /opt/fedlink/pycache, where the image's Python looks for
+# bytecode (PYTHONPYCACHEPREFIX). A module outside it is compiled in memory on first import:
+# a slower start for that process, nothing else.
+RUN set -e; \
+    find /opt/fedlink -name __pycache__ -prune -exec rm -rf {} +; \
+    cd /tmp; \
+    PYTHONPYCACHEPREFIX=/opt/fedlink/pycache /opt/fedlink/bin/fedlink demo --clients 2 --rounds 2 \
+        --run-dir /tmp/demo >/tmp/demo.log 2>&1 || { cat /tmp/demo.log; exit 1; }; \
+    rm -rf /tmp/demo /tmp/demo.log
 
 FROM ${PYTHON_IMAGE}
 RUN useradd --user-group --uid 10001 --create-home --home-dir /var/lib/fedlink fedlink
 COPY --from=build /opt/fedlink /opt/fedlink
-ENV PATH=/opt/fedlink/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+ENV PATH=/opt/fedlink/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONPYCACHEPREFIX=/opt/fedlink/pycache
 USER fedlink
 WORKDIR /var/lib/fedlink
 EXPOSE 50051

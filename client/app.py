@@ -224,9 +224,9 @@ class FederationClient:
             )
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat")
         try:
-            self._connect()
-            heartbeat.start()
-            self._serve()
+            if self._connect():
+                heartbeat.start()
+                self._serve()
             return 0
         except BaseException as exc:
             # Whatever ends this client (a signal, a refusal, the task's own exception), the
@@ -249,8 +249,9 @@ class FederationClient:
                 self._backoff.reset()
             except grpc.RpcError as exc:
                 code = exc.code()
-                if exc.details() == JOIN_REQUIRED:
-                    self._connect()  # the coordinator restarted and forgot us
+                if exc.details() == JOIN_REQUIRED:  # the coordinator restarted and forgot us
+                    if not self._connect():
+                        return
                 elif code in TRANSIENT_CODES:
                     if not self._backoff.wait(f"{code.name}: {exc.details()}"):
                         raise FatalClientError("coordinator unreachable for too long") from None
@@ -272,7 +273,8 @@ class FederationClient:
         except grpc.RpcError as exc:
             log.debug("could not tell the coordinator this client leaves: %s", exc.code().name)
 
-    def _connect(self) -> None:
+    def _connect(self) -> bool:
+        """Join the federation; False when the coordinator says its run is already complete."""
         while True:
             try:
                 reply, call = self._stub.Join.with_call(
@@ -311,6 +313,9 @@ class FederationClient:
             except TaskError as exc:
                 raise FatalClientError(f"task {reply.task!r}: {exc}") from None
         self._check_model(reply)
+        if reply.finished:
+            log.info("federation %s is finished; exiting", reply.federation_id[:8])
+            return False
         self._join = reply
         if self._secure is None or reply.identity != self._secure.identity:
             signed = None
@@ -319,6 +324,7 @@ class FederationClient:
             self._secure = SecureParticipant(reply.identity, self._credentials, self._floor, signed)
         self._backoff.reset()
         log.info("joined federation %s as %s", reply.federation_id[:8], reply.identity)
+        return True
 
     def _check_model(self, reply: pb.JoinReply) -> None:
         """Refuse to take part with a model other than the coordinator's (names, dtypes,

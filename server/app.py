@@ -136,7 +136,7 @@ def _coordinate(config: ServerConfig) -> int:
     records = read_metrics(metrics.path)
     if records:
         plot_metrics(records, config.run_dir / "accuracy.png")
-    engine.wait_for_stop_delivery(grace_seconds=15.0)
+    _tell_clients_finished(engine, config.finished_grace_seconds)
     listening.server.stop(grace=2.0).wait()
     if endpoint is not None:
         endpoint.close()
@@ -164,6 +164,17 @@ def _coordinate(config: ServerConfig) -> int:
         return 1
     log.info("federation finished: %d rounds", summary.rounds_completed)
     return 0
+
+
+def _tell_clients_finished(engine: RoundEngine, grace_seconds: float) -> None:
+    """Stay up answering "finished" (see RoundEngine.wait_for_stop_delivery); SIGTERM or
+    SIGINT ends the wait early, so `docker compose down` is never held up by it."""
+    done = threading.Event()
+    previous = _install_signal_handlers(done, on_signal=lambda: None)
+    try:
+        engine.wait_for_stop_delivery(grace_seconds, done)
+    finally:
+        _restore_signal_handlers(previous)
 
 
 def _central_evaluator(

@@ -78,6 +78,13 @@ class ServerConfig:
         default=30.0,
         metadata=_help("a client silent this long (no heartbeat, poll or upload) counts as gone"),
     )
+    finished_grace_seconds: float = field(
+        default=60.0,
+        metadata=_help(
+            "after the run is complete, keep telling clients so for up to this long, until every "
+            "live client and every known one not yet seen again has heard it"
+        ),
+    )
     evaluate_every: int = field(
         default=1, metadata=_help("federated evaluation every N rounds (0 = only centralized)")
     )
@@ -332,6 +339,11 @@ class ServerConfig:
         # Written as "not > 0" so that NaN is refused too.
         if not (self.round_timeout_seconds > 0 and self.heartbeat_interval_seconds > 0):
             raise ConfigError("timeouts and intervals must be positive")
+        if not (math.isfinite(self.finished_grace_seconds) and self.finished_grace_seconds >= 0):
+            raise ConfigError(
+                f"finished_grace_seconds must be a finite number >= 0, got "
+                f"{self.finished_grace_seconds}"
+            )
         if not self.liveness_timeout_seconds >= 2 * self.heartbeat_interval_seconds:
             raise ConfigError(
                 "liveness_timeout_seconds must be at least twice heartbeat_interval_seconds, or "

@@ -935,15 +935,37 @@ class RoundEngine:
             storage_failure=storage_failure,
         )
 
-    def wait_for_stop_delivery(self, grace_seconds: float) -> None:
-        """Give connected clients a moment to pull their STOP before the server goes away."""
+    def tell_finished(self, identity: str) -> bool:
+        """Whether the run is over; if it is, `identity` (joining now) counts as told so."""
+        with self._cond:
+            if not self._stopping:
+                return False
+            log.info("%s joined after the run finished; it is told so", identity)
+            self._told_to_stop.add(identity)
+            self._cond.notify_all()
+            return True
+
+    def wait_for_stop_delivery(
+        self, grace_seconds: float, stop: threading.Event | None = None
+    ) -> None:
+        """Keep telling clients the run is finished (at Join and PullTask) until each one it
+        waits for has been told, `grace_seconds` pass, or `stop` is set. It waits for the live
+        clients and for every known client this process has not heard from (restored from the
+        checkpoint): a coordinator started again on a finished run stays up until the clients
+        of that run, started again with it, have learned that it is over and can exit 0."""
         deadline = time.monotonic() + grace_seconds
         with self._cond:
-            while self._stopping and set(self._alive_clients()) - self._told_to_stop:
+            while self._stopping and self._not_told_finished():
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or (stop is not None and stop.is_set()):
                     return
-                self._cond.wait(remaining)
+                self._cond.wait(min(remaining, 0.5))
+
+    def _not_told_finished(self) -> set[str]:
+        waiting = set(self._alive_clients())
+        if not self._config.insecure:  # insecure identities are new on every connection
+            waiting |= self._known - self._sessions.keys()
+        return waiting - self._told_to_stop
 
     # ---- internals ----------------------------------------------------------------------------
 

@@ -132,6 +132,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 num_rounds=self._config.num_rounds,
                 model_manifest_sha256=self._model_digest,
                 model_manifest=self._model_manifest,
+                finished=self._engine.tell_finished(identity),
             )
         finally:
             if slot is not None:

@@ -295,6 +295,9 @@ def test_min_results_above_min_fit_clients_is_rejected() -> None:
         {"evaluate_every": -1},
         {"max_round_retries": -1},
         {"liveness_timeout_seconds": float("nan")},
+        {"finished_grace_seconds": -1},
+        {"finished_grace_seconds": float("nan")},
+        {"finished_grace_seconds": float("inf")},
         {"below_quorum": "hope"},
         {"log_format": "xml"},
     ],
@@ -308,6 +311,10 @@ def test_max_workers_is_automatic_at_zero_and_never_negative() -> None:
     assert _server().max_workers == 0
     with pytest.raises(ConfigError, match=r"max_workers must be 0 \(automatic\) or positive"):
         _server(max_workers=-1)
+
+
+def test_no_grace_after_a_finished_run_is_allowed() -> None:
+    assert _server(finished_grace_seconds=0).finished_grace_seconds == 0
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -564,3 +565,36 @@ def test_a_round_records_the_tasks_metrics_combined_as_the_task_says(
     # Weighted by examples (10 and 20); the statistic is the task's, never averaged.
     assert record.federated_loss == pytest.approx(5 / 3)
     assert record.federated_metrics == {"mae": pytest.approx(5 / 3), "count": 10.0}
+
+
+def test_a_finished_run_is_told_to_the_clients_of_the_run_even_after_a_restart(
+    tmp_path: Path, running: list[Running], pki: Any
+) -> None:
+    fast = {"num_rounds": 1, "min_clients": 1, "min_fit_clients": 1, "evaluate_every": 0}
+    config = pki.server_config(tmp_path, **fast)
+    _completed_run(config, running)
+    # Started again on the finished run: "a" is known from the checkpoint but not seen yet.
+    checkpoint = CheckpointStore(config.state_dir, keep=3).latest()
+    engine = RoundEngine(config, _state(0), resume_from=checkpoint)
+    summary = _run(engine).summary()
+    assert summary.completed and summary.last_record is None
+    started = time.monotonic()
+    engine.wait_for_stop_delivery(grace_seconds=0.3)
+    assert time.monotonic() - started >= 0.3  # it waited for "a"
+    done = threading.Event()
+    waiter = threading.Thread(target=engine.wait_for_stop_delivery, args=(30, done))
+    waiter.start()
+    engine.join("a")
+    assert engine.tell_finished("a")  # what Join answers: the run is finished
+    waiter.join(5)
+    assert not waiter.is_alive(), "every client of the run was told: the wait must end"
+    assert not done.is_set()
+
+
+def test_a_running_federation_does_not_answer_finished_at_join(tmp_path: Path) -> None:
+    engine = RoundEngine(_config(tmp_path, num_rounds=3), _state(0))
+    engine.join("a")
+    assert not engine.tell_finished("a")
+    engine.request_stop()
+    assert engine.tell_finished("a")
+    assert engine.next_task("a", timeout=1).kind is TaskKind.STOP
