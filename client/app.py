@@ -165,7 +165,9 @@ def task_settings_from(header: pb.TaskHeader) -> TaskSettings:
 
 
 class FederationClient:
-    def __init__(self, config: ClientConfig) -> None:
+    def __init__(self, config: ClientConfig, channel: grpc.Channel | None = None) -> None:
+        """`channel` replaces the one `config` would open (server/inprocess.py: the
+        coordinator's services called in the same process, for tests and simulation)."""
         self._config = config
         self._task: TaskModule = load_task(config.task)
         self._device = pick_device(config.device)
@@ -191,7 +193,7 @@ class FederationClient:
                     f"--state-dir {config.state_dir} is not usable: {exc.strerror or exc}"
                 ) from None
         self._credentials = client_credentials(config)
-        self._channel = open_channel(config, self._credentials)
+        self._channel = channel if channel is not None else open_channel(config, self._credentials)
         self._stub = pb_grpc.FederationStub(self._channel)
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._join: pb.JoinReply | None = None
