@@ -106,6 +106,27 @@ def _base_type(hint: Any) -> Any:
     return hint
 
 
+def _table(value: Any) -> dict[str, Any]:
+    """A TOML table as it is, or `key=value,...` from a variable or flag, each value read as a
+    TOML value (a number, true/false, a quoted string) or else taken as a bare string."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a table or key=value,..., got {value!r}")
+    table: dict[str, Any] = {}
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        key, sep, text = (piece.strip() for piece in item.partition("="))
+        if not sep or not key or key in table:
+            raise ValueError(f"{item!r} is not a new key=value")
+        try:
+            table[key] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            table[key] = text
+    return table
+
+
 def _convert(name: str, value: Any, hint: Any) -> Any:
     optional = type(None) in typing.get_args(hint)
     base = _base_type(hint)
@@ -135,6 +156,8 @@ def _convert(name: str, value: Any, hint: Any) -> Any:
             if not isinstance(value, str):
                 raise ValueError(f"expected a string, got {value!r}")
             return value
+        if typing.get_origin(base) is dict:
+            return _table(value)
         if typing.get_origin(base) is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(item).strip() for item in items if str(item).strip())
