@@ -3,6 +3,7 @@ loading strategies from settings, and the checks on what a step may publish."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import re
@@ -17,6 +18,8 @@ import torch
 from fedlink.common.config import load_config
 from fedlink.common.errors import ConfigError
 from fedlink.common.tensors import StateDict, manifest_of, save_state_file
+from fedlink.common.wire import PayloadFile
+from fedlink.server.checkpoints import Checkpoint, check_resumable, run_identity
 from fedlink.server.config import ServerConfig
 from fedlink.server.optimizers import FedAdagrad, FedAdam, FedAvgM, FedYogi, ServerOptimizer
 from fedlink.server.strategy import FedAvg, RuleStrategy, Strategy, aggregate_files, next_global
@@ -368,3 +371,23 @@ def test_the_docs_example_is_refused_where_it_cannot_run(tmp_path: Path) -> None
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("capped", None)
+
+
+def test_a_run_cannot_be_resumed_with_another_strategy(tmp_path: Path) -> None:
+    config = _config(strategy="fedavg")
+    model = tmp_path / "global-000001.safetensors"
+    save_state_file({"w": torch.zeros(1)}, model)
+    checkpoint = Checkpoint(
+        round=1,
+        model=PayloadFile.seal(model),
+        clients=(),
+        record={},
+        run={"task": "digits", "seed": 0, "strategy": "fedadam"},
+    )
+    with pytest.raises(ConfigError, match="a run with strategy='fedadam'"):
+        check_resumable(checkpoint, run_identity(config))
+    # A checkpoint from before strategies existed was a FedAvg run.
+    older = dataclasses.replace(checkpoint, run={"task": "digits", "seed": 0})
+    check_resumable(older, run_identity(config))
+    with pytest.raises(ConfigError, match="a run with strategy='fedavg'"):
+        check_resumable(older, run_identity(_config(strategy="fedyogi")))
