@@ -137,19 +137,21 @@ class _Adaptive(ServerOptimizer):
     v_{-1} = tau^2 (the smallest value the paper allows). No bias correction, as in the paper."""
 
     moment_names = ("m", "v")
+    beta2: float
 
     def __init__(
         self,
         eta: float = 0.1,
         beta1: float = 0.9,
-        beta2: float = 0.99,
+        beta2: float | None = 0.99,
         tau: float = 1e-3,
         inner: Strategy | None = None,
     ) -> None:
         super().__init__(inner)
         self.eta = _positive(f"{self.name} eta (server learning rate)", eta)
         self.beta1 = _check(f"{self.name} beta1", beta1, 0.0, 1.0)
-        self.beta2 = _check(f"{self.name} beta2", beta2, 0.0, 1.0)
+        if beta2 is not None:  # FedAdagrad has none
+            self.beta2 = _check(f"{self.name} beta2", beta2, 0.0, 1.0)
         self.tau = _positive(f"{self.name} tau (adaptivity)", tau)
 
     @abstractmethod
@@ -171,7 +173,7 @@ class FedAdagrad(_Adaptive):
     def __init__(
         self, eta: float = 0.1, beta1: float = 0.9, tau: float = 1e-3, inner: Strategy | None = None
     ) -> None:
-        super().__init__(eta=eta, beta1=beta1, tau=tau, inner=inner)
+        super().__init__(eta=eta, beta1=beta1, beta2=None, tau=tau, inner=inner)
 
     def second_moment(self, v: torch.Tensor, squared: torch.Tensor) -> torch.Tensor:
         return v + squared

@@ -69,7 +69,8 @@ def test_each_built_in_strategy_runs_a_federation(
 def test_a_server_optimizer_steps_on_the_mean_secure_aggregation_reveals(
     pki: Any, tmp_path: Path
 ) -> None:
-    _run(pki, tmp_path, rounds=2, clients=3, strategy="fedadam", secure_aggregation="true")
+    (tmp_path / "server.toml").write_text('strategy = "fedadam"\nsecure_aggregation = true\n')
+    _run(pki, tmp_path, rounds=2, clients=3, config=tmp_path / "server.toml")
     log = _log(tmp_path, "run")
     assert "strategy: fedadam(" in log
     assert "secure aggregation recovered the sum of 3 of 3 clients" in log
