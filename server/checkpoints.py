@@ -11,6 +11,10 @@ recorded digest, is skipped with a warning and the one before it is used.
 With differential privacy on, `privacy` holds the accountant's history (each mechanism applied
 and for how many rounds), so a resumed run continues the accounting where it stopped. The field
 is optional: a checkpoint written before it existed loads with an empty history.
+
+A strategy with state (a server optimizer's moments) has it saved beside the JSON as
+`round-NNNNNN.strategy.safetensors`, written first and named in the JSON with its SHA-256, so a
+resumed run steps exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -19,14 +23,16 @@ import json
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from fedlink.common.accounting import MechanismStep, compact
 from fedlink.common.errors import ConfigError, TensorFormatError
 from fedlink.common.storage import write_durably
-from fedlink.common.tensors import open_state_file
+from fedlink.common.tensors import open_state_file, save_state_file
 from fedlink.common.wire import PayloadFile
 from fedlink.server.config import ServerConfig
 from fedlink.server.validation import non_finite_tensors
@@ -45,6 +51,7 @@ class Checkpoint:
     record: Mapping[str, Any]  # the round's metrics.jsonl row
     run: Mapping[str, Any]  # what the run was started with (task, seed): must match on resume
     privacy: tuple[MechanismStep, ...] = ()  # the privacy accountant's history (DP runs)
+    strategy_state: Mapping[str, torch.Tensor] = field(default_factory=dict)  # e.g. FedAdam's
 
 
 class CheckpointStore:
@@ -57,6 +64,11 @@ class CheckpointStore:
         self._keep = keep
 
     def save(self, checkpoint: Checkpoint) -> None:
+        strategy_file = None
+        if checkpoint.strategy_state:
+            strategy_path = self._dir / f"round-{checkpoint.round:06d}.strategy.safetensors"
+            save_state_file(checkpoint.strategy_state, strategy_path, durable=True)
+            strategy_file = PayloadFile.seal(strategy_path)
         document = {
             "format": FORMAT,
             "round": checkpoint.round,
@@ -73,11 +85,14 @@ class CheckpointStore:
                 }
                 for step in compact(checkpoint.privacy)
             ],
+            "strategy_state": strategy_file.path.name if strategy_file else None,
+            "strategy_state_sha256": strategy_file.info.sha256.hex() if strategy_file else None,
         }
         path = self._dir / f"round-{checkpoint.round:06d}.json"
         write_durably(path, json.dumps(document, indent=1).encode())
         for old in self._rounds()[: -self._keep]:
             (self._dir / f"round-{old:06d}.json").unlink(missing_ok=True)
+            (self._dir / f"round-{old:06d}.strategy.safetensors").unlink(missing_ok=True)
 
     def retained_rounds(self) -> list[int]:
         """Rounds whose checkpoints are kept (their model files must be kept too)."""
@@ -121,6 +136,13 @@ class CheckpointStore:
             # Never written by this coordinator (it checks every aggregate), so the file was
             # produced elsewhere: resuming from it would publish a poisoned model.
             raise ValueError(f"{model.path.name} holds NaN or Inf in {', '.join(broken[:5])}")
+        strategy_state = {}
+        if document.get("strategy_state"):
+            strategy_file = PayloadFile.seal(self._dir / Path(document["strategy_state"]).name)
+            if strategy_file.info.sha256.hex() != str(document["strategy_state_sha256"]):
+                raise ValueError(f"{strategy_file.path.name} does not match its SHA-256")
+            with open_state_file(strategy_file.path) as state:
+                strategy_state = {name: tensor.clone() for name, tensor in state.items()}
         return Checkpoint(
             round=int(document["round"]),
             model=model,
@@ -133,6 +155,7 @@ class CheckpointStore:
                 )
                 for step in document.get("privacy", [])
             ),
+            strategy_state=strategy_state,
         )
 
     def _rounds(self) -> list[int]:
@@ -141,17 +164,23 @@ class CheckpointStore:
         )
 
 
+# What a checkpoint written before a key existed was run with.
+_RUN_DEFAULTS = {"strategy": "fedavg"}
+
+
 def run_identity(config: ServerConfig) -> dict[str, Any]:
-    """What a resumed run must share with the original: the same task and the same seed."""
-    return {"task": config.task, "seed": config.seed}
+    """What a resumed run must share with the original: the same task, seed and strategy (a
+    strategy's checkpointed state means nothing to another one)."""
+    return {"task": config.task, "seed": config.seed, "strategy": config.strategy}
 
 
 def check_resumable(checkpoint: Checkpoint, run: Mapping[str, Any]) -> None:
-    """Refuse to resume a run that was started with a different task or seed."""
+    """Refuse to resume a run that was started with a different task, seed or strategy."""
     for key, value in run.items():
-        if checkpoint.run.get(key) != value:
+        recorded = checkpoint.run.get(key, _RUN_DEFAULTS.get(key))
+        if recorded != value:
             raise ConfigError(
-                f"the state directory holds a run with {key}={checkpoint.run.get(key)!r}, but this "
+                f"the state directory holds a run with {key}={recorded!r}, but this "
                 f"coordinator was started with {key}={value!r}; use the original settings to "
                 "resume it, or another --state-dir for a new run"
             )

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedlink.common.errors import ConfigError, PKIError
 from fedlink.common.fixedpoint import RING_BITS
@@ -20,6 +21,8 @@ from fedlink.common.task_settings import (
 from fedlink.common.tasks.base import OPTIMIZERS
 from fedlink.common.wire import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from fedlink.server.robust import AggregationRule, FedAvg, parse_rule
+from fedlink.server.strategy import Strategy
+from fedlink.server.strategy_config import build_strategy
 
 
 def _help(text: str) -> dict[str, str]:
@@ -59,6 +62,21 @@ class ServerConfig:
         metadata=_help(
             "aggregation rule: fedavg, median, trimmed-mean,beta=B, krum,f=F, multi-krum,f=F[,m=M], "
             "each optionally with ,clip=<norm> or ,clip=median (see docs/aggregation.md)"
+        ),
+    )
+    strategy: str = field(
+        default="fedavg",
+        metadata=_help(
+            "how results become the next global model: fedavg, fedavgm, fedadam, fedyogi, "
+            'fedadagrad, or your own Strategy subclass as "package.module:Class" (see '
+            "docs/strategies.md)"
+        ),
+    )
+    strategy_params: Mapping[str, Any] | None = field(
+        default=None,
+        metadata=_help(
+            "the strategy's parameters: the TOML table [strategy_params], or the inside of an "
+            "inline table as a flag or variable (e.g. 'eta = 0.01, beta1 = 0.9')"
         ),
     )
     below_quorum: str = field(
@@ -387,6 +405,18 @@ class ServerConfig:
         self._check_privacy(rule)
         self._check_secure_aggregation(rule)
         self._check_dpsgd()
+        self.build_strategy()  # refuses a strategy that cannot be loaded or does not compose
+
+    def build_strategy(self) -> Strategy:
+        """The strategy these settings name, over their aggregation rule and DP."""
+        dp = None if self.dp_clip_norm is None else (self.dp_noise_multiplier, self.dp_clip_norm)
+        return build_strategy(
+            self.strategy,
+            self.strategy_params,
+            aggregation=self.aggregation,
+            dp=dp,
+            secure_aggregation=self.secure_aggregation,
+        )
 
     def _check_access(self) -> None:
         for name in ("handshake_timeout_seconds", "max_connection_idle_seconds"):

@@ -21,7 +21,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -72,20 +71,19 @@ from fedlink.common.wire import (
     PayloadFile,
     PayloadInfo,
 )
-from fedlink.server.aggregation import SUM_LIMIT, StreamingFedAvg, weighted_magnitude
+from fedlink.server.aggregation import SUM_LIMIT, weighted_magnitude
 from fedlink.server.checkpoints import Checkpoint, CheckpointStore, run_identity
 from fedlink.server.config import ServerConfig
 from fedlink.server.metrics import MetricAggregator, other_metrics
 from fedlink.server.monitoring import CoordinatorMetrics
-from fedlink.server.privacy import ROUND_SAMPLE_RATE, DPFedAvg
-from fedlink.server.robust import FedAvg, parse_rule
+from fedlink.server.privacy import ROUND_SAMPLE_RATE
+from fedlink.server.strategy import aggregate_files, next_global
 from fedlink.server.validation import (
     check_metrics,
     check_num_examples,
     check_update,
     check_update_bound,
     model_norm,
-    non_finite_tensors,
 )
 
 log = logging.getLogger(__name__)
@@ -402,10 +400,12 @@ class RoundEngine:
         self._spool_reserved = 0  # bytes promised to uploads in flight
         self._storage_logged = -math.inf
         self._secure_lock = threading.Lock()  # secure aggregation's state takes one at a time
-        self._rule = parse_rule(config.aggregation)
+        self._strategy = config.build_strategy()
+        log.info("strategy: %r", self._strategy)
+        if resume_from is not None:
+            self._strategy.load_state_dict(resume_from.strategy_state)
         self._accountant: PrivacyAccountant | None = None
         if config.dp_clip_norm is not None:
-            self._rule = DPFedAvg(self._rule, config.dp_noise_multiplier, config.dp_clip_norm)
             self._accountant = PrivacyAccountant(resume_from.privacy if resume_from else ())
             log.info(
                 "differential privacy: DP-FedAvg with clip norm %g, noise multiplier %g, "
@@ -836,15 +836,10 @@ class RoundEngine:
                     train = self._train_plainly(round_number, sampled, stop)
                 if train is None:
                     break
-                if train.state is not None and (broken := non_finite_tensors(train.state)):
-                    # Every update was checked, so this takes a rule or a decoded secure sum gone
-                    # wrong; whatever the cause, such a model is never published or checkpointed.
-                    log.error(
-                        "round %d: the aggregate has non-finite values in %s; it is discarded",
-                        round_number,
-                        ", ".join(broken[:5]),
+                if train.state is not None:
+                    train.state = next_global(
+                        self._strategy, self._global.path, train.state, round_number
                     )
-                    train.state = None
                 if train.state is None:
                     failures += 1
                     avoid = frozenset(sampled) - train.answered
@@ -878,7 +873,12 @@ class RoundEngine:
                     )
                     if evaluation is None:
                         break
-                    federated = self._aggregate_evaluation(evaluation.metrics)
+                    by_strategy = self._strategy.aggregate_evaluate(evaluation.metrics)
+                    federated = (  # None: the strategy leaves it to the task's aggregation
+                        self._aggregate_evaluation(evaluation.metrics)
+                        if by_strategy is None
+                        else by_strategy
+                    )
                 record = RoundRecord(
                     round=round_number,
                     clients_sampled=len(sampled),
@@ -1297,23 +1297,18 @@ class RoundEngine:
         """The new global model from the accepted updates, taken in order of client identity.
 
         A fixed order makes floating-point sums, and so the new model, the same whatever order
-        the uploads arrived in: that is what lets a seeded run be reproduced bit for bit. Plain
-        FedAvg folds one memory-mapped update at a time, so memory stays one accumulator; the
-        robust rules need every update (mapped, read slice by slice) and the current global model.
+        the uploads arrived in: that is what lets a seeded run be reproduced bit for bit. A
+        streaming strategy (FedAvg) folds one memory-mapped update at a time, so memory stays one
+        accumulator; the robust rules need every update (mapped, read slice by slice).
         """
         updates = [phase.accepted[identity] for identity in sorted(phase.accepted)]
         try:
-            with ExitStack() as files:
-                global_state = files.enter_context(open_state_file(phase.payload.path))
-                if type(self._rule) is FedAvg:
-                    average = StreamingFedAvg(self._manifest, global_state)
-                    for update in updates:
-                        with open_state_file(update.spool) as state:
-                            average.add(state, update.weight)
-                    return average.result()
-                states = [files.enter_context(open_state_file(u.spool)) for u in updates]
-                weighted = [(u.weight, state) for u, state in zip(updates, states, strict=True)]
-                return self._rule.aggregate(global_state, weighted, self._manifest)
+            return aggregate_files(
+                self._strategy,
+                phase.payload.path,
+                [(u.weight, u.spool) for u in updates],
+                self._manifest,
+            )
         finally:
             self._discard_updates(phase)
 
@@ -1386,6 +1381,7 @@ class RoundEngine:
                 record=dataclasses.asdict(record),
                 run=run_identity(self._config),
                 privacy=tuple(self._accountant.history) if self._accountant else (),
+                strategy_state=self._strategy.state_dict(),
             )
         )
         self._completed_round = record.round

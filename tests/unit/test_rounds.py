@@ -333,15 +333,23 @@ def _completed_run(
     return run.summary()
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
 def test_a_resumed_run_continues_after_the_last_checkpoint_and_ends_identically(
-    tmp_path: Path, running: list[Running]
+    tmp_path: Path, running: list[Running], strategy: str
 ) -> None:
-    whole = _completed_run(_config(tmp_path / "whole", num_rounds=4), running)
-    first_half = _completed_run(_config(tmp_path / "split", num_rounds=2), running)
+    whole = _completed_run(_config(tmp_path / "whole", num_rounds=4, strategy=strategy), running)
+    first_half = _completed_run(
+        _config(tmp_path / "split", num_rounds=2, strategy=strategy), running
+    )
     assert first_half.rounds_completed == 2
-    split = _config(tmp_path / "split", num_rounds=4)
+    split = _config(tmp_path / "split", num_rounds=4, strategy=strategy)
     checkpoint = CheckpointStore(split.state_dir, keep=3).latest()
     assert checkpoint is not None and checkpoint.round == 2 and checkpoint.clients == ("a",)
+    # A server optimizer's moments travel with the checkpoint: without them the resumed run
+    # would step from zero moments and end elsewhere.
+    assert sorted(checkpoint.strategy_state) == (
+        ["m/b", "m/w", "v/b", "v/w"] if strategy == "fedadam" else []
+    )
     second_half = _completed_run(split, running, resume=checkpoint)
     assert second_half.last_record is not None and second_half.last_record.round == 4
     assert second_half.rounds_completed == 4 and second_half.completed

@@ -1,0 +1,199 @@
+"""The Strategy API: how a round's results become the next global model (docs/strategies.md).
+
+A strategy sees each round in three steps, which the round engine calls in this order:
+
+1. aggregation, streaming: `begin(global_state, manifest)`, then `accumulate(update, weight)` once
+   per accepted update (in order of client identity, so a seeded run is reproducible), then
+   `finish()` returns the aggregate. A streaming strategy folds each update into O(model) state
+   and must not keep a reference to `update` (it is a memory-mapped file closed right after).
+   A strategy that needs every update at once (a median, Krum) sets `streaming = False`: the
+   engine then keeps every update mapped until `finish()`.
+2. the server step: `step(global_state, aggregate)` returns the new global model (FedAvg: the
+   aggregate itself; server optimizers such as FedAdam: global + a step along aggregate - global).
+   Its state (momentum, second moments) is `state_dict()` and goes into every checkpoint.
+3. evaluation: `aggregate_evaluate(results)` combines the clients' evaluation metrics.
+
+Under secure aggregation the coordinator learns only the weighted mean of the updates, so steps
+1's three calls are skipped and `step` receives that mean: only a strategy whose aggregate *is*
+the weighted mean (`secure_aggregation = True`) may run there.
+
+Planned extension point (not on the wire yet): FedProx, SCAFFOLD and FedBN need per-client
+settings and named extra tensors sent with the task and returned with the result. They will come
+as a `configure_train(round, identity) -> ClientInstructions(settings, tensors)` method with an
+empty default, and `accumulate` receiving the returned extra tensors, so strategies written
+against this API keep working.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+from fedlink.common.tensors import Manifest, StateDict, open_state_file
+from fedlink.server.aggregation import SUM_LIMIT, StreamingFedAvg
+from fedlink.server.robust import AggregationRule
+from fedlink.server.validation import non_finite_tensors
+
+log = logging.getLogger(__name__)
+
+# (number of examples, metrics) reported by each client that evaluated the global model.
+EvaluationResults = Sequence[tuple[int, Mapping[str, float]]]
+
+
+class Strategy(ABC):
+    """Turns a round's accepted updates into the next global model.
+
+    Subclass it, implement `begin`, `accumulate` and `finish`, and override `step`,
+    `state_dict`/`load_state_dict` and `aggregate_evaluate` where the algorithm differs.
+    Class attributes declare how the strategy composes with the rest of fedlink.
+    """
+
+    name: str = "custom"
+    # False: the engine keeps every update of the round mapped until `finish` (O(clients) files).
+    streaming: bool = True
+    # True: the aggregate is the weighted mean of the updates, so secure aggregation's decoded
+    # mean can stand in for begin/accumulate/finish.
+    secure_aggregation: bool = False
+
+    def __repr__(self) -> str:
+        return self.name
+
+    @abstractmethod
+    def begin(self, global_state: Mapping[str, torch.Tensor], manifest: Manifest) -> None:
+        """Start a round's aggregation from the model the clients trained on."""
+
+    @abstractmethod
+    def accumulate(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
+        """Fold in one validated update (a full local model matching the manifest) with its
+        weight (the client's reported example count, positive and capped)."""
+
+    @abstractmethod
+    def finish(self) -> StateDict:
+        """The round's aggregate, a full model in the manifest's dtypes."""
+
+    def step(self, global_state: Mapping[str, torch.Tensor], aggregate: StateDict) -> StateDict:
+        """The new global model from the aggregate (default: the aggregate itself)."""
+        return aggregate
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """State that must survive a restart (saved with each checkpoint); tensors only."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore `state_dict()` from a checkpoint."""
+        if state:
+            raise ValueError(f"{self.name} keeps no state, got {sorted(state)[:5]}")
+
+    def aggregate_evaluate(self, results: EvaluationResults) -> dict[str, float] | None:
+        """The round's federated metrics from the clients' `(num_examples, metrics)`; None (the
+        default) leaves it to the task's aggregation (server/metrics.py: means weighted by
+        example count, and the task's own for the metrics it declares)."""
+        return None
+
+
+class FedAvg(Strategy):
+    """FedAvg (McMahan et al. 2017): new = sum(n_i * w_i) / sum(n_i), folded in as updates
+    arrive (`StreamingFedAvg`: one float32 accumulator, integer buffers by median).
+
+    Composes with secure aggregation (it is what secure aggregation computes), DP (DP-FedAvg is
+    the robust-rule path's "dp fedavg" rule) and nothing else: robust rules are `RuleStrategy`.
+    """
+
+    name = "fedavg"
+    secure_aggregation = True
+
+    def __init__(self) -> None:
+        self._average: StreamingFedAvg | None = None
+
+    def begin(self, global_state: Mapping[str, torch.Tensor], manifest: Manifest) -> None:
+        self._average = StreamingFedAvg(manifest, global_state)
+
+    def accumulate(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
+        assert self._average is not None, "begin() first"
+        self._average.add(update, weight)
+
+    def finish(self) -> StateDict:
+        assert self._average is not None, "begin() first"
+        average, self._average = self._average, None
+        return average.result()
+
+
+class RuleStrategy(Strategy):
+    """A rule that needs every update at once (median, trimmed mean, Krum, norm clipping,
+    DP-FedAvg: server/robust.py, server/privacy.py) as a strategy: keeps the mapped updates and
+    runs the rule in `finish`. The rule reads them slice by slice, so memory stays O(model)
+    even though O(clients) files are open."""
+
+    streaming = False
+
+    def __init__(self, rule: AggregationRule) -> None:
+        self.rule = rule
+        self.name = rule.name
+        self._global: Mapping[str, torch.Tensor] | None = None
+        self._manifest: Manifest = {}
+        self._updates: list[tuple[float, Mapping[str, torch.Tensor]]] = []
+
+    def begin(self, global_state: Mapping[str, torch.Tensor], manifest: Manifest) -> None:
+        self._global, self._manifest, self._updates = global_state, manifest, []
+
+    def accumulate(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
+        self._updates.append((weight, update))
+
+    def finish(self) -> StateDict:
+        assert self._global is not None, "begin() first"
+        updates, self._updates = self._updates, []
+        return self.rule.aggregate(self._global, updates, self._manifest)
+
+
+def aggregate_files(
+    strategy: Strategy, global_path: Path, updates: Sequence[tuple[float, Path]], manifest: Manifest
+) -> StateDict:
+    """Run the strategy's aggregation over spooled update files, in the order given.
+
+    A streaming strategy sees one mapped update at a time; otherwise every file stays mapped
+    until `finish` (as `streaming = False` declares).
+    """
+    with ExitStack() as files:
+        global_state = files.enter_context(open_state_file(global_path))
+        strategy.begin(global_state, manifest)
+        for weight, path in updates:
+            if strategy.streaming:
+                with open_state_file(path) as state:
+                    strategy.accumulate(state, weight)
+            else:
+                strategy.accumulate(files.enter_context(open_state_file(path)), weight)
+        return strategy.finish()
+
+
+def next_global(
+    strategy: Strategy, global_path: Path, aggregate: StateDict, round_number: int
+) -> StateDict | None:
+    """The strategy's step from the current global model, checked like any input: None (and
+    the strategy's state left as it was) when the result is non-finite or so large that the
+    next round's sums could overflow, so such a model is never published or checkpointed."""
+    before = {name: tensor.clone() for name, tensor in strategy.state_dict().items()}
+    with open_state_file(global_path) as global_state:
+        state = strategy.step(global_state, aggregate)
+    if broken := non_finite_tensors(state):
+        problem = f"non-finite values in {', '.join(broken[:5])}"
+    elif huge := [name for name, t in state.items() if _largest(t) > SUM_LIMIT]:
+        problem = f"values above {SUM_LIMIT:.3g} in {', '.join(huge[:5])}"
+    else:
+        return state
+    # Every update was checked, so this takes a rule, a server step or a decoded secure sum
+    # gone wrong.
+    log.error("round %d: the new global model has %s; it is discarded", round_number, problem)
+    strategy.load_state_dict(before)
+    return None
+
+
+def _largest(tensor: torch.Tensor) -> float:
+    if not tensor.dtype.is_floating_point or not tensor.numel():
+        return 0.0
+    low, high = torch.aminmax(tensor)
+    return max(-float(low), float(high))
