@@ -18,7 +18,7 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2
 
-from fedlink.common.errors import ConfigError
+from fedlink.common.errors import ConfigError, UpdateRejected
 from fedlink.common.pki import load_credentials
 from fedlink.common.storage import publish_file
 from fedlink.common.tasks import load_task
@@ -26,15 +26,18 @@ from fedlink.common.tasks.base import TaskModule
 from fedlink.common.tensors import StateDict
 from fedlink.common.threads import size_torch_threads
 from fedlink.common.wire import MESSAGE_OVERHEAD
+from fedlink.server.admin import AdminServicer, RunControl, add_admin_service
 from fedlink.server.checkpoints import CheckpointStore, check_resumable, run_identity
 from fedlink.server.config import ServerConfig
+from fedlink.server.dashboard import Dashboard
 from fedlink.server.health import HEALTH_THREADS, GuardedHealth, HealthStatuses
 from fedlink.server.memory import start_memory_trim
 from fedlink.server.monitoring import MetricsEndpoint
 from fedlink.server.report import MetricsLog, plot_metrics, read_metrics, table_header, table_row
-from fedlink.server.rounds import Evaluator, RoundEngine, RoundRecord
+from fedlink.server.rounds import Evaluator, RoundEngine, RoundRecord, RunSummary
 from fedlink.server.service import FederationServicer, RequestParsing
 from fedlink.server.state_lock import lock_state_dir
+from fedlink.server.status import RecentLogs, load_rounds
 from fedlink.server.tracking import close_trackers, open_trackers, track_round
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
@@ -87,23 +90,48 @@ class Listening:
             self.health.set(service, status)
 
 
-def start_server(config: ServerConfig, engine: RoundEngine) -> Listening:
-    """Bind and start the gRPC server for `engine`; health reports SERVING once it listens."""
+def start_server(
+    config: ServerConfig,
+    engine: RoundEngine,
+    *,
+    control: RunControl | None = None,
+    logs: RecentLogs | None = None,
+) -> Listening:
+    """Bind and start the gRPC server for `engine`; health reports SERVING once it listens.
+    `control` is what the Admin service's actions do (default: StopRun ends the run as if it
+    were complete), `logs` the lines it shows."""
     health_servicer = HealthStatuses()
     servicer = FederationServicer(engine, config, federation_id=uuid.uuid4().hex)
     guarded = GuardedHealth(health_servicer, servicer.policy, config)
-    server, port = _build_server(config, servicer, guarded)
+    if control is None:
+        control = RunControl(stop=lambda reason: engine.request_stop(), exclude=_excluder(engine))
+    admin = AdminServicer(servicer.policy, engine.status, logs or RecentLogs(), control)
+    server, port = _build_server(config, servicer, guarded, admin)
     server.start()
     listening = Listening(server, port, health_servicer)
     listening.set_serving(True)
     return listening
 
 
+def _excluder(engine: RoundEngine) -> Callable[[str, str], None]:
+    """Drop an excluded client from the round in progress and from sampling; the access policy
+    refuses its calls from now on."""
+
+    def exclude(identity: str, reason: str) -> None:
+        engine.reject_participant(identity, UpdateRejected("PERMISSION_DENIED", reason))
+        engine.leave(identity, reason)
+
+    return exclude
+
+
 def _build_server(
-    config: ServerConfig, servicer: FederationServicer, guarded_health: GuardedHealth
+    config: ServerConfig,
+    servicer: FederationServicer,
+    guarded_health: GuardedHealth,
+    admin: AdminServicer,
 ) -> tuple[grpc.Server, int]:
-    """A gRPC server with the federation and health services, bound with mTLS (or, only when
-    asked for explicitly, plaintext). Returns the server and the bound port."""
+    """A gRPC server with the federation, admin and health services, bound with mTLS (or, only
+    when asked for explicitly, plaintext). Returns the server and the bound port."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
         # Beyond this many calls in progress or queued, gRPC answers RESOURCE_EXHAUSTED itself.
@@ -120,6 +148,7 @@ def _build_server(
         ],
     )
     pb_grpc.add_FederationServicer_to_server(servicer, server)
+    add_admin_service(server, admin)
     health_pool = futures.ThreadPoolExecutor(HEALTH_THREADS, thread_name_prefix="health")
     server.add_generic_rpc_handlers((guarded_health.handler(health_pool),))
     if config.insecure:
@@ -205,6 +234,7 @@ def _coordinate(config: ServerConfig) -> int:
     def on_round(record: RoundRecord) -> None:
         metrics.append(record)
         track_round(trackers, record)
+        engine.status.round_completed(dataclasses.asdict(record))
         print(table_row(dataclasses.asdict(record)), flush=True)
 
     engine = RoundEngine(
@@ -215,10 +245,45 @@ def _coordinate(config: ServerConfig) -> int:
         resume_from=checkpoint,
     )
     del initial_state
+    if checkpoint is not None:
+        load_rounds(engine.status, read_metrics(metrics.path))
     endpoint = (
         MetricsEndpoint(config.metrics_listen, engine.metrics) if config.metrics_listen else None
     )
-    listening = start_server(config, engine)
+    logs = RecentLogs()
+    logging.getLogger().addHandler(logs)
+    stop = threading.Event()
+    listening: Listening | None = None
+
+    def stop_run(reason: str) -> None:
+        """What SIGTERM, SIGINT and the Admin service's StopRun do."""
+        log.info("%s: stopping after cleaning up", reason)
+        engine.status.set_state("stopping")
+        stop.set()
+        if listening is not None:
+            listening.set_serving(False)
+
+    try:
+        listening = start_server(
+            config, engine, control=RunControl(stop_run, _excluder(engine)), logs=logs
+        )
+        dashboard = Dashboard.start(config, engine.status, logs)
+        return _serve(config, engine, listening, stop, stop_run, endpoint, dashboard, metrics)
+    finally:
+        logging.getLogger().removeHandler(logs)
+        close_trackers(trackers)
+
+
+def _serve(
+    config: ServerConfig,
+    engine: RoundEngine,
+    listening: Listening,
+    stop: threading.Event,
+    stop_run: Callable[[str], None],
+    endpoint: MetricsEndpoint | None,
+    dashboard: Dashboard | None,
+    metrics: MetricsLog,
+) -> int:
     port = listening.port
     host = config.listen.rsplit(":", 1)[0]
     log.info(
@@ -232,21 +297,22 @@ def _coordinate(config: ServerConfig) -> int:
     if config.address_file is not None:
         config.address_file.write_text(f"{host}:{port}\n")
 
-    stop = threading.Event()
     start_memory_trim(stop)
-    previous = _install_signal_handlers(stop, on_signal=lambda: listening.set_serving(False))
+    previous = _install_signal_handlers(stop_run)
     try:
         print(table_header(), flush=True)
         summary = engine.run(stop)
     finally:
         listening.set_serving(False)
         _restore_signal_handlers(previous)
-        close_trackers(trackers)
+    engine.status.set_state(_final_state(summary))
 
     if summary.storage_failure is not None:
         listening.server.stop(grace=2.0).wait()
         if endpoint is not None:
             endpoint.close()
+        if dashboard is not None:
+            dashboard.close()
         return EXIT_STORAGE_FAILURE
     publish_file(summary.final_model, config.run_dir / "final_model.safetensors")
     records = read_metrics(metrics.path)
@@ -256,6 +322,8 @@ def _coordinate(config: ServerConfig) -> int:
     listening.server.stop(grace=2.0).wait()
     if endpoint is not None:
         endpoint.close()
+    if dashboard is not None:
+        dashboard.close()
     log.info("wrote %s", config.run_dir)
     if summary.stopped_by_signal:
         log.info(
@@ -297,13 +365,17 @@ def _central_evaluator(task: TaskModule, model: torch.nn.Module) -> Evaluator | 
     return evaluate
 
 
-def _install_signal_handlers(
-    stop: threading.Event, on_signal: Callable[[], None]
-) -> dict[int, object]:
+def _final_state(summary: RunSummary) -> str:
+    if summary.stopped_by_signal:
+        return "stopped"
+    if summary.completed or summary.budget_spent:
+        return "finished"
+    return "failed"
+
+
+def _install_signal_handlers(stop_run: Callable[[str], None]) -> dict[int, object]:
     def handle(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s: stopping after cleaning up", signal.Signals(signum).name)
-        stop.set()
-        on_signal()
+        stop_run(f"received {signal.Signals(signum).name}")
 
     previous: dict[int, object] = {}
     for sig in (signal.SIGTERM, signal.SIGINT):

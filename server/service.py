@@ -140,6 +140,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 break
             yield pb.TaskMessage(chunk=pb.Chunk(offset=offset, data=data))
             sent += len(data)
+            self._engine.status.count_bytes(identity, down=len(data))
         self._engine.count_bytes(down=sent)
 
     def PushResult(
@@ -177,6 +178,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                     raise UpdateRejected("INVALID_ARGUMENT", "only one ResultHeader per upload")
                 upload.add_chunk(message.chunk.offset, message.chunk.data)
                 received += len(message.chunk.data)
+                self._engine.status.count_bytes(identity, up=len(message.chunk.data))
             self._engine.finish_result(upload)
         except UpdateRejected as exc:
             self._engine.reject_result(upload, exc)
