@@ -57,6 +57,9 @@ class AdminServicer(pb_grpc.AdminServicer):
         self._logs = logs
         self._control = control
         self._limits = ClientLimits(rate=ADMIN_RATE, burst=ADMIN_BURST, max_calls=ADMIN_CALLS)
+        if policy is not None and policy.exclusions is not None:
+            for identity, why in policy.exclusions.reasons().items():
+                status.excluded(identity, why)  # recorded by an earlier coordinator of the run
 
     def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.ServicerContext
@@ -93,8 +96,8 @@ class AdminServicer(pb_grpc.AdminServicer):
                     request.identity,
                     reason,
                 )
-            self._status.excluded(request.identity, reason)
             self._control.exclude(request.identity, f"excluded by administrator {admin}: {reason}")
+            self._status.excluded(request.identity, reason)
             return pb.ExcludeClientReply(already_excluded=not added)
 
     def _admitted(self, context: grpc.ServicerContext) -> _Admission:

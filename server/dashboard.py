@@ -69,14 +69,15 @@ class Dashboard:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(config.cert, config.key)
+        host = host.strip("[]")
         try:
-            server = _Server((host.strip("[]"), int(port)), _Handler)
+            server = _Server((host, int(port)), _Handler, ipv6=":" in host)
         except OSError as exc:
             raise ConfigError(
                 f"cannot listen on dashboard_listen {config.dashboard_listen}: {exc.strerror}; "
                 "choose another address"
             ) from None
-        server.setup(context, token, status, logs)
+        server.configure(context, token, status, logs)
         thread = threading.Thread(target=server.serve_forever, name="dashboard", daemon=True)
         thread.start()
         dashboard = cls(server, thread)
@@ -145,7 +146,12 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = MAX_CONNECTIONS
 
-    def setup(
+    def __init__(self, address: tuple[str, int], handler: Any, *, ipv6: bool) -> None:
+        if ipv6:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
+
+    def configure(
         self, context: ssl.SSLContext, token: str, status: RunStatus, logs: RecentLogs
     ) -> None:
         self.context = context

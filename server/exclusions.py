@@ -66,8 +66,9 @@ class Exclusions:
     def __contains__(self, identity: object) -> bool:
         return identity in self._excluded
 
-    def identities(self) -> list[str]:
-        return sorted(self._excluded)
+    def reasons(self) -> dict[str, str]:
+        """Each excluded identity and why."""
+        return {name: exclusion.reason for name, exclusion in sorted(self._excluded.items())}
 
     def _load(self) -> dict[str, Exclusion]:
         try:
