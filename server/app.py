@@ -264,10 +264,11 @@ def _coordinate(config: ServerConfig) -> int:
             listening.set_serving(False)
 
     try:
+        # The dashboard first: a token file it refuses stops the start before any client joins.
+        dashboard = Dashboard.start(config, engine.status, logs)
         listening = start_server(
             config, engine, control=RunControl(stop_run, _excluder(engine)), logs=logs
         )
-        dashboard = Dashboard.start(config, engine.status, logs)
         return _serve(config, engine, listening, stop, stop_run, endpoint, dashboard, metrics)
     finally:
         logging.getLogger().removeHandler(logs)
