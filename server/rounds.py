@@ -469,7 +469,10 @@ class RoundEngine:
                 raise UpdateRejected("FAILED_PRECONDITION", JOIN_REQUIRED)
             self.status.client_seen(identity)
             while True:
-                self._sessions[identity].last_seen = time.monotonic()
+                session = self._sessions.get(identity)
+                if session is None:  # it left (or was excluded) while this poll waited
+                    raise UpdateRejected("FAILED_PRECONDITION", JOIN_REQUIRED)
+                session.last_seen = time.monotonic()
                 if self._shutting_down:
                     raise UpdateRejected(
                         "UNAVAILABLE", "the coordinator is shutting down; retry after it restarts"

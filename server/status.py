@@ -58,6 +58,7 @@ class RunStatus:
         self._quorum = 0
         self._delivered = 0
         self._needed = 0
+        self._bytes_round = 0
         self._participants: frozenset[str] = frozenset()
         self._clients: dict[str, _Client] = {}
         self._rounds: collections.deque[dict[str, Any]] = collections.deque(maxlen=ROUND_HISTORY)
@@ -77,7 +78,8 @@ class RunStatus:
         participants: Collection[str],
     ) -> None:
         with self._lock:
-            if round_number != self._round:
+            if round_number != self._bytes_round:  # each round's transfers count afresh
+                self._bytes_round = round_number
                 for client in self._clients.values():
                     client.bytes_down = client.bytes_up = 0
             self._state = "running"

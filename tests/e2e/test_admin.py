@@ -12,6 +12,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -75,13 +76,14 @@ def test_only_admin_certificates_may_call_the_admin_service(
     assert code == grpc.StatusCode.PERMISSION_DENIED
     assert "not an admin certificate" in details
 
-    # The coordinator's own certificate, presented as a TLS client.
+    # The coordinator's own certificate, presented as a TLS client: it states no client-auth
+    # usage, so the handshake refuses it ("unsupported certificate purpose"); the Admin
+    # service's own check (unit-tested in test_pki) would too.
     server = pki.server_dir
     code, details = _status_code(
         _channel(address, server / "server.pem", server / "server.key", server / "ca.pem")
     )
-    assert code == grpc.StatusCode.UNAUTHENTICATED, details
-    assert "client-auth" in details
+    assert code == grpc.StatusCode.UNAVAILABLE, details
 
     # An admin certificate of another federation's CA never gets past the handshake.
     init_ca(tmp_path / "foreign-ca")
@@ -165,7 +167,7 @@ def test_status_exclude_and_stop_against_a_live_federation(pki: Any, tmp_path: P
     settings: dict[str, object] = {
         "listen": "127.0.0.1:0",
         "address_file": address_file,
-        "num_rounds": 200,
+        "num_rounds": 100_000,  # rounds take a fraction of a second: stopped long before
         "min_clients": 2,
         "min_fit_clients": 1,
         "evaluate_every": 0,
@@ -186,7 +188,7 @@ def test_status_exclude_and_stop_against_a_live_federation(pki: Any, tmp_path: P
         table = _cli("status", *_admin_flags(pki, address), "--log-lines=5")
         assert table.returncode == 0, table.stderr
         (tmp_path / "status.txt").write_text(table.stdout)
-        assert re.search(r"state: running\s+round \d+ of 200", table.stdout), table.stdout
+        assert re.search(r"state: running\s+round \d+ of 100000", table.stdout), table.stdout
         assert re.search(r"^site-0\s+yes\s+\d+ s ago", table.stdout, re.MULTILINE), table.stdout
         assert re.search(r"^site-1\s+yes", table.stdout, re.MULTILINE), table.stdout
         assert "accepted" in table.stdout and "fedlink.server" in table.stdout
@@ -198,11 +200,16 @@ def test_status_exclude_and_stop_against_a_live_federation(pki: Any, tmp_path: P
             stdout=subprocess.PIPE,
             text=True,
         )
-        time.sleep(4)
-        watch.send_signal(signal.SIGINT)
-        out, _ = watch.communicate(timeout=30)
-        snapshots = [json.loads(line) for line in out.splitlines() if line.strip()]
-        assert len(snapshots) >= 3
+        # Start-up takes seconds on a loaded machine; a stuck --watch is killed, not waited for.
+        guard = threading.Timer(120, watch.kill)
+        guard.start()
+        try:
+            assert watch.stdout is not None
+            snapshots = [json.loads(watch.stdout.readline()) for _ in range(3)]
+        finally:
+            guard.cancel()
+            watch.send_signal(signal.SIGINT)
+            watch.communicate(timeout=30)
         assert snapshots[-1]["updated_unix"] > snapshots[0]["updated_unix"]
 
         # Exclude site-1: its calls are refused with a message saying so, and it stops.
@@ -237,7 +244,7 @@ def test_status_exclude_and_stop_against_a_live_federation(pki: Any, tmp_path: P
         assert "administrator operator asked to stop the run (maintenance)" in log
         assert "start again on" in log and "to resume" in log
         finished = len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
-        assert finished < 200
+        assert finished < 100_000
 
         # A coordinator restarted on the same state_dir still refuses site-1.
         address_file.unlink()
@@ -313,7 +320,7 @@ def test_the_dashboard_shows_a_live_federation_in_chromium(pki: Any, tmp_path: P
         "run",
         listen="127.0.0.1:0",
         address_file=address_file,
-        num_rounds=100,
+        num_rounds=100_000,
         min_clients=2,
         dashboard_listen="127.0.0.1:0",
         dashboard_token_file=token_file,
@@ -371,6 +378,6 @@ def test_the_dashboard_shows_a_live_federation_in_chromium(pki: Any, tmp_path: P
 
         # Without the token the page asks for it and shows nothing.
         dom = chromium_dom(browser, f"{base}/", cert, tmp_path / "profile")
-        assert "enter the token" in dom and "data-client" not in dom
+        assert "enter the token" in dom and "<tr data-client" not in dom
     finally:
         _kill_all([server, *clients])

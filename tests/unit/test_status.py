@@ -43,7 +43,8 @@ def test_a_phase_shows_its_round_deadline_quorum_and_participants() -> None:
     assert clients["b"]["last_error"] == "bad tensor\\nforged line"  # one line, escaped
     status.phase_closed()
     assert status.snapshot()["phase"] == "" and status.snapshot()["deadline_unix"] == 0.0
-    # A new round starts every client's byte counts afresh.
+    # A new round starts every client's byte counts afresh (also after waiting for clients).
+    status.waiting_for_clients(2, needed=1)
     status.phase_opened("train", 2, timeout=60, quorum=2, participants=["a"])
     assert status.snapshot()["clients"][0]["bytes_down"] == 0
 
