@@ -67,7 +67,7 @@ def add_certs_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
 
     issue = commands.add_parser(
         "issue",
-        help="issue a server or client certificate",
+        help="issue a server, client or admin certificate",
         description=(
             "Issue a certificate signed by the federation CA and write the participant's bundle "
             "(NAME.pem, NAME.key, ca.pem) into OUT."
@@ -84,6 +84,13 @@ def add_certs_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     )
     role.add_argument(
         "--client", dest="role", action="store_const", const="client", help="client certificate"
+    )
+    role.add_argument(
+        "--admin",
+        dest="role",
+        action="store_const",
+        const="admin",
+        help="operator certificate: may call the Admin service (`fedlink status`), nothing else",
     )
     issue.add_argument(
         "--host",

@@ -1,4 +1,4 @@
-"""The `fedlink` command: server, client, certs, health and demo subcommands."""
+"""The `fedlink` command: server, client, certs, health, status, admin and demo subcommands."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from fedlink.common.config import add_config_arguments, load_config
 from fedlink.common.errors import FedlinkError
 from fedlink.common.logs import configure_logging
 from fedlink.health import add_health_parser
+from fedlink.status import add_admin_parsers
 
 
 def _run_server(args: argparse.Namespace) -> int:
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_certs_parser(commands)
     add_health_parser(commands)
+    add_admin_parsers(commands)
 
     demo = commands.add_parser("demo", help="certificates + coordinator + N clients on localhost")
     add_demo_arguments(demo)

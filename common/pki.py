@@ -35,7 +35,7 @@ from fedlink.common.errors import PKIError
 
 logger = logging.getLogger(__name__)
 
-Role = Literal["server", "client"]
+Role = Literal["server", "client", "admin"]
 
 CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
@@ -53,10 +53,24 @@ CLOCK_SKEW = dt.timedelta(minutes=5)
 # that look like command-line options.
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
-# The TLS side each role plays; the peer's stack rejects a certificate used for the other side.
-_ROLE_USAGE = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
+# The admin role, as an extended key usage of fedlink's own: an OID under 2.25 (ITU-T X.667,
+# a UUID as an OID, unique without registering an arc). An admin certificate also carries
+# client-auth (it is a TLS client), so the role is the presence of this usage. It is not a
+# subject field (OU=admin): anything in the subject is what `--name` writes, and a name must
+# never grant a role.
+ADMIN_USAGE = x509.ObjectIdentifier("2.25.332630027600117030268192354391605971944")
 
-_ISSUE_HINT = "`fedlink certs issue --ca-dir CA_DIR --out DIR --name NAME --server|--client`"
+# The extended key usages each role's certificate carries; the TLS side it plays comes first.
+_ROLE_USAGES = {
+    "server": [ExtendedKeyUsageOID.SERVER_AUTH],
+    "client": [ExtendedKeyUsageOID.CLIENT_AUTH],
+    "admin": [ExtendedKeyUsageOID.CLIENT_AUTH, ADMIN_USAGE],
+}
+_ROLE_FLAGS = {"server": "--server", "client": "--client", "admin": "--admin"}
+
+_ISSUE_HINT = (
+    "`fedlink certs issue --ca-dir CA_DIR --out DIR --name NAME --server|--client|--admin`"
+)
 
 # What fedlink accepts from any certificate, whoever made it: SHA-1 (and older) signatures can be
 # forged and RSA keys under 2048 bits factored, so neither may vouch for an identity.
@@ -152,17 +166,19 @@ def issue_certificate(
     days: int = DEFAULT_CERT_DAYS,
     force: bool = False,
 ) -> CertPaths:
-    """Issue a server or client certificate signed by the CA in `ca_dir` and write its bundle.
+    """Issue a server, client or admin certificate signed by the CA in `ca_dir` and write its
+    bundle.
 
     Writes `<name>.pem`, `<name>.key` and a copy of `ca.pem` into `out_dir`: everything the
     participant needs, and nothing more (never the CA key). `name` becomes the subject common
     name, which the coordinator uses as the client's identity. A server certificate lists the
-    host names and IP addresses clients connect to; a client certificate lists none.
+    host names and IP addresses clients connect to; client and admin certificates list none.
+    An admin certificate may call the coordinator's Admin service and nothing else.
     `days=0` yields an already-expired certificate, which is only useful in tests.
     """
     _validate_issued_name(name)
-    if role not in ("server", "client"):
-        raise PKIError(f"unknown certificate role {role!r}; use 'server' or 'client'")
+    if role not in _ROLE_USAGES:
+        raise PKIError(f"unknown certificate role {role!r}; use 'server', 'client' or 'admin'")
     if days < 0:
         raise PKIError(f"certificate validity cannot be negative, got {days}; pass --days N >= 1")
     if role == "server" and not hosts:
@@ -170,9 +186,9 @@ def issue_certificate(
             f"server certificate {name!r} needs at least one host name or IP address that clients "
             "connect to; pass --host (e.g. --host localhost --host 10.0.0.5)"
         )
-    if role == "client" and hosts:
+    if role != "server" and hosts:
         raise PKIError(
-            f"client certificate {name!r} cannot carry hosts ({', '.join(hosts)}); the coordinator "
+            f"{role} certificate {name!r} cannot carry hosts ({', '.join(hosts)}); the coordinator "
             "identifies clients by name. Drop --host, or use --server for the coordinator"
         )
     san = _subject_alt_names(hosts) if role == "server" else None
@@ -239,7 +255,7 @@ def issue_certificate(
         )
 
     key = ec.generate_private_key(ec.SECP256R1())
-    eku = x509.ExtendedKeyUsage([_ROLE_USAGE[role]])
+    eku = x509.ExtendedKeyUsage(_ROLE_USAGES[role])
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -325,9 +341,12 @@ class PeerCertificate:
     not_after: dt.datetime
 
 
-def peer_certificate(cert_pem: bytes, ca_pem: bytes) -> PeerCertificate:
-    """Check a peer's client certificate against the federation CA (`ca_pem`); its subject
-    common name is the peer's fedlink identity. PKIError says which check failed.
+def peer_certificate(
+    cert_pem: bytes, ca_pem: bytes, role: Literal["client", "admin"] = "client"
+) -> PeerCertificate:
+    """Check a peer's client (or, with `role="admin"`, admin) certificate against the federation
+    CA (`ca_pem`); its subject common name is the peer's fedlink identity. PKIError says which
+    check failed. Each role refuses the other's certificates (see `_check_role`).
 
     Only certificates the CA signed directly are accepted: TLS stacks build chains through any
     intermediate the peer sends, and a leaf from an intermediate (or from a client certificate
@@ -356,7 +375,7 @@ def peer_certificate(cert_pem: bytes, ca_pem: bytes) -> PeerCertificate:
             f"the client certificate ({serial}) is a CA certificate (CA:TRUE); issue a client "
             "certificate with `fedlink certs issue --client`"
         )
-    _check_role(certificate, f"the certificate ({serial})", "client")
+    _check_role(certificate, f"the certificate ({serial})", role)
     attributes = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not attributes:
         raise PKIError(
@@ -678,18 +697,39 @@ def _check_validity(
 
 
 def _check_role(certificate: x509.Certificate, what: str, role: Role) -> None:
-    wanted = _ROLE_USAGE[role]
+    """PKIError unless `certificate` carries `role`'s usages and no other role's: a certificate
+    that could be read as two roles (an admin usage beside server-auth, say) is refused, so no
+    certificate ever holds more power than the one role it was issued for."""
     try:
-        usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        usages = list(certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
     except x509.ExtensionNotFound:
         # X.509 reads a missing EKU as "any usage"; fedlink wants the role stated, as the
         # coordinator does on every call.
-        usages = x509.ExtendedKeyUsage([])
+        usages = []
+    wanted = _ROLE_USAGES[role][0]
     if wanted not in usages:
-        flag = "--server" if role == "server" else "--client"
+        side = "server" if role == "server" else "client"
         raise PKIError(
-            f"{what} is not a {role} certificate (no {role}-auth extended key usage); issue one "
-            f"with `fedlink certs issue {flag}`"
+            f"{what} is not a {role} certificate (no {side}-auth extended key usage); issue one "
+            f"with `fedlink certs issue {_ROLE_FLAGS[role]}`"
+        )
+    is_admin = ADMIN_USAGE in usages
+    if role == "client" and is_admin:
+        raise PKIError(
+            f"{what} is an admin certificate: it may call the Admin service (`fedlink status`), "
+            "never take part in the federation; give each site a certificate from "
+            "`fedlink certs issue --client`"
+        )
+    if role == "admin" and not is_admin:
+        raise PKIError(
+            f"{what} is not an admin certificate (no fedlink admin usage); only certificates "
+            "from `fedlink certs issue --admin` may call the Admin service"
+        )
+    if is_admin and (role == "server" or ExtendedKeyUsageOID.SERVER_AUTH in usages):
+        raise PKIError(
+            f"{what} carries both the admin and the server-auth usage, so its role is "
+            "ambiguous; fedlink refuses it. Issue separate certificates with "
+            "`fedlink certs issue --server` and `--admin`"
         )
 
 

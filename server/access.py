@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cryptography import x509
 
@@ -36,6 +36,7 @@ from fedlink.common.pki import (
 from fedlink.common.storage import write_durably
 from fedlink.common.wire import JOIN_REQUIRED
 from fedlink.server.config import ServerConfig
+from fedlink.server.exclusions import Exclusions
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,14 @@ def _utc_now() -> dt.datetime:
 CRL_NUMBER_FILE = "crl-number"
 
 
+PeerRole = Literal["client", "admin"]
+
+
 @lru_cache(maxsize=4096)
-def parse_peer(cert_pem: bytes, ca_pem: bytes) -> PeerCertificate:
-    """A call's peer certificate, checked against the CA once per distinct certificate (only
-    successes are cached, so a refused certificate is checked, and refused, every time)."""
-    return peer_certificate(cert_pem, ca_pem)
+def parse_peer(cert_pem: bytes, ca_pem: bytes, role: PeerRole = "client") -> PeerCertificate:
+    """A call's peer certificate, checked against the CA once per distinct certificate and role
+    (only successes are cached, so a refused certificate is checked, and refused, every time)."""
+    return peer_certificate(cert_pem, ca_pem, role)
 
 
 class RevocationWatch:
@@ -152,7 +156,8 @@ class RevocationWatch:
 
 
 class AccessPolicy:
-    """The federation CA, the allow-list, the revocation list and the validity periods."""
+    """The federation CA, the allow-list, the revocation list, the validity periods and the
+    clients an administrator excluded."""
 
     def __init__(
         self,
@@ -160,6 +165,7 @@ class AccessPolicy:
         allowed: Collection[str] = (),
         revocations: RevocationWatch | None = None,
         clock: Clock = _utc_now,
+        exclusions: Exclusions | None = None,
     ) -> None:
         self._ca_pem = ca_pem
         ca = x509.load_pem_x509_certificate(ca_pem)
@@ -168,6 +174,7 @@ class AccessPolicy:
         self._allowed = frozenset(allowed)
         self._revocations = revocations
         self._clock = clock
+        self.exclusions = exclusions
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> AccessPolicy:
@@ -181,30 +188,35 @@ class AccessPolicy:
         revocations = None
         if config.revocation_list is not None:
             revocations = RevocationWatch(config.revocation_list, ca_pem, config.state_dir)
-        return cls(ca_pem, config.allowed_clients, revocations)
+        exclusions = Exclusions(config.state_dir)
+        return cls(ca_pem, config.allowed_clients, revocations, exclusions=exclusions)
 
-    def peer_of(self, auth_context: Mapping[str, Any]) -> PeerCertificate:
+    def peer_of(
+        self, auth_context: Mapping[str, Any], role: PeerRole = "client"
+    ) -> PeerCertificate:
         """The identity of the client certificate the TLS handshake verified for a call (its
         `auth_context()`), checked by `identify`; AccessDenied (UNAUTHENTICATED) without one."""
         certs = auth_context.get("x509_pem_cert")
         if not certs:
             raise AccessDenied("UNAUTHENTICATED", "a client certificate is required")
         pem = certs[0]
-        return self.identify(pem if isinstance(pem, bytes) else str(pem).encode())
+        return self.identify(pem if isinstance(pem, bytes) else str(pem).encode(), role)
 
-    def identify(self, cert_pem: bytes) -> PeerCertificate:
-        """The identity `cert_pem` establishes; AccessDenied (UNAUTHENTICATED) for a certificate
-        the CA did not sign directly, a CA certificate, one without client-auth usage, weak
+    def identify(self, cert_pem: bytes, role: PeerRole = "client") -> PeerCertificate:
+        """The identity `cert_pem` establishes in `role`; AccessDenied (UNAUTHENTICATED) for a
+        certificate the CA did not sign directly, a CA certificate, one without client-auth
+        usage or of another role (an admin certificate is no client, and the reverse), weak
         algorithms or a name fedlink would not issue."""
         try:
-            return parse_peer(cert_pem, self._ca_pem)
+            return parse_peer(cert_pem, self._ca_pem, role)
         except PKIError as exc:
             raise AccessDenied("UNAUTHENTICATED", str(exc)) from None
 
     def check(self, peer: PeerCertificate, *, allow_list: bool = True) -> None:
         """Raise AccessDenied (with the gRPC status to answer) unless `peer` may call now.
         `allow_list=False` checks only the certificate (validity, revocation): the health
-        check's Check, which holds nothing, answers any unrevoked certificate of the CA."""
+        check's Check, which holds nothing, answers any unrevoked certificate of the CA, and the
+        Admin service's callers are no clients (no allow-list, no exclusion)."""
         now = self._clock()
         if not self._ca_not_before <= now <= self._ca_not_after:
             raise AccessDenied(
@@ -233,6 +245,8 @@ class AccessPolicy:
                 f"client {peer.identity!r} is not on this federation's allow-list; ask the "
                 "coordinator's operator to add it to allowed_clients",
             )
+        if allow_list and self.exclusions is not None:
+            self.exclusions.check(peer.identity)
         if self._revocations is not None:
             revoked_at = self._revocations.current().revoked.get(peer.serial)
             if revoked_at is not None:

@@ -20,16 +20,19 @@ from fedlink.common.tasks.base import TaskModule
 from fedlink.common.tasks.contract import evaluate, load_test_set
 from fedlink.common.tensors import StateDict
 from fedlink.common.threads import size_torch_threads
+from fedlink.server.admin import RunControl
 from fedlink.server.checkpoints import CheckpointStore, check_resumable, run_identity
 from fedlink.server.config import ServerConfig
+from fedlink.server.dashboard import Dashboard
 from fedlink.server.memory import start_memory_trim
 from fedlink.server.metrics import MetricAggregator
 from fedlink.server.monitoring import MetricsEndpoint
 from fedlink.server.report import MetricsLog, plot_metrics, read_metrics, table_header, table_row
-from fedlink.server.rounds import Evaluator, RoundEngine, RoundRecord
+from fedlink.server.rounds import Evaluator, RoundEngine, RoundRecord, RunSummary
 from fedlink.server.state_lock import lock_state_dir
+from fedlink.server.status import RecentLogs, load_rounds
 from fedlink.server.tracking import close_trackers, open_trackers, track_round
-from fedlink.server.transport import start_server
+from fedlink.server.transport import Listening, excluder, start_server
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,7 @@ def _coordinate(config: ServerConfig) -> int:
     def on_round(record: RoundRecord) -> None:
         metrics.append(record)
         track_round(trackers, record)
+        engine.status.round_completed(dataclasses.asdict(record))
         print(table_row(dataclasses.asdict(record)), flush=True)
 
     engine = RoundEngine(
@@ -99,10 +103,46 @@ def _coordinate(config: ServerConfig) -> int:
         aggregate_evaluation=aggregate_evaluation,
     )
     del initial_state
+    if checkpoint is not None:
+        load_rounds(engine.status, read_metrics(metrics.path))
     endpoint = (
         MetricsEndpoint(config.metrics_listen, engine.metrics) if config.metrics_listen else None
     )
-    listening = start_server(config, engine)
+    logs = RecentLogs()
+    logging.getLogger().addHandler(logs)
+    stop = threading.Event()
+    listening: Listening | None = None
+
+    def stop_run(reason: str) -> None:
+        """What SIGTERM, SIGINT and the Admin service's StopRun do."""
+        log.info("%s: stopping after cleaning up", reason)
+        engine.status.set_state("stopping")
+        stop.set()
+        if listening is not None:
+            listening.set_serving(False)
+
+    try:
+        # The dashboard first: a token file it refuses stops the start before any client joins.
+        dashboard = Dashboard.start(config, engine.status, logs)
+        listening = start_server(
+            config, engine, control=RunControl(stop_run, excluder(engine)), logs=logs
+        )
+        return _serve(config, engine, listening, stop, stop_run, endpoint, dashboard, metrics)
+    finally:
+        logging.getLogger().removeHandler(logs)
+        close_trackers(trackers)
+
+
+def _serve(
+    config: ServerConfig,
+    engine: RoundEngine,
+    listening: Listening,
+    stop: threading.Event,
+    stop_run: Callable[[str], None],
+    endpoint: MetricsEndpoint | None,
+    dashboard: Dashboard | None,
+    metrics: MetricsLog,
+) -> int:
     port = listening.port
     host = config.listen.rsplit(":", 1)[0]
     log.info(
@@ -116,21 +156,22 @@ def _coordinate(config: ServerConfig) -> int:
     if config.address_file is not None:
         config.address_file.write_text(f"{host}:{port}\n")
 
-    stop = threading.Event()
     start_memory_trim(stop)
-    previous = _install_signal_handlers(stop, on_signal=lambda: listening.set_serving(False))
+    previous = _install_signal_handlers(stop_run)
     try:
         print(table_header(), flush=True)
         summary = engine.run(stop)
     finally:
         listening.set_serving(False)
         _restore_signal_handlers(previous)
-        close_trackers(trackers)
+    engine.status.set_state(_final_state(summary))
 
     if summary.storage_failure is not None:
         listening.server.stop(grace=2.0).wait()
         if endpoint is not None:
             endpoint.close()
+        if dashboard is not None:
+            dashboard.close()
         return EXIT_STORAGE_FAILURE
     publish_file(summary.final_model, config.run_dir / "final_model.safetensors")
     records = read_metrics(metrics.path)
@@ -140,6 +181,8 @@ def _coordinate(config: ServerConfig) -> int:
     listening.server.stop(grace=2.0).wait()
     if endpoint is not None:
         endpoint.close()
+    if dashboard is not None:
+        dashboard.close()
     log.info("wrote %s", config.run_dir)
     if summary.stopped_by_signal:
         log.info(
@@ -170,7 +213,7 @@ def _tell_clients_finished(engine: RoundEngine, grace_seconds: float) -> None:
     """Stay up answering "finished" (see RoundEngine.wait_for_stop_delivery); SIGTERM or
     SIGINT ends the wait early, so `docker compose down` is never held up by it."""
     done = threading.Event()
-    previous = _install_signal_handlers(done, on_signal=lambda: None)
+    previous = _install_signal_handlers(lambda reason: done.set())
     try:
         engine.wait_for_stop_delivery(grace_seconds, done)
     finally:
@@ -198,13 +241,17 @@ def _central_evaluator(
     return evaluate_centrally
 
 
-def _install_signal_handlers(
-    stop: threading.Event, on_signal: Callable[[], None]
-) -> dict[int, object]:
+def _final_state(summary: RunSummary) -> str:
+    if summary.stopped_by_signal:
+        return "stopped"
+    if summary.completed or summary.budget_spent:
+        return "finished"
+    return "failed"
+
+
+def _install_signal_handlers(stop_run: Callable[[str], None]) -> dict[int, object]:
     def handle(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s: stopping after cleaning up", signal.Signals(signum).name)
-        stop.set()
-        on_signal()
+        stop_run(f"received {signal.Signals(signum).name}")
 
     previous: dict[int, object] = {}
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -185,6 +185,20 @@ class ServerConfig:
         default=None,
         metadata=_help("host:port for the Prometheus metrics endpoint (plain HTTP; unset = off)"),
     )
+    dashboard_listen: str | None = field(
+        default=None,
+        metadata=_help(
+            "host:port of the read-only live dashboard (HTTPS with the server certificate, "
+            "token required; unset = off)"
+        ),
+    )
+    dashboard_token_file: Path | None = field(
+        default=None,
+        metadata=_help(
+            "file holding the dashboard's access token; unset = state_dir/dashboard-token, "
+            "created (0600) when missing"
+        ),
+    )
     log_format: str = field(default="text", metadata=_help("log lines on stderr: text or json"))
     threads: int = field(
         default=0,
@@ -401,6 +415,11 @@ class ServerConfig:
             raise ConfigError("evaluate_every and max_round_retries must be >= 0")
         if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
             raise ConfigError(f"chunk_size must be in {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
+        if self.dashboard_listen is not None and self.insecure:
+            raise ConfigError(
+                "the dashboard is served over TLS with the server certificate; --insecure has "
+                "none. Unset dashboard_listen, or run with certificates"
+            )
         self._check_access()
         self._check_privacy(rule)
         self._check_secure_aggregation(rule)

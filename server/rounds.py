@@ -77,6 +77,7 @@ from fedlink.server.config import ServerConfig
 from fedlink.server.metrics import MetricAggregator, other_metrics
 from fedlink.server.monitoring import CoordinatorMetrics
 from fedlink.server.privacy import ROUND_SAMPLE_RATE
+from fedlink.server.status import RunStatus
 from fedlink.server.strategy import aggregate_files, next_global
 from fedlink.server.validation import (
     check_metrics,
@@ -375,6 +376,7 @@ class RoundEngine:
         self._on_round = on_round
         self.metrics = CoordinatorMetrics()
         self.metrics.count_clients_with(lambda: len(self._alive_clients()))
+        self.status = RunStatus(config.num_rounds, config.liveness_timeout_seconds)
         self._checkpoints = CheckpointStore(config.state_dir, keep=config.keep_checkpoints)
         self._spool_dir = config.state_dir / "incoming"
         self._spool_dir.mkdir(parents=True, exist_ok=True)
@@ -445,6 +447,7 @@ class RoundEngine:
             else:
                 session.last_seen = now
             self._known.add(identity)
+            self.status.client_joined(identity)
             self._cond.notify_all()
 
     def leave(self, identity: str, reason: str) -> None:
@@ -455,7 +458,9 @@ class RoundEngine:
             if self._sessions.pop(identity, None) is None:
                 return
             self._known.discard(identity)
+            self.status.client_left(identity, reason)
             log.warning("client %s left (%d connected): %s", identity, len(self._sessions), reason)
+            self._wake([identity])  # a poll it left waiting ends now (JOIN_REQUIRED)
             self._cond.notify_all()
 
     @property
@@ -470,6 +475,7 @@ class RoundEngine:
             if session is None:
                 return False
             session.last_seen = time.monotonic()
+            self.status.client_seen(identity)
             return True
 
     @property
@@ -484,6 +490,7 @@ class RoundEngine:
         with self._cond:
             if identity not in self._sessions:
                 raise UpdateRejected("FAILED_PRECONDITION", JOIN_REQUIRED)
+            self.status.client_seen(identity)
             self._sessions[identity].last_seen = time.monotonic()
             if self._shutting_down:
                 raise UpdateRejected(
@@ -727,6 +734,7 @@ class RoundEngine:
         finally:
             upload.close(keep=accepted and phase.kind is TaskKind.TRAIN)
         self.metrics.updates.labels(phase.kind.value, "accepted").inc()
+        self.status.result_accepted(upload.identity, phase.round, phase.kind.value)
         log.debug(
             "accepted %s result from %s (round %d)", phase.kind.value, upload.identity, phase.round
         )
@@ -1225,6 +1233,9 @@ class RoundEngine:
         with self._cond:
             self._phase = phase
             self._wake(phase.participants)
+            self.status.phase_opened(
+                kind.value, round_number, timeout, phase.quorum, phase.participants
+            )
             self._cond.notify_all()
             while not stop.is_set() and not self._can_close(phase, deadline):
                 self._cond.wait(0.5)
@@ -1234,6 +1245,7 @@ class RoundEngine:
                 self._cond.wait(0.5)
             phase.open = False
             self._phase = None
+            self.status.phase_closed()
         if stop.is_set():
             self._discard_updates(phase)
             return None
@@ -1288,6 +1300,7 @@ class RoundEngine:
 
     def _reject(self, phase: _Phase, identity: str, error: UpdateRejected) -> None:
         self.metrics.updates.labels(phase.kind.value, error.code).inc()
+        self.status.result_rejected(identity, phase.round, phase.kind.value, str(error))
         with self._cond:
             phase.finished.add(identity)
             phase.rejected[identity] = str(error)
@@ -1329,6 +1342,7 @@ class RoundEngine:
         cfg = self._config
         needed = max(cfg.min_fit_clients, cfg.min_clients if round_number == 1 else 0)
         announced = -1  # the population size last logged: one line whenever it changes
+        self.status.waiting_for_clients(round_number, needed)
         with self._cond:
             while not stop.is_set():
                 if cfg.below_quorum == "wait":

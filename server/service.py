@@ -157,6 +157,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 for offset, data in offer.payload.chunks(self._config.chunk_size):
                     yield pb.TaskMessage(chunk=pb.Chunk(offset=offset, data=data))
                     sent += len(data)
+                    self._engine.status.count_bytes(identity, down=len(data))
             finally:
                 self._engine.count_bytes(down=sent)
         finally:
@@ -220,6 +221,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 chunk = message.chunk
                 await loop.run_in_executor(self._work, upload.add_chunk, chunk.offset, chunk.data)
                 received += len(chunk.data)
+                self._engine.status.count_bytes(identity, up=len(chunk.data))
         except UpdateRejected as exc:
             self._engine.reject_result(upload, exc)
             await _abort(context, exc)

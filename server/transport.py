@@ -19,14 +19,16 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2
 
-from fedlink.common.errors import ConfigError
+from fedlink.common.errors import ConfigError, UpdateRejected
 from fedlink.common.pki import load_credentials
 from fedlink.common.threads import usable_cpus
 from fedlink.common.wire import MESSAGE_OVERHEAD
+from fedlink.server.admin import AdminServicer, RunControl, add_admin_service
 from fedlink.server.config import ServerConfig
 from fedlink.server.health import GuardedHealth, HealthStatuses
 from fedlink.server.rounds import RoundEngine
 from fedlink.server.service import FederationServicer, RequestParsing
+from fedlink.server.status import RecentLogs
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -117,18 +119,29 @@ class Listening:
             self.health.set(service, status)
 
 
-def start_server(config: ServerConfig, engine: RoundEngine) -> Listening:
-    """Bind and start the gRPC server for `engine`; health reports SERVING once it listens."""
+def start_server(
+    config: ServerConfig,
+    engine: RoundEngine,
+    *,
+    control: RunControl | None = None,
+    logs: RecentLogs | None = None,
+) -> Listening:
+    """Bind and start the gRPC server for `engine`; health reports SERVING once it listens.
+    `control` is what the Admin service's actions do (default: StopRun ends the run as if it
+    were complete), `logs` the lines it shows."""
     work = ThreadPoolExecutor(config.max_workers or usable_cpus(), thread_name_prefix="work")
     health = HealthStatuses()
     servicer = FederationServicer(engine, config, uuid.uuid4().hex, work)
     guarded = GuardedHealth(health, servicer.policy, config)
+    if control is None:
+        control = RunControl(stop=lambda reason: engine.request_stop(), exclude=excluder(engine))
+    admin = AdminServicer(servicer.policy, engine.status, logs or RecentLogs(), control)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="transport", daemon=True)
     thread.start()
     try:
         server, port = asyncio.run_coroutine_threadsafe(
-            _serve(config, servicer, guarded), loop
+            _serve(config, servicer, guarded, admin), loop
         ).result()
     except BaseException:
         loop.call_soon_threadsafe(loop.stop)
@@ -141,11 +154,25 @@ def start_server(config: ServerConfig, engine: RoundEngine) -> Listening:
     return listening
 
 
+def excluder(engine: RoundEngine) -> Callable[[str, str], None]:
+    """Drop an excluded client from the round in progress and from sampling; the access policy
+    refuses its calls from now on."""
+
+    def exclude(identity: str, reason: str) -> None:
+        engine.reject_participant(identity, UpdateRejected("PERMISSION_DENIED", reason))
+        engine.leave(identity, reason)
+
+    return exclude
+
+
 async def _serve(
-    config: ServerConfig, servicer: FederationServicer, guarded_health: GuardedHealth
+    config: ServerConfig,
+    servicer: FederationServicer,
+    guarded_health: GuardedHealth,
+    admin: AdminServicer,
 ) -> tuple[grpc.aio.Server, int]:
-    """A started gRPC server with the federation and health services, bound with mTLS (or, only
-    when asked for explicitly, plaintext), and its port."""
+    """A started gRPC server with the federation, admin and health services, bound with mTLS
+    (or, only when asked for explicitly, plaintext), and its port."""
     server = grpc.aio.server(
         # Beyond this many calls in progress, gRPC answers RESOURCE_EXHAUSTED itself.
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
@@ -161,6 +188,7 @@ async def _serve(
         ],
     )
     pb_grpc.add_FederationServicer_to_server(servicer, server)
+    add_admin_service(server, admin)
     server.add_generic_rpc_handlers((guarded_health.handler(),))
     if config.insecure:
         log.warning(

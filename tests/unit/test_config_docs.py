@@ -14,10 +14,21 @@ from fedlink.client.config import ClientConfig
 from fedlink.common.config import load_config
 from fedlink.health import HealthConfig
 from fedlink.server.config import ServerConfig
+from fedlink.status import AdminConfig
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
-SECTIONS = {ServerConfig: "Coordinator", ClientConfig: "Client", HealthConfig: "Health check"}
-ENV_PREFIXES = {ServerConfig: "FEDLINK_", ClientConfig: "FEDLINK_", HealthConfig: "FEDLINK_HEALTH_"}
+SECTIONS = {
+    ServerConfig: "Coordinator",
+    ClientConfig: "Client",
+    HealthConfig: "Health check",
+    AdminConfig: "Admin",
+}
+ENV_PREFIXES = {
+    ServerConfig: "FEDLINK_",
+    ClientConfig: "FEDLINK_",
+    HealthConfig: "FEDLINK_HEALTH_",
+    AdminConfig: "FEDLINK_ADMIN_",
+}
 SAMPLES = {ServerConfig: "server.toml", ClientConfig: "client.toml"}
 
 

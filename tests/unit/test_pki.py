@@ -21,6 +21,7 @@ from fedlink.certs import add_certs_parser
 from fedlink.common import pki as pki_module
 from fedlink.common.errors import PKIError
 from fedlink.common.pki import (
+    ADMIN_USAGE,
     CertPaths,
     Credentials,
     init_ca,
@@ -473,6 +474,71 @@ def test_peer_certificate_names_the_common_name_serial_and_validity(
 def test_peer_certificate_rejects_garbage(client: CertPaths) -> None:
     with pytest.raises(PKIError):
         peer_certificate(b"not a certificate", client.ca.read_bytes())
+
+
+# --- the admin role ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def admin(ca_dir: Path, tmp_path: Path) -> CertPaths:
+    return issue_certificate(ca_dir, tmp_path / "operator", "operator", role="admin")
+
+
+def test_admin_certificate_is_a_tls_client_with_the_fedlink_admin_usage(admin: CertPaths) -> None:
+    usages = list(_cert(admin.cert).extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    assert usages == [ExtendedKeyUsageOID.CLIENT_AUTH, ADMIN_USAGE]
+    assert ADMIN_USAGE.dotted_string.startswith("2.25.")  # a UUID OID: no registered arc needed
+    assert load_credentials(admin.cert, admin.key, admin.ca, role="admin")
+
+
+def test_each_role_refuses_the_other_roles_certificates(
+    admin: CertPaths, client: CertPaths, server: CertPaths
+) -> None:
+    ca_pem = admin.ca.read_bytes()
+    assert peer_certificate(admin.cert.read_bytes(), ca_pem, "admin").identity == "operator"
+    with pytest.raises(PKIError, match="is an admin certificate"):
+        peer_certificate(admin.cert.read_bytes(), ca_pem)  # a client's role
+    with pytest.raises(PKIError, match="is not an admin certificate"):
+        peer_certificate(client.cert.read_bytes(), ca_pem, "admin")
+    with pytest.raises(PKIError, match="client-auth"):
+        peer_certificate(server.cert.read_bytes(), ca_pem, "admin")
+    with pytest.raises(PKIError, match="is an admin certificate"):
+        load_credentials(admin.cert, admin.key, admin.ca, role="client")
+    with pytest.raises(PKIError, match="not a server certificate"):
+        load_credentials(admin.cert, admin.key, admin.ca, role="server")
+
+
+def test_a_certificate_that_could_be_admin_and_server_is_refused_for_either(
+    ca_dir: Path, tmp_path: Path
+) -> None:
+    ca_cert = _cert(ca_dir / "ca.pem")
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH, ADMIN_USAGE]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "both")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    ).public_bytes(serialization.Encoding.PEM)
+    ca_pem = (ca_dir / "ca.pem").read_bytes()
+    with pytest.raises(PKIError, match="role is ambiguous"):
+        peer_certificate(cert, ca_pem, "admin")
+    with pytest.raises(PKIError, match="is an admin certificate"):
+        peer_certificate(cert, ca_pem, "client")
+
+
+def test_admin_certificates_carry_no_hosts(ca_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(PKIError, match="admin certificate 'op' cannot carry hosts"):
+        issue_certificate(ca_dir, tmp_path / "op", "op", role="admin", hosts=["localhost"])
 
 
 # --- revocation ----------------------------------------------------------------------------------

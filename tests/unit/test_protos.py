@@ -32,7 +32,11 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 
 
 def test_generation_produces_message_stub_and_grpc_modules(generated: dict[str, bytes]) -> None:
-    assert set(generated) == {"federation_pb2.py", "federation_pb2.pyi", "federation_pb2_grpc.py"}
+    assert set(generated) == {
+        f"{proto}{suffix}"
+        for proto in ("admin", "federation")
+        for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+    }
 
 
 def test_committed_generated_files_are_exactly_the_generated_ones(
