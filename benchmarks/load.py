@@ -69,6 +69,7 @@ from transport import (
     TASK,
     Processes,
     child_env,
+    machine_busy_seconds,
     make_certificates,
     process_cpu,
     reap,
@@ -340,6 +341,8 @@ def run_level(
     per_worker = -(-level.clients // args.workers)
     started = time.monotonic()
     cpu_start = sum(process_cpu(server.pid))
+    machine_start, load_start = machine_busy_seconds(), os.getloadavg()[0]
+    last_cpu = cpu_start
     for w in range(args.workers):
         first = w * per_worker  # 0-based; client names start at 1
         count = min(per_worker, level.clients - first)
@@ -384,6 +387,8 @@ def run_level(
             time.sleep(POLL_SECONDS)
             continue
         polls += 1
+        # The coordinator's CPU so far (zeros once it is gone, so kept from the last poll).
+        last_cpu = max(last_cpu, sum(process_cpu(server.pid)))
         peak["threads"] = max(peak["threads"], status["threads"])
         peak["rss_bytes"] = max(peak["rss_bytes"], status["rss_bytes"])
         joined = [o.event("joined") for o in outputs]
@@ -413,6 +418,8 @@ def run_level(
                 print(format_round(row), flush=True)
             cpu_before = cpu
         time.sleep(POLL_SECONDS)
+    server_cpu = max(last_cpu, sum(process_cpu(server.pid))) - cpu_start
+    machine_cpu = machine_busy_seconds() - machine_start
     if server_exit is None:  # collapsed: stop the coordinator, then ask the workers to report
         print(f"  collapsed: {len(rows)} of {args.rounds} rounds after {collapsed_after:.0f}s")
         server.kill()
@@ -433,6 +440,7 @@ def run_level(
         server_exit=server_exit.returncode,
         joined_seconds=joined_seconds,
         join_cpu=join_cpu,
+        machine=(load_start, server_cpu, machine_cpu),
         collapsed_after=collapsed_after,
         wall=time.monotonic() - started,
     )
@@ -469,6 +477,7 @@ def summarize(
     server_exit: int,
     joined_seconds: float | None,
     join_cpu: float | None,
+    machine: tuple[float, float, float],
     collapsed_after: float | None,
     wall: float,
 ) -> dict[str, Any]:
@@ -500,6 +509,8 @@ def summarize(
     if len(reports) < args.workers and collapsed_after is None:
         failures["worker without a report"] = args.workers - len(reports)
     stopped = sum(int(r.get("stopped", 0)) for r in reports)
+    load_start, server_cpu, machine_cpu = machine
+    worker_cpu = sum(float(r.get("cpu_seconds", 0.0)) for r in reports)
     return {
         "clients": level.clients,
         "fraction": level.fraction,
@@ -528,7 +539,13 @@ def summarize(
         "server_warning_count": len(warnings),
         "server_warnings": warnings[:20],
         "clients_stopped": stopped,
-        "worker_cpu_seconds": sum(float(r.get("cpu_seconds", 0.0)) for r in reports),
+        "worker_cpu_seconds": worker_cpu,
+        # A quiet machine is assumed: the load average when the level began, and the CPU
+        # seconds everything else on the machine used while it ran (a coordinator killed on
+        # collapse is counted up to then).
+        "load_average_at_start": load_start,
+        "server_cpu_seconds": server_cpu,
+        "other_cpu_seconds": max(0.0, machine_cpu - server_cpu - worker_cpu),
         "worker_peak_rss_bytes": max((int(r.get("peak_rss_bytes", 0)) for r in reports), default=0),
         "collapsed_after_seconds": collapsed_after,
         "wall_seconds": wall,
@@ -747,6 +764,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("-" * len(HEADER))
         for level in levels:
             print(format_level(level))
+            print(
+                f"        load {level['load_average_at_start']:.1f} at start; CPU s: coordinator "
+                f"{level['server_cpu_seconds']:.0f}, clients {level['worker_cpu_seconds']:.0f}, "
+                f"other processes {level['other_cpu_seconds']:.0f}"
+            )
             for kind, count in level["failures"].items():
                 print(f"        {count:>6} x {kind}")
         if fit is not None:
