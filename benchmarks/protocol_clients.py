@@ -296,7 +296,7 @@ class Identity:
         """Pull one task and answer it; False once told to stop."""
         call = self._stub.PullTask(pb.PullTaskRequest(), metadata=self._metadata)
         first = await call.read()
-        if first is grpc.aio.EOF or first.WhichOneof("message") != "header":
+        if not isinstance(first, pb.TaskMessage) or first.WhichOneof("message") != "header":
             raise Fatal("protocol", "a task stream without a header")
         header = first.header
         if header.kind == pb.TASK_KIND_STOP:
@@ -324,7 +324,7 @@ class Identity:
         try:
             assembler = PayloadAssembler(info, sink, max_size=MAX_MODEL_BYTES)
             # read(), not `async for`: grpc.aio refuses to mix the two styles on one call.
-            while (message := await call.read()) is not grpc.aio.EOF:
+            while isinstance(message := await call.read(), pb.TaskMessage):
                 if message.WhichOneof("message") != "chunk":
                     raise PayloadError("a second header in the task stream")
                 assembler.add(message.chunk.offset, message.chunk.data)
