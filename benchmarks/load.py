@@ -515,7 +515,8 @@ def summarize(
         "clients": level.clients,
         "fraction": level.fraction,
         "sampled": level.sampled,
-        "joined_seconds": joined_seconds,
+        "joined_seconds": joined_seconds,  # until every client had joined (None: some never did)
+        "clients_joined": sum(int(r.get("joined", 0)) for r in reports),
         "join_cpu_seconds": join_cpu,
         "join_latency_max": max(
             (r["join_latency_max"] for r in reports if r.get("join_latency_max") is not None),
@@ -579,16 +580,24 @@ def linear_fit(points: Sequence[tuple[float, float]]) -> dict[str, float] | None
 
 
 def cpu_fit(levels: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """Coordinator CPU seconds per round against clients sampled, over the completed levels."""
+    """Coordinator CPU seconds per round against clients sampled, over the levels that ran
+    all their rounds (a collapsed level's rounds are not the steady state being fitted)."""
     points = [
         (float(level["sampled"]), float(level["cpu_seconds_per_round"]))
         for level in levels
-        if level["rounds_completed"] and level["cpu_seconds_per_round"] is not None
+        if level["collapsed_after_seconds"] is None
+        and level["rounds_completed"]
+        and level["cpu_seconds_per_round"] is not None
     ]
     fit = linear_fit(points)
     if fit is None:
         return None
-    return {"x": "clients sampled", "y": "coordinator CPU seconds per round", **fit}
+    return {
+        "x": "clients sampled",
+        "y": "coordinator CPU seconds per round",
+        "points": points,
+        **fit,
+    }
 
 
 def secure_flags(args: argparse.Namespace) -> list[str]:
