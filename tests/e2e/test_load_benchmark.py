@@ -45,6 +45,7 @@ def test_protocol_clients_complete_rounds_and_the_report_adds_up(tmp_path: Path)
     assert (full["sampled"], half["sampled"]) == (20, 10)
     for level in (full, half):
         assert level["passed"], level
+        assert level["clients_joined"] == 20
         assert level["joined_seconds"] is not None and 0 < level["joined_seconds"] < 60
         assert level["rounds_completed"] == 2
         assert level["accepted_per_round"] == level["sampled_per_round"] == [level["sampled"]] * 2
