@@ -529,7 +529,8 @@ def summarize(
         "sampled_per_round": [row["sampled"] for row in rows],
         "cpu_seconds_per_round": statistics.mean(steady) if steady else None,
         "failures": failures,
-        "failure_count": sum(fatal.values()) + sum(rejected.values()) + superseded,
+        # Everything in `failures`: a retried call is a call the coordinator did not serve.
+        "failure_count": sum(failures.values()),
         "failure_examples": examples[:10],
         "server_exit": server_exit,
         "server_peak_rss_bytes": peak["rss_bytes"],
@@ -555,8 +556,7 @@ def summarize(
         and server_exit == 0
         and len(rows) == args.rounds
         and stopped == level.clients
-        and not fatal
-        and not rejected
+        and not failures
         and all(r["accepted"] == r["sampled"] == level.sampled for r in rows),
     }
 
