@@ -1272,7 +1272,7 @@ class RoundEngine:
                     "round %d %s: deadline passed; no result from %s",
                     phase.round,
                     phase.kind.value,
-                    ", ".join(missing),
+                    _names(missing),
                 )
                 return True
             if not phase.overdue_logged:
@@ -1282,7 +1282,7 @@ class RoundEngine:
                     phase.kind.value,
                     len(phase.delivered),
                     phase.quorum,
-                    ", ".join(missing),
+                    _names(missing),
                 )
                 phase.overdue_logged = True
             return False
@@ -1293,7 +1293,7 @@ class RoundEngine:
                 "round %d %s: closing early, no sign of life from %s",
                 phase.round,
                 phase.kind.value,
-                ", ".join(gone),
+                _names(gone),
             )
             return True
         return False
@@ -1452,6 +1452,13 @@ def _take_secure_message(
             server.add_unmask_response(identity, unmask_response_from_bytes(data))
     except SecAggError as exc:
         raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
+
+
+def _names(identities: list[str], shown: int = 10) -> str:
+    """Identities for a log line: the first `shown`, then how many more (a round of 10,000
+    clients must not write 100 KB lines)."""
+    more = len(identities) - shown
+    return ", ".join(identities[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def _check_privacy_history(

@@ -606,3 +606,11 @@ def test_a_running_federation_does_not_answer_finished_at_join(tmp_path: Path) -
     engine.request_stop()
     assert engine.tell_finished("a")
     assert engine.next_task("a", timeout=1).kind is TaskKind.STOP
+
+
+def test_log_lines_name_at_most_ten_clients() -> None:
+    from fedlink.server.rounds import _names
+
+    assert _names(["a", "b"]) == "a, b"
+    many = [f"site-{i}" for i in range(10_000)]
+    assert _names(many) == ", ".join(many[:10]) + " and 9990 more"
