@@ -212,6 +212,7 @@ class Identity:
         self._stats = stats
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._join: pb.JoinReply | None = None
+        self._polling = False  # a PullTask waits for its task: no heartbeats meanwhile
         self._attempt = 0
         self._failing_since: float | None = None
 
@@ -294,8 +295,12 @@ class Identity:
 
     async def _pull_and_answer(self) -> bool:
         """Pull one task and answer it; False once told to stop."""
-        call = self._stub.PullTask(pb.PullTaskRequest(), metadata=self._metadata)
-        first = await call.read()
+        self._polling = True  # as the real client: no heartbeats while a poll waits
+        try:
+            call = self._stub.PullTask(pb.PullTaskRequest(), metadata=self._metadata)
+            first = await call.read()
+        finally:
+            self._polling = False
         if not isinstance(first, pb.TaskMessage) or first.WhichOneof("message") != "header":
             raise Fatal("protocol", "a task stream without a header")
         header = first.header
@@ -384,6 +389,8 @@ class Identity:
         interval = max(0.5, self._join.heartbeat_interval_seconds)
         while True:
             await asyncio.sleep(interval)
+            if self._polling:
+                continue
             try:
                 await self._stub.Heartbeat(
                     pb.HeartbeatRequest(), metadata=self._metadata, timeout=interval

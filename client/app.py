@@ -202,6 +202,7 @@ class FederationClient:
             give_up_after=config.reconnect_timeout_seconds,
         )
         self._stop_heartbeat = threading.Event()
+        self._polling = threading.Event()  # a PullTask waits for its task: no heartbeats needed
         self._secure: SecureParticipant | None = None
         self._floor = PrivacyFloor(
             min_clients=config.secagg_min_clients,
@@ -348,8 +349,14 @@ class FederationClient:
 
     def _serve_one_task(self) -> bool:
         """Pull one task and carry it out; False when the federation is over."""
-        stream = self._stub.PullTask(pb.PullTaskRequest(), metadata=self._metadata)
-        first = next(stream, None)
+        # A waiting poll shows the coordinator this client is alive: no heartbeats meanwhile
+        # (10,000 idle clients would otherwise send 1,000 heartbeats a second).
+        self._polling.set()
+        try:
+            stream = self._stub.PullTask(pb.PullTaskRequest(), metadata=self._metadata)
+            first = next(stream, None)
+        finally:
+            self._polling.clear()
         if first is None or first.WhichOneof("message") != "header":
             raise FatalClientError("coordinator sent a task stream without a header")
         header = first.header
@@ -580,6 +587,8 @@ class FederationClient:
         assert self._join is not None
         interval = max(0.5, self._join.heartbeat_interval_seconds)
         while not self._stop_heartbeat.wait(interval):
+            if self._polling.is_set():
+                continue
             try:
                 self._stub.Heartbeat(
                     pb.HeartbeatRequest(), metadata=self._metadata, timeout=interval

@@ -1373,15 +1373,17 @@ class RoundEngine:
         return None
 
     def _alive_clients(self) -> list[str]:
-        window = self._config.liveness_timeout_seconds
         now = time.monotonic()
-        return sorted(i for i, s in self._sessions.items() if now - s.last_seen <= window)
+        return sorted(i for i in self._sessions if self._is_alive(i, now))
 
     def _is_alive(self, identity: str, now: float) -> bool:
+        """Seen within the liveness timeout, or waiting in a long poll now: clients send no
+        heartbeats while they poll (a poll ends when its connection does)."""
         session = self._sessions.get(identity)
-        return (
-            session is not None and now - session.last_seen <= self._config.liveness_timeout_seconds
-        )
+        if session is None:
+            return False
+        window = self._config.liveness_timeout_seconds
+        return now - session.last_seen <= window or identity in self._waiters
 
     def _client_seed(self, round_number: int, identity: str) -> int:
         digest = hashlib.sha256(f"{self._config.seed}:{round_number}:{identity}".encode()).digest()

@@ -614,3 +614,18 @@ def test_log_lines_name_at_most_ten_clients() -> None:
     assert _names(["a", "b"]) == "a, b"
     many = [f"site-{i}" for i in range(10_000)]
     assert _names(many) == ", ".join(many[:10]) + " and 9990 more"
+
+
+def test_a_client_waiting_in_a_long_poll_is_alive_without_heartbeats(tmp_path: Path) -> None:
+    # Clients send no heartbeats while a poll waits (10,000 idle clients would send 1,000 a
+    # second): the open poll itself keeps them alive past the liveness timeout.
+    config = _config(tmp_path, heartbeat_interval_seconds=0.1, liveness_timeout_seconds=0.2)
+    engine = RoundEngine(config, _state(0))
+    engine.join("a")
+    poll = threading.Thread(target=engine.next_task, args=("a", 1.0))
+    poll.start()
+    time.sleep(0.5)
+    assert engine._alive_clients() == ["a"]
+    poll.join()
+    time.sleep(0.3)
+    assert engine._alive_clients() == []
