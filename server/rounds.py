@@ -97,6 +97,9 @@ PAYLOAD_SLACK_BYTES = 1 << 20
 # plus SECAGG_BYTES_PER_PEER for every other client of the session.
 SECAGG_MESSAGE_BYTES = 64 << 10
 SECAGG_BYTES_PER_PEER = 1 << 10
+# Updates of models up to this size are validated several at once (one per worker); larger
+# ones one at a time, so that the coordinator's memory stays a few times the model's size.
+PARALLEL_VALIDATION_MAX_BYTES = 64 << 20
 # Seconds between log lines about uploads refused because the coordinator's disk is full.
 STORAGE_LOG_INTERVAL = 60.0
 # Uploads never take the last (global model size + this) bytes of the state directory's file
@@ -402,6 +405,7 @@ class RoundEngine:
         self._spool_reserved = 0  # bytes promised to uploads in flight
         self._storage_logged = -math.inf
         self._secure_lock = threading.Lock()  # secure aggregation's state takes one at a time
+        self._large_validation = threading.Lock()
         self._strategy = config.build_strategy()
         log.info("strategy: %r", self._strategy)
         if resume_from is not None:
@@ -703,7 +707,11 @@ class RoundEngine:
             try:
                 magnitude = 0.0
                 if phase.kind is TaskKind.TRAIN:
-                    magnitude = self._validate_update(phase, upload)
+                    # A large model is validated one update at a time: each validation maps a
+                    # whole update and the global model, and memory must stay O(model).
+                    large = phase.payload.info.size > PARALLEL_VALIDATION_MAX_BYTES
+                    with self._large_validation if large else contextlib.nullcontext():
+                        magnitude = self._validate_update(phase, upload)
                 if phase.secure is not None:
                     assert upload.spool is not None
                     with self._secure_lock:
