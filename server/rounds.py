@@ -1,16 +1,17 @@
 """The round engine: sample clients, hand out tasks, collect results, aggregate, evaluate.
 
-Plain Python with no gRPC in it, so it can be driven directly in unit tests. The servicer calls
-`join`, `touch`, `next_task`, `open_result` and `finish_result` from gRPC handler threads; `run`
-drives the rounds from the coordinator's main thread. One lock and one condition variable guard
-all shared state.
+Plain Python with no gRPC in it, so it can be driven directly in unit tests or in-process
+(server/inprocess.py). The transport calls `join`, `touch`, `poll_task`, `open_result` and
+`finish_result` from its event loop and workers; `run` drives the rounds from the coordinator's
+main thread. One lock and one condition variable guard all shared state. What a round is made
+of lives in phases.py, a result in flight in intake.py, secure aggregation's messages in
+secure_rounds.py, the aggregation itself in strategy.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import errno
 import hashlib
 import logging
@@ -21,41 +22,22 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, BinaryIO
-
-import torch
+from dataclasses import dataclass
+from typing import Any
 
 from fedlink.common.accounting import MechanismStep, PrivacyAccountant
-from fedlink.common.dp import client_noise_std, secure_value_bound
 from fedlink.common.errors import (
     ConfigError,
     PayloadError,
-    PayloadIncomplete,
     SecAggError,
     StorageError,
     TensorFormatError,
     UpdateRejected,
-    UploadIncomplete,
 )
-from fedlink.common.fixedpoint import FixedPoint, UpdateLayout
-from fedlink.common.secagg import SecAggParams, SecAggServer, majority_of
-from fedlink.common.secagg_auth import check_advertisement, check_view_signature
+from fedlink.common.fixedpoint import UpdateLayout
+from fedlink.common.secagg import SecAggServer
 from fedlink.common.secagg_wire import (
-    ROSTER_ENCODING,
-    SHARES_ENCODING,
-    UNMASK_REQUEST_ENCODING,
     SecAggStep,
-    SessionSetup,
-    keys_from_bytes,
-    roster_to_bytes,
-    setup_digest,
-    shares_from_bytes,
-    shares_to_bytes,
-    unmask_request_to_bytes,
-    unmask_response_from_bytes,
-    view_signature_from_bytes,
 )
 from fedlink.common.tensors import (
     Manifest,
@@ -67,16 +49,31 @@ from fedlink.common.tensors import (
 from fedlink.common.wire import (
     ENCODING,
     JOIN_REQUIRED,
-    PayloadAssembler,
     PayloadFile,
-    PayloadInfo,
 )
 from fedlink.server.aggregation import SUM_LIMIT, weighted_magnitude
 from fedlink.server.checkpoints import Checkpoint, CheckpointStore, run_identity
 from fedlink.server.config import ServerConfig
+from fedlink.server.intake import ResultUpload, spool_failure
 from fedlink.server.metrics import MetricAggregator, other_metrics
 from fedlink.server.monitoring import CoordinatorMetrics
+from fedlink.server.phases import (
+    AcceptedUpdate,
+    Phase,
+    ResultHeader,
+    RoundRecord,
+    RunSummary,
+    SecureSession,
+    TaskKind,
+    TaskOffer,
+)
 from fedlink.server.privacy import ROUND_SAMPLE_RATE
+from fedlink.server.secure_rounds import (
+    close_secure_step,
+    secure_average,
+    session_setup,
+    take_secure_message,
+)
 from fedlink.server.status import RunStatus
 from fedlink.server.strategy import aggregate_files, next_global
 from fedlink.server.validation import (
@@ -105,236 +102,6 @@ STORAGE_LOG_INTERVAL = 60.0
 # Uploads never take the last (global model size + this) bytes of the state directory's file
 # system: that is what publishing the next model and its checkpoint needs.
 CHECKPOINT_ROOM_BYTES = 256 << 10
-
-
-class TaskKind(enum.Enum):
-    TRAIN = "train"
-    EVALUATE = "evaluate"
-    WAIT = "wait"
-    STOP = "stop"
-    # Secure aggregation's five steps, in order (docs/privacy.md).
-    SECAGG_ADVERTISE = "secagg-advertise"
-    SECAGG_SHARE_KEYS = "secagg-share-keys"
-    SECAGG_MASKED_INPUT = "secagg-masked-input"
-    SECAGG_CONSISTENCY = "secagg-consistency"
-    SECAGG_UNMASK = "secagg-unmask"
-
-
-SECURE_STEPS = (
-    TaskKind.SECAGG_ADVERTISE,
-    TaskKind.SECAGG_SHARE_KEYS,
-    TaskKind.SECAGG_MASKED_INPUT,
-    TaskKind.SECAGG_CONSISTENCY,
-    TaskKind.SECAGG_UNMASK,
-)
-
-
-@dataclass(frozen=True)
-class TaskOffer:
-    """What a pulling client receives: a header and, for train/evaluate, the global payload."""
-
-    kind: TaskKind
-    task_id: str = ""
-    round: int = 0
-    seed: int = 0
-    payload: PayloadFile | None = None
-    secagg: SessionSetup | None = None  # for the secure-aggregation steps
-
-
-@dataclass(frozen=True)
-class ResultHeader:
-    task_id: str
-    round: int
-    num_examples: int
-    metrics: Mapping[str, float]
-    payload: PayloadInfo | None
-
-
-@dataclass(frozen=True)
-class _AcceptedUpdate:
-    weight: float
-    spool: Path  # validated, kept on disk until the round is aggregated
-
-
-@dataclass
-class _SecureSession:
-    """One attempt at a round under secure aggregation: lives in memory only (never
-    checkpointed), so a coordinator restarted mid-round starts the round again with new keys."""
-
-    setup: SessionSetup
-    server: SecAggServer
-    directory: Path  # the roster, share inboxes and unmasking request served to clients
-
-
-@dataclass
-class _Phase:
-    """One step of a round (train, evaluate, or a secure-aggregation step): who was asked, what
-    came back.
-
-    A participant is offered the task whenever it pulls without having a result in flight or
-    done, so a client that crashed or lost its connection mid-round can pick the task up again
-    after it restarts. `finished` holds participants with an accepted or rejected result,
-    `delivered` those with an accepted one. The phase's quorum is what `below_quorum = "wait"`
-    holds it open for.
-    """
-
-    kind: TaskKind
-    round: int
-    task_id: str
-    participants: frozenset[str]
-    payload: PayloadFile
-    quorum: int = 0
-    inboxes: Mapping[str, PayloadFile] = field(default_factory=dict)  # per-client payloads
-    secure: _SecureSession | None = None
-    delivered: set[str] = field(default_factory=set)
-    pulled: set[str] = field(default_factory=set)
-    submitted: set[str] = field(default_factory=set)
-    finished: set[str] = field(default_factory=set)
-    open: bool = True
-    accepted: dict[str, _AcceptedUpdate] = field(default_factory=dict)
-    metrics: list[tuple[int, Mapping[str, float]]] = field(default_factory=list)
-    rejected: dict[str, str] = field(default_factory=dict)
-    overdue_logged: bool = False
-    validating: int = 0  # results being validated now: the phase closes once there are none
-    # Plain training: |global| (for max_update_norm_ratio, measured once) and the sum of
-    # weight x largest |value| over the accepted updates (what the FedAvg sum can reach).
-    global_norm: float | None = None
-    weighted_magnitude: float = 0.0
-
-    def done(self) -> bool:
-        return self.finished >= self.participants
-
-
-class ResultUpload:
-    """One client's result in flight: header accepted, payload spooled to disk as it arrives."""
-
-    def __init__(
-        self,
-        identity: str,
-        header: ResultHeader,
-        phase: _Phase,
-        spool: Path | None,
-        *,
-        max_size: int,
-        encoding: str,
-        release: Callable[[], None] = lambda: None,
-    ) -> None:
-        self.identity = identity
-        self.header = header
-        self.phase = phase
-        self.spool = spool
-        self._release = release  # gives back the disk space reserved for this upload
-        self._file: BinaryIO | None = None
-        self._assembler: PayloadAssembler | None = None
-        # Chunks are written by the transport's workers while the call may end on the event
-        # loop: closing waits for a write in progress, and nothing is written once closed.
-        self._lock = threading.Lock()
-        self._closed = False
-        if header.payload is not None and spool is not None:
-            self._assembler = PayloadAssembler(
-                header.payload, self, max_size=max_size, encoding=encoding
-            )
-            try:
-                self._file = open(spool, "wb")  # noqa: SIM115 (closed in finish/discard)
-            except OSError as exc:
-                raise spool_failure(exc) from exc
-
-    def write(self, data: bytes) -> int:
-        assert self._file is not None
-        try:
-            return self._file.write(data)
-        except OSError as exc:
-            raise spool_failure(exc) from exc
-
-    def add_chunk(self, offset: int, data: bytes) -> None:
-        if self._assembler is None:
-            raise UpdateRejected("INVALID_ARGUMENT", "this result takes no payload chunks")
-        with self._lock:
-            if self._closed:
-                raise UploadIncomplete("the upload ended before this chunk was stored")
-            try:
-                self._assembler.add(offset, data)
-            except PayloadError as exc:
-                raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
-
-    def complete_payload(self) -> None:
-        if self._assembler is None:
-            return
-        assert self._file is not None
-        try:
-            self._file.close()  # flushes: a full disk can show here first
-        except OSError as exc:
-            raise spool_failure(exc) from exc
-        try:
-            self._assembler.finish()
-        except PayloadIncomplete as exc:
-            raise UploadIncomplete(str(exc)) from None
-        except PayloadError as exc:
-            raise UpdateRejected("DATA_LOSS", str(exc)) from None
-
-    def close(self, *, keep: bool) -> None:
-        """Close the spool file; unless `keep`, delete it."""
-        with self._lock:
-            self._closed = True
-            if self._file is not None:
-                # A failed flush was reported by complete_payload; the file is dropped anyway.
-                with contextlib.suppress(OSError):
-                    self._file.close()
-            if self.spool is not None and not keep:
-                self.spool.unlink(missing_ok=True)
-            self._release()
-            self._release = lambda: None
-
-
-def spool_failure(exc: OSError) -> StorageError:
-    """What a client is told when its upload cannot be spooled: not its fault, so it backs off
-    and retries (RESOURCE_EXHAUSTED) instead of being rejected."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StorageError("coordinator disk full: cannot store this upload now; retry later")
-    return StorageError(
-        f"coordinator storage error ({exc.strerror or exc}): cannot store this upload now; "
-        "retry later"
-    )
-
-
-@dataclass
-class RoundRecord:
-    """One row of metrics.jsonl."""
-
-    round: int
-    clients_sampled: int
-    clients_accepted: int
-    rejected: dict[str, str]
-    train_loss: float | None
-    test_loss: float | None
-    test_accuracy: float | None
-    federated_loss: float | None
-    federated_accuracy: float | None
-    seconds: float
-    bytes_down: int
-    bytes_up: int
-    epsilon: float | None = None  # DP: privacy spent after this round, at dp_delta
-    # Record-level DP-SGD: the largest epsilon this round's clients reported (plaintext rounds
-    # only: under secure aggregation clients send no metrics, and log it instead).
-    dpsgd_epsilon: float | None = None
-    # The task's other evaluation metrics by name (MSE, AUROC...; server/metrics.py).
-    test_metrics: dict[str, float] = field(default_factory=dict)
-    federated_metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class RunSummary:
-    rounds_completed: int  # the last completed round, counting rounds done before a resume
-    completed: bool
-    stopped_by_signal: bool
-    final_model: Path  # the last global model, a safetensors file in the state directory
-    # The last round this process ran. Only the last: the rows of a long run are in
-    # metrics.jsonl (via `on_round`), never accumulated in the coordinator's memory.
-    last_record: RoundRecord | None
-    budget_spent: bool = False  # DP: stopped before a round that would exceed dp_max_epsilon
-    # The coordinator could not write its state (disk full, I/O error): it stopped after the
-    # last good checkpoint without telling clients the run finished, so a restart resumes.
-    storage_failure: str | None = None
 
 
 @dataclass
@@ -396,7 +163,7 @@ class RoundEngine:
         # Everyone who ever joined this federation (restored from the checkpoint on restart):
         # the population that `below_quorum = "wait"` samples from.
         self._known: set[str] = set()
-        self._phase: _Phase | None = None
+        self._phase: Phase | None = None
         self._stopping = False  # the run is over: clients are told to stop
         self._shutting_down = False  # this process is going away: clients retry elsewhen
         self._told_to_stop: set[str] = set()
@@ -673,7 +440,7 @@ class RoundEngine:
             self._storage_logged = now
             log.error("%s (uploads are refused until there is space in %s)", error, self._spool_dir)
 
-    def _expected_payload(self, phase: _Phase) -> tuple[str, int]:
+    def _expected_payload(self, phase: Phase) -> tuple[str, int]:
         """The encoding and largest size of a result payload in `phase`."""
         if phase.secure is None:
             return ENCODING, self._global.info.size + PAYLOAD_SLACK_BYTES
@@ -715,14 +482,14 @@ class RoundEngine:
                 if phase.secure is not None:
                     assert upload.spool is not None
                     with self._secure_lock:
-                        _take_secure_message(
+                        take_secure_message(
                             phase.kind, phase.secure, upload.identity, upload.spool, self._ca_pem
                         )
                 with self._cond:
                     if phase.kind is TaskKind.TRAIN:
                         assert upload.spool is not None
                         self._add_magnitude(phase, magnitude)
-                        phase.accepted[upload.identity] = _AcceptedUpdate(
+                        phase.accepted[upload.identity] = AcceptedUpdate(
                             float(upload.header.num_examples), upload.spool
                         )
                     if phase.secure is None:
@@ -747,7 +514,7 @@ class RoundEngine:
             "accepted %s result from %s (round %d)", phase.kind.value, upload.identity, phase.round
         )
 
-    def _validate_update(self, phase: _Phase, upload: ResultUpload) -> float:
+    def _validate_update(self, phase: Phase, upload: ResultUpload) -> float:
         """Check a training update against the model and max_update_norm_ratio; its weighted
         magnitude (what it can add to the FedAvg sum)."""
         assert upload.spool is not None
@@ -768,7 +535,7 @@ class RoundEngine:
         except TensorFormatError as exc:
             raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
 
-    def _add_magnitude(self, phase: _Phase, magnitude: float) -> None:
+    def _add_magnitude(self, phase: Phase, magnitude: float) -> None:
         """Refuse an update that could push the aggregate out of the finite range (checked
         whatever max_update_norm_ratio says); with the lock held."""
         if not phase.weighted_magnitude + magnitude <= SUM_LIMIT:
@@ -1026,8 +793,8 @@ class RoundEngine:
 
     def _new_phase(
         self, kind: TaskKind, round_number: int, participants: list[str], **details: Any
-    ) -> _Phase:
-        return _Phase(
+    ) -> Phase:
+        return Phase(
             kind=kind,
             round=round_number,
             task_id=details.pop("task_id", uuid.uuid4().hex),
@@ -1077,10 +844,10 @@ class RoundEngine:
         cfg = self._config
         threshold = max(2, cfg.min_results, len(sampled) // 2 + 1)
         session = uuid.uuid4().hex
-        setup = self._session_setup(session, threshold, len(sampled))
+        setup = session_setup(self._config, self._layout, session, threshold, len(sampled))
         directory = self._spool_dir / f"secagg-{session}"
         directory.mkdir()
-        secure = _SecureSession(setup, SecAggServer(setup.params), directory)
+        secure = SecureSession(setup, SecAggServer(setup.params), directory)
         step_timeout = cfg.secagg_step_timeout_seconds
         rejected: dict[str, str] = {}
         answered = frozenset(sampled)
@@ -1111,7 +878,7 @@ class RoundEngine:
                     return None
                 rejected.update(phase.rejected)
                 answered = frozenset(phase.delivered)
-                details = self._close_secure_step(kind, secure, answered)
+                details = close_secure_step(kind, secure, answered, self._global)
             survivors = len(participants)  # unmasking's: those whose masked input is summed
             total = secure.server.result()
             for culprit in secure.server.corrupt_responders:
@@ -1142,100 +909,10 @@ class RoundEngine:
             threshold,
             sparse,
         )
-        return _Training(self._secure_average(total, setup), survivors, answered, rejected, [])
+        average = secure_average(total, setup, self._layout, self._global.path)
+        return _Training(average, survivors, answered, rejected, [])
 
-    def _session_setup(self, session: str, threshold: int, num_clients: int) -> SessionSetup:
-        """What every client of this attempt is told: the ring, the encoding, the weight cap and,
-        with DP, the clip norm and each client's share of the noise."""
-        cfg = self._config
-        dimension = self._layout.length
-        if cfg.dp_clip_norm is not None:
-            # Split-noise DP-FedAvg: each client adds N(0, (z S)^2 / t) to its clipped change with
-            # weight 1, so every sum of >= t of them carries at least the noise z S.
-            noise_std = client_noise_std(cfg.dp_noise_multiplier, cfg.dp_clip_norm, threshold)
-            bound = max(1.0, secure_value_bound(cfg.dp_clip_norm, noise_std, dimension))
-            max_weight, clip_norm = 1.0, cfg.dp_clip_norm
-        else:
-            noise_std, clip_norm, bound = 0.0, 0.0, cfg.secagg_value_bound
-            max_weight = cfg.secagg_max_weight or float(cfg.max_num_examples)
-        try:
-            encoding = FixedPoint.for_sum(
-                num_clients=num_clients, value_bound=bound, ring_bits=cfg.secagg_ring_bits
-            )
-        except ValueError as exc:
-            raise ConfigError(f"secure aggregation: {exc}") from None
-        # SecAgg+: the smallest neighbourhood threshold clients accept, a strict majority of a
-        # client and its k neighbours, so a client's secrets survive the most dropouts.
-        k = cfg.secagg_neighbours
-        params = SecAggParams(
-            session,
-            threshold,
-            dimension,
-            cfg.secagg_ring_bits,
-            neighbours=k,
-            neighbour_threshold=majority_of(k) if k else 0,
-        )
-        return SessionSetup(params, encoding, max_weight, noise_std, clip_norm)
-
-    def _close_secure_step(
-        self, kind: TaskKind, secure: _SecureSession, delivered: frozenset[str]
-    ) -> dict[str, Any]:
-        """End a step in the secure-aggregation state; what the next step's phase serves."""
-        server = secure.server
-        if kind is TaskKind.SECAGG_ADVERTISE:
-            roster = server.close_advertisement()
-            return {
-                "payload": _message_file(secure, "roster", roster_to_bytes(roster), ROSTER_ENCODING)
-            }
-        if kind is TaskKind.SECAGG_SHARE_KEYS:
-            server.close_sharing()
-            inboxes = {
-                identity: _message_file(
-                    secure,
-                    f"inbox-{index}",
-                    shares_to_bytes(server.shares_for(identity), server.contributors),
-                    SHARES_ENCODING,
-                )
-                for index, identity in enumerate(sorted(delivered))
-            }
-            # The payload is never served (everyone has an inbox); the phase needs one.
-            return {"inboxes": inboxes, "payload": self._global}
-        if kind is TaskKind.SECAGG_MASKED_INPUT:
-            request = server.close_masked_inputs()
-            payload = _message_file(
-                secure, "survivors", unmask_request_to_bytes(request), UNMASK_REQUEST_ENCODING
-            )
-            return {"payload": payload}
-        if kind is TaskKind.SECAGG_CONSISTENCY:
-            request = server.close_agreement()
-            payload = _message_file(
-                secure, "unmask", unmask_request_to_bytes(request), UNMASK_REQUEST_ENCODING
-            )
-            return {"payload": payload}
-        return {}
-
-    def _secure_average(self, total: Any, setup: SessionSetup) -> StateDict:
-        """The new global model from the unmasked ring sum.
-
-        Without DP the clients encoded (w / W) * model, so the sum divided by its weight slot is
-        weighted FedAvg. With DP they encoded their clipped, noised change with weight 1, so the
-        same division gives the mean change, added to the current global model. Non-floating
-        tensors (counters) are not part of the secure sum and keep the global model's values.
-        """
-        averaged = self._layout.average(setup.encoding.decode(total))
-        state: StateDict = {}
-        with open_state_file(self._global.path) as global_state:
-            for name, tensor in global_state.items():
-                if name not in averaged:
-                    state[name] = tensor.clone()
-                elif setup.clip_norm > 0:
-                    change = averaged[name].to(torch.float64)
-                    state[name] = (tensor.to(torch.float64) + change).to(tensor.dtype)
-                else:
-                    state[name] = averaged[name]
-        return state
-
-    def _run_phase(self, phase: _Phase, timeout: float, stop: threading.Event) -> _Phase | None:
+    def _run_phase(self, phase: Phase, timeout: float, stop: threading.Event) -> Phase | None:
         deadline = time.monotonic() + timeout
         kind, round_number = phase.kind, phase.round
         with self._cond:
@@ -1263,7 +940,7 @@ class RoundEngine:
             )
         return phase
 
-    def _can_close(self, phase: _Phase, deadline: float) -> bool:
+    def _can_close(self, phase: Phase, deadline: float) -> bool:
         """Whether the phase has all it will get (called with the lock held).
 
         Every participant has answered; or the deadline passed; or everyone still missing is
@@ -1306,7 +983,7 @@ class RoundEngine:
             return True
         return False
 
-    def _reject(self, phase: _Phase, identity: str, error: UpdateRejected) -> None:
+    def _reject(self, phase: Phase, identity: str, error: UpdateRejected) -> None:
         self.metrics.updates.labels(phase.kind.value, error.code).inc()
         self.status.result_rejected(identity, phase.round, phase.kind.value, str(error))
         with self._cond:
@@ -1314,7 +991,7 @@ class RoundEngine:
             phase.rejected[identity] = str(error)
             self._cond.notify_all()
 
-    def _aggregate(self, phase: _Phase) -> StateDict:
+    def _aggregate(self, phase: Phase) -> StateDict:
         """The new global model from the accepted updates, taken in order of client identity.
 
         A fixed order makes floating-point sums, and so the new model, the same whatever order
@@ -1333,7 +1010,7 @@ class RoundEngine:
         finally:
             self._discard_updates(phase)
 
-    def _discard_updates(self, phase: _Phase) -> None:
+    def _discard_updates(self, phase: Phase) -> None:
         for update in phase.accepted.values():
             update.spool.unlink(missing_ok=True)
 
@@ -1431,47 +1108,6 @@ class RoundEngine:
         with self._cond:
             self._bytes_down = 0
             self._bytes_up = 0
-
-
-def _message_file(secure: _SecureSession, name: str, data: bytes, encoding: str) -> PayloadFile:
-    """A step message written once and streamed to every client that pulls it."""
-    path = secure.directory / name
-    path.write_bytes(data)
-    return PayloadFile.seal(path, encoding)
-
-
-def _take_secure_message(
-    kind: TaskKind, secure: _SecureSession, identity: str, spool: Path, ca_pem: bytes | None
-) -> None:
-    """Hand one client's verified step message to the secure-aggregation state. A masked vector
-    is folded into the running sum here; its spool file is deleted afterwards, so nothing any
-    one client sent stays on disk. Advertised keys and survivors' views must carry the client's
-    signature (unless `ca_pem` is None: --insecure development mode), so one client's bad
-    signature is refused on arrival instead of failing the unmask step for everyone."""
-    server = secure.server
-    data = spool.read_bytes()
-    try:
-        if kind is TaskKind.SECAGG_ADVERTISE:
-            advertisement = keys_from_bytes(data)
-            if ca_pem is not None:
-                check_advertisement(advertisement, secure.setup.params.session, identity, ca_pem)
-            server.add_keys(identity, advertisement)
-        elif kind is TaskKind.SECAGG_SHARE_KEYS:
-            server.add_shares(identity, shares_from_bytes(data))
-        elif kind is TaskKind.SECAGG_MASKED_INPUT:
-            server.add_masked_input(identity, secure.setup.params.vector_from_bytes(data))
-        elif kind is TaskKind.SECAGG_CONSISTENCY:
-            signature = view_signature_from_bytes(data)
-            if ca_pem is not None:
-                statement = server.view_statement(setup_digest(secure.setup))
-                check_view_signature(
-                    signature, statement, identity, server.roster[identity], ca_pem
-                )
-            server.add_view_signature(identity, signature)
-        else:
-            server.add_unmask_response(identity, unmask_response_from_bytes(data))
-    except SecAggError as exc:
-        raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
 
 
 def _names(identities: list[str], shown: int = 10) -> str:

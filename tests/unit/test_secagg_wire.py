@@ -16,7 +16,7 @@ from fedlink.common.secagg import (
     SecAggServer,
     UnmaskRequest,
 )
-from fedlink.server.rounds import SECURE_STEPS as ENGINE_STEPS
+from fedlink.server.phases import SECURE_STEPS as ENGINE_STEPS
 from fedlink.v1 import federation_pb2 as pb
 
 

@@ -34,8 +34,8 @@ from fedlink.common.secagg_wire import (
 from fedlink.common.tensors import StateDict, manifest_of, open_state_file
 from fedlink.common.wire import PayloadInfo
 from fedlink.server.config import ServerConfig
+from fedlink.server.phases import SECURE_STEPS
 from fedlink.server.rounds import (
-    SECURE_STEPS,
     ResultHeader,
     RoundEngine,
     RunSummary,

@@ -1,0 +1,113 @@
+"""Result intake: one client's result in flight, spooled to disk as it arrives and checked
+chunk by chunk (size, offsets, SHA-256) before the engine validates it whole."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from fedlink.common.errors import (
+    PayloadError,
+    PayloadIncomplete,
+    StorageError,
+    UpdateRejected,
+    UploadIncomplete,
+)
+from fedlink.common.wire import PayloadAssembler
+from fedlink.server.phases import Phase, ResultHeader
+
+
+class ResultUpload:
+    """One client's result in flight: header accepted, payload spooled to disk as it arrives."""
+
+    def __init__(
+        self,
+        identity: str,
+        header: ResultHeader,
+        phase: Phase,
+        spool: Path | None,
+        *,
+        max_size: int,
+        encoding: str,
+        release: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.identity = identity
+        self.header = header
+        self.phase = phase
+        self.spool = spool
+        self._release = release  # gives back the disk space reserved for this upload
+        self._file: BinaryIO | None = None
+        self._assembler: PayloadAssembler | None = None
+        # Chunks are written by the transport's workers while the call may end on the event
+        # loop: closing waits for a write in progress, and nothing is written once closed.
+        self._lock = threading.Lock()
+        self._closed = False
+        if header.payload is not None and spool is not None:
+            self._assembler = PayloadAssembler(
+                header.payload, self, max_size=max_size, encoding=encoding
+            )
+            try:
+                self._file = open(spool, "wb")  # noqa: SIM115 (closed in finish/discard)
+            except OSError as exc:
+                raise spool_failure(exc) from exc
+
+    def write(self, data: bytes) -> int:
+        assert self._file is not None
+        try:
+            return self._file.write(data)
+        except OSError as exc:
+            raise spool_failure(exc) from exc
+
+    def add_chunk(self, offset: int, data: bytes) -> None:
+        if self._assembler is None:
+            raise UpdateRejected("INVALID_ARGUMENT", "this result takes no payload chunks")
+        with self._lock:
+            if self._closed:
+                raise UploadIncomplete("the upload ended before this chunk was stored")
+            try:
+                self._assembler.add(offset, data)
+            except PayloadError as exc:
+                raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
+
+    def complete_payload(self) -> None:
+        if self._assembler is None:
+            return
+        assert self._file is not None
+        try:
+            self._file.close()  # flushes: a full disk can show here first
+        except OSError as exc:
+            raise spool_failure(exc) from exc
+        try:
+            self._assembler.finish()
+        except PayloadIncomplete as exc:
+            raise UploadIncomplete(str(exc)) from None
+        except PayloadError as exc:
+            raise UpdateRejected("DATA_LOSS", str(exc)) from None
+
+    def close(self, *, keep: bool) -> None:
+        """Close the spool file; unless `keep`, delete it."""
+        with self._lock:
+            self._closed = True
+            if self._file is not None:
+                # A failed flush was reported by complete_payload; the file is dropped anyway.
+                with contextlib.suppress(OSError):
+                    self._file.close()
+            if self.spool is not None and not keep:
+                self.spool.unlink(missing_ok=True)
+            self._release()
+            self._release = lambda: None
+
+
+def spool_failure(exc: OSError) -> StorageError:
+    """What a client is told when its upload cannot be spooled: not its fault, so it backs off
+    and retries (RESOURCE_EXHAUSTED) instead of being rejected."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageError("coordinator disk full: cannot store this upload now; retry later")
+    return StorageError(
+        f"coordinator storage error ({exc.strerror or exc}): cannot store this upload now; "
+        "retry later"
+    )
