@@ -25,9 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedlink.common.accounting import MechanismStep, PrivacyAccountant
 from fedlink.common.errors import (
-    ConfigError,
     PayloadError,
     SecAggError,
     StorageError,
@@ -67,7 +65,7 @@ from fedlink.server.phases import (
     TaskKind,
     TaskOffer,
 )
-from fedlink.server.privacy import ROUND_SAMPLE_RATE
+from fedlink.server.privacy import RoundPrivacy
 from fedlink.server.secure_rounds import (
     close_secure_step,
     secure_average,
@@ -177,20 +175,8 @@ class RoundEngine:
         log.info("strategy: %r", self._strategy)
         if resume_from is not None:
             self._strategy.load_state_dict(resume_from.strategy_state)
-        self._accountant: PrivacyAccountant | None = None
-        if config.dp_clip_norm is not None:
-            self._accountant = PrivacyAccountant(resume_from.privacy if resume_from else ())
-            log.info(
-                "differential privacy: DP-FedAvg with clip norm %g, noise multiplier %g, "
-                "delta %g, budget %s",
-                config.dp_clip_norm,
-                config.dp_noise_multiplier,
-                config.dp_delta,
-                "none" if config.dp_max_epsilon is None else f"epsilon {config.dp_max_epsilon:g}",
-            )
-        if resume_from is not None:
-            _check_privacy_history(resume_from.round, len(resume_from.privacy), self._accountant)
-        self.metrics.dp_epsilon.set(self._epsilon() if self._accountant else math.inf)
+        self._privacy = RoundPrivacy.for_run(config, resume_from)
+        self.metrics.dp_epsilon.set(self._privacy.epsilon() if self._privacy else math.inf)
         if resume_from is None:
             self._completed_round = 0
             self._global = self._write_global(initial_state, round_number=0)
@@ -604,7 +590,7 @@ class RoundEngine:
         storage_failure: str | None = None
         try:
             while round_number <= cfg.num_rounds and not stop.is_set():
-                if self._budget_would_be_exceeded(round_number):
+                if self._privacy and self._privacy.budget_would_be_exceeded(round_number):
                     budget_spent = True
                     break
                 sampled = self._sample(round_number, failures, avoid, stop)
@@ -641,7 +627,10 @@ class RoundEngine:
                 failures, avoid = 0, frozenset()
                 # The model is held only by `state` from here, so `del state` below frees it.
                 state, train.state = train.state, None
-                epsilon = self._account_round()
+                epsilon = None
+                if self._privacy is not None:
+                    epsilon = self._privacy.account_round()
+                    self.metrics.dp_epsilon.set(epsilon)
                 global_file = self._write_global(state, round_number)
                 with self._cond:
                     self._global = global_file
@@ -751,45 +740,6 @@ class RoundEngine:
         return waiting - self._told_to_stop
 
     # ---- internals ----------------------------------------------------------------------------
-
-    def _round_mechanism(self) -> MechanismStep:
-        return MechanismStep(self._config.dp_noise_multiplier, ROUND_SAMPLE_RATE)
-
-    def _epsilon(self) -> float:
-        assert self._accountant is not None
-        return self._accountant.epsilon(self._config.dp_delta)
-
-    def _budget_would_be_exceeded(self, round_number: int) -> bool:
-        """Whether running `round_number` would take epsilon past dp_max_epsilon (logged)."""
-        budget = self._config.dp_max_epsilon
-        if self._accountant is None or budget is None:
-            return False
-        after = self._accountant.epsilon_after(self._round_mechanism(), self._config.dp_delta)
-        if after <= budget:
-            return False
-        log.warning(
-            "privacy budget spent: round %d would take epsilon from %.4g to %.4g, past "
-            "dp_max_epsilon=%g (delta=%g); stopping after round %d of %d",
-            round_number,
-            self._epsilon(),
-            after,
-            budget,
-            self._config.dp_delta,
-            round_number - 1,
-            self._config.num_rounds,
-        )
-        return True
-
-    def _account_round(self) -> float | None:
-        """Account for the noised model just released; the epsilon spent so far (None without
-        differential privacy)."""
-        if self._accountant is None:
-            return None
-        self._accountant.step(self._round_mechanism())
-        epsilon = self._epsilon()
-        self.metrics.dp_epsilon.set(epsilon)
-        log.info("privacy spent: epsilon=%.4g at delta=%g", epsilon, self._config.dp_delta)
-        return epsilon
 
     def _new_phase(
         self, kind: TaskKind, round_number: int, participants: list[str], **details: Any
@@ -1091,7 +1041,7 @@ class RoundEngine:
                 clients=clients,
                 record=dataclasses.asdict(record),
                 run=run_identity(self._config),
-                privacy=tuple(self._accountant.history) if self._accountant else (),
+                privacy=self._privacy.history if self._privacy else (),
                 strategy_state=self._strategy.state_dict(),
             )
         )
@@ -1115,23 +1065,6 @@ def _names(identities: list[str], shown: int = 10) -> str:
     clients must not write 100 KB lines)."""
     more = len(identities) - shown
     return ", ".join(identities[:shown]) + (f" and {more} more" if more > 0 else "")
-
-
-def _check_privacy_history(
-    completed: int, accounted: int, accountant: PrivacyAccountant | None
-) -> None:
-    """Refuse to resume a run whose rounds were not all accounted by the same DP setting."""
-    if accountant is None and accounted:
-        raise ConfigError(
-            "the state directory holds a run with differential privacy; resume it with the same "
-            "dp_* settings (turning DP off mid-run would release un-noised models)"
-        )
-    if accountant is not None and sum(step.steps for step in accountant.history) != completed:
-        raise ConfigError(
-            f"the state directory holds a run whose {completed} completed rounds were not all "
-            "trained with differential privacy, so no epsilon can be claimed for it; start a new "
-            "run (another --state-dir) to train with DP"
-        )
 
 
 def _weighted_mean(results: list[tuple[int, Mapping[str, float]]], key: str) -> float | None:
