@@ -1,11 +1,16 @@
-"""Result intake: one client's result in flight, spooled to disk as it arrives and checked
-chunk by chunk (size, offsets, SHA-256) before the engine validates it whole."""
+"""Result intake: the spool where uploads land (`state_dir/incoming`, its disk space reserved
+per upload), and one client's result in flight, written there as it arrives and checked chunk
+by chunk (size, offsets, SHA-256) before the engine validates it whole."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
+import math
+import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -19,6 +24,8 @@ from fedlink.common.errors import (
 )
 from fedlink.common.wire import PayloadAssembler
 from fedlink.server.phases import Phase, ResultHeader
+
+log = logging.getLogger(__name__)
 
 
 class ResultUpload:
@@ -111,3 +118,56 @@ def spool_failure(exc: OSError) -> StorageError:
         f"coordinator storage error ({exc.strerror or exc}): cannot store this upload now; "
         "retry later"
     )
+
+
+# Seconds between log lines about uploads refused because the coordinator's disk is full.
+STORAGE_LOG_INTERVAL = 60.0
+
+
+class Spool:
+    """The directory uploads are written to, and the disk space promised to uploads in flight.
+
+    An upload reserves its announced size before a byte moves, so a disk filled by uploads is
+    refused up front (RESOURCE_EXHAUSTED, not held against the client) instead of failing
+    halfway, and never takes `keep_free`: the room publishing the next model needs."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        # What a coordinator that stopped mid-round left behind.
+        for stale in directory.glob("*.part"):
+            stale.unlink()
+        for stale in directory.glob("secagg-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        self._reserved = 0
+        self._lock = threading.Lock()
+        self._logged = -math.inf
+
+    def reserve(self, size: int, keep_free: int) -> int:
+        """Reserve `size` bytes, or raise StorageError; returns what to `release` later."""
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError as exc:
+            raise spool_failure(exc) from exc
+        with self._lock:
+            if free - self._reserved - keep_free < size:
+                error = spool_failure(OSError(errno.ENOSPC, "No space left on device"))
+                self._log_refusal_locked(error)
+                raise error
+            self._reserved += size
+        return size
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            self._reserved -= size
+
+    def log_refusal(self, error: StorageError) -> None:
+        with self._lock:
+            self._log_refusal_locked(error)
+
+    def _log_refusal_locked(self, error: StorageError) -> None:
+        # One line a minute: every client retrying against a full disk must not flood the log.
+        now = time.monotonic()
+        if now - self._logged >= STORAGE_LOG_INTERVAL:
+            self._logged = now
+            log.error("%s (uploads are refused until there is space in %s)", error, self.directory)

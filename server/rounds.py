@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import hashlib
 import logging
 import math
@@ -52,7 +51,7 @@ from fedlink.common.wire import (
 from fedlink.server.aggregation import SUM_LIMIT, weighted_magnitude
 from fedlink.server.checkpoints import Checkpoint, CheckpointStore, run_identity
 from fedlink.server.config import ServerConfig
-from fedlink.server.intake import ResultUpload, spool_failure
+from fedlink.server.intake import ResultUpload, Spool
 from fedlink.server.metrics import MetricAggregator, other_metrics
 from fedlink.server.monitoring import CoordinatorMetrics
 from fedlink.server.phases import (
@@ -95,8 +94,6 @@ SECAGG_BYTES_PER_PEER = 1 << 10
 # Updates of models up to this size are validated several at once (one per worker); larger
 # ones one at a time, so that the coordinator's memory stays a few times the model's size.
 PARALLEL_VALIDATION_MAX_BYTES = 64 << 20
-# Seconds between log lines about uploads refused because the coordinator's disk is full.
-STORAGE_LOG_INTERVAL = 60.0
 # Uploads never take the last (global model size + this) bytes of the state directory's file
 # system: that is what publishing the next model and its checkpoint needs.
 CHECKPOINT_ROOM_BYTES = 256 << 10
@@ -146,12 +143,7 @@ class RoundEngine:
         self.metrics.count_clients_with(lambda: len(self._alive_clients()))
         self.status = RunStatus(config.num_rounds, config.liveness_timeout_seconds)
         self._checkpoints = CheckpointStore(config.state_dir, keep=config.keep_checkpoints)
-        self._spool_dir = config.state_dir / "incoming"
-        self._spool_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self._spool_dir.glob("*.part"):
-            stale.unlink()
-        for stale in self._spool_dir.glob("secagg-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        self._spool = Spool(config.state_dir / "incoming")
         self._layout = UpdateLayout(self._manifest)
         # Secure aggregation: advertised keys must be signed by their client's certificate.
         self._ca_pem = None if config.insecure or config.ca is None else config.ca.read_bytes()
@@ -167,8 +159,6 @@ class RoundEngine:
         self._told_to_stop: set[str] = set()
         self._bytes_down = 0
         self._bytes_up = 0
-        self._spool_reserved = 0  # bytes promised to uploads in flight
-        self._storage_logged = -math.inf
         self._secure_lock = threading.Lock()  # secure aggregation's state takes one at a time
         self._large_validation = threading.Lock()
         self._strategy = config.build_strategy()
@@ -359,11 +349,13 @@ class RoundEngine:
                 )
             spool = None
             if header.payload is not None:
-                spool = self._spool_dir / f"{uuid.uuid4().hex}.part"
+                spool = self._spool.directory / f"{uuid.uuid4().hex}.part"
             encoding, max_size = self._expected_payload(phase)
             reserved = 0
             if header.payload is not None and header.payload.size <= max_size:
-                reserved = self._reserve_spool_space(header.payload.size)
+                # The room the next global model and its checkpoint need is never handed out.
+                keep_free = self._global.info.size + CHECKPOINT_ROOM_BYTES
+                reserved = self._spool.reserve(header.payload.size, keep_free)
             try:
                 upload = ResultUpload(
                     identity,
@@ -372,10 +364,10 @@ class RoundEngine:
                     spool,
                     max_size=max_size,
                     encoding=encoding,
-                    release=lambda: self._release_spool_space(reserved),
+                    release=lambda: self._spool.release(reserved),
                 )
             except (PayloadError, StorageError) as exc:
-                self._release_spool_space(reserved)
+                self._spool.release(reserved)
                 if isinstance(exc, StorageError):
                     raise
                 code = (
@@ -392,39 +384,11 @@ class RoundEngine:
         log.debug("receiving %s result from %s (round %d)", phase.kind.value, identity, phase.round)
         return upload
 
-    def _reserve_spool_space(self, size: int) -> int:
-        """Reserve `size` bytes of the spool's file system for an upload, or refuse it before a
-        byte moves. The space the next global model and its checkpoint need is never handed
-        out, so a disk filled by uploads cannot stop the round from being published."""
-        try:
-            free = shutil.disk_usage(self._spool_dir).free
-        except OSError as exc:
-            raise spool_failure(exc) from exc
-        keep_free = self._global.info.size + CHECKPOINT_ROOM_BYTES
-        with self._cond:
-            if free - self._spool_reserved - keep_free < size:
-                error = spool_failure(OSError(errno.ENOSPC, "No space left on device"))
-                self._log_storage_refusal(error)
-                raise error
-            self._spool_reserved += size
-        return size
-
-    def _release_spool_space(self, size: int) -> None:
-        with self._cond:
-            self._spool_reserved -= size
-
     def defer_result(self, upload: ResultUpload, error: StorageError) -> None:
         """The coordinator could not store the upload: drop it without blaming the client,
         which backs off and retries while the round is open (like an interrupted upload)."""
-        self._log_storage_refusal(error)
+        self._spool.log_refusal(error)
         self._forget_upload(upload, "deferred")
-
-    def _log_storage_refusal(self, error: StorageError) -> None:
-        # One line a minute: every client retrying against a full disk must not flood the log.
-        now = time.monotonic()
-        if now - self._storage_logged >= STORAGE_LOG_INTERVAL:
-            self._storage_logged = now
-            log.error("%s (uploads are refused until there is space in %s)", error, self._spool_dir)
 
     def _expected_payload(self, phase: Phase) -> tuple[str, int]:
         """The encoding and largest size of a result payload in `phase`."""
@@ -795,7 +759,7 @@ class RoundEngine:
         threshold = max(2, cfg.min_results, len(sampled) // 2 + 1)
         session = uuid.uuid4().hex
         setup = session_setup(self._config, self._layout, session, threshold, len(sampled))
-        directory = self._spool_dir / f"secagg-{session}"
+        directory = self._spool.directory / f"secagg-{session}"
         directory.mkdir()
         secure = SecureSession(setup, SecAggServer(setup.params), directory)
         step_timeout = cfg.secagg_step_timeout_seconds
