@@ -20,7 +20,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +65,7 @@ from fedlink.server.phases import (
     TaskOffer,
 )
 from fedlink.server.privacy import RoundPrivacy
+from fedlink.server.roster import Roster, Wake
 from fedlink.server.secure_rounds import (
     close_secure_step,
     secure_average,
@@ -113,14 +114,6 @@ class _Training:
 
 Evaluator = Callable[[StateDict], Mapping[str, float]]
 RoundListener = Callable[[RoundRecord], None]
-# Called, from any thread and with the engine's lock held, when a waiting poll may have a task:
-# it must only hand the news on (set an event, schedule a callback), never block.
-Wake = Callable[[], None]
-
-
-@dataclass
-class _Session:
-    last_seen: float
 
 
 class RoundEngine:
@@ -148,11 +141,7 @@ class RoundEngine:
         # Secure aggregation: advertised keys must be signed by their client's certificate.
         self._ca_pem = None if config.insecure or config.ca is None else config.ca.read_bytes()
         self._cond = threading.Condition()
-        self._sessions: dict[str, _Session] = {}
-        self._waiters: dict[str, list[Wake]] = {}  # polls waiting for a task, by identity
-        # Everyone who ever joined this federation (restored from the checkpoint on restart):
-        # the population that `below_quorum = "wait"` samples from.
-        self._known: set[str] = set()
+        self._roster = Roster(config.liveness_timeout_seconds)
         self._phase: Phase | None = None
         self._stopping = False  # the run is over: clients are told to stop
         self._shutting_down = False  # this process is going away: clients retry elsewhen
@@ -173,7 +162,7 @@ class RoundEngine:
         else:
             self._completed_round = resume_from.round
             self._global = resume_from.model
-            self._known.update(resume_from.clients)
+            self._roster.known.update(resume_from.clients)
             self.metrics.current_round.set(resume_from.round)
             log.info(
                 "resuming after round %d from %s (%d known clients)",
@@ -185,15 +174,9 @@ class RoundEngine:
     # ---- called from gRPC handler threads -------------------------------------------------
 
     def join(self, identity: str) -> None:
-        now = time.monotonic()
         with self._cond:
-            session = self._sessions.get(identity)
-            if session is None:
-                self._sessions[identity] = _Session(last_seen=now)
-                log.info("client %s joined (%d connected)", identity, len(self._sessions))
-            else:
-                session.last_seen = now
-            self._known.add(identity)
+            if self._roster.join(identity, time.monotonic()):
+                log.info("client %s joined (%d connected)", identity, self._roster.connected)
             self.status.client_joined(identity)
             self._cond.notify_all()
 
@@ -202,12 +185,13 @@ class RoundEngine:
         closes without it (as if it had gone silent) and it is not sampled until it joins again.
         Forgotten from the known clients too, so `below_quorum = "wait"` does not wait for it."""
         with self._cond:
-            if self._sessions.pop(identity, None) is None:
+            if not self._roster.leave(identity):
                 return
-            self._known.discard(identity)
             self.status.client_left(identity, reason)
-            log.warning("client %s left (%d connected): %s", identity, len(self._sessions), reason)
-            self._wake([identity])  # a poll it left waiting ends now (JOIN_REQUIRED)
+            log.warning(
+                "client %s left (%d connected): %s", identity, self._roster.connected, reason
+            )
+            self._roster.wake([identity])  # a poll it left waiting ends now (JOIN_REQUIRED)
             self._cond.notify_all()
 
     @property
@@ -218,10 +202,8 @@ class RoundEngine:
     def touch(self, identity: str) -> bool:
         """Record a sign of life; False when the client has not joined this coordinator."""
         with self._cond:
-            session = self._sessions.get(identity)
-            if session is None:
+            if not self._roster.seen(identity, time.monotonic()):
                 return False
-            session.last_seen = time.monotonic()
             self.status.client_seen(identity)
             return True
 
@@ -235,10 +217,9 @@ class RoundEngine:
         one: a phase it takes part in opened, the run stopped, or its interrupted upload may be
         retried. Only that client's waiters are woken, never every waiting poll."""
         with self._cond:
-            if identity not in self._sessions:
+            if not self._roster.seen(identity, time.monotonic()):
                 raise UpdateRejected("FAILED_PRECONDITION", JOIN_REQUIRED)
             self.status.client_seen(identity)
-            self._sessions[identity].last_seen = time.monotonic()
             if self._shutting_down:
                 raise UpdateRejected(
                     "UNAVAILABLE", "the coordinator is shutting down; retry after it restarts"
@@ -267,17 +248,13 @@ class RoundEngine:
                     secagg=phase.secure.setup if phase.secure else None,
                 )
             if wake is not None:
-                self._waiters.setdefault(identity, []).append(wake)
+                self._roster.add_waiter(identity, wake)
             return None
 
     def cancel_wake(self, identity: str, wake: Wake) -> None:
         """Forget a `wake` registered by poll_task (the poll ended without being woken)."""
         with self._cond:
-            waiting = self._waiters.get(identity)
-            if waiting is not None and wake in waiting:
-                waiting.remove(wake)
-                if not waiting:
-                    del self._waiters[identity]
+            self._roster.remove_waiter(identity, wake)
 
     def next_task(self, identity: str, timeout: float = LONG_POLL_SECONDS) -> TaskOffer:
         """Block until this client has a task, the federation stops, or `timeout` passes (WAIT).
@@ -294,17 +271,6 @@ class RoundEngine:
             self.cancel_wake(identity, wake)
             if not woken:
                 return TaskOffer(TaskKind.WAIT)
-
-    def _wake(self, identities: Iterable[str] | None = None) -> None:
-        """Call the waiters of `identities` (all when None); with the lock held."""
-        if identities is None:
-            woken = list(self._waiters.values())
-            self._waiters.clear()
-        else:
-            woken = [w for i in identities if (w := self._waiters.pop(i, None)) is not None]
-        for waiting in woken:
-            for wake in waiting:
-                wake()
 
     def open_result(self, identity: str, header: ResultHeader) -> ResultUpload:
         """Check a result header before any payload byte is accepted."""
@@ -513,7 +479,7 @@ class RoundEngine:
         with self._cond:
             if upload.identity not in upload.phase.finished:
                 upload.phase.submitted.discard(upload.identity)
-                self._wake([upload.identity])  # it may pull the task again
+                self._roster.wake([upload.identity])  # it may pull the task again
             self._cond.notify_all()
 
     def reject_participant(self, identity: str, error: UpdateRejected) -> None:
@@ -537,7 +503,7 @@ class RoundEngine:
         """The run is over: every client that pulls is told to stop."""
         with self._cond:
             self._stopping = True
-            self._wake()
+            self._roster.wake()
             self._cond.notify_all()
 
     # ---- the round loop ---------------------------------------------------------------------
@@ -657,7 +623,7 @@ class RoundEngine:
             if stop.is_set() or storage_failure is not None:
                 with self._cond:
                     self._shutting_down = True
-                    self._wake()
+                    self._roster.wake()
                     self._cond.notify_all()
             else:
                 self.request_stop()
@@ -700,7 +666,7 @@ class RoundEngine:
     def _not_told_finished(self) -> set[str]:
         waiting = set(self._alive_clients())
         if not self._config.insecure:  # insecure identities are new on every connection
-            waiting |= self._known - self._sessions.keys()
+            waiting |= self._roster.known - self._roster.joined()
         return waiting - self._told_to_stop
 
     # ---- internals ----------------------------------------------------------------------------
@@ -831,7 +797,7 @@ class RoundEngine:
         kind, round_number = phase.kind, phase.round
         with self._cond:
             self._phase = phase
-            self._wake(phase.participants)
+            self._roster.wake(phase.participants)
             self.status.phase_opened(
                 kind.value, round_number, timeout, phase.quorum, phase.participants
             )
@@ -886,7 +852,9 @@ class RoundEngine:
                 phase.overdue_logged = True
             return False
         now = time.monotonic()  # only the missing are checked: O(missing) per result, not O(all)
-        gone = [i for i in missing if i not in phase.submitted and not self._is_alive(i, now)]
+        gone = [
+            i for i in missing if i not in phase.submitted and not self._roster.is_alive(i, now)
+        ]
         if quorum_met and len(gone) == len(missing):
             log.warning(
                 "round %d %s: closing early, no sign of life from %s",
@@ -945,7 +913,7 @@ class RoundEngine:
         with self._cond:
             while not stop.is_set():
                 if cfg.below_quorum == "wait":
-                    population = sorted(self._known)
+                    population = sorted(self._roster.known)
                 else:
                     population = self._alive_clients()
                 if len(population) >= needed:
@@ -972,17 +940,7 @@ class RoundEngine:
         return None
 
     def _alive_clients(self) -> list[str]:
-        now = time.monotonic()
-        return sorted(i for i in self._sessions if self._is_alive(i, now))
-
-    def _is_alive(self, identity: str, now: float) -> bool:
-        """Seen within the liveness timeout, or waiting in a long poll now: clients send no
-        heartbeats while they poll (a poll ends when its connection does)."""
-        session = self._sessions.get(identity)
-        if session is None:
-            return False
-        window = self._config.liveness_timeout_seconds
-        return now - session.last_seen <= window or identity in self._waiters
+        return self._roster.alive(time.monotonic())
 
     def _client_seed(self, round_number: int, identity: str) -> int:
         digest = hashlib.sha256(f"{self._config.seed}:{round_number}:{identity}".encode()).digest()
@@ -997,7 +955,7 @@ class RoundEngine:
 
     def _checkpoint(self, global_file: PayloadFile, record: RoundRecord) -> None:
         with self._cond:
-            clients = tuple(sorted(self._known))
+            clients = tuple(sorted(self._roster.known))
         self._checkpoints.save(
             Checkpoint(
                 round=record.round,

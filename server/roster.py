@@ -1,0 +1,81 @@
+"""Who takes part: the clients joined to this coordinator and when each was last seen, every
+client that ever joined the run (restored from the checkpoint), and the long polls waiting for a
+task. Not thread-safe on its own: the round engine calls it with its lock held."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+# Called, from any thread and with the engine's lock held, when a waiting poll may have a task:
+# it must only hand the news on (set an event, schedule a callback), never block.
+Wake = Callable[[], None]
+
+
+class Roster:
+    def __init__(self, liveness_timeout: float) -> None:
+        self._window = liveness_timeout
+        self._last_seen: dict[str, float] = {}  # joined to this coordinator
+        # Everyone who ever joined this run: the population `below_quorum = "wait"` samples.
+        self.known: set[str] = set()
+        self._waiters: dict[str, list[Wake]] = {}  # polls waiting for a task, by identity
+
+    def join(self, identity: str, now: float) -> bool:
+        """Record a Join; whether the identity was not joined before."""
+        new = identity not in self._last_seen
+        self._last_seen[identity] = now
+        self.known.add(identity)
+        return new
+
+    def leave(self, identity: str) -> bool:
+        """Forget a client that said it is going away (also from the known clients); whether
+        it was joined."""
+        if self._last_seen.pop(identity, None) is None:
+            return False
+        self.known.discard(identity)
+        return True
+
+    def seen(self, identity: str, now: float) -> bool:
+        """Record a sign of life; False when the client has not joined this coordinator."""
+        if identity not in self._last_seen:
+            return False
+        self._last_seen[identity] = now
+        return True
+
+    @property
+    def connected(self) -> int:
+        return len(self._last_seen)
+
+    def joined(self) -> set[str]:
+        return set(self._last_seen)
+
+    def is_alive(self, identity: str, now: float) -> bool:
+        """Seen within the liveness timeout, or waiting in a long poll now: clients send no
+        heartbeats while they poll (a poll ends when its connection does)."""
+        last_seen = self._last_seen.get(identity)
+        if last_seen is None:
+            return False
+        return now - last_seen <= self._window or identity in self._waiters
+
+    def alive(self, now: float) -> list[str]:
+        return sorted(i for i in self._last_seen if self.is_alive(i, now))
+
+    def add_waiter(self, identity: str, wake: Wake) -> None:
+        self._waiters.setdefault(identity, []).append(wake)
+
+    def remove_waiter(self, identity: str, wake: Wake) -> None:
+        waiting = self._waiters.get(identity)
+        if waiting is not None and wake in waiting:
+            waiting.remove(wake)
+            if not waiting:
+                del self._waiters[identity]
+
+    def wake(self, identities: Iterable[str] | None = None) -> None:
+        """Call the waiters of `identities` (all when None), once each."""
+        if identities is None:
+            woken = list(self._waiters.values())
+            self._waiters.clear()
+        else:
+            woken = [w for i in identities if (w := self._waiters.pop(i, None)) is not None]
+        for waiting in woken:
+            for wake in waiting:
+                wake()
