@@ -25,14 +25,17 @@ from fedlink.common.partition import client_split
 from fedlink.common.tasks.base import (
     ClientData,
     DataRequest,
-    EvalResult,
     ExampleDataset,
-    TensorExamples,
-    TrainConfig,
-    TrainResult,
 )
-from fedlink.common.tasks.mnist import FedAvgCNN
-from fedlink.common.tasks.training import evaluate_classifier, train_classifier
+from fedlink.common.tasks.mnist import (  # the same images, network and loops as MNIST
+    FedAvgCNN,
+    download_failure_reason,
+    evaluate,
+    image_examples,
+    train,
+)
+
+__all__ = ["build_model", "evaluate", "load_data", "load_test_data", "train"]
 
 # Where Debian's dataset-fashion-mnist package installs the files (`dpkg -L`).
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -55,25 +58,15 @@ def load_data(request: DataRequest) -> ClientData:
     images, labels = _load(request.data_dir, train=True)
     train_idx, test_idx = client_split(labels.numpy(), request)
     return ClientData(
-        train=_examples(images, labels, train_idx),
-        test=None if test_idx is None else _examples(images, labels, test_idx),
+        train=image_examples(images, labels, train_idx, _MEAN, _STD),
+        test=None if test_idx is None else image_examples(images, labels, test_idx, _MEAN, _STD),
     )
 
 
 def load_test_data(data_dir: Path | None = None) -> ExampleDataset:
     """The 10,000 test images."""
     images, labels = _load(data_dir, train=False)
-    return _examples(images, labels, np.arange(len(labels)))
-
-
-def train(
-    model: nn.Module, data: ClientData, config: TrainConfig, device: torch.device
-) -> TrainResult:
-    return train_classifier(model, data, config, device)
-
-
-def evaluate(model: nn.Module, dataset: ExampleDataset, device: torch.device) -> EvalResult:
-    return evaluate_classifier(model, dataset, device)
+    return image_examples(images, labels, np.arange(len(labels)), _MEAN, _STD)
 
 
 def _load(data_dir: Path | None, *, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,8 +87,7 @@ def _load(data_dir: Path | None, *, train: bool) -> tuple[torch.Tensor, torch.Te
     try:
         dataset: Any = torchvision.datasets.FashionMNIST(DEFAULT_ROOT, train=train, download=True)
     except (OSError, RuntimeError) as error:
-        lines = [line for line in str(error).splitlines() if line.strip()]
-        reason = lines[-1].strip() if lines else type(error).__name__
+        reason = download_failure_reason(error)
         raise DataUnavailableError(
             f"Fashion-MNIST is neither installed in {SYSTEM_DIR} nor in {DEFAULT_ROOT}, and "
             f"could not be downloaded ({reason}). On Debian or Ubuntu run "
@@ -144,11 +136,3 @@ def _read_idx(folder: Path, name: str, magic: int) -> NDArray[np.uint8]:
     if len(raw) - header != int(np.prod(shape)):
         raise TaskError(f"{path}: header says {shape} but {len(raw) - header} bytes follow")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
-
-
-def _examples(
-    images: torch.Tensor, labels: torch.Tensor, indices: NDArray[np.int64]
-) -> TensorExamples:
-    index = torch.from_numpy(indices)
-    features = (images[index].float() / 255 - _MEAN) / _STD
-    return TensorExamples(features.unsqueeze(1), labels[index])

@@ -62,8 +62,8 @@ def load_data(request: DataRequest) -> ClientData:
     images, labels = _load(request.data_dir, train=True)
     train_idx, test_idx = client_split(labels.numpy(), request)
     return ClientData(
-        train=_examples(images, labels, train_idx),
-        test=None if test_idx is None else _examples(images, labels, test_idx),
+        train=image_examples(images, labels, train_idx),
+        test=None if test_idx is None else image_examples(images, labels, test_idx),
     )
 
 
@@ -71,7 +71,7 @@ def load_test_data(data_dir: Path | None = None) -> ExampleDataset:
     """The 10,000 MNIST test images, from `data_dir` (the coordinator's test_data_dir) or the
     default location."""
     images, labels = _load(data_dir, train=False)
-    return _examples(images, labels, np.arange(len(labels)))
+    return image_examples(images, labels, np.arange(len(labels)))
 
 
 def train(
@@ -94,9 +94,14 @@ def _load(data_dir: Path | None, *, train: bool) -> tuple[torch.Tensor, torch.Te
     return dataset.data, dataset.targets.long()
 
 
-def _unavailable_message(root: Path, error: Exception) -> str:
+def download_failure_reason(error: Exception) -> str:
+    """Why torchvision could not download a data set: the last line of its error is the cause."""
     lines = [line for line in str(error).splitlines() if line.strip()]
-    reason = lines[-1].strip() if lines else type(error).__name__  # torchvision's last line: cause
+    return lines[-1].strip() if lines else type(error).__name__
+
+
+def _unavailable_message(root: Path, error: Exception) -> str:
+    reason = download_failure_reason(error)
     return (
         f"MNIST is not in {root} and could not be downloaded ({reason}); this machine seems to "
         "have no internet access. On a machine that has, run\n"
@@ -106,9 +111,14 @@ def _unavailable_message(root: Path, error: Exception) -> str:
     )
 
 
-def _examples(
-    images: torch.Tensor, labels: torch.Tensor, indices: NDArray[np.int64]
+def image_examples(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    indices: NDArray[np.int64],
+    mean: float = _MEAN,
+    std: float = _STD,
 ) -> TensorExamples:
+    """28x28 uint8 images (MNIST and Fashion-MNIST) as normalized one-channel examples."""
     index = torch.from_numpy(indices)
-    features = (images[index].float() / 255 - _MEAN) / _STD
+    features = (images[index].float() / 255 - mean) / std
     return TensorExamples(features.unsqueeze(1), labels[index])
