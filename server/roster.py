@@ -69,13 +69,17 @@ class Roster:
             if not waiting:
                 del self._waiters[identity]
 
-    def wake(self, identities: Iterable[str] | None = None) -> None:
-        """Call the waiters of `identities` (all when None), once each."""
-        if identities is None:
-            woken = list(self._waiters.values())
-            self._waiters.clear()
-        else:
-            woken = [w for i in identities if (w := self._waiters.pop(i, None)) is not None]
-        for waiting in woken:
+    def wake(self, identities: Iterable[str] | None = None, now: float | None = None) -> None:
+        """Call the waiters of `identities` (all when None), once each. With `now`, a client
+        woken from its poll counts as seen then: it was alive waiting until this instant, and
+        its next poll is not in yet (a phase checked right after opening must not find it
+        silent for as long as it waited)."""
+        chosen = list(self._waiters) if identities is None else list(identities)
+        for identity in chosen:
+            waiting = self._waiters.pop(identity, None)
+            if waiting is None:
+                continue
+            if now is not None and identity in self._last_seen:
+                self._last_seen[identity] = now
             for wake in waiting:
                 wake()

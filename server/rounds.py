@@ -191,7 +191,9 @@ class RoundEngine:
             log.warning(
                 "client %s left (%d connected): %s", identity, self._roster.connected, reason
             )
-            self._roster.wake([identity])  # a poll it left waiting ends now (JOIN_REQUIRED)
+            self._roster.wake(
+                [identity], time.monotonic()
+            )  # a poll it left waiting ends now (JOIN_REQUIRED)
             self._cond.notify_all()
 
     @property
@@ -479,7 +481,7 @@ class RoundEngine:
         with self._cond:
             if upload.identity not in upload.phase.finished:
                 upload.phase.submitted.discard(upload.identity)
-                self._roster.wake([upload.identity])  # it may pull the task again
+                self._roster.wake([upload.identity], time.monotonic())  # it may pull the task again
             self._cond.notify_all()
 
     def reject_participant(self, identity: str, error: UpdateRejected) -> None:
@@ -503,7 +505,7 @@ class RoundEngine:
         """The run is over: every client that pulls is told to stop."""
         with self._cond:
             self._stopping = True
-            self._roster.wake()
+            self._roster.wake(now=time.monotonic())
             self._cond.notify_all()
 
     # ---- the round loop ---------------------------------------------------------------------
@@ -623,7 +625,7 @@ class RoundEngine:
             if stop.is_set() or storage_failure is not None:
                 with self._cond:
                     self._shutting_down = True
-                    self._roster.wake()
+                    self._roster.wake(now=time.monotonic())
                     self._cond.notify_all()
             else:
                 self.request_stop()
@@ -797,7 +799,7 @@ class RoundEngine:
         kind, round_number = phase.kind, phase.round
         with self._cond:
             self._phase = phase
-            self._roster.wake(phase.participants)
+            self._roster.wake(phase.participants, time.monotonic())
             self.status.phase_opened(
                 kind.value, round_number, timeout, phase.quorum, phase.participants
             )

@@ -45,3 +45,13 @@ def test_a_poll_that_ends_unwoken_is_forgotten() -> None:
     roster.remove_waiter("a", wake)  # twice is harmless
     roster.wake()
     assert woken == [] and roster.alive(now=100.0) == []
+
+
+def test_a_client_woken_from_its_poll_counts_as_seen_when_woken() -> None:
+    # Its poll kept it alive until the wake; its next poll is not in yet when the phase that
+    # woke it checks who is gone: it must not look silent for as long as it waited.
+    roster = Roster(liveness_timeout=3.0)
+    roster.join("a", now=0.0)
+    roster.add_waiter("a", lambda: None)
+    roster.wake(["a"], now=50.0)
+    assert roster.alive(now=51.0) == ["a"]
