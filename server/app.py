@@ -27,8 +27,9 @@ from fedlink.server.dashboard import Dashboard
 from fedlink.server.memory import start_memory_trim
 from fedlink.server.metrics import MetricAggregator
 from fedlink.server.monitoring import MetricsEndpoint
+from fedlink.server.phases import RoundRecord, RunSummary
 from fedlink.server.report import MetricsLog, plot_metrics, read_metrics, table_header, table_row
-from fedlink.server.rounds import Evaluator, RoundEngine, RoundRecord, RunSummary
+from fedlink.server.rounds import Evaluator, RoundEngine
 from fedlink.server.state_lock import lock_state_dir
 from fedlink.server.status import RecentLogs, load_rounds
 from fedlink.server.tracking import close_trackers, open_trackers, track_round
@@ -215,7 +216,7 @@ def _tell_clients_finished(engine: RoundEngine, grace_seconds: float) -> None:
     done = threading.Event()
     previous = _install_signal_handlers(lambda reason: done.set())
     try:
-        engine.wait_for_stop_delivery(grace_seconds, done)
+        engine.board.wait_for_stop_delivery(grace_seconds, done)
     finally:
         _restore_signal_handlers(previous)
 

@@ -1,7 +1,7 @@
 """What a round is made of: the task kinds, what a pulling client is offered, one phase's
 bookkeeping (who was asked, what came back), and the records a round leaves. Plain data, shared
-by the engine (rounds.py), result intake (intake.py) and the secure-aggregation driver
-(secure_rounds.py)."""
+by the run loop (rounds.py), the phase machine (board.py), result intake (results.py) and the
+secure-aggregation driver (secure_rounds.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fedlink.common.secagg import SecAggServer
 from fedlink.common.secagg_wire import SessionSetup
+from fedlink.common.tensors import StateDict
 from fedlink.common.wire import PayloadFile, PayloadInfo
 
 
@@ -111,6 +112,18 @@ class Phase:
 
     def done(self) -> bool:
         return self.finished >= self.participants
+
+
+@dataclass
+class Training:
+    """What a round's training produced: the new global model, or None when the attempt fell
+    short (fewer than min_results updates, or secure aggregation below its threshold)."""
+
+    state: StateDict | None
+    accepted: int
+    answered: frozenset[str]  # participants that kept answering to the end
+    rejected: dict[str, str]
+    metrics: list[tuple[int, Mapping[str, float]]]
 
 
 @dataclass

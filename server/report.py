@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedlink.server.rounds import RoundRecord
+from fedlink.server.phases import RoundRecord
 
 TABLE_COLUMNS = (
     "round",

@@ -1,10 +1,14 @@
 """The coordinator's side of secure aggregation (docs/privacy.md): what every client of an
 attempt is told (session setup), what each step serves once it closes, each client's verified
-message handed to the protocol state, and the new global model from the unmasked sum. The
-engine (rounds.py) runs the five steps as phases and calls these."""
+message handed to the protocol state, and the new global model from the unmasked sum.
+`train_securely` runs one attempt's five steps as phases on the board (server/board.py)."""
 
 from __future__ import annotations
 
+import logging
+import shutil
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +17,7 @@ import torch
 from fedlink.common.dp import client_noise_std, secure_value_bound
 from fedlink.common.errors import ConfigError, SecAggError, UpdateRejected
 from fedlink.common.fixedpoint import FixedPoint, UpdateLayout
-from fedlink.common.secagg import SecAggParams, majority_of
+from fedlink.common.secagg import SecAggParams, SecAggServer, majority_of
 from fedlink.common.secagg_auth import check_advertisement, check_view_signature
 from fedlink.common.secagg_wire import (
     ROSTER_ENCODING,
@@ -31,8 +35,11 @@ from fedlink.common.secagg_wire import (
 )
 from fedlink.common.tensors import StateDict, open_state_file
 from fedlink.common.wire import PayloadFile
+from fedlink.server.board import PhaseBoard
 from fedlink.server.config import ServerConfig
-from fedlink.server.phases import SecureSession, TaskKind
+from fedlink.server.phases import Phase, SecureSession, TaskKind, Training
+
+log = logging.getLogger(__name__)
 
 
 def message_file(secure: SecureSession, name: str, data: bytes, encoding: str) -> PayloadFile:
@@ -170,3 +177,97 @@ def secure_average(
             else:
                 state[name] = averaged[name]
     return state
+
+
+def train_securely(
+    board: PhaseBoard,
+    config: ServerConfig,
+    layout: UpdateLayout,
+    spool: Path,
+    global_file: PayloadFile,
+    round_number: int,
+    sampled: list[str],
+    stop: threading.Event,
+) -> Training | None:
+    """One attempt at a round under secure aggregation: five phases, each with the clients
+    that completed the previous one, then the unmasked sum decoded into the new model. None
+    when `stop` was set.
+
+    The threshold t is a strict majority of the clients sampled (and at least min_results):
+    the clients themselves refuse a smaller one, since two disjoint groups of t clients could
+    then be told different stories about who dropped out.
+    """
+    threshold = max(2, config.min_results, len(sampled) // 2 + 1)
+    session = uuid.uuid4().hex
+    setup = session_setup(config, layout, session, threshold, len(sampled))
+    directory = spool / f"secagg-{session}"
+    directory.mkdir()
+    secure = SecureSession(setup, SecAggServer(setup.params), directory)
+    rejected: dict[str, str] = {}
+    answered = frozenset(sampled)
+    try:
+        steps = (
+            (TaskKind.SECAGG_ADVERTISE, config.round_timeout_seconds),
+            (TaskKind.SECAGG_SHARE_KEYS, config.secagg_step_timeout_seconds),
+            (TaskKind.SECAGG_MASKED_INPUT, config.secagg_step_timeout_seconds),
+            (TaskKind.SECAGG_CONSISTENCY, config.secagg_step_timeout_seconds),
+            (TaskKind.SECAGG_UNMASK, config.secagg_step_timeout_seconds),
+        )
+        details: dict[str, Any] = {"payload": global_file}
+        for kind, timeout in steps:
+            participants = sorted(answered)
+            phase = board.run_phase(
+                Phase(
+                    kind=kind,
+                    round=round_number,
+                    # Each step its own task id: a late message of one step is never taken
+                    # as the next step's.
+                    task_id=session if kind is TaskKind.SECAGG_ADVERTISE else uuid.uuid4().hex,
+                    participants=frozenset(participants),
+                    quorum=threshold,
+                    secure=secure,
+                    **details,
+                ),
+                timeout,
+                stop,
+            )
+            if phase is None:
+                return None
+            rejected.update(phase.rejected)
+            answered = frozenset(phase.delivered)
+            details = {
+                "payload": global_file,
+                **close_secure_step(kind, secure, answered, global_file),
+            }
+        survivors = len(participants)  # unmasking's: those whose masked input is summed
+        total = secure.server.result()
+        for culprit in secure.server.corrupt_responders:
+            rejected[culprit] = "sent corrupted unmasking shares; unmasked without them"
+            log.warning(
+                "round %d: %s sent corrupted unmasking shares; the sum was unmasked with the "
+                "other survivors' shares",
+                round_number,
+                culprit,
+            )
+    except SecAggError as exc:
+        log.warning("round %d: secure aggregation failed: %s", round_number, exc)
+        return Training(None, 0, answered, rejected, [])
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    graph, k = secure.server.graph, setup.params.neighbours
+    sparse = (
+        f"; SecAgg+: {k} neighbours each, {graph.share_threshold} of a client's {k + 1} "
+        "holders rebuild its secrets"
+        if graph is not None and graph.sparse
+        else ""
+    )
+    log.info(
+        "round %d: secure aggregation recovered the sum of %d of %d clients (threshold %d%s)",
+        round_number,
+        survivors,
+        len(sampled),
+        threshold,
+        sparse,
+    )
+    average = secure_average(total, setup, layout, global_file.path)
+    return Training(average, survivors, answered, rejected, [])

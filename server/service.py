@@ -22,16 +22,12 @@ from fedlink.common.task_settings import TaskSettings, write_settings
 from fedlink.common.tensors import manifest_digest, manifest_entries
 from fedlink.common.wire import JOIN_REQUIRED, SESSION_METADATA_KEY, PayloadInfo
 from fedlink.server.access import AccessPolicy, Sessions
+from fedlink.server.board import LONG_POLL_SECONDS
 from fedlink.server.config import ServerConfig
+from fedlink.server.intake import ResultUpload
 from fedlink.server.limits import CallSlot, ClientLimits
-from fedlink.server.rounds import (
-    LONG_POLL_SECONDS,
-    ResultHeader,
-    ResultUpload,
-    RoundEngine,
-    TaskKind,
-    TaskOffer,
-)
+from fedlink.server.phases import ResultHeader, TaskKind, TaskOffer
+from fedlink.server.rounds import RoundEngine
 from fedlink.v1 import federation_pb2 as pb
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
@@ -73,7 +69,9 @@ class FederationServicer(pb_grpc.FederationServicer):
     def __init__(
         self, engine: RoundEngine, config: ServerConfig, federation_id: str, work: Executor
     ) -> None:
-        self._engine = engine
+        self._board = engine.board  # joins, polls and signs of life
+        self._results = engine.results  # result uploads
+        self._status = engine.status
         self._config = config
         self._federation_id = federation_id
         self._work = work
@@ -121,7 +119,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 )
         try:
             context.set_trailing_metadata(((SESSION_METADATA_KEY, token),))
-            self._engine.join(identity)
+            self._board.join(identity)
             return pb.JoinReply(
                 federation_id=self._federation_id,
                 identity=identity,
@@ -132,7 +130,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 num_rounds=self._config.num_rounds,
                 model_manifest_sha256=self._model_digest,
                 model_manifest=self._model_manifest,
-                finished=self._engine.tell_finished(identity),
+                finished=self._board.tell_finished(identity),
             )
         finally:
             if slot is not None:
@@ -157,9 +155,9 @@ class FederationServicer(pb_grpc.FederationServicer):
                 for offset, data in offer.payload.chunks(self._config.chunk_size):
                     yield pb.TaskMessage(chunk=pb.Chunk(offset=offset, data=data))
                     sent += len(data)
-                    self._engine.status.count_bytes(identity, down=len(data))
+                    self._status.count_bytes(identity, down=len(data))
             finally:
-                self._engine.count_bytes(down=sent)
+                self._board.count_bytes(down=sent)
         finally:
             slot.release()
 
@@ -171,7 +169,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         while True:
             ready = asyncio.Event()
             wake = _waker(loop, ready)
-            offer = self._engine.poll_task(identity, wake)
+            offer = self._board.poll_task(identity, wake)
             if offer is not None:
                 return offer
             try:
@@ -179,7 +177,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             except TimeoutError:
                 return TaskOffer(TaskKind.WAIT)
             finally:
-                self._engine.cancel_wake(identity, wake)
+                self._board.cancel_wake(identity, wake)
 
     async def PushResult(
         self,
@@ -203,14 +201,14 @@ class FederationServicer(pb_grpc.FederationServicer):
         try:
             first = await anext(messages, None)
         except UpdateRejected as exc:  # a malformed message (see RequestParsing)
-            self._engine.reject_participant(identity, exc)
+            self._results.reject_participant(identity, exc)
             await _abort(context, exc)
         if first is None or first.WhichOneof("message") != "header":
             error = UpdateRejected("INVALID_ARGUMENT", "the first message must be a ResultHeader")
-            self._engine.reject_participant(identity, error)
+            self._results.reject_participant(identity, error)
             await _abort(context, error)
         try:
-            upload = self._engine.open_result(identity, _result_header(first.header))
+            upload = self._results.open_result(identity, _result_header(first.header))
         except (UpdateRejected, StorageError) as exc:
             await _abort(context, exc)
         received = 0
@@ -221,23 +219,23 @@ class FederationServicer(pb_grpc.FederationServicer):
                 chunk = message.chunk
                 await loop.run_in_executor(self._work, upload.add_chunk, chunk.offset, chunk.data)
                 received += len(chunk.data)
-                self._engine.status.count_bytes(identity, up=len(chunk.data))
+                self._status.count_bytes(identity, up=len(chunk.data))
         except UpdateRejected as exc:
-            self._engine.reject_result(upload, exc)
+            self._results.reject_result(upload, exc)
             await _abort(context, exc)
         except UploadIncomplete as exc:
-            self._engine.abandon_result(upload)
+            self._results.abandon_result(upload)
             await _abort(context, exc)
         except StorageError as exc:
-            self._engine.defer_result(upload, exc)
+            self._results.defer_result(upload, exc)
             await _abort(context, exc)
         except BaseException:
             # The client cancelled or disconnected mid-upload (the call's task is cancelled),
             # or worse: forget the partial upload (a chunk being written finishes first).
-            self._engine.abandon_result(upload)
+            self._results.abandon_result(upload)
             raise
         finally:
-            self._engine.count_bytes(up=received)
+            self._board.count_bytes(up=received)
         # Shielded: a client that goes away after its last chunk (gRPC may report that as a
         # complete stream, then cancel the call) still has its result settled with the engine.
         refusal = await asyncio.shield(loop.run_in_executor(self._work, self._settle, upload))
@@ -251,17 +249,17 @@ class FederationServicer(pb_grpc.FederationServicer):
         """Finish a complete upload on a worker and tell the engine how it ended; the refusal to
         report to the client, if any. Runs to the end whatever happens to the call meanwhile."""
         try:
-            self._engine.finish_result(upload)
+            self._results.finish_result(upload)
         except UpdateRejected as exc:
             return exc  # finish_result has recorded the rejection
         except UploadIncomplete as exc:
-            self._engine.abandon_result(upload)
+            self._results.abandon_result(upload)
             return exc
         except StorageError as exc:
-            self._engine.defer_result(upload, exc)
+            self._results.defer_result(upload, exc)
             return exc
         except BaseException:
-            self._engine.abandon_result(upload)
+            self._results.abandon_result(upload)
             raise
         return None
 
@@ -270,9 +268,9 @@ class FederationServicer(pb_grpc.FederationServicer):
     ) -> pb.HeartbeatReply:
         identity, slot = await self._caller(context)
         try:
-            if not self._engine.touch(identity):
+            if not self._board.touch(identity):
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, JOIN_REQUIRED)
-            return pb.HeartbeatReply(federation_active=self._engine.active)
+            return pb.HeartbeatReply(federation_active=self._board.active)
         finally:
             slot.release()
 
@@ -282,7 +280,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         identity, slot = await self._caller(context)
         try:
             reason = escape_for_log(request.reason, MAX_LEAVE_REASON) or "no reason given"
-            self._engine.leave(identity, reason)
+            self._board.leave(identity, reason)
             return pb.LeaveReply()
         finally:
             slot.release()
@@ -317,7 +315,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             self._policy.check(peer)
         except AccessDenied as exc:
             # Revoked or expired mid-run: drop it from the current round, which must not wait.
-            self._engine.reject_participant(peer.identity, UpdateRejected(exc.code, str(exc)))
+            self._results.reject_participant(peer.identity, UpdateRejected(exc.code, str(exc)))
             await self._refuse(context, peer.identity, exc)
         return peer.identity
 

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from fedlink.common.errors import ConfigError
 from fedlink.server.config import ServerConfig
-from fedlink.server.rounds import RoundRecord
+from fedlink.server.phases import RoundRecord
 
 log = logging.getLogger(__name__)
 

@@ -159,8 +159,8 @@ def excluder(engine: RoundEngine) -> Callable[[str, str], None]:
     refuses its calls from now on."""
 
     def exclude(identity: str, reason: str) -> None:
-        engine.reject_participant(identity, UpdateRejected("PERMISSION_DENIED", reason))
-        engine.leave(identity, reason)
+        engine.results.reject_participant(identity, UpdateRejected("PERMISSION_DENIED", reason))
+        engine.board.leave(identity, reason)
 
     return exclude
 

@@ -21,7 +21,8 @@ import torch
 from fedlink.common.pki import init_ca, issue_certificate
 from fedlink.common.tensors import StateDict
 from fedlink.server.config import ServerConfig
-from fedlink.server.rounds import RoundEngine, RunSummary
+from fedlink.server.phases import RunSummary
+from fedlink.server.rounds import RoundEngine
 from fedlink.server.transport import LoopServer, start_server
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
 

@@ -35,7 +35,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedlink.common.tensors import StateDict, open_state_file
-from fedlink.server.rounds import RoundEngine, RunSummary
+from fedlink.server.phases import RunSummary
+from fedlink.server.rounds import RoundEngine
 from fedlink.server.transport import start_server
 
 # Examples per property: 1,600 cases in all, about 25 s on 2 cores.

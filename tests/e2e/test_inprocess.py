@@ -18,7 +18,8 @@ from fedlink.client.app import FederationClient
 from fedlink.client.config import ClientConfig
 from fedlink.common.tasks import load_task
 from fedlink.server.inprocess import InProcessRpcError, InProcessServices
-from fedlink.server.rounds import RoundEngine, RoundRecord, RunSummary
+from fedlink.server.phases import RoundRecord, RunSummary
+from fedlink.server.rounds import RoundEngine
 from fedlink.server.service import FederationServicer
 from fedlink.v1 import federation_pb2 as pb
 from fedlink.v1 import federation_pb2_grpc as pb_grpc

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from fedlink.server.config import ServerConfig
+from fedlink.server.phases import RoundRecord
 from fedlink.server.report import metric_panels, plot_metrics, table_header, table_row
-from fedlink.server.rounds import RoundRecord
 from fedlink.server.tracking import round_metrics, run_settings
 
 

@@ -22,14 +22,8 @@ from fedlink.common.wire import PayloadInfo
 from fedlink.server.checkpoints import CheckpointStore
 from fedlink.server.config import ServerConfig
 from fedlink.server.metrics import MetricAggregator
-from fedlink.server.rounds import (
-    ResultHeader,
-    RoundEngine,
-    RoundRecord,
-    RunSummary,
-    TaskKind,
-    TaskOffer,
-)
+from fedlink.server.phases import ResultHeader, RoundRecord, RunSummary, TaskKind, TaskOffer
+from fedlink.server.rounds import RoundEngine
 
 
 def _state(seed: int) -> StateDict:
@@ -92,7 +86,7 @@ def running() -> Iterator[list[Running]]:
 
 
 def _task(engine: RoundEngine, identity: str, timeout: float = 10) -> TaskOffer:
-    offer = engine.next_task(identity, timeout=timeout)
+    offer = engine.board.next_task(identity, timeout=timeout)
     assert offer.kind is TaskKind.TRAIN, offer
     return offer
 
@@ -101,7 +95,7 @@ def _first_offer(engine: RoundEngine, names: list[str]) -> tuple[str, TaskOffer]
     """Poll as `names` in turn until one of them is handed a training task."""
     while True:
         for name in names:
-            offer = engine.next_task(name, timeout=0.05)
+            offer = engine.board.next_task(name, timeout=0.05)
             if offer.kind is TaskKind.TRAIN:
                 return name, offer
 
@@ -117,9 +111,9 @@ def _deliver(
         metrics={"loss": 1.0},
         payload=PayloadInfo(size=len(data), sha256=hashlib.sha256(data).digest()),
     )
-    upload = engine.open_result(identity, header)
+    upload = engine.results.open_result(identity, header)
     upload.add_chunk(0, data)
-    engine.finish_result(upload)
+    engine.results.finish_result(upload)
 
 
 def _model_bytes(summary: RunSummary) -> bytes:
@@ -136,7 +130,7 @@ def test_the_new_model_does_not_depend_on_the_order_uploads_arrive_in(
         config = _config(tmp_path / str(attempt), min_clients=5, min_fit_clients=5, min_results=5)
         engine = RoundEngine(config, _state(0))
         for name in clients:
-            engine.join(name)
+            engine.board.join(name)
         run = _run(engine)
         running.append(run)
         offers = {name: _task(engine, name) for name in clients}
@@ -155,7 +149,7 @@ def test_a_client_whose_upload_broke_off_gets_the_task_again(
     tmp_path: Path, running: list[Running]
 ) -> None:
     engine = RoundEngine(_config(tmp_path), _state(0))
-    engine.join("site-a")
+    engine.board.join("site-a")
     run = _run(engine)
     running.append(run)
     offer = _task(engine, "site-a")
@@ -167,9 +161,9 @@ def test_a_client_whose_upload_broke_off_gets_the_task_again(
         {},
         PayloadInfo(size=len(data), sha256=hashlib.sha256(data).digest()),
     )
-    upload = engine.open_result("site-a", header)
+    upload = engine.results.open_result("site-a", header)
     upload.add_chunk(0, data[:100])
-    engine.abandon_result(upload)  # the connection dropped mid-upload
+    engine.results.abandon_result(upload)  # the connection dropped mid-upload
     again = _task(engine, "site-a")
     assert again.task_id == offer.task_id and again.seed == offer.seed
     _deliver(engine, "site-a", again, _state(1))
@@ -183,8 +177,8 @@ def test_a_silent_participant_is_dropped_once_its_liveness_timeout_passes(
     tmp_path: Path, running: list[Running]
 ) -> None:
     engine = RoundEngine(_config(tmp_path, min_clients=2, min_fit_clients=2), _state(0))
-    engine.join("alive")
-    engine.join("silent")
+    engine.board.join("alive")
+    engine.board.join("silent")
     run = _run(engine)
     running.append(run)
     _deliver(engine, "alive", _task(engine, "alive"), _state(1))
@@ -192,7 +186,7 @@ def test_a_silent_participant_is_dropped_once_its_liveness_timeout_passes(
 
     def heartbeat() -> None:
         while not stop_beating.wait(0.1):
-            engine.touch("alive")
+            engine.board.touch("alive")
 
     beating = threading.Thread(target=heartbeat, daemon=True)
     beating.start()
@@ -219,19 +213,19 @@ def test_a_participant_that_leaves_is_dropped_at_once_and_not_sampled_again(
         liveness_timeout_seconds=60,
     )
     engine = RoundEngine(config, _state(0))
-    engine.join("stays")
-    engine.join("leaves")
+    engine.board.join("stays")
+    engine.board.join("leaves")
     run = _run(engine)
     running.append(run)
     first = _task(engine, "stays")
     _task(engine, "leaves")  # pulled, then the client stops
     _deliver(engine, "stays", first, _state(1))
-    engine.leave("leaves", "received SIGTERM")
-    engine.leave("leaves", "said twice")  # a second Leave changes nothing
+    engine.board.leave("leaves", "received SIGTERM")
+    engine.board.leave("leaves", "said twice")  # a second Leave changes nothing
     second = _task(engine, "stays")
     assert second.round == 2
     with pytest.raises(UpdateRejected, match="Join"):
-        engine.next_task("leaves", timeout=0.1)  # must join again to take part
+        engine.board.next_task("leaves", timeout=0.1)  # must join again to take part
     _deliver(engine, "stays", second, _state(2))
     summary = run.summary(timeout=20)
     assert summary.completed
@@ -252,7 +246,7 @@ def test_below_quorum_retry_repeats_the_round_with_other_clients(
     )
     engine = RoundEngine(config, _state(0))
     for name in ("a", "b", "c"):
-        engine.join(name)
+        engine.board.join(name)
     run = _run(engine)
     running.append(run)
     first = _first_offer(engine, ["a", "b", "c"])  # sampled, and never answers
@@ -274,15 +268,15 @@ def test_below_quorum_wait_keeps_the_round_open_for_a_client_that_comes_back(
         round_timeout_seconds=0.3,
     )
     engine = RoundEngine(config, _state(0))
-    engine.join("a")
-    engine.join("b")
+    engine.board.join("a")
+    engine.board.join("b")
     run = _run(engine)
     running.append(run)
     _deliver(engine, "a", _task(engine, "a"), _state(1))
     lost = _task(engine, "b")  # b crashes with the task in hand and stays away past the deadline
     run.thread.join(1.5)
     assert run.thread.is_alive(), "the round closed below its quorum"
-    engine.join("b")  # b restarted
+    engine.board.join("b")  # b restarted
     again = _task(engine, "b")
     assert (again.task_id, again.seed) == (lost.task_id, lost.seed)
     _deliver(engine, "b", again, _state(2))
@@ -295,14 +289,14 @@ def test_a_stopped_coordinator_asks_clients_to_retry_instead_of_stopping_them(
     tmp_path: Path, running: list[Running]
 ) -> None:
     engine = RoundEngine(_config(tmp_path, min_clients=2), _state(0))
-    engine.join("a")
+    engine.board.join("a")
     run = _run(engine)
     running.append(run)
     run.stop.set()
     summary = run.summary()
     assert summary.stopped_by_signal and not summary.completed
     with pytest.raises(UpdateRejected) as excinfo:
-        engine.next_task("a", timeout=0.1)
+        engine.board.next_task("a", timeout=0.1)
     assert excinfo.value.code == "UNAVAILABLE"
 
 
@@ -319,7 +313,7 @@ def _completed_run(
         resume_from=resume,
         on_round=None if records is None else records.append,
     )
-    engine.join("a")
+    engine.board.join("a")
     run = _run(engine)
     running.append(run)
     for expected in range((resume.round if resume else 0) + 1, config.num_rounds + 1):
@@ -377,7 +371,7 @@ def test_a_robust_rule_keeps_a_huge_update_from_moving_the_model(
     initial = _state(0)
     engine = RoundEngine(config, initial)
     for name in clients:
-        engine.join(name)
+        engine.board.join(name)
     run = _run(engine)
     running.append(run)
     honest = {k: v.clone() for k, v in initial.items()}
@@ -410,7 +404,7 @@ def _dp_round(
     config = _config(tmp_path, min_clients=n, min_fit_clients=n, min_results=n, **overrides)
     engine = RoundEngine(config, initial)
     for name in updates:
-        engine.join(name)
+        engine.board.join(name)
     run = _run(engine)
     running.append(run)
     for i, (name, update) in enumerate(sorted(updates.items())):
@@ -487,7 +481,7 @@ def test_dp_stops_cleanly_before_the_round_that_would_exceed_the_budget(
     )
     records: list[RoundRecord] = []
     engine = RoundEngine(config, _flat(100), on_round=records.append)
-    engine.join("a")
+    engine.board.join("a")
     run = _run(engine)
     running.append(run)
     for _ in range(2):
@@ -498,7 +492,7 @@ def test_dp_stops_cleanly_before_the_round_that_would_exceed_the_budget(
     assert summary.rounds_completed == 2 and len(records) == 2
     exported = engine.metrics.registry.get_sample_value("fedlink_dp_epsilon")
     assert exported == pytest.approx(_epsilon(2, 2.0))
-    assert engine.next_task("a", timeout=1).kind is TaskKind.STOP
+    assert engine.board.next_task("a", timeout=1).kind is TaskKind.STOP
 
 
 def test_a_resumed_dp_run_continues_the_accounting(tmp_path: Path, running: list[Running]) -> None:
@@ -555,17 +549,17 @@ def test_a_round_records_the_tasks_metrics_combined_as_the_task_says(
     )
     clients = ["site-0", "site-1"]
     for name in clients:
-        engine.join(name)
+        engine.board.join(name)
     run = _run(engine)
     running.append(run)
     for name in clients:
         _deliver(engine, name, _task(engine, name), _state(1))
     for number, name in enumerate(clients, start=1):
-        offer = engine.next_task(name, timeout=10)
+        offer = engine.board.next_task(name, timeout=10)
         assert offer.kind is TaskKind.EVALUATE
         metrics = {"loss": float(number), "mae": float(number), "stat.count": 5.0}
         header = ResultHeader(offer.task_id, offer.round, 10 * number, metrics, None)
-        engine.finish_result(engine.open_result(name, header))
+        engine.results.finish_result(engine.results.open_result(name, header))
     run.summary()
     (record,) = records
     assert record.test_loss == 0.25 and record.test_accuracy is None
@@ -587,13 +581,13 @@ def test_a_finished_run_is_told_to_the_clients_of_the_run_even_after_a_restart(
     summary = _run(engine).summary()
     assert summary.completed and summary.last_record is None
     started = time.monotonic()
-    engine.wait_for_stop_delivery(grace_seconds=0.3)
+    engine.board.wait_for_stop_delivery(grace_seconds=0.3)
     assert time.monotonic() - started >= 0.3  # it waited for "a"
     done = threading.Event()
-    waiter = threading.Thread(target=engine.wait_for_stop_delivery, args=(30, done))
+    waiter = threading.Thread(target=engine.board.wait_for_stop_delivery, args=(30, done))
     waiter.start()
-    engine.join("a")
-    assert engine.tell_finished("a")  # what Join answers: the run is finished
+    engine.board.join("a")
+    assert engine.board.tell_finished("a")  # what Join answers: the run is finished
     waiter.join(5)
     assert not waiter.is_alive(), "every client of the run was told: the wait must end"
     assert not done.is_set()
@@ -601,15 +595,15 @@ def test_a_finished_run_is_told_to_the_clients_of_the_run_even_after_a_restart(
 
 def test_a_running_federation_does_not_answer_finished_at_join(tmp_path: Path) -> None:
     engine = RoundEngine(_config(tmp_path, num_rounds=3), _state(0))
-    engine.join("a")
-    assert not engine.tell_finished("a")
+    engine.board.join("a")
+    assert not engine.board.tell_finished("a")
     engine.request_stop()
-    assert engine.tell_finished("a")
-    assert engine.next_task("a", timeout=1).kind is TaskKind.STOP
+    assert engine.board.tell_finished("a")
+    assert engine.board.next_task("a", timeout=1).kind is TaskKind.STOP
 
 
 def test_log_lines_name_at_most_ten_clients() -> None:
-    from fedlink.server.rounds import _names
+    from fedlink.server.board import names as _names
 
     assert _names(["a", "b"]) == "a, b"
     many = [f"site-{i}" for i in range(10_000)]
@@ -621,11 +615,11 @@ def test_a_client_waiting_in_a_long_poll_is_alive_without_heartbeats(tmp_path: P
     # second): the open poll itself keeps them alive past the liveness timeout.
     config = _config(tmp_path, heartbeat_interval_seconds=0.1, liveness_timeout_seconds=0.2)
     engine = RoundEngine(config, _state(0))
-    engine.join("a")
-    poll = threading.Thread(target=engine.next_task, args=("a", 1.0))
+    engine.board.join("a")
+    poll = threading.Thread(target=engine.board.next_task, args=("a", 1.0))
     poll.start()
     time.sleep(0.5)
-    assert engine._alive_clients() == ["a"]
+    assert engine.board.alive_clients() == ["a"]
     poll.join()
     time.sleep(0.3)
-    assert engine._alive_clients() == []
+    assert engine.board.alive_clients() == []

@@ -34,14 +34,8 @@ from fedlink.common.secagg_wire import (
 from fedlink.common.tensors import StateDict, manifest_of, open_state_file
 from fedlink.common.wire import PayloadInfo
 from fedlink.server.config import ServerConfig
-from fedlink.server.phases import SECURE_STEPS
-from fedlink.server.rounds import (
-    ResultHeader,
-    RoundEngine,
-    RunSummary,
-    TaskKind,
-    TaskOffer,
-)
+from fedlink.server.phases import SECURE_STEPS, ResultHeader, RunSummary, TaskKind, TaskOffer
+from fedlink.server.rounds import RoundEngine
 from fedlink.v1 import federation_pb2 as pb
 
 _WIRE_KINDS = {
@@ -107,7 +101,7 @@ class Client:
     def run(self, engine: RoundEngine, done: threading.Event) -> None:
         participant = SecureParticipant(self.name, self.credentials)
         while not done.is_set():
-            offer = engine.next_task(self.name, timeout=0.1)
+            offer = engine.board.next_task(self.name, timeout=0.1)
             if offer.kind not in SECURE_STEPS:
                 continue
             if offer.kind is self.stop_before:
@@ -153,21 +147,21 @@ def _deliver(
     and pulls again)."""
     info = PayloadInfo(len(data), hashlib.sha256(data).digest(), encoding)
     try:
-        upload = engine.open_result(name, _header(offer, info))
+        upload = engine.results.open_result(name, _header(offer, info))
     except UpdateRejected as exc:
         return exc
     try:
         upload.add_chunk(0, data)
-        engine.finish_result(upload)
+        engine.results.finish_result(upload)
     except UpdateRejected as exc:
-        engine.reject_result(upload, exc)
+        engine.results.reject_result(upload, exc)
         return exc
     return None
 
 
 def _decline(engine: RoundEngine, name: str, offer: TaskOffer) -> None:
     with pytest.raises(Exception, match="declined"):
-        engine.open_result(name, _header(offer, None))
+        engine.results.open_result(name, _header(offer, None))
 
 
 @dataclass
@@ -184,7 +178,7 @@ def _federate(
     config = _config(tmp_path, pki, **overrides)
     engine = RoundEngine(config, initial)
     for client in clients:
-        engine.join(client.name)
+        engine.board.join(client.name)
     done = threading.Event()
     files_seen: dict[str, bytes] = {}
 
