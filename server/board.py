@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # A pull that finds nothing to do returns WAIT after this long, so idle streams are recycled.
 LONG_POLL_SECONDS = 20.0
+# How often an open phase looks at its deadline and at who is gone.
+CLOSE_CHECK_SECONDS = 0.25
 
 
 class PhaseBoard:
@@ -218,8 +220,17 @@ class PhaseBoard:
                 phase.kind.value, phase.round, timeout, phase.quorum, phase.participants
             )
             self.cond.notify_all()
-            while not stop.is_set() and not self._can_close(phase, deadline):
-                self.cond.wait(0.5)
+            next_check = 0.0
+            while not stop.is_set() and not phase.done():
+                # Every result wakes this loop; the deadline and who is gone are looked at a
+                # few times a second, not once per result (O(missing) each: quadratic in a
+                # round of thousands).
+                now = time.monotonic()
+                if now >= next_check:
+                    if self._can_close(phase, deadline, now):
+                        break
+                    next_check = now + CLOSE_CHECK_SECONDS
+                self.cond.wait(next_check - now)
             # An upload that is being validated finishes first; none starts once it closed.
             while phase.validating:
                 self.cond.wait(0.5)
@@ -234,18 +245,14 @@ class PhaseBoard:
             )
         return phase
 
-    def _can_close(self, phase: Phase, deadline: float) -> bool:
-        """Whether the phase has all it will get (called with the lock held).
-
-        Every participant has answered; or the deadline passed; or everyone still missing is
-        gone (silent past the liveness timeout, no upload in flight). Under
-        `below_quorum = "wait"` a training phase short of its quorum stays open regardless.
+    def _can_close(self, phase: Phase, deadline: float, now: float) -> bool:
+        """Whether a phase that still misses answers has all it will get (called with the
+        lock held): the deadline passed, or everyone still missing is gone (silent past the
+        liveness timeout, no upload in flight). Under `below_quorum = "wait"` a training phase
+        short of its quorum stays open regardless.
         """
-        if phase.done():
-            return True
         quorum_met = self._config.below_quorum == "retry" or len(phase.delivered) >= phase.quorum
         missing = sorted(phase.participants - phase.finished)
-        now = time.monotonic()
         if now >= deadline:
             if quorum_met:
                 log.warning(

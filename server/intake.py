@@ -54,20 +54,23 @@ class ResultUpload:
         self._lock = threading.Lock()
         self._closed = False
         if header.payload is not None and spool is not None:
+            # The spool file is created by the first write, on a worker: creating files costs
+            # disk I/O, which the event loop never waits for.
             self._assembler = PayloadAssembler(
                 header.payload, self, max_size=max_size, encoding=encoding
             )
-            try:
-                self._file = open(spool, "wb")  # noqa: SIM115 (closed in finish/discard)
-            except OSError as exc:
-                raise spool_failure(exc) from exc
 
     def write(self, data: bytes) -> int:
-        assert self._file is not None
         try:
-            return self._file.write(data)
+            return self._spool_file().write(data)
         except OSError as exc:
             raise spool_failure(exc) from exc
+
+    def _spool_file(self) -> BinaryIO:
+        if self._file is None:
+            assert self.spool is not None
+            self._file = open(self.spool, "wb")  # noqa: SIM115 (closed in finish/discard)
+        return self._file
 
     def add_chunk(self, offset: int, data: bytes) -> None:
         if self._assembler is None:
@@ -83,9 +86,8 @@ class ResultUpload:
     def complete_payload(self) -> None:
         if self._assembler is None:
             return
-        assert self._file is not None
         try:
-            self._file.close()  # flushes: a full disk can show here first
+            self._spool_file().close()  # flushes: a full disk can show here first
         except OSError as exc:
             raise spool_failure(exc) from exc
         try:
