@@ -117,6 +117,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                     identity,
                     context.peer(),
                 )
+                self._board.wake(identity)  # the old session's long poll ends now
         try:
             context.set_trailing_metadata(((SESSION_METADATA_KEY, token),))
             self._board.join(identity)
@@ -142,7 +143,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         identity, slot = await self._caller(context)
         try:
             try:
-                offer = await self._next_task(identity)
+                offer = await self._next_task(identity, context)
             except UpdateRejected as exc:
                 await _abort(context, exc)
             yield pb.TaskMessage(header=_task_header(offer, self._config.task_config))
@@ -161,12 +162,19 @@ class FederationServicer(pb_grpc.FederationServicer):
         finally:
             slot.release()
 
-    async def _next_task(self, identity: str) -> TaskOffer:
+    async def _next_task(
+        self, identity: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> TaskOffer:
         """The long poll: wait, as a coroutine, until the engine wakes this client or
-        LONG_POLL_SECONDS pass (WAIT: the client polls again)."""
+        LONG_POLL_SECONDS pass (WAIT: the client polls again). A session superseded while it
+        waited is refused when woken (a superseding Join wakes it), never handed a task."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LONG_POLL_SECONDS
+        first = True
         while True:
+            if not first:
+                await self._check_session(context, identity)
+            first = False
             ready = asyncio.Event()
             wake = _waker(loop, ready)
             offer = self._board.poll_task(identity, wake)
@@ -296,11 +304,20 @@ class FederationServicer(pb_grpc.FederationServicer):
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, JOIN_REQUIRED)
         else:
             identity = await self._verified_identity(context)
-            try:
-                self._sessions.check(identity, token)
-            except AccessDenied as exc:
-                await self._refuse(context, identity, exc)
+            await self._check_session(context, identity)
         return identity, await self._admit(context, identity)
+
+    async def _check_session(
+        self, context: grpc.aio.ServicerContext[Any, Any], identity: str
+    ) -> None:
+        """Refuse a call made with a session that is not `identity`'s current one."""
+        if self._config.insecure:
+            return  # the token is the identity: checked when it was resolved
+        token = dict(context.invocation_metadata() or ()).get(SESSION_METADATA_KEY)
+        try:
+            self._sessions.check(identity, token if isinstance(token, str) else None)
+        except AccessDenied as exc:
+            await self._refuse(context, identity, exc)
 
     async def _verified_identity(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         """The verified client certificate's common name, once the access policy allows it."""

@@ -348,6 +348,23 @@ def test_a_second_join_supersedes_the_first_session_and_the_identity_counts_once
     assert (record.clients_sampled, record.clients_accepted) == (2, 2)
 
 
+def test_a_superseded_session_waiting_in_a_long_poll_is_refused_at_once(
+    pki: Any, start_coordinator: Any, small_state: StateDict
+) -> None:
+    coordinator = _waiting(start_coordinator, small_state)
+    first = coordinator.stub(pki, "twin")
+    _, old = _join(first)
+    poll = first.PullTask(pb.PullTaskRequest(), metadata=old, timeout=50)
+    time.sleep(1.0)  # the poll waits: no round has started
+    started = time.monotonic()
+    _join(coordinator.stub(pki, "twin"))  # the same certificate joins again
+    with pytest.raises(grpc.RpcError) as refused:
+        next(iter(poll))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "was superseded" in (refused.value.details() or "")
+    assert time.monotonic() - started < 10  # not at the end of its 60 s poll
+
+
 def test_a_call_before_join_or_after_a_restart_is_told_to_join(
     pki: Any, start_coordinator: Any, small_state: StateDict
 ) -> None:
