@@ -38,8 +38,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import grpc
 import torch
 
 from fedlink.client.app import FederationClient
@@ -169,7 +170,11 @@ def run_federation(
                     threads=1,
                     spool_dir=work,
                 ),
-                channel=services.channel((bundle / f"{name}.pem").read_bytes(), name),
+                # Quacks like a grpc.Channel for the generated stubs (server/inprocess.py).
+                channel=cast(
+                    grpc.Channel,
+                    services.channel((bundle / f"{name}.pem").read_bytes(), name),
+                ),
             )
             threads.append(threading.Thread(target=client.run))
         for thread in threads:
