@@ -43,10 +43,13 @@ from fedlink.common.errors import (
 )
 from fedlink.common.secagg_wire import setup_from_proto
 from fedlink.common.task_settings import (
+    MAX_PROXIMAL_MU,
     NO_SETTINGS,
+    PROXIMAL_MU,
     TaskSettings,
     TaskSettingsError,
     settings_from_proto,
+    split_settings,
 )
 from fedlink.common.tasks import load_task
 from fedlink.common.tasks.base import (
@@ -118,8 +121,23 @@ def pick_device(choice: str) -> torch.device:
 def train_config_from(
     task_config: Mapping[str, str], seed: int, settings: TaskSettings = NO_SETTINGS
 ) -> TrainConfig:
-    """The coordinator's hyper-parameters (and the task's own `settings`, already checked),
-    checked: a hostile coordinator gets a clear error."""
+    """The coordinator's hyper-parameters (and the task's and strategy's `settings`, already
+    checked), checked: a hostile coordinator gets a clear error."""
+    task_settings, own = split_settings(settings)
+    if unknown := sorted(set(own) - {PROXIMAL_MU}):
+        raise FatalClientError(
+            f"the coordinator sends settings this client does not know ({', '.join(unknown)}); "
+            "its strategy needs a newer fedlink on this client"
+        )
+    proximal_mu = own.get(PROXIMAL_MU, 0.0)
+    if (
+        isinstance(proximal_mu, bool)
+        or not isinstance(proximal_mu, int | float)
+        or not 0 <= proximal_mu <= MAX_PROXIMAL_MU
+    ):
+        raise FatalClientError(
+            f"coordinator sent an out-of-range FedProx mu {proximal_mu!r} (0 to {MAX_PROXIMAL_MU:g})"
+        )
     try:
         dpsgd = None
         if "dpsgd_noise_multiplier" in task_config:  # record-level DP-SGD; DPSGDConfig checks
@@ -137,7 +155,8 @@ def train_config_from(
             optimizer=task_config.get("optimizer", "sgd"),
             seed=seed,
             dpsgd=dpsgd,
-            task_config=settings,
+            task_config=task_settings,
+            proximal_mu=float(proximal_mu),
         )
     except ValueError as exc:
         raise FatalClientError(f"coordinator sent malformed training settings: {exc}") from None
@@ -431,10 +450,11 @@ class FederationClient:
             )
             result = self._attack.train(self._task, self._model, self._data, config, self._device)
         log.info(
-            "round %d: trained on %d examples, loss %.4f",
+            "round %d: trained on %d examples, loss %.4f%s",
             header.round,
             result.num_examples,
             result.loss,
+            f" (FedProx proximal term mu={config.proximal_mu:g})" if config.proximal_mu else "",
         )
         metrics = {"loss": result.loss}
         if config.dpsgd is not None:
@@ -531,9 +551,8 @@ class FederationClient:
 
     def _evaluate(self, header: pb.TaskHeader) -> None:
         dataset = self._data.test if self._data.test is not None else self._data.train
-        result = evaluate(
-            self._task, self._model, dataset, self._device, task_settings_from(header)
-        )
+        task_settings, _ = split_settings(task_settings_from(header))
+        result = evaluate(self._task, self._model, dataset, self._device, task_settings)
         self._push(header, result.num_examples, result.metrics, None)
 
     def _push(

@@ -6,6 +6,10 @@ never code: only strings, integers, finite numbers and booleans, bounded in numb
 a hostile coordinator can make a client neither run anything nor hold much memory. Both sides
 check them with `check_task_settings`: the coordinator when its config is loaded, the client on
 every header.
+
+The strategy adds its own settings to the same table (`Strategy.client_settings`). Names that
+start with "fedlink." are fedlink's: a client's training reads them (FedProx's proximal term
+`fedlink.proximal_mu`) and the task never sees them; a `[task_config]` may not use them.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ _INT_RANGE = (-(1 << 63), (1 << 63) - 1)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 
 NO_SETTINGS: TaskSettings = MappingProxyType({})
+
+RESERVED_PREFIX = "fedlink."
+# FedProx's proximal term mu, a number: clients add mu (w - w_global) to every local gradient.
+PROXIMAL_MU = "fedlink.proximal_mu"
+MAX_PROXIMAL_MU = 1e4
 
 
 class TaskSettingsError(ValueError):
@@ -103,3 +112,25 @@ def settings_from_proto(wire: Mapping[str, pb.SettingValue]) -> TaskSettings:
             raise TaskSettingsError(f"task_config {name!r} has no value")
         values[name] = getattr(setting, kind)
     return check_task_settings(values)
+
+
+def merge_settings(task_config: TaskSettings, strategy: Mapping[str, object]) -> TaskSettings:
+    """The settings every task header carries: the federation's `task_config` and the
+    strategy's own, checked together (TaskSettingsError for a clash or a bad value)."""
+    if reserved := sorted(name for name in task_config if name.startswith(RESERVED_PREFIX)):
+        raise TaskSettingsError(
+            f"task_config names starting with {RESERVED_PREFIX!r} are fedlink's own: rename "
+            f"{', '.join(reserved)}"
+        )
+    if clash := sorted(set(task_config) & set(strategy)):
+        raise TaskSettingsError(
+            f"task_config sets {', '.join(clash)}, which the strategy sends itself; rename it"
+        )
+    return check_task_settings({**task_config, **strategy})
+
+
+def split_settings(settings: TaskSettings) -> tuple[TaskSettings, TaskSettings]:
+    """(the task's settings, fedlink's own: the names starting with "fedlink.")."""
+    own = {name: value for name, value in settings.items() if name.startswith(RESERVED_PREFIX)}
+    task = {name: value for name, value in settings.items() if name not in own}
+    return MappingProxyType(task), MappingProxyType(own)

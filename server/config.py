@@ -15,8 +15,10 @@ from fedlink.common.pki import validate_name
 from fedlink.common.task_settings import (
     NO_SETTINGS,
     SettingValue,
+    TaskSettings,
     TaskSettingsError,
     check_task_settings,
+    merge_settings,
 )
 from fedlink.common.tasks.base import OPTIMIZERS
 from fedlink.common.wire import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
@@ -68,7 +70,7 @@ class ServerConfig:
         default="fedavg",
         metadata=_help(
             "how results become the next global model: fedavg, fedavgm, fedadam, fedyogi, "
-            'fedadagrad, or your own Strategy subclass as "package.module:Class" (see '
+            'fedadagrad, fedprox, or your own Strategy subclass as "package.module:Class" (see '
             "docs/strategies.md)"
         ),
     )
@@ -424,7 +426,9 @@ class ServerConfig:
         self._check_privacy(rule)
         self._check_secure_aggregation(rule)
         self._check_dpsgd()
-        self.build_strategy()  # refuses a strategy that cannot be loaded or does not compose
+        # Refuses a strategy that cannot be loaded or does not compose, and settings of its
+        # that clash with task_config.
+        self.task_settings(self.build_strategy())
 
     def build_strategy(self) -> Strategy:
         """The strategy these settings name, over their aggregation rule and DP."""
@@ -436,6 +440,13 @@ class ServerConfig:
             dp=dp,
             secure_aggregation=self.secure_aggregation,
         )
+
+    def task_settings(self, strategy: Strategy) -> TaskSettings:
+        """What every task header carries: `task_config` and `strategy`'s client settings."""
+        try:
+            return merge_settings(self.task_config, strategy.client_settings())
+        except TaskSettingsError as exc:
+            raise ConfigError(f"strategy {self.strategy!r}: {exc}") from None
 
     def _check_access(self) -> None:
         for name in ("handshake_timeout_seconds", "max_connection_idle_seconds"):

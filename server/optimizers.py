@@ -21,12 +21,12 @@ from collections.abc import Mapping
 import torch
 
 from fedlink.common.errors import ConfigError
-from fedlink.common.tensors import Manifest, StateDict
+from fedlink.common.tensors import StateDict
 from fedlink.server.aggregation import accumulator_dtype
-from fedlink.server.strategy import FedAvg, Strategy
+from fedlink.server.strategy import Strategy, WrappingStrategy
 
 
-class ServerOptimizer(Strategy):
+class ServerOptimizer(WrappingStrategy):
     """An aggregation strategy (`inner`) followed by an optimizer step on Delta.
 
     Subclasses implement `update(name, delta, x)`: the new value of floating tensor `name`
@@ -37,25 +37,13 @@ class ServerOptimizer(Strategy):
     moment_names: tuple[str, ...] = ()
 
     def __init__(self, inner: Strategy | None = None) -> None:
-        self.inner = FedAvg() if inner is None else inner
+        super().__init__(inner)
         self.moments: dict[str, dict[str, torch.Tensor]] = {key: {} for key in self.moment_names}
-        # The inner strategy's aggregation is what runs.
-        self.streaming = self.inner.streaming
-        self.secure_aggregation = self.inner.secure_aggregation
 
     def __repr__(self) -> str:
         settings = {k: v for k, v in vars(self).items() if isinstance(v, float)}
         values = ", ".join(f"{key}={value:g}" for key, value in settings.items())
         return f"{self.name}({values}) over {self.inner!r}"
-
-    def begin(self, global_state: Mapping[str, torch.Tensor], manifest: Manifest) -> None:
-        self.inner.begin(global_state, manifest)
-
-    def accumulate(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
-        self.inner.accumulate(update, weight)
-
-    def finish(self) -> StateDict:
-        return self.inner.finish()
 
     def step(self, global_state: Mapping[str, torch.Tensor], aggregate: StateDict) -> StateDict:
         new: StateDict = {}

@@ -73,6 +73,8 @@ class RoundEngine:
         self._layout = UpdateLayout(self.manifest)
         self._strategy = config.build_strategy()
         log.info("strategy: %r", self._strategy)
+        # The task's settings and the strategy's, sent with every task that runs the task's code.
+        self.task_settings = config.task_settings(self._strategy)
         if resume_from is not None:
             self._strategy.load_state_dict(resume_from.strategy_state)
         self._privacy = RoundPrivacy.for_run(config, resume_from)

@@ -147,7 +147,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 offer = await self._next_task(identity, context)
             except UpdateRejected as exc:
                 await _abort(context, exc)
-            yield pb.TaskMessage(header=_task_header(offer, self._config.task_config))
+            yield pb.TaskMessage(header=_task_header(offer, self._engine.task_settings))
             if offer.payload is None:
                 return
             sent = 0

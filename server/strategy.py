@@ -17,16 +17,16 @@ Under secure aggregation the coordinator learns only the weighted mean of the up
 1's three calls are skipped and `step` receives that mean: only a strategy whose aggregate *is*
 the weighted mean (`secure_aggregation = True`) may run there.
 
-Planned extension point (not on the wire yet): FedProx, SCAFFOLD and FedBN need per-client
-settings and named extra tensors sent with the task and returned with the result. They will come
-as a `configure_train(round, identity) -> ClientInstructions(settings, tensors)` method with an
-empty default, and `accumulate` receiving the returned extra tensors, so strategies written
-against this API keep working.
+Clients hear from the strategy through `client_settings()`: plain values that travel with every
+task next to the federation's `[task_config]` (FedProx's proximal term mu), which the clients'
+training reads. Named extra tensors both ways (SCAFFOLD's control variates) are not on the wire
+yet.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from fedlink.common.task_settings import MAX_PROXIMAL_MU, PROXIMAL_MU, SettingValue
 from fedlink.common.tensors import Manifest, StateDict, open_state_file
 from fedlink.server.aggregation import SUM_LIMIT, StreamingFedAvg
 from fedlink.server.robust import AggregationRule
@@ -89,6 +90,14 @@ class Strategy(ABC):
         if state:
             raise ValueError(f"{self.name} keeps no state, got {sorted(state)[:5]}")
 
+    def client_settings(self) -> dict[str, SettingValue]:
+        """Settings every client receives with each task, beside the federation's
+        `[task_config]` (whose names they must not reuse): plain strings, integers, finite
+        numbers or booleans, checked at start-up. Names starting with "fedlink." are fedlink's
+        own (FedProx's "fedlink.proximal_mu"); a task reads the others in `config.task_config`.
+        Default: none."""
+        return {}
+
     def aggregate_evaluate(self, results: EvaluationResults) -> dict[str, float] | None:
         """The round's federated metrics from the clients' `(num_examples, metrics)`; None (the
         default) leaves it to the task's aggregation (server/metrics.py: means weighted by
@@ -121,6 +130,55 @@ class FedAvg(Strategy):
         assert self._average is not None, "begin() first"
         average, self._average = self._average, None
         return average.result()
+
+
+class WrappingStrategy(Strategy):
+    """A strategy over the federation's aggregation (`inner`: FedAvg, or the robust rule or
+    DP-FedAvg it is configured with), which runs `begin`/`accumulate`/`finish` unchanged; the
+    subclass adds a server step (ServerOptimizer) or client settings (FedProx). So it composes
+    with whatever `inner` composes with."""
+
+    def __init__(self, inner: Strategy | None = None) -> None:
+        self.inner = FedAvg() if inner is None else inner
+        # The inner strategy's aggregation is what runs.
+        self.streaming = self.inner.streaming
+        self.secure_aggregation = self.inner.secure_aggregation
+
+    def begin(self, global_state: Mapping[str, torch.Tensor], manifest: Manifest) -> None:
+        self.inner.begin(global_state, manifest)
+
+    def accumulate(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
+        self.inner.accumulate(update, weight)
+
+    def finish(self) -> StateDict:
+        return self.inner.finish()
+
+
+class FedProx(WrappingStrategy):
+    """FedProx (Li et al. 2020): each client minimises its loss plus (mu / 2) ||w - w_t||^2,
+    where w_t is the global model it received (common/tasks/training.py adds the term's
+    gradient mu (w - w_t) at every local step); the server aggregates as `inner` does.
+
+    All the algorithm does happens on the clients, so it composes with secure aggregation, DP
+    and the robust rules exactly as `inner` does. mu = 0 is FedAvg.
+    """
+
+    name = "fedprox"
+
+    def __init__(self, mu: float = 0.01, inner: Strategy | None = None) -> None:
+        super().__init__(inner)
+        mu = float(mu)
+        if not (math.isfinite(mu) and 0 <= mu <= MAX_PROXIMAL_MU):
+            raise ValueError(
+                f"fedprox mu (proximal term) must be in [0, {MAX_PROXIMAL_MU:g}], got {mu}"
+            )
+        self.mu = mu
+
+    def __repr__(self) -> str:
+        return f"{self.name}(mu={self.mu:g}) over {self.inner!r}"
+
+    def client_settings(self) -> dict[str, SettingValue]:
+        return {PROXIMAL_MU: self.mu}
 
 
 class RuleStrategy(Strategy):

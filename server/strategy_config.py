@@ -10,14 +10,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedlink.common.errors import ConfigError
-from fedlink.server.optimizers import FedAdagrad, FedAdam, FedAvgM, FedYogi, ServerOptimizer
+from fedlink.server.optimizers import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from fedlink.server.privacy import DPFedAvg
 from fedlink.server.robust import FedAvg as FedAvgRule
 from fedlink.server.robust import parse_rule
-from fedlink.server.strategy import FedAvg, RuleStrategy, Strategy
+from fedlink.server.strategy import FedAvg, FedProx, RuleStrategy, Strategy, WrappingStrategy
 
 BUILT_IN: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad)
+    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedProx)
 }
 _API = ("begin", "accumulate", "finish", "step", "state_dict", "load_state_dict")
 _HELP = (
@@ -47,15 +47,15 @@ def build_strategy(
     if cls is FedAvg:
         _bind(spec, cls, params)
         strategy = inner
-    elif issubclass(cls, ServerOptimizer):
+    elif issubclass(cls, WrappingStrategy):
         strategy = _construct(spec, cls, {**_bind(spec, cls, params), "inner": inner})
     else:
         if not isinstance(inner, FedAvg):
             raise ConfigError(
                 f"strategy {spec!r} does its own aggregation, so it cannot run with "
                 f"{'differential privacy' if dp else f'aggregation = {aggregation!r}'}; "
-                "subclass fedlink.server.optimizers.ServerOptimizer to step on fedlink's "
-                "aggregate instead"
+                "subclass fedlink.server.strategy.WrappingStrategy (or "
+                "fedlink.server.optimizers.ServerOptimizer) to work on fedlink's aggregate instead"
             )
         strategy = _construct(spec, cls, _bind(spec, cls, params))
     if secure_aggregation and not strategy.secure_aggregation:

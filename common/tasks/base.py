@@ -124,6 +124,9 @@ class TrainConfig:
     optimizer: str = "sgd"  # one of OPTIMIZERS
     # The federation's task-specific settings ([task_config] on the coordinator).
     task_config: TaskSettings = field(default_factory=lambda: NO_SETTINGS)
+    # FedProx's proximal term mu (0: none): a task's training loop adds mu (w - w_global) to
+    # every gradient, as `train_supervised` does (`training.add_proximal_term`).
+    proximal_mu: float = 0.0
 
 
 @dataclass(frozen=True)

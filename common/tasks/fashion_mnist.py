@@ -40,7 +40,7 @@ __all__ = ["build_model", "evaluate", "load_data", "load_test_data", "train"]
 # Where Debian's dataset-fashion-mnist package installs the files (`dpkg -L`).
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_ROOT = Path.home() / ".cache" / "fedlink" / "fashion-mnist"
-_FILES = {
+IDX_FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
@@ -55,7 +55,7 @@ def build_model() -> nn.Module:
 
 def load_data(request: DataRequest) -> ClientData:
     """This client's part of the 60,000 training images."""
-    images, labels = _load(request.data_dir, train=True)
+    images, labels = load_images(request.data_dir, train=True)
     train_idx, test_idx = client_split(labels.numpy(), request)
     return ClientData(
         train=image_examples(images, labels, train_idx, _MEAN, _STD),
@@ -65,24 +65,24 @@ def load_data(request: DataRequest) -> ClientData:
 
 def load_test_data(data_dir: Path | None = None) -> ExampleDataset:
     """The 10,000 test images."""
-    images, labels = _load(data_dir, train=False)
+    images, labels = load_images(data_dir, train=False)
     return image_examples(images, labels, np.arange(len(labels)), _MEAN, _STD)
 
 
-def _load(data_dir: Path | None, *, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def load_images(data_dir: Path | None, *, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 images (N, 28, 28), int64 labels (N,)) from `data_dir`, the Debian package, or a
     download, in that order."""
     if data_dir is not None:
         root = Path(data_dir)
         for folder in (root, root / "FashionMNIST" / "raw"):
-            if _find(folder, _FILES[train][0]) is not None:
+            if _find(folder, IDX_FILES[train][0]) is not None:
                 return _read_pair(folder, train)
         raise DataUnavailableError(
-            f"no Fashion-MNIST in {root}: expected {' and '.join(_FILES[train])} (.gz or not) in "
+            f"no Fashion-MNIST in {root}: expected {' and '.join(IDX_FILES[train])} (.gz or not) in "
             f"{root} or {root}/FashionMNIST/raw; `apt-get install dataset-fashion-mnist` puts them "
             f"in {SYSTEM_DIR}"
         )
-    if _find(SYSTEM_DIR, _FILES[train][0]) is not None:
+    if _find(SYSTEM_DIR, IDX_FILES[train][0]) is not None:
         return _read_pair(SYSTEM_DIR, train)
     try:
         dataset: Any = torchvision.datasets.FashionMNIST(DEFAULT_ROOT, train=train, download=True)
@@ -105,7 +105,7 @@ def _find(folder: Path, name: str) -> Path | None:
 
 
 def _read_pair(folder: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    images_name, labels_name = _FILES[train]
+    images_name, labels_name = IDX_FILES[train]
     images = _read_idx(folder, images_name, _IMAGES_MAGIC)
     labels = _read_idx(folder, labels_name, _LABELS_MAGIC)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or len(labels) != len(images):

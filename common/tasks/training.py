@@ -68,6 +68,8 @@ def train_supervised(
     model.to(device)
     model.train()
     optimizer = make_optimizer(model, config)
+    if config.proximal_mu > 0:
+        add_proximal_term(optimizer, model, config.proximal_mu)
     if config.dpsgd is not None:
         return _train_private(
             model, data.train, num_examples, optimizer, config, config.dpsgd, device, loss_function
@@ -104,6 +106,27 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
     raise TaskError(
         f"unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
     )
+
+
+def add_proximal_term(optimizer: torch.optim.Optimizer, model: torch.nn.Module, mu: float) -> None:
+    """FedProx (Li et al. 2020): make every `optimizer` step minimise the local loss plus
+    (mu / 2) ||w - w_global||^2, where w_global is `model` as it is now (the global model, just
+    received), by adding that term's gradient mu (w - w_global) to each parameter's gradient
+    right before the step.
+
+    Added just before the step, after DP-SGD has clipped and noised the data's gradient: the
+    term depends on no example, so it costs no privacy (post-processing) and is never clipped.
+    A task with its own training loop calls this on its optimizer before the first step.
+    """
+    anchors = {p: p.detach().clone() for p in model.parameters() if p.requires_grad}
+
+    def proximal_gradient(*_: object) -> None:
+        with torch.no_grad():
+            for parameter, anchor in anchors.items():
+                if parameter.grad is not None:
+                    parameter.grad.add_(parameter - anchor, alpha=mu)
+
+    optimizer.register_step_pre_hook(proximal_gradient)
 
 
 def check_dpsgd_model(model: torch.nn.Module) -> None:

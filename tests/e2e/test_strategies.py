@@ -1,5 +1,6 @@
 """Strategies in real federations (a coordinator and client processes over mTLS): every built-in
-strategy, one over secure aggregation, and the custom strategy of docs/strategies.md."""
+strategy, a server optimizer and FedProx over secure aggregation, and the custom strategy of
+docs/strategies.md."""
 
 from __future__ import annotations
 
@@ -79,6 +80,22 @@ def test_a_server_optimizer_steps_on_the_mean_secure_aggregation_reveals(
     with open_state_file(checkpoints[-1]) as moments:
         assert {name.split("/")[0] for name in moments} == {"m", "v"}
         assert all(bool(torch.isfinite(t).all()) for t in moments.values())
+
+
+def test_fedprox_clients_train_with_the_coordinators_mu_under_secure_aggregation(
+    pki: Any, tmp_path: Path
+) -> None:
+    (tmp_path / "server.toml").write_text(
+        'strategy = "fedprox"\nsecure_aggregation = true\n\n[strategy_params]\nmu = 0.1\n'
+    )
+    records = _run(pki, tmp_path, rounds=2, clients=3, config=tmp_path / "server.toml")
+    assert records[-1]["federated_accuracy"] is not None
+    log = _log(tmp_path, "run")
+    assert "strategy: fedprox(mu=0.1) over fedavg" in log
+    assert "secure aggregation recovered the sum of 3 of 3 clients" in log
+    for site in range(3):
+        client_log = _log(tmp_path, f"site-{site}")
+        assert client_log.count("(FedProx proximal term mu=0.1)") == 2, client_log
 
 
 def test_the_custom_strategy_of_the_docs_runs_in_a_federation(pki: Any, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from fedlink.client.app import (
 from fedlink.client.config import ClientConfig
 from fedlink.client.connection import Backoff
 from fedlink.common.errors import ConfigError, TensorFormatError
+from fedlink.common.task_settings import check_task_settings
 from fedlink.common.tasks.base import DPSGDConfig
 from fedlink.v1 import federation_pb2 as pb
 
@@ -67,6 +68,33 @@ def test_the_task_settings_of_a_header_reach_the_train_config() -> None:
     header.task_config["centered"].flag = True
     config = train_config_from({}, seed=0, settings=task_settings_from(header))
     assert dict(config.task_config) == {"mu": 0.01, "mode": "fast", "layers": 3, "centered": True}
+
+
+def test_fedprox_mu_reaches_training_and_not_the_tasks_own_settings() -> None:
+    header = pb.TaskHeader()
+    header.task_config["fedlink.proximal_mu"].number = 0.25
+    header.task_config["mode"].text = "fast"
+    config = train_config_from({}, seed=0, settings=task_settings_from(header))
+    assert config.proximal_mu == 0.25
+    assert dict(config.task_config) == {"mode": "fast"}
+    assert train_config_from({}, seed=0).proximal_mu == 0.0
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("fedlink.proximal_mu", -1.0, "out-of-range FedProx mu"),
+        ("fedlink.proximal_mu", 1e9, "out-of-range FedProx mu"),
+        ("fedlink.proximal_mu", "0.1", "out-of-range FedProx mu"),
+        ("fedlink.proximal_mu", True, "out-of-range FedProx mu"),
+        ("fedlink.control_variates", 1, "does not know \\(fedlink.control_variates\\)"),
+    ],
+)
+def test_hostile_or_unknown_strategy_settings_are_refused(
+    name: str, value: object, message: str
+) -> None:
+    with pytest.raises(FatalClientError, match=message):
+        train_config_from({}, seed=0, settings=check_task_settings({name: value}))
 
 
 def test_hostile_task_settings_in_a_header_are_refused() -> None:

@@ -282,6 +282,41 @@ def test_server_optimizers_compose_with_dp_secure_aggregation_and_robust_rules(n
     assert "krum" in repr(over_krum.build_strategy())
 
 
+def test_fedprox_sends_mu_with_every_task_and_composes_with_dp_secure_aggregation_and_rules() -> (
+    None
+):
+    config = _config(strategy="fedprox", strategy_params={"mu": 0.1}, task_config={"mode": "x"})
+    strategy = config.build_strategy()
+    assert repr(strategy) == "fedprox(mu=0.1) over fedavg"
+    assert dict(config.task_settings(strategy)) == {"mode": "x", "fedlink.proximal_mu": 0.1}
+    over_secure = _config(strategy="fedprox", secure_aggregation=True, min_fit_clients=3)
+    assert over_secure.build_strategy().secure_aggregation
+    assert "dp fedavg" in repr(_config(strategy="fedprox", dp_clip_norm=1.0).build_strategy())
+    over_median = _config(
+        strategy="fedprox", aggregation="median", min_results=3, min_fit_clients=3
+    )
+    assert repr(over_median.build_strategy()).endswith("over median")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"strategy_params": {"mu": -0.1}}, "fedprox mu (proximal term) must be in [0, 10000]"),
+        ({"strategy_params": {"mu": math.nan}}, "fedprox mu (proximal term) must be in"),
+        (
+            {"task_config": {"fedlink.proximal_mu": 1.0}},
+            "task_config names starting with 'fedlink.' are fedlink's own",
+        ),
+    ],
+)
+def test_bad_fedprox_settings_are_refused_at_start_up(
+    settings: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError) as error:
+        _config(strategy="fedprox", **settings)
+    assert message in str(error.value)
+
+
 def test_a_user_server_optimizer_gets_fedlinks_aggregation(user_module: str) -> None:
     strategy = _config(
         strategy="user_strategies:SlowMomentum",
