@@ -73,6 +73,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         self._board = engine.board  # joins, polls and signs of life
         self._results = engine.results  # result uploads
         self._status = engine.status
+        self._task_settings = engine.task_settings  # [task_config] and the strategy's settings
         self._config = config
         self._federation_id = federation_id
         self._work = work
@@ -147,7 +148,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 offer = await self._next_task(identity, context)
             except UpdateRejected as exc:
                 await _abort(context, exc)
-            yield pb.TaskMessage(header=_task_header(offer, self._engine.task_settings))
+            yield pb.TaskMessage(header=_task_header(offer, self._task_settings))
             if offer.payload is None:
                 return
             sent = 0
