@@ -50,6 +50,7 @@ from fedlink.common.wire import (
 )
 from fedlink.server.aggregation import SUM_LIMIT, weighted_magnitude
 from fedlink.server.checkpoints import Checkpoint, CheckpointStore, run_identity
+from fedlink.server.client_rows import ClientRows
 from fedlink.server.config import ServerConfig
 from fedlink.server.intake import ResultUpload, Spool
 from fedlink.server.metrics import MetricAggregator, other_metrics
@@ -126,8 +127,10 @@ class RoundEngine:
         on_round: RoundListener | None = None,
         resume_from: Checkpoint | None = None,
         aggregate_evaluation: MetricAggregator | None = None,
+        client_rows: ClientRows | None = None,
     ) -> None:
         self._config = config
+        self._client_rows = client_rows
         self._manifest: Manifest = manifest_of(initial_state)
         self._evaluate_centrally = evaluate_centrally
         self._aggregate_evaluation = aggregate_evaluation or MetricAggregator()
@@ -380,6 +383,7 @@ class RoundEngine:
         the phase closes, or refused."""
         phase = upload.phase
         accepted = False
+        upload_seconds = time.monotonic() - upload.started
         try:
             upload.complete_payload()
             with self._cond:
@@ -428,6 +432,11 @@ class RoundEngine:
             upload.close(keep=accepted and phase.kind is TaskKind.TRAIN)
         self.metrics.updates.labels(phase.kind.value, "accepted").inc()
         self.status.result_accepted(upload.identity, phase.round, phase.kind.value)
+        if self._client_rows is not None:
+            header = upload.header
+            self._client_rows.accepted(
+                phase, upload.identity, header.num_examples, header.metrics, upload_seconds
+            )
         log.debug(
             "accepted %s result from %s (round %d)", phase.kind.value, upload.identity, phase.round
         )
@@ -494,7 +503,10 @@ class RoundEngine:
             phase.submitted.add(identity)
         self._reject(phase, identity, error)
 
-    def count_bytes(self, *, down: int = 0, up: int = 0) -> None:
+    def count_bytes(self, identity: str, task_id: str, *, down: int = 0, up: int = 0) -> None:
+        """A download or upload of `identity` for `task_id` ended, having moved these bytes."""
+        if self._client_rows is not None:
+            self._client_rows.transferred(task_id, identity, down=down, up=up)
         with self._cond:
             self._bytes_down += down
             self._bytes_up += up
@@ -542,6 +554,7 @@ class RoundEngine:
                         self._strategy, self._global.path, train.state, round_number
                     )
                 if train.state is None:
+                    self._close_client_rows(completed=False)
                     failures += 1
                     avoid = frozenset(sampled) - train.answered
                     log.warning(
@@ -602,6 +615,7 @@ class RoundEngine:
                     federated_metrics=other_metrics(federated),
                 )
                 self._checkpoint(global_file, record)
+                self._close_client_rows(completed=True)
                 last_record = record
                 self.metrics.rounds_completed.inc()
                 self.metrics.round_duration.observe(record.seconds)
@@ -797,6 +811,8 @@ class RoundEngine:
     def _run_phase(self, phase: Phase, timeout: float, stop: threading.Event) -> Phase | None:
         deadline = time.monotonic() + timeout
         kind, round_number = phase.kind, phase.round
+        if self._client_rows is not None:
+            self._client_rows.opened(phase)
         with self._cond:
             self._phase = phase
             self._roster.wake(phase.participants, time.monotonic())
@@ -869,6 +885,8 @@ class RoundEngine:
 
     def _reject(self, phase: Phase, identity: str, error: UpdateRejected) -> None:
         self.metrics.updates.labels(phase.kind.value, error.code).inc()
+        if self._client_rows is not None:
+            self._client_rows.rejected(phase, identity, str(error))
         self.status.result_rejected(identity, phase.round, phase.kind.value, str(error))
         with self._cond:
             phase.finished.add(identity)
@@ -977,6 +995,12 @@ class RoundEngine:
             number = path.name.removeprefix("global-").removesuffix(".safetensors")
             if number.isdigit() and int(number) not in keep:
                 path.unlink(missing_ok=True)
+
+    def _close_client_rows(self, *, completed: bool) -> None:
+        if self._client_rows is not None:
+            with self._cond:
+                connected = self._alive_clients()
+            self._client_rows.close(completed=completed, connected=connected)
 
     def _reset_byte_counters(self) -> None:
         with self._cond:
