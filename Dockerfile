@@ -31,25 +31,31 @@ COPY server /src/server
 COPY client /src/client
 COPY protos /src/protos
 RUN /opt/fedlink/bin/pip install --constraint /tmp/torch-pins.txt /src
-# Slim the environment before the final stage copies it (1,384 MB down to 853 MB with the
+# Slim the environment before the runtime stage copies it (1,384 MiB down to 838 MiB with the
 # bytecode step below). Nothing removed is used at run time, which the import check proves:
-# - grpcio-tools: generates protobuf code at development time only; pip: installs nothing here;
+# - grpcio-tools: generates protobuf code at development time only; pip and setuptools:
+#   install and build nothing here;
 # - torch's C++ headers, test binaries, cmake files and static libraries (for building
 #   extensions, which needs a compiler the image does not have); the TensorBoard UI's fast
 #   loader binary (fedlink writes event files; `tensorboard` itself runs elsewhere);
-# - every package's `tests` directory;
+# - every package's `tests` directory, type stubs (`*.pyi`, for type checkers), torch's
+#   libraries for its own tests, the TensorBoard UI (`webfiles.zip`), and the `benchmarks` and
+#   `examples` packages opacus's wheel puts at the top level of site-packages;
 # - the symbol tables of torch's libraries (`strip --strip-unneeded` keeps the dynamic symbols
 #   that loading needs; about 90 MB of libtorch_cpu.so alone). Only torch's: the libraries that
 #   auditwheel bundled into other wheels (`*.libs/`) no longer load once stripped. binutils
 #   stays in this stage.
 RUN set -e; \
-    /opt/fedlink/bin/pip uninstall -y -q grpcio-tools; \
+    /opt/fedlink/bin/pip uninstall -y -q grpcio-tools setuptools; \
     site=$(/opt/fedlink/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
     cd "$site"; \
-    rm -rf torch/include torch/test torch/share/cmake tensorboard_data_server/bin; \
+    rm -rf torch/include torch/test torch/share/cmake tensorboard_data_server/bin \
+        tensorboard/webfiles.zip benchmarks examples; \
     find torch/bin -type f ! -name torch_shm_manager -delete; \
-    rm -f torch/lib/*.a; \
+    rm -f torch/lib/*.a torch/lib/libjitbackend_test.so torch/lib/libtorchbind_test.so \
+        torch/lib/libbackend_with_compiler.so torch/lib/libaoti_custom_ops.so; \
     find . -type d -name tests -prune -exec rm -rf {} +; \
+    find . -name '*.pyi' -delete; \
     if (apt-get update -q && apt-get install -y -q --no-install-recommends binutils) >/dev/null 2>&1; then \
         strip --strip-unneeded torch/lib/*.so*; \
     else \
@@ -70,10 +76,26 @@ RUN set -e; \
         --run-dir /tmp/demo >/tmp/demo.log 2>&1 || { cat /tmp/demo.log; exit 1; }; \
     rm -rf /tmp/demo /tmp/demo.log
 
-FROM ${PYTHON_IMAGE}
-RUN useradd --user-group --uid 10001 --create-home --home-dir /var/lib/fedlink fedlink
+# The runtime: the base without what only apt and people reading manuals use (package lists
+# and caches, documentation, man pages, translations) and without the base Python's own
+# packages (pip, setuptools, wheel: fedlink's environment does not read them, and installs
+# nothing), then fedlink's environment. Deleting files in a layer of its own would hide them and
+# keep their bytes, so the last stage copies the result into one layer. The cost: the base's
+# layer is not shared with other images (it is small beside fedlink's own).
+FROM ${PYTHON_IMAGE} AS runtime
+RUN set -e; \
+    rm -rf /var/lib/apt/lists/* /var/cache/apt/* /usr/share/doc/* /usr/share/man/* \
+        /usr/share/info/* /usr/share/locale/*; \
+    for site in $(python3 -c 'import site; print(*site.getsitepackages())'); do \
+        rm -rf "$site"/*; \
+    done; \
+    useradd --user-group --uid 10001 --create-home --home-dir /var/lib/fedlink fedlink
 COPY --from=build /opt/fedlink /opt/fedlink
-ENV PATH=/opt/fedlink/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+
+FROM scratch
+COPY --from=runtime / /
+ENV PATH=/opt/fedlink/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    LANG=C.UTF-8 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     PYTHONPYCACHEPREFIX=/opt/fedlink/pycache
 USER fedlink
 WORKDIR /var/lib/fedlink

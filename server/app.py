@@ -22,6 +22,7 @@ from fedlink.common.tensors import StateDict
 from fedlink.common.threads import size_torch_threads
 from fedlink.server.admin import RunControl
 from fedlink.server.checkpoints import CheckpointStore, check_resumable, run_identity
+from fedlink.server.client_rows import ClientRows
 from fedlink.server.config import ServerConfig
 from fedlink.server.dashboard import Dashboard
 from fedlink.server.memory import start_memory_trim
@@ -102,6 +103,7 @@ def _coordinate(config: ServerConfig) -> int:
         on_round=on_round,
         resume_from=checkpoint,
         aggregate_evaluation=aggregate_evaluation,
+        client_rows=ClientRows.for_run(config, resuming=checkpoint is not None),
     )
     del initial_state
     if checkpoint is not None:

@@ -19,6 +19,7 @@ import time
 
 from fedlink.common.errors import UpdateRejected
 from fedlink.common.wire import JOIN_REQUIRED
+from fedlink.server.client_rows import ClientRows
 from fedlink.server.config import ServerConfig
 from fedlink.server.monitoring import CoordinatorMetrics
 from fedlink.server.phases import Phase, TaskKind, TaskOffer
@@ -37,10 +38,18 @@ CLOSE_CHECK_SECONDS = 0.25
 
 
 class PhaseBoard:
-    def __init__(self, config: ServerConfig, status: RunStatus, metrics: CoordinatorMetrics):
+    def __init__(
+        self,
+        config: ServerConfig,
+        status: RunStatus,
+        metrics: CoordinatorMetrics,
+        client_rows: ClientRows | None = None,
+    ) -> None:
         self._config = config
+        # Observers of the run: the status snapshot, Prometheus, and clients.jsonl's rows.
         self.status = status
         self.metrics = metrics
+        self.client_rows = client_rows
         self.cond = threading.Condition()  # guards everything below and each open Phase
         self.roster = Roster(config.liveness_timeout_seconds)
         self.phase: Phase | None = None
@@ -161,7 +170,10 @@ class PhaseBoard:
             self.cond.notify_all()
             return True
 
-    def count_bytes(self, *, down: int = 0, up: int = 0) -> None:
+    def count_bytes(self, identity: str, task_id: str, *, down: int = 0, up: int = 0) -> None:
+        """A download or upload of `identity` for `task_id` ended, having moved these bytes."""
+        if self.client_rows is not None:
+            self.client_rows.transferred(task_id, identity, down=down, up=up)
         with self.cond:
             self._bytes_down += down
             self._bytes_up += up
@@ -221,6 +233,8 @@ class PhaseBoard:
         """Open `phase`, wake its participants and wait until it can close; None when `stop`
         was set (the caller discards what the phase collected)."""
         deadline = time.monotonic() + timeout
+        if self.client_rows is not None:
+            self.client_rows.opened(phase)
         with self.cond:
             self.phase = phase
             self.roster.wake(phase.participants, time.monotonic())

@@ -215,6 +215,19 @@ class ServerConfig:
             "write TensorBoard event files of every round's metrics to run_dir/tensorboard"
         ),
     )
+    client_rows: bool = field(
+        default=True,
+        metadata=_help(
+            "write run_dir/clients.jsonl: one row per client per round (sampled, result and "
+            "why, examples, bytes, upload time, its metrics); never under secure aggregation"
+        ),
+    )
+    client_rows_max_mb: int = field(
+        default=64,
+        metadata=_help(
+            "clients.jsonl is rotated to clients.jsonl.1 (replacing it) before it passes this size"
+        ),
+    )
     mlflow_tracking_uri: str | None = field(
         default=None,
         metadata=_help(
@@ -413,6 +426,10 @@ class ServerConfig:
             object.__setattr__(self, "task_config", check_task_settings(self.task_config))
         except TaskSettingsError as exc:
             raise ConfigError(str(exc)) from None
+        if self.client_rows_max_mb < 1:
+            raise ConfigError(
+                f"client_rows_max_mb must be at least 1, got {self.client_rows_max_mb}"
+            )
         if self.evaluate_every < 0 or self.max_round_retries < 0:
             raise ConfigError("evaluate_every and max_round_retries must be >= 0")
         if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:

@@ -44,6 +44,7 @@ class ResultUpload:
     ) -> None:
         self.identity = identity
         self.header = header
+        self.started = time.monotonic()  # the header was accepted: the upload's clock starts
         self.phase = phase
         self.spool = spool
         self._release = release  # gives back the disk space reserved for this upload

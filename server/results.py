@@ -172,6 +172,7 @@ class ResultIntake:
         closes, or refused."""
         board, phase = self._board, upload.phase
         accepted = False
+        upload_seconds = time.monotonic() - upload.started
         try:
             upload.complete_payload()
             with board.cond:
@@ -209,6 +210,11 @@ class ResultIntake:
             upload.close(keep=accepted and phase.kind is TaskKind.TRAIN)
         board.metrics.updates.labels(phase.kind.value, "accepted").inc()
         board.status.result_accepted(upload.identity, phase.round, phase.kind.value)
+        if board.client_rows is not None:
+            header = upload.header
+            board.client_rows.accepted(
+                phase, upload.identity, header.num_examples, header.metrics, upload_seconds
+            )
         log.debug(
             "accepted %s result from %s (round %d)", phase.kind.value, upload.identity, phase.round
         )
@@ -295,6 +301,8 @@ class ResultIntake:
     def _reject(self, phase: Phase, identity: str, error: UpdateRejected) -> None:
         board = self._board
         board.metrics.updates.labels(phase.kind.value, error.code).inc()
+        if board.client_rows is not None:
+            board.client_rows.rejected(phase, identity, str(error))
         board.status.result_rejected(identity, phase.round, phase.kind.value, str(error))
         with board.cond:
             phase.finished.add(identity)

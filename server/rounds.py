@@ -24,6 +24,7 @@ from fedlink.common.tensors import Manifest, StateDict, manifest_of, save_state_
 from fedlink.common.wire import PayloadFile
 from fedlink.server.board import PhaseBoard
 from fedlink.server.checkpoints import Checkpoint, CheckpointStore, run_identity
+from fedlink.server.client_rows import ClientRows
 from fedlink.server.config import ServerConfig
 from fedlink.server.intake import Spool
 from fedlink.server.metrics import MetricAggregator, other_metrics
@@ -57,6 +58,7 @@ class RoundEngine:
         on_round: RoundListener | None = None,
         resume_from: Checkpoint | None = None,
         aggregate_evaluation: MetricAggregator | None = None,
+        client_rows: ClientRows | None = None,
     ) -> None:
         self._config = config
         self.manifest: Manifest = manifest_of(initial_state)  # fixed for the run
@@ -65,7 +67,7 @@ class RoundEngine:
         self._on_round = on_round
         self.metrics = CoordinatorMetrics()
         self.status = RunStatus(config.num_rounds, config.liveness_timeout_seconds)
-        self.board = PhaseBoard(config, self.status, self.metrics)
+        self.board = PhaseBoard(config, self.status, self.metrics, client_rows)
         self.metrics.count_clients_with(lambda: len(self.board.alive_clients()))
         self._checkpoints = CheckpointStore(config.state_dir, keep=config.keep_checkpoints)
         self._spool = Spool(config.state_dir / "incoming")
@@ -143,6 +145,7 @@ class RoundEngine:
                         self._strategy, self._global.path, train.state, round_number
                     )
                 if train.state is None:
+                    self._close_client_rows(completed=False)
                     failures += 1
                     avoid = frozenset(sampled) - train.answered
                     log.warning(
@@ -204,6 +207,7 @@ class RoundEngine:
                     federated_metrics=other_metrics(federated),
                 )
                 self._checkpoint(global_file, record)
+                self._close_client_rows(completed=True)
                 last_record = record
                 self.metrics.rounds_completed.inc()
                 self.metrics.round_duration.observe(record.seconds)
@@ -329,6 +333,12 @@ class RoundEngine:
             number = path.name.removeprefix("global-").removesuffix(".safetensors")
             if number.isdigit() and int(number) not in keep:
                 path.unlink(missing_ok=True)
+
+    def _close_client_rows(self, *, completed: bool) -> None:
+        """The round attempt is over: its rows go to clients.jsonl."""
+        rows = self.board.client_rows
+        if rows is not None:
+            rows.close(completed=completed, connected=self.board.alive_clients())
 
 
 def _weighted_mean(results: list[tuple[int, Mapping[str, float]]], key: str) -> float | None:

@@ -160,7 +160,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                     sent += len(data)
                     self._status.count_bytes(identity, down=len(data))
             finally:
-                self._board.count_bytes(down=sent)
+                self._board.count_bytes(identity, offer.task_id, down=sent)
         finally:
             slot.release()
 
@@ -247,7 +247,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             self._results.abandon_result(upload)
             raise
         finally:
-            self._board.count_bytes(up=received)
+            self._board.count_bytes(identity, upload.header.task_id, up=received)
         # Shielded: a client that goes away after its last chunk (gRPC may report that as a
         # complete stream, then cancel the call) still has its result settled with the engine.
         refusal = await asyncio.shield(loop.run_in_executor(self._work, self._settle, upload))

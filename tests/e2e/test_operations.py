@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 from conftest import wait_for_file
 from test_fault_tolerance import _records, _wait_until
 from test_federation_run import _client, _kill_all, _log, _server
+from test_simulated_attack import _federation
 
 
 def test_the_coordinator_says_how_many_clients_round_one_still_waits_for(
@@ -105,3 +107,36 @@ def test_every_round_reaches_tensorboard_and_mlflow_as_in_metrics_jsonl(
     history = mlflow.get_metric_history(run.info.run_id, "test_accuracy")
     assert [(m.step, round(m.value, 6)) for m in history] == [(r, round(a, 6)) for r, a in expected]
     assert (tmp_path / "run" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_clients_jsonl_has_a_row_per_client_per_round_with_its_result_and_why(
+    pki: Any, tmp_path: Path
+) -> None:
+    # "attacker" sends Gaussian noise, which max_update_norm_ratio refuses every round; both
+    # clients evaluate the new model.
+    records = _federation(
+        pki, tmp_path, ["site-0", "attacker"], "--num-rounds=2", "--evaluate-every=1"
+    )
+    rows = [json.loads(line) for line in (tmp_path / "run" / "clients.jsonl").open()]
+    assert [(r["round"], r["client"]) for r in rows] == [
+        (1, "attacker"),
+        (1, "site-0"),
+        (2, "attacker"),
+        (2, "site-0"),
+    ]
+    for row, record in zip(rows[1::2], records, strict=True):  # the honest client's rows
+        assert row["sampled"] and row["round_completed"] and row["attempt"] == 0
+        train, evaluate = row["train"], row["evaluate"]
+        assert train["result"] == "accepted" and evaluate["result"] == "accepted"
+        assert train["num_examples"] > 0 and evaluate["num_examples"] > 0
+        # The only accepted update: its loss is the round's training loss.
+        assert train["metrics"]["loss"] == pytest.approx(record["train_loss"])
+        assert 0 <= evaluate["metrics"]["accuracy"] <= 1
+        assert 0 <= train["upload_seconds"] < 60
+        # It downloaded the model twice (train, evaluate) and uploaded one update.
+        assert row["bytes_down"] > row["bytes_up"] > 0
+    for row in rows[0::2]:
+        assert row["train"]["result"] == "rejected"
+        assert "max_update_norm_ratio" in row["train"]["reason"]
+        assert row["evaluate"]["result"] == "accepted"
+    assert sum(r["bytes_up"] for r in rows if r["round"] == 1) == records[0]["bytes_up"]

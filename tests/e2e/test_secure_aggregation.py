@@ -114,6 +114,10 @@ def test_a_secure_federation_trains_the_same_model_as_plaintext_fedavg(
     assert secure_records[-1]["test_accuracy"] > 0.5
     # Nothing a client sent stays in the state directory: no spool, no session files.
     assert list((secure.state_dir / "incoming").iterdir()) == []
+    # Per-client rows (each client's evaluation metrics among them) only without secure
+    # aggregation: a row per client per round for the plain run, no file for the secure one.
+    assert len((plain.run_dir / "clients.jsonl").read_text().splitlines()) == 3 * 3
+    assert not (secure.run_dir / "clients.jsonl").exists()
 
 
 def test_a_secagg_plus_federation_trains_the_same_model_as_plaintext_fedavg(

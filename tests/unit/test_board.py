@@ -203,7 +203,7 @@ def test_sampling_waits_for_enough_clients_and_is_seeded(
 
 def test_byte_counts_are_taken_once_per_round(tmp_path: Path) -> None:
     board = _board(tmp_path)
-    board.count_bytes(down=10, up=3)
-    board.count_bytes(down=5)
+    board.count_bytes("a", "t1", down=10, up=3)
+    board.count_bytes("b", "t1", down=5)
     assert board.take_byte_counts() == (15, 3)
     assert board.take_byte_counts() == (0, 0)
