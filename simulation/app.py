@@ -42,10 +42,8 @@ def client_settings(config: SimulationConfig) -> ClientSettings:
 def run_simulation(config: SimulationConfig) -> int:
     """Run the federation `config` describes with virtual clients; the exit status (0: the run
     completed, as `fedlink server`'s). Results land in run_dir like a coordinator's."""
-    plan = worker_plan(config.workers, config.device, config.workers_per_gpu, config.worker_threads)
     with locked_run_dirs(config):
-        # Forked first, before this process starts a thread of its own.
-        workers = ProcessWorkers(client_settings(config), plan)
+        workers = _start_workers(config)
         try:
             run = CoordinatorRun.open(config)
             try:
@@ -54,6 +52,24 @@ def run_simulation(config: SimulationConfig) -> int:
                 run.close()
         finally:
             workers.close()
+
+
+def _start_workers(config: SimulationConfig) -> Workers:
+    settings = client_settings(config)
+    if config.backend == "ray":
+        from fedlink.simulation.ray_workers import RayWorkers
+
+        return RayWorkers(
+            settings,
+            config.ray_address,
+            config.workers,
+            config.device,
+            config.workers_per_gpu,
+            config.worker_threads,
+        )
+    plan = worker_plan(config.workers, config.device, config.workers_per_gpu, config.worker_threads)
+    # Forked first, before this process starts a thread of its own.
+    return ProcessWorkers(settings, plan)
 
 
 def _simulate(config: SimulationConfig, run: CoordinatorRun, workers: Workers) -> int:

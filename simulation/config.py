@@ -16,6 +16,7 @@ from fedlink.common.partition import parse_partition
 from fedlink.server.config import ServerConfig
 
 DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("process", "ray")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -31,6 +32,20 @@ def client_name(index: int, num_clients: int) -> str:
 
 @dataclass(frozen=True)
 class SimulationConfig(ServerConfig):
+    backend: str = field(
+        default="process",
+        metadata=_help(
+            "where the workers run: process (forked processes on this machine) or ray (Ray "
+            "actors; needs the ray extra)"
+        ),
+    )
+    ray_address: str | None = field(
+        default=None,
+        metadata=_help(
+            'backend ray: the cluster to join ("auto", host:port or ray://host:port); unset: a '
+            "Ray started for this simulation on this machine"
+        ),
+    )
     num_clients: int = field(
         default=10,
         metadata=_help(
@@ -90,6 +105,8 @@ class SimulationConfig(ServerConfig):
             raise ConfigError(
                 "workers must be >= 0 (0: automatic), worker_threads and workers_per_gpu >= 1"
             )
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         try:

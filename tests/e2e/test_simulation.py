@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import safetensors.torch
 import torch
 from conftest import fedlink_process, wait_for_file
@@ -144,3 +145,31 @@ def test_bad_simulation_settings_are_refused_at_once(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "num_clients 1 is below min_clients" in result.stderr
+
+
+def test_the_ray_backend_on_a_two_node_cluster_ends_with_the_same_model(tmp_path: Path) -> None:
+    ray_cluster = pytest.importorskip(
+        "ray.cluster_utils", reason="Ray is not installed (pip install 'fedlink[ray]')"
+    )
+    psutil = pytest.importorskip("psutil")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    cluster = ray_cluster.Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)  # one worker (1 CPU each) fits on each node
+        cluster.wait_for_nodes()
+        on_ray = _simulate(tmp_path, "ray", backend="ray", ray_address=cluster.address)
+        locally = _simulate(tmp_path, "local")
+        assert on_ray.wait(timeout=300) == 0, (tmp_path / "ray.log").read_text()
+        assert locally.wait(timeout=300) == 0, (tmp_path / "local.log").read_text()
+    finally:
+        cluster.shutdown()
+    assert "2 Ray workers" in (tmp_path / "ray.log").read_text()
+    on_ray_model, local_model = _model(tmp_path / "ray"), _model(tmp_path / "local")
+    for name, tensor in local_model.items():
+        assert torch.equal(on_ray_model[name], tensor), name
+    left = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if p.pid not in before and p.is_running()
+    ]
+    assert left == [], f"Ray left processes behind: {[p.cmdline()[:2] for p in left]}"
