@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ import safetensors.torch
 import torch
 from conftest import fedlink_process, wait_for_file
 
+from fedlink.main import main
 from fedlink.simulation.config import client_name
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -22,7 +21,7 @@ CLIENTS = 3
 # The federation both runtimes run: 3 clients, 2 sampled a round (seeded), FedAvg on digits.
 FEDERATION = {
     "task": "digits",
-    "num_rounds": 3,
+    "num_rounds": 2,
     "min_clients": CLIENTS,
     "fraction_fit": 0.5,
     "min_fit_clients": 2,
@@ -135,16 +134,9 @@ def test_a_task_that_raises_stops_the_simulation_and_says_which_client(tmp_path:
     assert "a virtual client's task failed: client-" in log
 
 
-def test_bad_simulation_settings_are_refused_at_once(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "fedlink", "simulate", "--num-clients=1", "--min-clients=2"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 2
-    assert "num_clients 1 is below min_clients" in result.stderr
+def test_bad_simulation_settings_are_refused_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--num-clients=1", "--min-clients=2"]) == 2
+    assert "num_clients 1 is below min_clients" in capsys.readouterr().err
 
 
 def test_the_ray_backend_on_a_two_node_cluster_ends_with_the_same_model(tmp_path: Path) -> None:
