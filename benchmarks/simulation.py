@@ -11,9 +11,9 @@ evaluation during the rounds. Measured:
   rounds): peak memory of the simulation process and of its largest worker, which must not
   grow with the number of clients.
 
-Start-up is from the call to `run_simulation` (torch already imported) until every virtual
-client has joined and round 1 can start; for the plain loop, building the model and reading
-the data. Each simulation runs in a child process. Prints a table and writes JSON (default
+Start-up is from the call to `run_simulation` (torch and the task module already imported)
+until every virtual client has joined and round 1 can start; for the plain loop, building the
+model and reading the data. Each simulation runs in a child process. Prints a table and writes JSON (default
 benchmarks/results/simulation.json). Needs Fashion-MNIST in /usr/share/datasets/fashion-mnist
 (`apt-get install dataset-fashion-mnist`) or `--data-dir`.
 """
@@ -81,6 +81,7 @@ def simulate(clients: int, rounds: int, directory: Path, data_dir: Path | None) 
                 joined.append(time.perf_counter())
 
     logging.getLogger("fedlink.simulation.driver").addHandler(Joined())
+    _task()  # imported before the clock starts, as for the plain loop
     config = SimulationConfig(
         task="fmnist50_task",
         num_clients=clients,
