@@ -15,7 +15,6 @@ import multiprocessing
 import queue
 import signal
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -24,14 +23,13 @@ import torch
 
 from fedlink.common.errors import ConfigError, FedlinkError
 from fedlink.common.threads import usable_cpus
-from fedlink.simulation.clients import ClientResult, ClientRunner, ClientSettings, ClientWork
+from fedlink.simulation.clients import ClientRunner, ClientSettings, ClientWork
+from fedlink.simulation.driver import Done
 
 log = logging.getLogger(__name__)
 
 # How long a forked worker may take to build its model.
 READY_TIMEOUT_SECONDS = 120.0
-
-Done = Callable[[ClientResult | BaseException], None]
 
 
 @dataclass(frozen=True)
