@@ -1,4 +1,5 @@
-"""The `fedlink` command: server, client, certs, health, status, admin and demo subcommands."""
+"""The `fedlink` command: server, client, simulate, certs, health, status, admin and demo
+subcommands."""
 
 from __future__ import annotations
 
@@ -33,6 +34,15 @@ def _run_client(args: argparse.Namespace) -> int:
     return run_client(config)
 
 
+def _run_simulation(args: argparse.Namespace) -> int:
+    from fedlink.simulation.app import run_simulation
+    from fedlink.simulation.config import SimulationConfig
+
+    config = load_config(SimulationConfig, path=args.config, overrides=vars(args))
+    configure_logging(verbose=args.verbose, log_format=config.log_format)
+    return run_simulation(config)
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from fedlink.demo import run_demo
 
@@ -43,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fedlink.client.config import ClientConfig
     from fedlink.demo import add_demo_arguments
     from fedlink.server.config import ServerConfig
+    from fedlink.simulation.config import SimulationConfig
 
     parser = argparse.ArgumentParser(
         prog="fedlink", description="Federated learning over mutual TLS."
@@ -58,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     client = commands.add_parser("client", help="run a client on this site's data")
     add_config_arguments(client, ClientConfig)
     client.set_defaults(func=_run_client)
+
+    simulate = commands.add_parser(
+        "simulate", help="a federation of N virtual clients in this process (no network)"
+    )
+    add_config_arguments(simulate, SimulationConfig)
+    simulate.set_defaults(func=_run_simulation)
 
     add_certs_parser(commands)
     add_health_parser(commands)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -33,7 +34,7 @@ from fedlink.server.report import MetricsLog, plot_metrics, read_metrics, table_
 from fedlink.server.rounds import Evaluator, RoundEngine
 from fedlink.server.state_lock import lock_state_dir
 from fedlink.server.status import RecentLogs, load_rounds
-from fedlink.server.tracking import close_trackers, open_trackers, track_round
+from fedlink.server.tracking import RunTracker, close_trackers, open_trackers, track_round
 from fedlink.server.transport import Listening, excluder, start_server
 
 log = logging.getLogger(__name__)
@@ -58,56 +59,98 @@ def _check_writable(directory: Path, flag: str) -> None:
 
 
 def run_server(config: ServerConfig) -> int:
+    with locked_run_dirs(config):
+        return _coordinate(config)
+
+
+@contextlib.contextmanager
+def locked_run_dirs(config: ServerConfig) -> Iterator[None]:
+    """The run and state directories, checked writable, the state directory locked for this
+    process (one coordinator, or simulation, per state directory)."""
     for directory, flag in ((config.state_dir, "--state-dir"), (config.run_dir, "--run-dir")):
         _check_writable(directory, flag)
     lock = lock_state_dir(config.state_dir)
     try:
-        return _coordinate(config)
+        yield
     finally:
         lock.release()
 
 
+@dataclasses.dataclass
+class CoordinatorRun:
+    """A run's round engine with what records its rounds: metrics.jsonl, the trackers, the
+    status, the table on stdout. `fedlink server` serves it over gRPC; `fedlink simulate`
+    drives it in-process."""
+
+    engine: RoundEngine
+    metrics: MetricsLog
+    trackers: list[RunTracker]
+
+    @classmethod
+    def open(cls, config: ServerConfig) -> CoordinatorRun:
+        threads = size_torch_threads(config.threads)
+        log.debug("torch computes with %d CPU threads", threads)
+        task = load_task(config.task)
+        checkpoint = CheckpointStore(config.state_dir, keep=config.keep_checkpoints).latest()
+        if checkpoint is not None:
+            check_resumable(checkpoint, run_identity(config))
+        torch.manual_seed(config.seed)
+        model = task.build_model()
+        initial_state = model.state_dict()
+        aggregate_evaluation = MetricAggregator.for_task(task)
+        evaluate_centrally = _central_evaluator(config, task, model, aggregate_evaluation)
+        if evaluate_centrally is None:
+            del model  # nothing to evaluate on: hold only the serialized global model
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(config.run_dir / "metrics.jsonl")
+        if checkpoint is None:
+            metrics.start()
+        else:
+            metrics.resume(checkpoint.round, checkpoint.record)
+
+        trackers = open_trackers(config)
+
+        def on_round(record: RoundRecord) -> None:
+            metrics.append(record)
+            track_round(trackers, record)
+            engine.status.round_completed(dataclasses.asdict(record))
+            print(table_row(dataclasses.asdict(record)), flush=True)
+
+        engine = RoundEngine(
+            config,
+            initial_state,
+            evaluate_centrally=evaluate_centrally,
+            on_round=on_round,
+            resume_from=checkpoint,
+            aggregate_evaluation=aggregate_evaluation,
+            client_rows=ClientRows.for_run(config, resuming=checkpoint is not None),
+        )
+        del initial_state
+        if checkpoint is not None:
+            load_rounds(engine.status, read_metrics(metrics.path))
+        return cls(engine, metrics, trackers)
+
+    def close(self) -> None:
+        close_trackers(self.trackers)
+
+    def publish(self, config: ServerConfig, summary: RunSummary) -> None:
+        """The final model and the plot into the run directory."""
+        publish_file(summary.final_model, config.run_dir / "final_model.safetensors")
+        records = read_metrics(self.metrics.path)
+        if records:
+            plot_metrics(records, config.run_dir / "accuracy.png")
+
+
 def _coordinate(config: ServerConfig) -> int:
-    threads = size_torch_threads(config.threads)
-    log.debug("torch computes with %d CPU threads", threads)
-    task = load_task(config.task)
-    checkpoint = CheckpointStore(config.state_dir, keep=config.keep_checkpoints).latest()
-    if checkpoint is not None:
-        check_resumable(checkpoint, run_identity(config))
-    torch.manual_seed(config.seed)
-    model = task.build_model()
-    initial_state = model.state_dict()
-    aggregate_evaluation = MetricAggregator.for_task(task)
-    evaluate_centrally = _central_evaluator(config, task, model, aggregate_evaluation)
-    if evaluate_centrally is None:
-        del model  # nothing to evaluate on: hold only the serialized global model
-    config.run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(config.run_dir / "metrics.jsonl")
-    if checkpoint is None:
-        metrics.start()
-    else:
-        metrics.resume(checkpoint.round, checkpoint.record)
+    run = CoordinatorRun.open(config)
+    try:
+        return _serve_run(config, run)
+    finally:
+        run.close()
 
-    trackers = open_trackers(config)
 
-    def on_round(record: RoundRecord) -> None:
-        metrics.append(record)
-        track_round(trackers, record)
-        engine.status.round_completed(dataclasses.asdict(record))
-        print(table_row(dataclasses.asdict(record)), flush=True)
-
-    engine = RoundEngine(
-        config,
-        initial_state,
-        evaluate_centrally=evaluate_centrally,
-        on_round=on_round,
-        resume_from=checkpoint,
-        aggregate_evaluation=aggregate_evaluation,
-        client_rows=ClientRows.for_run(config, resuming=checkpoint is not None),
-    )
-    del initial_state
-    if checkpoint is not None:
-        load_rounds(engine.status, read_metrics(metrics.path))
+def _serve_run(config: ServerConfig, run: CoordinatorRun) -> int:
+    engine = run.engine
     endpoint = (
         MetricsEndpoint(config.metrics_listen, engine.metrics) if config.metrics_listen else None
     )
@@ -130,22 +173,21 @@ def _coordinate(config: ServerConfig) -> int:
         listening = start_server(
             config, engine, control=RunControl(stop_run, excluder(engine)), logs=logs
         )
-        return _serve(config, engine, listening, stop, stop_run, endpoint, dashboard, metrics)
+        return _serve(config, run, listening, stop, stop_run, endpoint, dashboard)
     finally:
         logging.getLogger().removeHandler(logs)
-        close_trackers(trackers)
 
 
 def _serve(
     config: ServerConfig,
-    engine: RoundEngine,
+    run: CoordinatorRun,
     listening: Listening,
     stop: threading.Event,
     stop_run: Callable[[str], None],
     endpoint: MetricsEndpoint | None,
     dashboard: Dashboard | None,
-    metrics: MetricsLog,
 ) -> int:
+    engine = run.engine
     port = listening.port
     host = config.listen.rsplit(":", 1)[0]
     log.info(
@@ -160,13 +202,13 @@ def _serve(
         config.address_file.write_text(f"{host}:{port}\n")
 
     start_memory_trim(stop)
-    previous = _install_signal_handlers(stop_run)
+    previous = install_signal_handlers(stop_run)
     try:
         print(table_header(), flush=True)
         summary = engine.run(stop)
     finally:
         listening.set_serving(False)
-        _restore_signal_handlers(previous)
+        restore_signal_handlers(previous)
     engine.status.set_state(_final_state(summary))
 
     if summary.storage_failure is not None:
@@ -176,16 +218,18 @@ def _serve(
         if dashboard is not None:
             dashboard.close()
         return EXIT_STORAGE_FAILURE
-    publish_file(summary.final_model, config.run_dir / "final_model.safetensors")
-    records = read_metrics(metrics.path)
-    if records:
-        plot_metrics(records, config.run_dir / "accuracy.png")
+    run.publish(config, summary)
     _tell_clients_finished(engine, config.finished_grace_seconds)
     listening.server.stop(grace=2.0).wait()
     if endpoint is not None:
         endpoint.close()
     if dashboard is not None:
         dashboard.close()
+    return exit_status(config, summary)
+
+
+def exit_status(config: ServerConfig, summary: RunSummary) -> int:
+    """How a run that wrote its results ended, logged, as the process's exit status."""
     log.info("wrote %s", config.run_dir)
     if summary.stopped_by_signal:
         log.info(
@@ -216,11 +260,11 @@ def _tell_clients_finished(engine: RoundEngine, grace_seconds: float) -> None:
     """Stay up answering "finished" (see RoundEngine.wait_for_stop_delivery); SIGTERM or
     SIGINT ends the wait early, so `docker compose down` is never held up by it."""
     done = threading.Event()
-    previous = _install_signal_handlers(lambda reason: done.set())
+    previous = install_signal_handlers(lambda reason: done.set())
     try:
         engine.board.wait_for_stop_delivery(grace_seconds, done)
     finally:
-        _restore_signal_handlers(previous)
+        restore_signal_handlers(previous)
 
 
 def _central_evaluator(
@@ -252,7 +296,7 @@ def _final_state(summary: RunSummary) -> str:
     return "failed"
 
 
-def _install_signal_handlers(stop_run: Callable[[str], None]) -> dict[int, object]:
+def install_signal_handlers(stop_run: Callable[[str], None]) -> dict[int, object]:
     def handle(signum: int, frame: FrameType | None) -> None:
         stop_run(f"received {signal.Signals(signum).name}")
 
@@ -262,6 +306,6 @@ def _install_signal_handlers(stop_run: Callable[[str], None]) -> dict[int, objec
     return previous
 
 
-def _restore_signal_handlers(previous: dict[int, object]) -> None:
+def restore_signal_handlers(previous: dict[int, object]) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, handler)  # type: ignore[arg-type]

@@ -355,11 +355,7 @@ class ServerConfig:
     )
 
     def __post_init__(self) -> None:
-        if not self.insecure and not (self.cert and self.key and self.ca):
-            raise ConfigError(
-                "TLS needs --cert, --key and --ca (create them with `fedlink certs init` and "
-                "`fedlink certs issue --server`); --insecure exists for local development only"
-            )
+        self._check_transport()
         positive = {
             "num_rounds": self.num_rounds,
             "min_clients": self.min_clients,
@@ -434,11 +430,6 @@ class ServerConfig:
             raise ConfigError("evaluate_every and max_round_retries must be >= 0")
         if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
             raise ConfigError(f"chunk_size must be in {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
-        if self.dashboard_listen is not None and self.insecure:
-            raise ConfigError(
-                "the dashboard is served over TLS with the server certificate; --insecure has "
-                "none. Unset dashboard_listen, or run with certificates"
-            )
         self._check_access()
         self._check_privacy(rule)
         self._check_secure_aggregation(rule)
@@ -464,6 +455,19 @@ class ServerConfig:
             return merge_settings(self.task_config, strategy.client_settings())
         except TaskSettingsError as exc:
             raise ConfigError(f"strategy {self.strategy!r}: {exc}") from None
+
+    def _check_transport(self) -> None:
+        """Certificates for the listener (a simulation has none: it overrides this)."""
+        if not self.insecure and not (self.cert and self.key and self.ca):
+            raise ConfigError(
+                "TLS needs --cert, --key and --ca (create them with `fedlink certs init` and "
+                "`fedlink certs issue --server`); --insecure exists for local development only"
+            )
+        if self.dashboard_listen is not None and self.insecure:
+            raise ConfigError(
+                "the dashboard is served over TLS with the server certificate; --insecure has "
+                "none. Unset dashboard_listen, or run with certificates"
+            )
 
     def _check_access(self) -> None:
         for name in ("handshake_timeout_seconds", "max_connection_idle_seconds"):

@@ -7,6 +7,7 @@ A real site can supply its own data as `<data_dir>/digits.npz` (see docs/tasks.m
 
 from __future__ import annotations
 
+import functools
 import zipfile
 from pathlib import Path
 
@@ -84,6 +85,7 @@ def evaluate(model: nn.Module, dataset: ExampleDataset, device: torch.device) ->
     return evaluate_classifier(model, dataset, device)
 
 
+@functools.lru_cache(maxsize=2)  # one copy however many clients a process serves
 def _bundled_split() -> tuple[
     NDArray[np.float32], NDArray[np.int64], NDArray[np.float32], NDArray[np.int64]
 ]:

@@ -7,6 +7,7 @@ images; the 10,000 test images are the coordinator's test set.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,7 @@ def evaluate(model: nn.Module, dataset: ExampleDataset, device: torch.device) ->
     return evaluate_classifier(model, dataset, device)
 
 
+@functools.lru_cache(maxsize=2)  # one copy however many clients a process serves
 def _load(data_dir: Path | None, *, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 images (N, 28, 28), int64 labels (N,)), downloading them if they are missing."""
     root = Path(data_dir) if data_dir is not None else DEFAULT_ROOT

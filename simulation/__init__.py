@@ -1,0 +1,1 @@
+"""`fedlink simulate`: a federation of virtual clients in one program (docs/simulation.md)."""
