@@ -10,7 +10,6 @@ the 60,000 training images; the 10,000 test images are the coordinator's test se
 
 from __future__ import annotations
 
-import functools
 import gzip
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from fedlink.common.tasks.base import (
     DataRequest,
     ExampleDataset,
 )
+from fedlink.common.tasks.data_cache import cached_until_changed
 from fedlink.common.tasks.mnist import (  # the same images, network and loops as MNIST
     FedAvgCNN,
     download_failure_reason,
@@ -70,7 +70,7 @@ def load_test_data(data_dir: Path | None = None) -> ExampleDataset:
     return image_examples(images, labels, np.arange(len(labels)), _MEAN, _STD)
 
 
-@functools.lru_cache(maxsize=2)  # one copy however many clients a process serves
+@cached_until_changed  # one copy however many clients a process serves
 def load_images(data_dir: Path | None, *, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 images (N, 28, 28), int64 labels (N,)) from `data_dir`, the Debian package, or a
     download, in that order."""

@@ -7,7 +7,6 @@ images; the 10,000 test images are the coordinator's test set.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from fedlink.common.tasks.base import (
     TrainConfig,
     TrainResult,
 )
+from fedlink.common.tasks.data_cache import cached_until_changed
 from fedlink.common.tasks.training import evaluate_classifier, train_classifier
 
 DEFAULT_ROOT = Path.home() / ".cache" / "fedlink" / "mnist"
@@ -85,7 +85,7 @@ def evaluate(model: nn.Module, dataset: ExampleDataset, device: torch.device) ->
     return evaluate_classifier(model, dataset, device)
 
 
-@functools.lru_cache(maxsize=2)  # one copy however many clients a process serves
+@cached_until_changed  # one copy however many clients a process serves
 def _load(data_dir: Path | None, *, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 images (N, 28, 28), int64 labels (N,)), downloading them if they are missing."""
     root = Path(data_dir) if data_dir is not None else DEFAULT_ROOT

@@ -472,3 +472,22 @@ def test_fashion_mnist_reads_idx_files_from_data_dir_and_refuses_broken_ones(
         fashion_mnist.load_test_data(tmp_path)
     with pytest.raises(DataUnavailableError, match="apt-get install dataset-fashion-mnist"):
         fashion_mnist.load_data(DataRequest(data_dir=tmp_path / "empty"))
+
+
+def test_a_data_set_is_read_once_per_process_until_its_files_change(tmp_path: Path) -> None:
+    from fedlink.common.tasks.data_cache import cached_until_changed
+
+    reads: list[bool] = []
+
+    @cached_until_changed
+    def load(data_dir: Path | None, *, train: bool) -> bytes:
+        reads.append(train)
+        assert data_dir is not None
+        return (data_dir / "nested" / "data.bin").read_bytes()
+
+    (tmp_path / "nested").mkdir()
+    (tmp_path / "nested" / "data.bin").write_bytes(b"one")
+    first = load(tmp_path, train=True)
+    assert load(tmp_path, train=True) is first and reads == [True]  # served from memory
+    (tmp_path / "nested" / "data.bin").write_bytes(b"two!")  # repaired or replaced
+    assert load(tmp_path, train=True) == b"two!" and reads == [True, True]
