@@ -33,6 +33,7 @@ from fedlink.client.secure import (
     step_encodings,
 )
 from fedlink.common.accounting import PrivacyAccountant
+from fedlink.common.codecs import UpdateCodec, codec_from_proto, compress_update
 from fedlink.common.errors import (
     BelowPrivacyFloor,
     ConfigError,
@@ -40,6 +41,7 @@ from fedlink.common.errors import (
     PayloadError,
     SecAggError,
     TaskError,
+    UpdateRejected,
 )
 from fedlink.common.secagg_wire import setup_from_proto
 from fedlink.common.task_settings import (
@@ -61,6 +63,7 @@ from fedlink.common.tasks.base import (
 from fedlink.common.tasks.contract import evaluate
 from fedlink.common.tasks.training import check_dpsgd_model
 from fedlink.common.tensors import (
+    StateDict,
     first_difference,
     manifest_digest,
     manifest_entries,
@@ -210,6 +213,8 @@ class FederationClient:
             min_noise_multiplier=config.dp_min_noise_multiplier,
             max_attempts_per_round=config.secagg_max_attempts_per_round,
         )
+        # Top-k error feedback: what earlier updates did not send (loaded from --state-dir).
+        self._residual: StateDict | None = None
         # Record-level DP-SGD: every round's local steps compose, for as long as this process runs.
         self._dpsgd_accountant = PrivacyAccountant()
 
@@ -442,14 +447,58 @@ class FederationClient:
         return result, metrics
 
     def _train(self, header: pb.TaskHeader) -> None:
+        try:
+            codec = codec_from_proto(header.update_codec)
+        except ConfigError as exc:
+            raise FatalClientError(f"coordinator sent an invalid update codec: {exc}") from None
+        # An encoded update is the change from the model the round started from.
+        global_state = {} if codec.plain else snapshot(self._model)
         result, metrics = self._train_locally(header)
         # Serialized to disk and streamed from there: no second in-memory copy of the model.
         with tempfile.TemporaryDirectory(dir=self._config.spool_dir) as spool:
             path = Path(spool) / "update.safetensors"
-            save_state_file(self._model.state_dict(), path, durable=False)
-            payload = PayloadFile.seal(path)
-            log.info("round %d: uploading update (%.1f MB)", header.round, payload.info.size / 1e6)
+            if codec.plain:
+                save_state_file(self._model.state_dict(), path, durable=False)
+            else:
+                try:
+                    self._encode_update(codec, global_state, path)
+                except UpdateRejected as exc:
+                    # Declined: the coordinator refuses a result without payload at once.
+                    log.error("round %d: cannot encode this update: %s", header.round, exc)
+                    self._push(header, result.num_examples, metrics, None)
+                    return
+            payload = PayloadFile.seal(path, codec.encoding)
+            log.info(
+                "round %d: uploading update (%.3f MB, %s)",
+                header.round,
+                payload.info.size / 1e6,
+                codec.describe(),
+            )
             self._push(header, result.num_examples, metrics, payload)
+
+    def _encode_update(self, codec: UpdateCodec, global_state: StateDict, path: Path) -> None:
+        """Write the trained model's change from `global_state` in `codec` to `path`; with top-k,
+        what was not sent is kept (in --state-dir as safetensors, if set) for the next update."""
+        if codec.topk and self._residual is None:
+            self._residual = {}
+            stored = self._residual_file()
+            if stored is not None and stored.exists():
+                with open_state_file(stored) as residual:
+                    self._residual = {name: t.clone() for name, t in residual.items()}
+        payload, kept = compress_update(
+            codec, self._model.state_dict(), global_state, self._residual or {}
+        )
+        save_state_file(payload, path, durable=False)
+        if codec.topk:
+            self._residual = kept
+            stored = self._residual_file()
+            if stored is not None:
+                save_state_file(kept, stored)
+
+    def _residual_file(self) -> Path | None:
+        if self._config.state_dir is None or self._join is None:
+            return None
+        return self._config.state_dir / f"update-residual-{self._join.identity}.safetensors"
 
     def _account_dpsgd(self, round_number: int, dpsgd: DPSGDConfig, result: TrainResult) -> float:
         """This round's DP-SGD steps composed with the earlier rounds': the epsilon spent so far."""

@@ -22,8 +22,10 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from fedlink.common.codecs import decompress_update
 from fedlink.common.errors import (
     PayloadError,
     SecAggError,
@@ -151,6 +153,9 @@ class RoundEngine:
         self._secure_lock = threading.Lock()  # secure aggregation's state takes one at a time
         self._large_validation = threading.Lock()
         self._strategy = config.build_strategy()
+        self._codec = config.update_codec_spec()
+        if not self._codec.plain:
+            log.info("updates: %s (%s)", self._codec.describe(), self._codec.encoding)
         log.info("strategy: %r", self._strategy)
         if resume_from is not None:
             self._strategy.load_state_dict(resume_from.strategy_state)
@@ -310,6 +315,8 @@ class RoundEngine:
                 raise UpdateRejected("INVALID_ARGUMENT", "a training result must carry a payload")
             if phase.kind is TaskKind.EVALUATE and header.payload is not None:
                 raise UpdateRejected("INVALID_ARGUMENT", "an evaluation result carries no payload")
+            if phase.kind is TaskKind.TRAIN and header.payload is not None:
+                self._check_codec(header.payload.encoding)
             if phase.secure is not None and header.payload is None:
                 raise UpdateRejected(
                     "FAILED_PRECONDITION",
@@ -323,7 +330,9 @@ class RoundEngine:
             if header.payload is not None and header.payload.size <= max_size:
                 # The room the next global model and its checkpoint need is never handed out.
                 keep_free = self._global.info.size + CHECKPOINT_ROOM_BYTES
-                reserved = self._spool.reserve(header.payload.size, keep_free)
+                # An encoded update is decoded next to itself: room for the full model too.
+                decoded = 0 if self._codec.plain else self._global.info.size
+                reserved = self._spool.reserve(header.payload.size + decoded, keep_free)
             try:
                 upload = ResultUpload(
                     identity,
@@ -360,6 +369,8 @@ class RoundEngine:
 
     def _expected_payload(self, phase: Phase) -> tuple[str, int]:
         """The encoding and largest size of a result payload in `phase`."""
+        if phase.secure is None and phase.kind is TaskKind.TRAIN and not self._codec.plain:
+            return self._codec.encoding, self._codec.max_payload_bytes(self._manifest)
         if phase.secure is None:
             return ENCODING, self._global.info.size + PAYLOAD_SLACK_BYTES
         params = phase.secure.setup.params
@@ -439,6 +450,8 @@ class RoundEngine:
         weight = float(upload.header.num_examples)
         ratio = self._config.max_update_norm_ratio
         try:
+            if not self._codec.plain:
+                self._decode_update(phase, upload.spool)
             with open_state_file(upload.spool) as state:
                 check_update(state, self._manifest)
                 if ratio > 0:
@@ -452,6 +465,22 @@ class RoundEngine:
                 return weighted_magnitude(state, weight)
         except TensorFormatError as exc:
             raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
+
+    def _check_codec(self, encoding: str) -> None:
+        if encoding != self._codec.encoding:
+            raise UpdateRejected(
+                "INVALID_ARGUMENT",
+                f"update encoding {encoding[:64]!r} is not allowed in this federation: it takes "
+                f"{self._codec.encoding!r} (update_codec = {self._codec.describe()}); encode "
+                "updates as the task header's update_codec says",
+            )
+
+    def _decode_update(self, phase: Phase, spool: Path) -> None:
+        """Replace an encoded update on disk by the full model it stands for, so that every
+        check and the strategy see plain tensors."""
+        with open_state_file(spool) as payload, open_state_file(phase.payload.path) as base:
+            state = decompress_update(self._codec, payload, base, self._manifest)
+        save_state_file(state, spool, durable=False)
 
     def _add_magnitude(self, phase: Phase, magnitude: float) -> None:
         """Refuse an update that could push the aggregate out of the finite range (checked

@@ -110,7 +110,7 @@ class PullTaskRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("task_id", "round", "kind", "payload", "retry_after_seconds", "seed", "secagg", "task_config")
+    __slots__ = ("task_id", "round", "kind", "payload", "retry_after_seconds", "seed", "secagg", "task_config", "update_codec")
     class TaskConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class TaskHeader(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
     TASK_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_CODEC_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     round: int
     kind: TaskKind
@@ -134,7 +135,18 @@ class TaskHeader(_message.Message):
     seed: int
     secagg: SecAggSetup
     task_config: _containers.MessageMap[str, SettingValue]
-    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., payload: _Optional[_Union[PayloadInfo, _Mapping]] = ..., retry_after_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., secagg: _Optional[_Union[SecAggSetup, _Mapping]] = ..., task_config: _Optional[_Mapping[str, SettingValue]] = ...) -> None: ...
+    update_codec: UpdateCodec
+    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., payload: _Optional[_Union[PayloadInfo, _Mapping]] = ..., retry_after_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., secagg: _Optional[_Union[SecAggSetup, _Mapping]] = ..., task_config: _Optional[_Mapping[str, SettingValue]] = ..., update_codec: _Optional[_Union[UpdateCodec, _Mapping]] = ...) -> None: ...
+
+class UpdateCodec(_message.Message):
+    __slots__ = ("name", "block_size", "topk")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOPK_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    block_size: int
+    topk: float
+    def __init__(self, name: _Optional[str] = ..., block_size: _Optional[int] = ..., topk: _Optional[float] = ...) -> None: ...
 
 class SettingValue(_message.Message):
     __slots__ = ("text", "integer", "number", "flag")
