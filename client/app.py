@@ -16,7 +16,7 @@ import grpc
 import torch
 
 from fedlink import __version__
-from fedlink.client.attacks import Attack, parse_attack, snapshot
+from fedlink.client.attacks import Attack, parse_attack
 from fedlink.client.config import ClientConfig
 from fedlink.client.connection import (
     TRANSIENT_CODES,
@@ -43,6 +43,7 @@ from fedlink.common.errors import (
     TaskError,
     UpdateRejected,
 )
+from fedlink.common.partial import TensorSelection, frozen_digest
 from fedlink.common.secagg_wire import setup_from_proto
 from fedlink.common.task_settings import (
     NO_SETTINGS,
@@ -213,6 +214,8 @@ class FederationClient:
             min_noise_multiplier=config.dp_min_noise_multiplier,
             max_attempts_per_round=config.secagg_max_attempts_per_round,
         )
+        # Which tensors travel (the coordinator's patterns, from Join); the rest stay here.
+        self._selection = TensorSelection()
         # Top-k error feedback: what earlier updates did not send (loaded from --state-dir).
         self._residual: StateDict | None = None
         # Record-level DP-SGD: every round's local steps compose, for as long as this process runs.
@@ -320,7 +323,15 @@ class FederationClient:
                 check_dpsgd_model(self._model)
             except TaskError as exc:
                 raise FatalClientError(f"task {reply.task!r}: {exc}") from None
+        try:
+            self._selection = TensorSelection(
+                tuple(reply.exchanged_tensors), tuple(reply.local_tensors)
+            )
+        except ConfigError as exc:
+            raise FatalClientError(f"coordinator sent invalid tensor patterns: {exc}") from None
         self._check_model(reply)
+        self._check_frozen(reply)
+        self._restore_local_tensors(reply.identity)
         if reply.finished:
             log.info("federation %s is finished; exiting", reply.federation_id[:8])
             return False
@@ -339,7 +350,7 @@ class FederationClient:
         shapes), naming the first tensor that differs, before any round is started."""
         if not reply.model_manifest_sha256:
             return  # a coordinator that sends no fingerprint: checked at the first download
-        ours = manifest_entries(manifest_of(self._model.state_dict()))
+        ours = manifest_entries(manifest_of(self._travelling()))
         if manifest_digest(ours) == reply.model_manifest_sha256:
             return
         theirs = [(e.name, e.dtype, tuple(e.shape)) for e in reply.model_manifest]
@@ -351,6 +362,45 @@ class FederationClient:
             f"{difference}; run the same version of the task, with the same settings, as the "
             "coordinator"
         )
+
+    def _travelling(self) -> StateDict:
+        """The tensors of this client's model that the federation exchanges."""
+        return self._selection.travelling(self._model.state_dict())
+
+    def _travelling_copy(self) -> StateDict:
+        """A copy of the travelling tensors (the global model, before local training)."""
+        return {name: tensor.detach().clone() for name, tensor in self._travelling().items()}
+
+    def _check_frozen(self, reply: pb.JoinReply) -> None:
+        """Refuse to take part when the frozen tensors (loaded by this site's task from its own
+        files) are not the ones the coordinator's model has."""
+        ours = frozen_digest(self._selection.frozen(self._model.state_dict()))
+        if ours == reply.frozen_sha256:
+            return
+        theirs = reply.frozen_sha256.hex() or "nothing (no frozen tensors)"
+        raise FatalClientError(
+            f"this site's frozen tensors (those the federation does not exchange) hash to SHA-256 "
+            f"{ours.hex() or 'nothing (no frozen tensors)'} but the coordinator's to {theirs}: "
+            f"load the same pretrained weights as the coordinator in task {self._config.task!r}"
+        )
+
+    def _local_tensors_file(self, identity: str) -> Path | None:
+        if self._config.state_dir is None or not self._selection.local:
+            return None
+        return self._config.state_dir / f"local-tensors-{identity}.safetensors"
+
+    def _restore_local_tensors(self, identity: str) -> None:
+        """Tensors that never leave this site (FedBN's batch norms), as the last round left them."""
+        stored = self._local_tensors_file(identity)
+        if stored is None or not stored.exists():
+            return
+        expected = manifest_of(self._selection.local_part(self._model.state_dict()))
+        with open_state_file(stored) as local:
+            if manifest_of(local) != expected:
+                log.warning("%s does not fit this model's local tensors; not restored", stored)
+                return
+            self._model.load_state_dict(local, strict=False)
+        log.info("restored %d local tensor(s) from %s", len(expected), stored)
 
     def _serve_one_task(self) -> bool:
         """Pull one task and carry it out; False when the federation is over."""
@@ -416,7 +466,13 @@ class FederationClient:
             self._receive(header, stream, spool, encoding=ENCODING, max_size=MAX_MODEL_BYTES)
             spool.flush()
             with open_state_file(Path(spool.name)) as state:
-                self._model.load_state_dict(state)
+                if state.keys() != self._travelling().keys():
+                    raise FatalClientError(
+                        "the coordinator sent a model with other tensors than the federation "
+                        "exchanges (its manifest at join)"
+                    )
+                # Only the travelling tensors: local and frozen ones stay as they are.
+                self._model.load_state_dict(state, strict=not self._selection.partial)
 
     def _train_locally(self, header: pb.TaskHeader) -> tuple[TrainResult, dict[str, float]]:
         """Train the loaded global model on the local data; the result and the metrics a
@@ -452,13 +508,17 @@ class FederationClient:
         except ConfigError as exc:
             raise FatalClientError(f"coordinator sent an invalid update codec: {exc}") from None
         # An encoded update is the change from the model the round started from.
-        global_state = {} if codec.plain else snapshot(self._model)
+        global_state = {} if codec.plain else self._travelling_copy()
         result, metrics = self._train_locally(header)
+        assert self._join is not None
+        local = self._local_tensors_file(self._join.identity)
+        if local is not None:
+            save_state_file(self._selection.local_part(self._model.state_dict()), local)
         # Serialized to disk and streamed from there: no second in-memory copy of the model.
         with tempfile.TemporaryDirectory(dir=self._config.spool_dir) as spool:
             path = Path(spool) / "update.safetensors"
             if codec.plain:
-                save_state_file(self._model.state_dict(), path, durable=False)
+                save_state_file(self._travelling(), path, durable=False)
             else:
                 try:
                     self._encode_update(codec, global_state, path)
@@ -486,7 +546,10 @@ class FederationClient:
                 with open_state_file(stored) as residual:
                     self._residual = {name: t.clone() for name, t in residual.items()}
         payload, kept = compress_update(
-            codec, self._model.state_dict(), global_state, self._residual or {}
+            codec,
+            self._travelling(),
+            global_state,
+            self._residual or {},
         )
         save_state_file(payload, path, durable=False)
         if codec.topk:
@@ -541,11 +604,11 @@ class FederationClient:
                     # Before training: a refused session costs no work.
                     self._secure.admit(setup, header.round, model_digest)
                     # Only DP encodes the change from the global model; otherwise skip the copy.
-                    global_state = snapshot(self._model) if setup.clip_norm > 0 else {}
+                    global_state = self._travelling_copy() if setup.clip_norm > 0 else {}
                     # Metrics are not sent under secure aggregation (DP-SGD's epsilon is logged).
                     result, _ = self._train_locally(header)
                     vector = encode_update(
-                        setup, self._model.state_dict(), global_state, result.num_examples
+                        setup, self._travelling(), global_state, result.num_examples
                     )
                     if setup.clip_norm > 0:
                         # What this client actually did: z = std sqrt(t) / S for any sum of t.

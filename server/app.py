@@ -232,9 +232,11 @@ def _central_evaluator(
     if test_set is None:
         return None
     device = torch.device("cpu")
+    # A partial model's global state holds the travelling tensors; the rest stay the model's own.
+    strict = not config.tensor_selection().partial
 
     def evaluate_centrally(state: StateDict) -> dict[str, float]:
-        model.load_state_dict(state)
+        model.load_state_dict(state, strict=strict)
         result = evaluate(task, model, test_set, device, config.task_config)
         return aggregate([(result.num_examples, result.metrics)])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from fedlink.common.codecs import DEFAULT_BLOCK_SIZE, UpdateCodec
 from fedlink.common.errors import ConfigError, PKIError
 from fedlink.common.fixedpoint import RING_BITS
 from fedlink.common.logs import check_log_format
+from fedlink.common.partial import TensorSelection
 from fedlink.common.pki import validate_name
 from fedlink.common.task_settings import (
     NO_SETTINGS,
@@ -300,6 +302,30 @@ class ServerConfig:
         default=1e-5, metadata=_help("DP-SGD: delta the clients report their epsilon at")
     )
 
+    # Partial models (docs/large-models.md): which tensors travel, stay local or are frozen.
+    exchanged_tensors: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "only the model's tensors whose names match these patterns (fnmatch, e.g. "
+            "'*lora_*') are exchanged and aggregated; the others that are not local are frozen, "
+            "loaded by each site itself and checked by hash at join; empty = every tensor"
+        ),
+    )
+    local_tensors: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "tensors whose names match these patterns never leave a site and are never "
+            "aggregated (FedBN: the batch-norm layers, e.g. 'bn*')"
+        ),
+    )
+    frozen_sha256: str | None = field(
+        default=None,
+        metadata=_help(
+            "expected SHA-256 (hex) of the frozen tensors; the coordinator refuses to start "
+            "when its own differ (unset: its own model's, logged at start-up, is what clients "
+            "must match)"
+        ),
+    )
     # Update compression (docs/large-models.md): how clients encode their training results.
     update_codec: str = field(
         default="fp32",
@@ -445,6 +471,12 @@ class ServerConfig:
         self._check_privacy(rule)
         self._check_secure_aggregation(rule)
         self._check_update_codec()
+        self.tensor_selection()
+        if self.frozen_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.frozen_sha256):
+            raise ConfigError(
+                f"frozen_sha256 must be 64 lowercase hex digits (a SHA-256), got "
+                f"{self.frozen_sha256[:80]!r}"
+            )
         self._check_dpsgd()
         self.build_strategy()  # refuses a strategy that cannot be loaded or does not compose
 
@@ -544,6 +576,10 @@ class ServerConfig:
             raise ConfigError(
                 f"secagg_step_timeout_seconds must be positive, got {self.secagg_step_timeout_seconds}"
             )
+
+    def tensor_selection(self) -> TensorSelection:
+        """Which tensors travel (checked: ConfigError)."""
+        return TensorSelection(self.exchanged_tensors, self.local_tensors)
 
     def update_codec_spec(self) -> UpdateCodec:
         """The codec every training result must be encoded with (checked: ConfigError)."""

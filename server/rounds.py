@@ -34,6 +34,7 @@ from fedlink.common.errors import (
     UpdateRejected,
 )
 from fedlink.common.fixedpoint import UpdateLayout
+from fedlink.common.partial import federated_part
 from fedlink.common.secagg import SecAggServer
 from fedlink.common.secagg_wire import (
     SecAggStep,
@@ -130,6 +131,12 @@ class RoundEngine:
         aggregate_evaluation: MetricAggregator | None = None,
     ) -> None:
         self._config = config
+        # A partial model: only the travelling tensors are the federation's global model.
+        initial_state, self.frozen_sha256 = federated_part(
+            config.tensor_selection(), initial_state, config.frozen_sha256
+        )
+        if self.frozen_sha256:
+            log.info("frozen tensors: SHA-256 %s (clients must match)", self.frozen_sha256.hex())
         self._manifest: Manifest = manifest_of(initial_state)
         self._evaluate_centrally = evaluate_centrally
         self._aggregate_evaluation = aggregate_evaluation or MetricAggregator()

@@ -135,6 +135,9 @@ class FederationServicer(pb_grpc.FederationServicer):
                 model_manifest_sha256=self._model_digest,
                 model_manifest=self._model_manifest,
                 finished=self._engine.tell_finished(identity),
+                exchanged_tensors=self._config.exchanged_tensors,
+                local_tensors=self._config.local_tensors,
+                frozen_sha256=self._engine.frozen_sha256,
             )
         finally:
             if slot is not None:

@@ -609,3 +609,11 @@ def test_update_codec_settings_come_from_the_environment() -> None:
     assert codec.encoding == "fedlink-delta/int8+topk"
     with pytest.raises(ConfigError, match="update_codec must be one of"):
         _server(update_codec="int4")
+
+
+def test_partial_model_settings_are_checked() -> None:
+    config = _server(exchanged_tensors=["head.*"], local_tensors=["bn*"], frozen_sha256="ab" * 32)
+    assert config.tensor_selection().travels("head.weight")
+    assert not config.tensor_selection().travels("bn1.weight")
+    with pytest.raises(ConfigError, match="frozen_sha256 must be 64 lowercase hex digits"):
+        _server(frozen_sha256="not-a-hash")

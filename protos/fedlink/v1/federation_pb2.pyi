@@ -55,7 +55,7 @@ class JoinRequest(_message.Message):
     def __init__(self, client_version: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("federation_id", "identity", "task", "task_config", "chunk_size", "heartbeat_interval_seconds", "num_rounds", "model_manifest_sha256", "model_manifest", "finished")
+    __slots__ = ("federation_id", "identity", "task", "task_config", "chunk_size", "heartbeat_interval_seconds", "num_rounds", "model_manifest_sha256", "model_manifest", "finished", "exchanged_tensors", "local_tensors", "frozen_sha256")
     class TaskConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,9 @@ class JoinReply(_message.Message):
     MODEL_MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
     MODEL_MANIFEST_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGED_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_SHA256_FIELD_NUMBER: _ClassVar[int]
     federation_id: str
     identity: str
     task: str
@@ -83,7 +86,10 @@ class JoinReply(_message.Message):
     model_manifest_sha256: bytes
     model_manifest: _containers.RepeatedCompositeFieldContainer[TensorManifestEntry]
     finished: bool
-    def __init__(self, federation_id: _Optional[str] = ..., identity: _Optional[str] = ..., task: _Optional[str] = ..., task_config: _Optional[_Mapping[str, str]] = ..., chunk_size: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[float] = ..., num_rounds: _Optional[int] = ..., model_manifest_sha256: _Optional[bytes] = ..., model_manifest: _Optional[_Iterable[_Union[TensorManifestEntry, _Mapping]]] = ..., finished: _Optional[bool] = ...) -> None: ...
+    exchanged_tensors: _containers.RepeatedScalarFieldContainer[str]
+    local_tensors: _containers.RepeatedScalarFieldContainer[str]
+    frozen_sha256: bytes
+    def __init__(self, federation_id: _Optional[str] = ..., identity: _Optional[str] = ..., task: _Optional[str] = ..., task_config: _Optional[_Mapping[str, str]] = ..., chunk_size: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[float] = ..., num_rounds: _Optional[int] = ..., model_manifest_sha256: _Optional[bytes] = ..., model_manifest: _Optional[_Iterable[_Union[TensorManifestEntry, _Mapping]]] = ..., finished: _Optional[bool] = ..., exchanged_tensors: _Optional[_Iterable[str]] = ..., local_tensors: _Optional[_Iterable[str]] = ..., frozen_sha256: _Optional[bytes] = ...) -> None: ...
 
 class TensorManifestEntry(_message.Message):
     __slots__ = ("name", "dtype", "shape")
