@@ -44,8 +44,8 @@ DEFAULT_BLOCK_SIZE = 1024
 MAX_BLOCK_SIZE = 1 << 24
 # Beyond half of a tensor's entries, indices plus values outweigh the dense change.
 MAX_TOPK = 0.5
-# Safetensors header text per tensor entry (name, dtype, shape, offsets), for the size bound.
-_HEADER_BYTES_PER_ENTRY = 256
+# Safetensors header text per entry besides its name (dtype, shape, offsets), for the size bound.
+_HEADER_BYTES_PER_ENTRY = 160
 
 
 @dataclass(frozen=True)
@@ -101,9 +101,9 @@ class UpdateCodec:
         """The largest payload an honest client can send for this model: uploads announcing
         more are refused before a byte is stored."""
         total = 8
-        for spec in manifest.values():
+        for name, spec in manifest.items():
             numel = math.prod(spec.shape)
-            total += 3 * _HEADER_BYTES_PER_ENTRY
+            total += 3 * (len(name.encode()) + 8 + _HEADER_BYTES_PER_ENTRY)  # 8: "value/"...
             if not spec.dtype.is_floating_point:
                 total += numel * spec.dtype.itemsize
                 continue
