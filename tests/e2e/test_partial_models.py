@@ -203,3 +203,30 @@ def test_fedbn_batch_norms_are_never_on_the_wire(pki: Any, start_coordinator: An
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "unknown tensor(s): '1.running_mean'" in (refused.value.details() or "")
     coordinator.stop.set()
+
+
+def test_fedbn_composes_with_secure_aggregation(
+    pki: Any, start_coordinator: Any, tmp_path: Path
+) -> None:
+    initial = _bn_state()
+    coordinator = start_coordinator(
+        initial,
+        task="batchnorm_digits_task",
+        num_rounds=1,
+        min_clients=3,
+        min_fit_clients=3,
+        evaluate_every=0,
+        secure_aggregation=True,
+        local_tensors=("1.*",),
+    )
+    sites = [
+        _client(pki, tmp_path, coordinator.address, f"site-{i}", i % 2, "batchnorm_digits_task")
+        for i in range(3)
+    ]
+    assert _run_all(sites) == [0, 0, 0]
+    summary = coordinator.summary()
+    assert summary.completed and summary.last_record is not None
+    assert summary.last_record.clients_accepted == 3
+    with open_state_file(summary.final_model) as final:
+        assert set(final) == set(initial) - set(BN)
+        assert not torch.equal(final["0.weight"], initial["0.weight"])
