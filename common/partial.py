@@ -112,7 +112,7 @@ def frozen_digest(state: Mapping[str, torch.Tensor]) -> bytes:
         tensor = state[name].detach().cpu().contiguous()
         shape = ",".join(map(str, tensor.shape))
         digest.update(f"{name}\t{str(tensor.dtype).removeprefix('torch.')}\t{shape}\n".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # no copy
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)  # no copy
     return digest.digest()
 
 
