@@ -164,3 +164,51 @@ def test_a_federation_of_client_processes_sends_int8_top_k_updates(
         assert sorted(kept) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
         assert all(bool(torch.isfinite(t).all()) for t in kept.values())
         assert float(kept["fc1.weight"].abs().sum()) > 0
+
+
+def _pushed_round(
+    pki: Any, coordinator: Any, small_state: StateDict, codec: UpdateCodec, names: list[str]
+) -> list[StateDict]:
+    """Every client pushes a different int8 update; what each decodes to."""
+    stubs = {name: coordinator.stub(pki, name) for name in names}
+    for stub in stubs.values():
+        stub.Join(pb.JoinRequest(), timeout=10)
+    decoded = []
+    for index, stub in enumerate(stubs.values()):
+        task = next(iter(stub.PullTask(pb.PullTaskRequest(), timeout=30))).header
+        trained = {
+            key: t + 0.1 * (index + 1) if t.is_floating_point() else t
+            for key, t in small_state.items()
+        }
+        payload, _ = compress_update(codec, trained, small_state, {})
+        assert _push(stub, task, encode_state(payload), codec.encoding)[0] == grpc.StatusCode.OK
+        decoded.append(decompress_update(codec, payload, small_state, manifest_of(small_state)))
+    return decoded
+
+
+def test_robust_rules_and_dp_aggregate_the_decoded_updates(
+    pki: Any, start_coordinator: Any, small_state: StateDict
+) -> None:
+    codec = UpdateCodec("int8", block_size=4)
+    names = ["a", "b", "c"]
+    settings = {
+        "num_rounds": 1,
+        "min_clients": 3,
+        "min_fit_clients": 3,
+        "min_results": 3,
+        "evaluate_every": 0,
+        "update_codec": "int8",
+        "update_int8_block_size": 4,
+    }
+    median = start_coordinator(small_state, aggregation="median", **settings)
+    decoded = _pushed_round(pki, median, small_state, codec, names)
+    with open_state_file(median.summary().final_model) as final:
+        for key, tensor in final.items():
+            if tensor.is_floating_point():
+                expected = torch.stack([d[key] for d in decoded]).median(dim=0).values
+                assert torch.allclose(tensor, expected), key
+    private = start_coordinator(small_state, dp_clip_norm=0.05, **settings)
+    _pushed_round(pki, private, small_state, codec, names)
+    summary = private.summary()
+    assert summary.completed and summary.last_record is not None
+    assert summary.last_record.epsilon is not None and summary.last_record.clients_accepted == 3
