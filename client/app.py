@@ -497,6 +497,9 @@ class FederationClient:
             result.num_examples,
             result.loss,
         )
+        local = self._local_tensors_file(self._join.identity)
+        if local is not None:  # kept for a restart: they exist nowhere else
+            save_state_file(self._selection.local_part(self._model.state_dict()), local)
         metrics = {"loss": result.loss}
         if config.dpsgd is not None:
             metrics["dpsgd_epsilon"] = self._account_dpsgd(header.round, config.dpsgd, result)
@@ -510,10 +513,6 @@ class FederationClient:
         # An encoded update is the change from the model the round started from.
         global_state = {} if codec.plain else self._travelling_copy()
         result, metrics = self._train_locally(header)
-        assert self._join is not None
-        local = self._local_tensors_file(self._join.identity)
-        if local is not None:
-            save_state_file(self._selection.local_part(self._model.state_dict()), local)
         # Serialized to disk and streamed from there: no second in-memory copy of the model.
         with tempfile.TemporaryDirectory(dir=self._config.spool_dir) as spool:
             path = Path(spool) / "update.safetensors"
