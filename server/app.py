@@ -17,7 +17,7 @@ from fedlink.common.errors import ConfigError
 from fedlink.common.storage import publish_file
 from fedlink.common.tasks import load_task
 from fedlink.common.tasks.base import TaskModule
-from fedlink.common.tasks.contract import evaluate, load_test_set
+from fedlink.common.tasks.contract import evaluate, exchanged_tensors, load_test_set
 from fedlink.common.tensors import StateDict
 from fedlink.common.threads import size_torch_threads
 from fedlink.server.admin import RunControl
@@ -69,6 +69,9 @@ def _coordinate(config: ServerConfig) -> int:
     threads = size_torch_threads(config.threads)
     log.debug("torch computes with %d CPU threads", threads)
     task = load_task(config.task)
+    if not config.exchanged_tensors and exchanged_tensors(task):
+        # What the task exchanges (its adapters), unless the configuration names other tensors.
+        config = dataclasses.replace(config, exchanged_tensors=exchanged_tensors(task))
     checkpoint = CheckpointStore(config.state_dir, keep=config.keep_checkpoints).latest()
     if checkpoint is not None:
         check_resumable(checkpoint, run_identity(config))

@@ -308,7 +308,8 @@ class ServerConfig:
         metadata=_help(
             "only the model's tensors whose names match these patterns (fnmatch, e.g. "
             "'*lora_*') are exchanged and aggregated; the others that are not local are frozen, "
-            "loaded by each site itself and checked by hash at join; empty = every tensor"
+            "loaded by each site itself and checked by hash at join; empty = the task's "
+            "EXCHANGED_TENSORS, else every tensor"
         ),
     )
     local_tensors: tuple[str, ...] = field(

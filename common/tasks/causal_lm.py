@@ -2,12 +2,9 @@
 `peft`, the `llm` extra) on each site's own text; only the adapters travel.
 
 Each site's text is `<data_dir>/train.jsonl`, one JSON object per line with a "text" field
-(`<data_dir>/test.jsonl`, if present, is the coordinator's test set). Run the federation with
-
-    exchanged_tensors = ["*lora_*"]
-
-so that only the LoRA matrices are exchanged and aggregated; the base model is frozen, loaded by
-every site itself and checked by hash at join (docs/large-models.md).
+(`<data_dir>/test.jsonl`, if present, is the coordinator's test set). The task declares
+`EXCHANGED_TENSORS`: only the LoRA matrices are exchanged and aggregated; the base model is
+frozen, loaded by every site itself and checked by hash at join (docs/large-models.md).
 
 The base model: with FEDLINK_CAUSAL_LM_MODEL set, the pretrained checkpoint in that directory
 (`AutoModelForCausalLM.from_pretrained(dir, local_files_only=True)`, its tokenizer alongside);
@@ -41,6 +38,8 @@ from fedlink.common.tasks.training import make_optimizer
 
 __all__ = ["build_model", "evaluate", "load_data", "load_test_data", "train"]
 
+# Only the adapters travel (docs/large-models.md); the base model is frozen on every site.
+EXCHANGED_TENSORS = ("*lora_*",)
 MODEL_ENV = "FEDLINK_CAUSAL_LM_MODEL"
 BLOCK_TOKENS = 64
 LORA_RANK = 4

@@ -3,11 +3,15 @@ frozen tensors' hash that every site must match."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from fedlink.common.errors import ConfigError
+from fedlink.common.errors import ConfigError, TaskError
 from fedlink.common.partial import TensorSelection, federated_part, frozen_digest
+from fedlink.common.tasks import load_task
+from fedlink.common.tasks.contract import exchanged_tensors
 from fedlink.common.tensors import StateDict
 
 
@@ -79,3 +83,10 @@ def test_a_hostile_number_or_size_of_patterns_is_refused() -> None:
         TensorSelection(local=("x",) * 65)
     with pytest.raises(ConfigError, match="1 to 256 characters"):
         TensorSelection(exchanged=("x" * 300,))
+
+
+def test_a_task_may_declare_the_tensors_it_exchanges() -> None:
+    assert exchanged_tensors(load_task("causal-lm")) == ("*lora_*",)
+    assert exchanged_tensors(load_task("digits")) == ()
+    with pytest.raises(TaskError, match="EXCHANGED_TENSORS must be a tuple"):
+        exchanged_tensors(SimpleNamespace(EXCHANGED_TENSORS="*lora_*"))  # type: ignore[arg-type]
