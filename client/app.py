@@ -16,7 +16,7 @@ import grpc
 import torch
 
 from fedlink import __version__
-from fedlink.client.attacks import Attack, parse_attack, snapshot
+from fedlink.client.attacks import Attack, parse_attack
 from fedlink.client.config import ClientConfig
 from fedlink.client.connection import (
     TRANSIENT_CODES,
@@ -33,6 +33,7 @@ from fedlink.client.secure import (
     step_encodings,
 )
 from fedlink.common.accounting import PrivacyAccountant
+from fedlink.common.codecs import UpdateCodec, codec_from_proto, compress_update
 from fedlink.common.errors import (
     BelowPrivacyFloor,
     ConfigError,
@@ -40,7 +41,9 @@ from fedlink.common.errors import (
     PayloadError,
     SecAggError,
     TaskError,
+    UpdateRejected,
 )
+from fedlink.common.partial import TensorSelection, frozen_digest
 from fedlink.common.secagg_wire import setup_from_proto
 from fedlink.common.task_settings import (
     MAX_PROXIMAL_MU,
@@ -64,6 +67,7 @@ from fedlink.common.tasks.base import (
 from fedlink.common.tasks.contract import evaluate
 from fedlink.common.tasks.training import check_dpsgd_model
 from fedlink.common.tensors import (
+    StateDict,
     first_difference,
     manifest_digest,
     manifest_entries,
@@ -229,6 +233,10 @@ class FederationClient:
             min_noise_multiplier=config.dp_min_noise_multiplier,
             max_attempts_per_round=config.secagg_max_attempts_per_round,
         )
+        # Which tensors travel (the coordinator's patterns, from Join); the rest stay here.
+        self._selection = TensorSelection()
+        # Top-k error feedback: what earlier updates did not send (loaded from --state-dir).
+        self._residual: StateDict | None = None
         # Record-level DP-SGD: every round's local steps compose, for as long as this process runs.
         self._dpsgd_accountant = PrivacyAccountant()
 
@@ -334,7 +342,15 @@ class FederationClient:
                 check_dpsgd_model(self._model)
             except TaskError as exc:
                 raise FatalClientError(f"task {reply.task!r}: {exc}") from None
+        try:
+            self._selection = TensorSelection(
+                tuple(reply.exchanged_tensors), tuple(reply.local_tensors)
+            )
+        except ConfigError as exc:
+            raise FatalClientError(f"coordinator sent invalid tensor patterns: {exc}") from None
         self._check_model(reply)
+        self._check_frozen(reply)
+        self._restore_local_tensors(reply.identity)
         if reply.finished:
             log.info("federation %s is finished; exiting", reply.federation_id[:8])
             return False
@@ -353,7 +369,7 @@ class FederationClient:
         shapes), naming the first tensor that differs, before any round is started."""
         if not reply.model_manifest_sha256:
             return  # a coordinator that sends no fingerprint: checked at the first download
-        ours = manifest_entries(manifest_of(self._model.state_dict()))
+        ours = manifest_entries(manifest_of(self._travelling()))
         if manifest_digest(ours) == reply.model_manifest_sha256:
             return
         theirs = [(e.name, e.dtype, tuple(e.shape)) for e in reply.model_manifest]
@@ -365,6 +381,45 @@ class FederationClient:
             f"{difference}; run the same version of the task, with the same settings, as the "
             "coordinator"
         )
+
+    def _travelling(self) -> StateDict:
+        """The tensors of this client's model that the federation exchanges."""
+        return self._selection.travelling(self._model.state_dict())
+
+    def _travelling_copy(self) -> StateDict:
+        """A copy of the travelling tensors (the global model, before local training)."""
+        return {name: tensor.detach().clone() for name, tensor in self._travelling().items()}
+
+    def _check_frozen(self, reply: pb.JoinReply) -> None:
+        """Refuse to take part when the frozen tensors (loaded by this site's task from its own
+        files) are not the ones the coordinator's model has."""
+        ours = frozen_digest(self._selection.frozen(self._model.state_dict()))
+        if ours == reply.frozen_sha256:
+            return
+        theirs = reply.frozen_sha256.hex() or "nothing (no frozen tensors)"
+        raise FatalClientError(
+            f"this site's frozen tensors (those the federation does not exchange) hash to SHA-256 "
+            f"{ours.hex() or 'nothing (no frozen tensors)'} but the coordinator's to {theirs}: "
+            f"load the same pretrained weights as the coordinator in task {self._config.task!r}"
+        )
+
+    def _local_tensors_file(self, identity: str) -> Path | None:
+        if self._config.state_dir is None or not self._selection.local:
+            return None
+        return self._config.state_dir / f"local-tensors-{identity}.safetensors"
+
+    def _restore_local_tensors(self, identity: str) -> None:
+        """Tensors that never leave this site (FedBN's batch norms), as the last round left them."""
+        stored = self._local_tensors_file(identity)
+        if stored is None or not stored.exists():
+            return
+        expected = manifest_of(self._selection.local_part(self._model.state_dict()))
+        with open_state_file(stored) as local:
+            if manifest_of(local) != expected:
+                log.warning("%s does not fit this model's local tensors; not restored", stored)
+                return
+            self._model.load_state_dict(local, strict=False)
+        log.info("restored %d local tensor(s) from %s", len(expected), stored)
 
     def _serve_one_task(self) -> bool:
         """Pull one task and carry it out; False when the federation is over."""
@@ -430,7 +485,13 @@ class FederationClient:
             self._receive(header, stream, spool, encoding=ENCODING, max_size=MAX_MODEL_BYTES)
             spool.flush()
             with open_state_file(Path(spool.name)) as state:
-                self._model.load_state_dict(state)
+                if state.keys() != self._travelling().keys():
+                    raise FatalClientError(
+                        "the coordinator sent a model with other tensors than the federation "
+                        "exchanges (its manifest at join)"
+                    )
+                # Only the travelling tensors: local and frozen ones stay as they are.
+                self._model.load_state_dict(state, strict=not self._selection.partial)
 
     def _train_locally(self, header: pb.TaskHeader) -> tuple[TrainResult, dict[str, float]]:
         """Train the loaded global model on the local data; the result and the metrics a
@@ -456,20 +517,70 @@ class FederationClient:
             result.loss,
             f" (FedProx proximal term mu={config.proximal_mu:g})" if config.proximal_mu else "",
         )
+        local = self._local_tensors_file(self._join.identity)
+        if local is not None:  # kept for a restart: they exist nowhere else
+            save_state_file(self._selection.local_part(self._model.state_dict()), local)
         metrics = {"loss": result.loss}
         if config.dpsgd is not None:
             metrics["dpsgd_epsilon"] = self._account_dpsgd(header.round, config.dpsgd, result)
         return result, metrics
 
     def _train(self, header: pb.TaskHeader) -> None:
+        try:
+            codec = codec_from_proto(header.update_codec)
+        except ConfigError as exc:
+            raise FatalClientError(f"coordinator sent an invalid update codec: {exc}") from None
+        # An encoded update is the change from the model the round started from.
+        global_state = {} if codec.plain else self._travelling_copy()
         result, metrics = self._train_locally(header)
         # Serialized to disk and streamed from there: no second in-memory copy of the model.
         with tempfile.TemporaryDirectory(dir=self._config.spool_dir) as spool:
             path = Path(spool) / "update.safetensors"
-            save_state_file(self._model.state_dict(), path, durable=False)
-            payload = PayloadFile.seal(path)
-            log.info("round %d: uploading update (%.1f MB)", header.round, payload.info.size / 1e6)
+            if codec.plain:
+                save_state_file(self._travelling(), path, durable=False)
+            else:
+                try:
+                    self._encode_update(codec, global_state, path)
+                except UpdateRejected as exc:
+                    # Declined: the coordinator refuses a result without payload at once.
+                    log.error("round %d: cannot encode this update: %s", header.round, exc)
+                    self._push(header, result.num_examples, metrics, None)
+                    return
+            payload = PayloadFile.seal(path, codec.encoding)
+            log.info(
+                "round %d: uploading update (%.3f MB, %s)",
+                header.round,
+                payload.info.size / 1e6,
+                codec.describe(),
+            )
             self._push(header, result.num_examples, metrics, payload)
+
+    def _encode_update(self, codec: UpdateCodec, global_state: StateDict, path: Path) -> None:
+        """Write the trained model's change from `global_state` in `codec` to `path`; with top-k,
+        what was not sent is kept (in --state-dir as safetensors, if set) for the next update."""
+        if codec.topk and self._residual is None:
+            self._residual = {}
+            stored = self._residual_file()
+            if stored is not None and stored.exists():
+                with open_state_file(stored) as residual:
+                    self._residual = {name: t.clone() for name, t in residual.items()}
+        payload, kept = compress_update(
+            codec,
+            self._travelling(),
+            global_state,
+            self._residual or {},
+        )
+        save_state_file(payload, path, durable=False)
+        if codec.topk:
+            self._residual = kept
+            stored = self._residual_file()
+            if stored is not None:
+                save_state_file(kept, stored)
+
+    def _residual_file(self) -> Path | None:
+        if self._config.state_dir is None or self._join is None:
+            return None
+        return self._config.state_dir / f"update-residual-{self._join.identity}.safetensors"
 
     def _account_dpsgd(self, round_number: int, dpsgd: DPSGDConfig, result: TrainResult) -> float:
         """This round's DP-SGD steps composed with the earlier rounds': the epsilon spent so far."""
@@ -512,11 +623,11 @@ class FederationClient:
                     # Before training: a refused session costs no work.
                     self._secure.admit(setup, header.round, model_digest)
                     # Only DP encodes the change from the global model; otherwise skip the copy.
-                    global_state = snapshot(self._model) if setup.clip_norm > 0 else {}
+                    global_state = self._travelling_copy() if setup.clip_norm > 0 else {}
                     # Metrics are not sent under secure aggregation (DP-SGD's epsilon is logged).
                     result, _ = self._train_locally(header)
                     vector = encode_update(
-                        setup, self._model.state_dict(), global_state, result.num_examples
+                        setup, self._travelling(), global_state, result.num_examples
                     )
                     if setup.clip_norm > 0:
                         # What this client actually did: z = std sqrt(t) / S for any sum of t.

@@ -18,7 +18,7 @@ from fedlink.common.errors import ConfigError
 from fedlink.common.storage import publish_file
 from fedlink.common.tasks import load_task
 from fedlink.common.tasks.base import TaskModule
-from fedlink.common.tasks.contract import evaluate, load_test_set
+from fedlink.common.tasks.contract import evaluate, exchanged_tensors, load_test_set
 from fedlink.common.tensors import StateDict
 from fedlink.common.threads import size_torch_threads
 from fedlink.server.admin import RunControl
@@ -82,6 +82,7 @@ class CoordinatorRun:
     status, the table on stdout. `fedlink server` serves it over gRPC; `fedlink simulate`
     drives it in-process."""
 
+    config: ServerConfig  # as given, with what the task declares (the tensors it exchanges)
     engine: RoundEngine
     metrics: MetricsLog
     trackers: list[RunTracker]
@@ -91,6 +92,9 @@ class CoordinatorRun:
         threads = size_torch_threads(config.threads)
         log.debug("torch computes with %d CPU threads", threads)
         task = load_task(config.task)
+        if not config.exchanged_tensors and exchanged_tensors(task):
+            # What the task exchanges (its adapters), unless the configuration names others.
+            config = dataclasses.replace(config, exchanged_tensors=exchanged_tensors(task))
         checkpoint = CheckpointStore(config.state_dir, keep=config.keep_checkpoints).latest()
         if checkpoint is not None:
             check_resumable(checkpoint, run_identity(config))
@@ -128,7 +132,7 @@ class CoordinatorRun:
         del initial_state
         if checkpoint is not None:
             load_rounds(engine.status, read_metrics(metrics.path))
-        return cls(engine, metrics, trackers)
+        return cls(config, engine, metrics, trackers)
 
     def close(self) -> None:
         close_trackers(self.trackers)
@@ -144,7 +148,7 @@ class CoordinatorRun:
 def _coordinate(config: ServerConfig) -> int:
     run = CoordinatorRun.open(config)
     try:
-        return _serve_run(config, run)
+        return _serve_run(run.config, run)
     finally:
         run.close()
 
@@ -279,9 +283,11 @@ def _central_evaluator(
     if test_set is None:
         return None
     device = torch.device("cpu")
+    # A partial model's global state holds the travelling tensors; the rest stay the model's own.
+    strict = not config.tensor_selection().partial
 
     def evaluate_centrally(state: StateDict) -> dict[str, float]:
-        model.load_state_dict(state)
+        model.load_state_dict(state, strict=strict)
         result = evaluate(task, model, test_set, device, config.task_config)
         return aggregate([(result.num_examples, result.metrics)])
 

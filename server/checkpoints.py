@@ -165,13 +165,20 @@ class CheckpointStore:
 
 
 # What a checkpoint written before a key existed was run with.
-_RUN_DEFAULTS = {"strategy": "fedavg"}
+_RUN_DEFAULTS: dict[str, Any] = {"strategy": "fedavg", "exchanged_tensors": [], "local_tensors": []}
 
 
 def run_identity(config: ServerConfig) -> dict[str, Any]:
     """What a resumed run must share with the original: the same task, seed and strategy (a
-    strategy's checkpointed state means nothing to another one)."""
-    return {"task": config.task, "seed": config.seed, "strategy": config.strategy}
+    strategy's checkpointed state means nothing to another one), and the same tensors exchanged
+    (the checkpointed global model holds only those)."""
+    return {
+        "task": config.task,
+        "seed": config.seed,
+        "strategy": config.strategy,
+        "exchanged_tensors": list(config.exchanged_tensors),
+        "local_tensors": list(config.local_tensors),
+    }
 
 
 def check_resumable(checkpoint: Checkpoint, run: Mapping[str, Any]) -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlink.common.codecs import DEFAULT_BLOCK_SIZE, UpdateCodec
 from fedlink.common.errors import ConfigError, PKIError
 from fedlink.common.fixedpoint import RING_BITS
 from fedlink.common.logs import check_log_format
+from fedlink.common.partial import TensorSelection
 from fedlink.common.pki import validate_name
 from fedlink.common.task_settings import (
     NO_SETTINGS,
@@ -314,6 +317,51 @@ class ServerConfig:
         default=1e-5, metadata=_help("DP-SGD: delta the clients report their epsilon at")
     )
 
+    # Partial models (docs/large-models.md): which tensors travel, stay local or are frozen.
+    exchanged_tensors: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "only the model's tensors whose names match these patterns (fnmatch, e.g. "
+            "'*lora_*') are exchanged and aggregated; the others that are not local are frozen, "
+            "loaded by each site itself and checked by hash at join; empty = the task's "
+            "EXCHANGED_TENSORS, else every tensor"
+        ),
+    )
+    local_tensors: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "tensors whose names match these patterns never leave a site and are never "
+            "aggregated (FedBN: the batch-norm layers, e.g. 'bn*')"
+        ),
+    )
+    frozen_sha256: str | None = field(
+        default=None,
+        metadata=_help(
+            "expected SHA-256 (hex) of the frozen tensors; the coordinator refuses to start "
+            "when its own differ (unset: its own model's, logged at start-up, is what clients "
+            "must match)"
+        ),
+    )
+    # Update compression (docs/large-models.md): how clients encode their training results.
+    update_codec: str = field(
+        default="fp32",
+        metadata=_help(
+            "how clients send updates: fp32 (the model as it is), or its change from the global "
+            "model as fp16, bf16 or int8 (with scales); decoded before any check or aggregation"
+        ),
+    )
+    update_int8_block_size: int = field(
+        default=DEFAULT_BLOCK_SIZE,
+        metadata=_help("int8 updates: entries sharing one scale; 0 = one scale per tensor"),
+    )
+    update_topk: float = field(
+        default=0.0,
+        metadata=_help(
+            "send only this fraction of each tensor's entries, the largest changes (0 < f <= "
+            "0.5; 0 = all); each client keeps the rest and adds it to its next update"
+        ),
+    )
+
     # Secure aggregation (docs/privacy.md): the coordinator learns only the sum of the updates.
     secure_aggregation: bool = field(
         default=False,
@@ -433,6 +481,13 @@ class ServerConfig:
         self._check_access()
         self._check_privacy(rule)
         self._check_secure_aggregation(rule)
+        self._check_update_codec()
+        self.tensor_selection()
+        if self.frozen_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.frozen_sha256):
+            raise ConfigError(
+                f"frozen_sha256 must be 64 lowercase hex digits (a SHA-256), got "
+                f"{self.frozen_sha256[:80]!r}"
+            )
         self._check_dpsgd()
         # Refuses a strategy that cannot be loaded or does not compose, and settings of its
         # that clash with task_config.
@@ -553,6 +608,25 @@ class ServerConfig:
         if not self.secagg_step_timeout_seconds > 0:
             raise ConfigError(
                 f"secagg_step_timeout_seconds must be positive, got {self.secagg_step_timeout_seconds}"
+            )
+
+    def tensor_selection(self) -> TensorSelection:
+        """Which tensors travel (checked: ConfigError)."""
+        return TensorSelection(self.exchanged_tensors, self.local_tensors)
+
+    def update_codec_spec(self) -> UpdateCodec:
+        """The codec every training result must be encoded with (checked: ConfigError)."""
+        return UpdateCodec(self.update_codec, self.update_int8_block_size, self.update_topk)
+
+    def _check_update_codec(self) -> None:
+        codec = self.update_codec_spec()
+        if self.secure_aggregation and not codec.plain:
+            raise ConfigError(
+                f"update codec {codec.describe()!r} cannot be used with secure_aggregation: the "
+                "coordinator decodes every update before aggregating it, and under secure "
+                "aggregation it never sees one, only a masked fixed-point sum. Leave update_codec "
+                "at fp32 and update_topk at 0 (secure aggregation's own upload halves with "
+                "secagg_ring_bits = 32)"
             )
 
     def _check_dpsgd(self) -> None:

@@ -16,10 +16,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
+from fedlink.common.codecs import decompress_update
 from fedlink.common.errors import PayloadError, StorageError, TensorFormatError, UpdateRejected
 from fedlink.common.secagg_wire import SecAggStep
-from fedlink.common.tensors import Manifest, open_state_file
+from fedlink.common.tensors import Manifest, open_state_file, save_state_file
 from fedlink.common.wire import ENCODING, PayloadFile
 from fedlink.server.aggregation import SUM_LIMIT, weighted_magnitude
 from fedlink.server.board import PhaseBoard
@@ -69,6 +71,9 @@ class ResultIntake:
         self._ca_pem = None if config.insecure or config.ca is None else config.ca.read_bytes()
         self._secure_lock = threading.Lock()  # secure aggregation's state takes one at a time
         self._large_validation = threading.Lock()
+        self._codec = config.update_codec_spec()
+        if not self._codec.plain:
+            log.info("updates: %s (%s)", self._codec.describe(), self._codec.encoding)
 
     def open_result(self, identity: str, header: ResultHeader) -> ResultUpload:
         """Check a result header before any payload byte is accepted."""
@@ -119,6 +124,8 @@ class ResultIntake:
             raise UpdateRejected("INVALID_ARGUMENT", "a training result must carry a payload")
         if phase.kind is TaskKind.EVALUATE and header.payload is not None:
             raise UpdateRejected("INVALID_ARGUMENT", "an evaluation result carries no payload")
+        if phase.kind is TaskKind.TRAIN and header.payload is not None:
+            self._check_codec(header.payload.encoding)
         if phase.secure is not None and header.payload is None:
             raise UpdateRejected(
                 "FAILED_PRECONDITION",
@@ -131,8 +138,11 @@ class ResultIntake:
         reserved = 0
         if header.payload is not None and header.payload.size <= max_size:
             # The room the next global model and its checkpoint need is never handed out.
-            keep_free = self._global_file().info.size + CHECKPOINT_ROOM_BYTES
-            reserved = self._spool.reserve(header.payload.size, keep_free)
+            global_size = self._global_file().info.size
+            keep_free = global_size + CHECKPOINT_ROOM_BYTES
+            # An encoded update is decoded next to itself: room for the full model too.
+            decoded = 0 if self._codec.plain else global_size
+            reserved = self._spool.reserve(header.payload.size + decoded, keep_free)
         try:
             return ResultUpload(
                 identity,
@@ -152,6 +162,8 @@ class ResultIntake:
 
     def _expected_payload(self, phase: Phase) -> tuple[str, int]:
         """The encoding and largest size of a result payload in `phase`."""
+        if phase.secure is None and phase.kind is TaskKind.TRAIN and not self._codec.plain:
+            return self._codec.encoding, self._codec.max_payload_bytes(self._manifest)
         if phase.secure is None:
             return ENCODING, self._global_file().info.size + PAYLOAD_SLACK_BYTES
         params = phase.secure.setup.params
@@ -247,6 +259,8 @@ class ResultIntake:
         weight = float(upload.header.num_examples)
         ratio = self._config.max_update_norm_ratio
         try:
+            if not self._codec.plain:
+                self._decode_update(phase, upload.spool)
             with open_state_file(upload.spool) as state:
                 check_update(state, self._manifest)
                 if ratio > 0:
@@ -260,6 +274,22 @@ class ResultIntake:
                 return weighted_magnitude(state, weight)
         except TensorFormatError as exc:
             raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
+
+    def _check_codec(self, encoding: str) -> None:
+        if encoding != self._codec.encoding:
+            raise UpdateRejected(
+                "INVALID_ARGUMENT",
+                f"update encoding {encoding[:64]!r} is not allowed in this federation: it takes "
+                f"{self._codec.encoding!r} (update_codec = {self._codec.describe()}); encode "
+                "updates as the task header's update_codec says",
+            )
+
+    def _decode_update(self, phase: Phase, spool: Path) -> None:
+        """Replace an encoded update on disk by the full model it stands for, so that every
+        check and the strategy see plain tensors."""
+        with open_state_file(spool) as payload, open_state_file(phase.payload.path) as base:
+            state = decompress_update(self._codec, payload, base, self._manifest)
+        save_state_file(state, spool, durable=False)
 
     def defer_result(self, upload: ResultUpload, error: StorageError) -> None:
         """The coordinator could not store the upload: drop it without blaming the client,

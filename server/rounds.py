@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Mapping
 
 from fedlink.common.fixedpoint import UpdateLayout
+from fedlink.common.partial import federated_part
 from fedlink.common.tensors import Manifest, StateDict, manifest_of, save_state_file
 from fedlink.common.wire import PayloadFile
 from fedlink.server.board import PhaseBoard
@@ -61,6 +62,12 @@ class RoundEngine:
         client_rows: ClientRows | None = None,
     ) -> None:
         self._config = config
+        # A partial model: only the travelling tensors are the federation's global model.
+        initial_state, self.frozen_sha256 = federated_part(
+            config.tensor_selection(), initial_state, config.frozen_sha256
+        )
+        if self.frozen_sha256:
+            log.info("frozen tensors: SHA-256 %s (clients must match)", self.frozen_sha256.hex())
         self.manifest: Manifest = manifest_of(initial_state)  # fixed for the run
         self._evaluate_centrally = evaluate_centrally
         self._aggregate_evaluation = aggregate_evaluation or MetricAggregator()

@@ -16,6 +16,7 @@ from typing import Any, NoReturn, TypeAlias
 
 import grpc
 
+from fedlink.common.codecs import codec_to_proto
 from fedlink.common.errors import AccessDenied, StorageError, UpdateRejected, UploadIncomplete
 from fedlink.common.logs import escape_for_log
 from fedlink.common.secagg_wire import setup_to_proto
@@ -86,6 +87,8 @@ class FederationServicer(pb_grpc.FederationServicer):
             max_calls=config.max_calls_per_client,
         )
         self._refusals_logged: dict[tuple[str, str], float] = {}
+        self._codec = codec_to_proto(config.update_codec_spec())
+        self._frozen_sha256 = engine.frozen_sha256
         entries = manifest_entries(engine.manifest)
         self._model_digest = manifest_digest(entries)
         self._model_manifest = [
@@ -134,6 +137,9 @@ class FederationServicer(pb_grpc.FederationServicer):
                 model_manifest_sha256=self._model_digest,
                 model_manifest=self._model_manifest,
                 finished=self._board.tell_finished(identity),
+                exchanged_tensors=self._config.exchanged_tensors,
+                local_tensors=self._config.local_tensors,
+                frozen_sha256=self._frozen_sha256,
             )
         finally:
             if slot is not None:
@@ -148,7 +154,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 offer = await self._next_task(identity, context)
             except UpdateRejected as exc:
                 await _abort(context, exc)
-            yield pb.TaskMessage(header=_task_header(offer, self._task_settings))
+            yield pb.TaskMessage(header=_task_header(offer, self._task_settings, self._codec))
             if offer.payload is None:
                 return
             sent = 0
@@ -471,12 +477,16 @@ async def _abort(
     await context.abort(grpc.StatusCode[exc.code], str(exc))
 
 
-def _task_header(offer: TaskOffer, task_config: TaskSettings) -> pb.TaskHeader:
+def _task_header(
+    offer: TaskOffer, task_config: TaskSettings, codec: pb.UpdateCodec
+) -> pb.TaskHeader:
     header = pb.TaskHeader(
         task_id=offer.task_id, round=offer.round, kind=_KINDS[offer.kind], seed=offer.seed
     )
     if offer.kind in (TaskKind.TRAIN, TaskKind.EVALUATE, TaskKind.SECAGG_ADVERTISE):
         write_settings(header.task_config, task_config)  # the steps that run the task's code
+    if offer.kind is TaskKind.TRAIN:
+        header.update_codec.CopyFrom(codec)
     if offer.kind is TaskKind.WAIT:
         header.retry_after_seconds = 0.0
     if offer.payload is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from fedlink.common.errors import ConfigError
 from fedlink.server.app import (
     EXIT_STORAGE_FAILURE,
     CoordinatorRun,
@@ -47,6 +48,11 @@ def run_simulation(config: SimulationConfig) -> int:
         try:
             run = CoordinatorRun.open(config)
             try:
+                if run.config.tensor_selection().partial:
+                    raise ConfigError(
+                        f"task {config.task!r} exchanges only some tensors (partial models, "
+                        "FedBN): not simulated yet; run it with `fedlink server`"
+                    )
                 return _simulate(config, run, workers)
             finally:
                 run.close()

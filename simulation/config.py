@@ -113,6 +113,11 @@ class SimulationConfig(ServerConfig):
             parse_partition(self.partition)
         except TaskError as exc:
             raise ConfigError(str(exc)) from None
+        if not self.update_codec_spec().plain or self.tensor_selection().partial:
+            raise ConfigError(
+                "update codecs and partial models (exchanged_tensors, local_tensors) are not "
+                "simulated yet: unset them, or run the federation with `fedlink server`"
+            )
         if self.secure_aggregation:
             raise ConfigError(
                 "secure aggregation is not simulated (its point is what the coordinator cannot "

@@ -16,6 +16,7 @@ BUILTIN_TASKS = {
     "diabetes": "fedlink.common.tasks.diabetes",
     "cifar10": "fedlink.common.tasks.cifar10",
     "cifar10-resnet18": "fedlink.common.tasks.cifar10_resnet18",
+    "causal-lm": "fedlink.common.tasks.causal_lm",
 }
 
 REQUIRED_FUNCTIONS = ("build_model", "load_data", "load_test_data", "train", "evaluate")

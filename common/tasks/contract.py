@@ -121,3 +121,12 @@ def check_metric_values(metrics: Mapping[str, Any], source: str) -> dict[str, fl
             raise TaskError(f"{source}: metric {name!r} is {value}, not a finite number")
         checked[name] = float(value)
     return checked
+
+
+def exchanged_tensors(task: TaskModule) -> tuple[str, ...]:
+    """The tensor-name patterns a task says are the only ones to exchange (its module-level
+    `EXCHANGED_TENSORS`, e.g. LoRA adapters); () when it says nothing (every tensor)."""
+    declared = getattr(task, "EXCHANGED_TENSORS", ())
+    if not isinstance(declared, (tuple, list)) or not all(isinstance(p, str) for p in declared):
+        raise TaskError("EXCHANGED_TENSORS must be a tuple of tensor-name patterns (strings)")
+    return tuple(declared)

@@ -579,3 +579,41 @@ def test_differential_privacy_settings_load_from_the_environment() -> None:
         environ={**DEV, "FEDLINK_DP_CLIP_NORM": "0.5", "FEDLINK_DP_MAX_EPSILON": "8"},
     )
     assert (config.dp_clip_norm, config.dp_max_epsilon, config.dp_noise_multiplier) == (0.5, 8, 1)
+
+
+# --- update codecs ------------------------------------------------------------------------------
+
+
+def test_an_update_codec_is_refused_with_secure_aggregation_saying_why() -> None:
+    with pytest.raises(ConfigError, match="never sees one, only a masked fixed-point sum"):
+        _server(secure_aggregation=True, min_fit_clients=3, min_results=3, update_codec="int8")
+    with pytest.raises(ConfigError, match="secure_aggregation"):
+        _server(secure_aggregation=True, min_fit_clients=3, min_results=3, update_topk=0.1)
+    # A codec composes with DP and robust rules: they see the decoded update.
+    assert _server(update_codec="int8", dp_clip_norm=1.0).update_codec_spec().name == "int8"
+    assert _server(update_codec="bf16", aggregation="median", min_results=3, min_fit_clients=3)
+
+
+def test_update_codec_settings_come_from_the_environment() -> None:
+    config = load_config(
+        ServerConfig,
+        environ={
+            **DEV,
+            "FEDLINK_UPDATE_CODEC": "int8",
+            "FEDLINK_UPDATE_INT8_BLOCK_SIZE": "0",
+            "FEDLINK_UPDATE_TOPK": "0.05",
+        },
+    )
+    codec = config.update_codec_spec()
+    assert (codec.name, codec.block_size, codec.topk) == ("int8", 0, 0.05)
+    assert codec.encoding == "fedlink-delta/int8+topk"
+    with pytest.raises(ConfigError, match="update_codec must be one of"):
+        _server(update_codec="int4")
+
+
+def test_partial_model_settings_are_checked() -> None:
+    config = _server(exchanged_tensors=["head.*"], local_tensors=["bn*"], frozen_sha256="ab" * 32)
+    assert config.tensor_selection().travels("head.weight")
+    assert not config.tensor_selection().travels("bn1.weight")
+    with pytest.raises(ConfigError, match="frozen_sha256 must be 64 lowercase hex digits"):
+        _server(frozen_sha256="not-a-hash")

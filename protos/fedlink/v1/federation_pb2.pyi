@@ -55,7 +55,7 @@ class JoinRequest(_message.Message):
     def __init__(self, client_version: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("federation_id", "identity", "task", "task_config", "chunk_size", "heartbeat_interval_seconds", "num_rounds", "model_manifest_sha256", "model_manifest", "finished")
+    __slots__ = ("federation_id", "identity", "task", "task_config", "chunk_size", "heartbeat_interval_seconds", "num_rounds", "model_manifest_sha256", "model_manifest", "finished", "exchanged_tensors", "local_tensors", "frozen_sha256")
     class TaskConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,9 @@ class JoinReply(_message.Message):
     MODEL_MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
     MODEL_MANIFEST_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGED_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_SHA256_FIELD_NUMBER: _ClassVar[int]
     federation_id: str
     identity: str
     task: str
@@ -83,7 +86,10 @@ class JoinReply(_message.Message):
     model_manifest_sha256: bytes
     model_manifest: _containers.RepeatedCompositeFieldContainer[TensorManifestEntry]
     finished: bool
-    def __init__(self, federation_id: _Optional[str] = ..., identity: _Optional[str] = ..., task: _Optional[str] = ..., task_config: _Optional[_Mapping[str, str]] = ..., chunk_size: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[float] = ..., num_rounds: _Optional[int] = ..., model_manifest_sha256: _Optional[bytes] = ..., model_manifest: _Optional[_Iterable[_Union[TensorManifestEntry, _Mapping]]] = ..., finished: _Optional[bool] = ...) -> None: ...
+    exchanged_tensors: _containers.RepeatedScalarFieldContainer[str]
+    local_tensors: _containers.RepeatedScalarFieldContainer[str]
+    frozen_sha256: bytes
+    def __init__(self, federation_id: _Optional[str] = ..., identity: _Optional[str] = ..., task: _Optional[str] = ..., task_config: _Optional[_Mapping[str, str]] = ..., chunk_size: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[float] = ..., num_rounds: _Optional[int] = ..., model_manifest_sha256: _Optional[bytes] = ..., model_manifest: _Optional[_Iterable[_Union[TensorManifestEntry, _Mapping]]] = ..., finished: _Optional[bool] = ..., exchanged_tensors: _Optional[_Iterable[str]] = ..., local_tensors: _Optional[_Iterable[str]] = ..., frozen_sha256: _Optional[bytes] = ...) -> None: ...
 
 class TensorManifestEntry(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -110,7 +116,7 @@ class PullTaskRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("task_id", "round", "kind", "payload", "retry_after_seconds", "seed", "secagg", "task_config")
+    __slots__ = ("task_id", "round", "kind", "payload", "retry_after_seconds", "seed", "secagg", "task_config", "update_codec")
     class TaskConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +132,7 @@ class TaskHeader(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
     TASK_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_CODEC_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     round: int
     kind: TaskKind
@@ -134,7 +141,18 @@ class TaskHeader(_message.Message):
     seed: int
     secagg: SecAggSetup
     task_config: _containers.MessageMap[str, SettingValue]
-    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., payload: _Optional[_Union[PayloadInfo, _Mapping]] = ..., retry_after_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., secagg: _Optional[_Union[SecAggSetup, _Mapping]] = ..., task_config: _Optional[_Mapping[str, SettingValue]] = ...) -> None: ...
+    update_codec: UpdateCodec
+    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., payload: _Optional[_Union[PayloadInfo, _Mapping]] = ..., retry_after_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., secagg: _Optional[_Union[SecAggSetup, _Mapping]] = ..., task_config: _Optional[_Mapping[str, SettingValue]] = ..., update_codec: _Optional[_Union[UpdateCodec, _Mapping]] = ...) -> None: ...
+
+class UpdateCodec(_message.Message):
+    __slots__ = ("name", "block_size", "topk")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOPK_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    block_size: int
+    topk: float
+    def __init__(self, name: _Optional[str] = ..., block_size: _Optional[int] = ..., topk: _Optional[float] = ...) -> None: ...
 
 class SettingValue(_message.Message):
     __slots__ = ("text", "integer", "number", "flag")
