@@ -22,7 +22,7 @@ SAMPLES_PER_CLIENT = 50
 
 
 def load_data(request: DataRequest) -> ClientData:
-    images, labels = fashion_mnist._load(request.data_dir, train=True)
+    images, labels = fashion_mnist.load_images(request.data_dir, train=True)
     order = np.random.default_rng(request.seed).permutation(len(labels))
     start = request.partition_index * SAMPLES_PER_CLIENT
     indices = np.sort(order[np.arange(start, start + SAMPLES_PER_CLIENT) % len(labels)])
