@@ -180,11 +180,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         # Clients that joined together would otherwise re-poll together every minute, for ever:
         # a random length spreads the re-polls of 10,000 idle clients evenly over time.
         deadline = loop.time() + random.uniform(0.5, 1.0) * LONG_POLL_SECONDS
-        first = True
         while True:
-            if not first:
-                await self._check_session(context, identity)
-            first = False
             ready = asyncio.Event()
             wake = _waker(loop, ready)
             offer = self._board.poll_task(identity, wake)
@@ -196,6 +192,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 return TaskOffer(TaskKind.WAIT)
             finally:
                 self._board.cancel_wake(identity, wake)
+            await self._check_session(context, identity)  # woken: superseded meanwhile?
 
     async def PushResult(
         self,
@@ -306,10 +303,8 @@ class FederationServicer(pb_grpc.FederationServicer):
     async def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, CallSlot]:
         """Who is calling, checked (access policy, session) and admitted (rate, calls in
         progress). The returned slot must be released when the call ends."""
-        token = dict(context.invocation_metadata() or ()).get(SESSION_METADATA_KEY)
-        token = token if isinstance(token, str) else None
         if self._config.insecure:
-            identity = self._sessions.identity_of(token)
+            identity = self._sessions.identity_of(_session_token(context))
             if identity is None:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, JOIN_REQUIRED)
         else:
@@ -323,9 +318,8 @@ class FederationServicer(pb_grpc.FederationServicer):
         """Refuse a call made with a session that is not `identity`'s current one."""
         if self._config.insecure:
             return  # the token is the identity: checked when it was resolved
-        token = dict(context.invocation_metadata() or ()).get(SESSION_METADATA_KEY)
         try:
-            self._sessions.check(identity, token if isinstance(token, str) else None)
+            self._sessions.check(identity, _session_token(context))
         except AccessDenied as exc:
             await self._refuse(context, identity, exc)
 
@@ -475,6 +469,12 @@ async def _abort(
     exc: UpdateRejected | UploadIncomplete | AccessDenied | StorageError,
 ) -> NoReturn:
     await context.abort(grpc.StatusCode[exc.code], str(exc))
+
+
+def _session_token(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    """The session token the call carries (Join's trailing metadata, sent back), if any."""
+    token = dict(context.invocation_metadata() or ()).get(SESSION_METADATA_KEY)
+    return token if isinstance(token, str) else None
 
 
 def _task_header(
