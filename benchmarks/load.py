@@ -485,10 +485,15 @@ def summarize(
     fatal: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     examples: list[str] = []
+    retried_examples: dict[str, list[str]] = {}
     for report in reports:
         fatal.update(report.get("fatal", {}))
         errors.update(report.get("errors", {}))
         examples.extend(report.get("fatal_examples", []))
+        for kind, seen in report.get("error_examples", {}).items():
+            retried_examples.setdefault(kind, []).extend(
+                seen[: 3 - len(retried_examples.get(kind, []))]
+            )
     server_log = (work / "logs" / "server.log").read_text(errors="replace").splitlines()
     warnings = [line for line in server_log if " WARNING " in line or " ERROR " in line]
     rejected = Counter(
@@ -532,6 +537,8 @@ def summarize(
         # Everything in `failures`: a retried call is a call the coordinator did not serve.
         "failure_count": sum(failures.values()),
         "failure_examples": examples[:10],
+        # What gRPC said of the first retried calls of each kind (protocol clients).
+        "retried_examples": retried_examples,
         "server_exit": server_exit,
         "server_peak_rss_bytes": peak["rss_bytes"],
         # VmRSS seen while the level ran (the peak above is the process's lifetime ru_maxrss).

@@ -187,6 +187,8 @@ class Stats:
     join_latencies: list[float] = field(default_factory=list)
     joined_at: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)  # retried: "rpc:CODE"
+    # The first few retried errors of each kind as gRPC described them (details, debug string).
+    error_examples: dict[str, list[str]] = field(default_factory=dict)
     fatal: Counter[str] = field(default_factory=Counter)  # identities that gave up, by kind
     fatal_examples: list[str] = field(default_factory=list)
     downloads: int = 0
@@ -195,6 +197,12 @@ class Stats:
     # Digests of global models whose tensors were checked against Join's manifest: every
     # identity downloads the same bytes, so one check per model and process is enough.
     models_checked: set[bytes] = field(default_factory=set)
+
+    def retried(self, kind: str, exc: grpc.aio.AioRpcError) -> None:
+        self.errors[kind] += 1
+        examples = self.error_examples.setdefault(kind, [])
+        if len(examples) < 3:
+            examples.append(f"{exc.details()} | {exc.debug_error_string()}"[:500])
 
     def fail(self, kind: str, detail: str) -> None:
         self.fatal[kind] += 1
@@ -267,7 +275,7 @@ class Identity:
                 break
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                self._stats.errors[f"join:{code.name}"] += 1
+                self._stats.retried(f"join:{code.name}", exc)
                 if code not in TRANSIENT_CODES:
                     raise Fatal(f"join:{code.name}", str(exc.details())) from None
                 await self._backoff(f"join:{code.name}")
@@ -285,7 +293,7 @@ class Identity:
         """As the real client: Join again when the coordinator forgot us, back off on a
         transient code, stop on any other."""
         code = exc.code()
-        self._stats.errors[f"{rpc}:{code.name}"] += 1
+        self._stats.retried(f"{rpc}:{code.name}", exc)
         if exc.details() == JOIN_REQUIRED:
             await self._connect()
         elif code in TRANSIENT_CODES:
@@ -372,7 +380,7 @@ class Identity:
                 reply = await self._stub.PushResult(messages(), metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                self._stats.errors[f"push:{code.name}"] += 1
+                self._stats.retried(f"push:{code.name}", exc)
                 if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
                     await self._backoff(f"push:{code.name}")
                     continue
@@ -396,7 +404,7 @@ class Identity:
                     pb.HeartbeatRequest(), metadata=self._metadata, timeout=interval
                 )
             except grpc.aio.AioRpcError as exc:
-                self._stats.errors[f"heartbeat:{exc.code().name}"] += 1
+                self._stats.retried(f"heartbeat:{exc.code().name}", exc)
 
 
 # ---- the worker process ----------------------------------------------------------------------
@@ -471,6 +479,7 @@ def report(stats: Stats, count: int) -> dict[str, Any]:
         "downloads": stats.downloads,
         "pushes_accepted": stats.pushes_accepted,
         "errors": dict(stats.errors),
+        "error_examples": stats.error_examples,
         "fatal": dict(stats.fatal),
         "fatal_examples": stats.fatal_examples,
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
