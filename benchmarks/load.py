@@ -486,7 +486,9 @@ def summarize(
     errors: Counter[str] = Counter()
     examples: list[str] = []
     retried_examples: dict[str, list[str]] = {}
+    calls: Counter[str] = Counter()
     for report in reports:
+        calls.update(report.get("calls", {}))
         fatal.update(report.get("fatal", {}))
         errors.update(report.get("errors", {}))
         examples.extend(report.get("fatal_examples", []))
@@ -537,6 +539,11 @@ def summarize(
         # Everything in `failures`: a retried call is a call the coordinator did not serve.
         "failure_count": sum(failures.values()),
         "failure_examples": examples[:10],
+        # Calls the protocol clients made, by RPC, per client and round (joins: per client).
+        "calls_per_client_round": {
+            rpc: round(n / level.clients / (1 if rpc == "join" else max(1, len(rows))), 2)
+            for rpc, n in sorted(calls.items())
+        },
         # What gRPC said of the first retried calls of each kind (protocol clients).
         "retried_examples": retried_examples,
         "server_exit": server_exit,
@@ -785,6 +792,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{level['server_cpu_seconds']:.0f}, clients {level['worker_cpu_seconds']:.0f}, "
                 f"other processes {level['other_cpu_seconds']:.0f}"
             )
+            if level["calls_per_client_round"]:
+                calls = ", ".join(f"{k} {v}" for k, v in level["calls_per_client_round"].items())
+                print(f"        calls per client and round: {calls}")
             for kind, count in level["failures"].items():
                 print(f"        {count:>6} x {kind}")
         if fit is not None:

@@ -189,6 +189,7 @@ class Stats:
     errors: Counter[str] = field(default_factory=Counter)  # retried: "rpc:CODE"
     # The first few retried errors of each kind as gRPC described them (details, debug string).
     error_examples: dict[str, list[str]] = field(default_factory=dict)
+    calls: Counter[str] = field(default_factory=Counter)  # every call made, by RPC
     fatal: Counter[str] = field(default_factory=Counter)  # identities that gave up, by kind
     fatal_examples: list[str] = field(default_factory=list)
     downloads: int = 0
@@ -220,7 +221,7 @@ class Identity:
         self._stats = stats
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._join: pb.JoinReply | None = None
-        self._polling = False  # a PullTask waits for its task: no heartbeats meanwhile
+        self._in_call = False  # a poll, download or upload in progress: no heartbeats meanwhile
         self._attempt = 0
         self._failing_since: float | None = None
 
@@ -266,6 +267,7 @@ class Identity:
 
     async def _connect(self) -> None:
         while True:
+            self._stats.calls["join"] += 1
             call = self._stub.Join(
                 pb.JoinRequest(client_version=__version__), timeout=JOIN_TIMEOUT_SECONDS
             )
@@ -302,19 +304,25 @@ class Identity:
             raise Fatal(f"{rpc}:{code.name}", str(exc.details())) from None
 
     async def _pull_and_answer(self) -> bool:
-        """Pull one task and answer it; False once told to stop."""
-        self._polling = True  # as the real client: no heartbeats while a poll waits
+        """Pull one task and answer it; False once told to stop. As the real client, no
+        heartbeats while a call is in progress (the poll, the download, the upload)."""
+        self._in_call = True
         try:
-            call = self._stub.PullTask(pb.PullTaskRequest(), metadata=self._metadata)
-            first = await call.read()
+            return await self._answer_next_task()
         finally:
-            self._polling = False
+            self._in_call = False
+
+    async def _answer_next_task(self) -> bool:
+        self._stats.calls["pull"] += 1
+        call = self._stub.PullTask(pb.PullTaskRequest(), metadata=self._metadata)
+        first = await call.read()
         if not isinstance(first, pb.TaskMessage) or first.WhichOneof("message") != "header":
             raise Fatal("protocol", "a task stream without a header")
         header = first.header
         if header.kind == pb.TASK_KIND_STOP:
             return False
         if header.kind == pb.TASK_KIND_WAIT:
+            self._in_call = False
             if header.retry_after_seconds > 0:
                 await asyncio.sleep(min(header.retry_after_seconds, 60.0))
             return True
@@ -376,6 +384,7 @@ class Identity:
                 yield pb.ResultMessage(chunk=pb.Chunk(offset=offset, data=data))
 
         while True:
+            self._stats.calls["push"] += 1
             try:
                 reply = await self._stub.PushResult(messages(), metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
@@ -397,8 +406,9 @@ class Identity:
         interval = max(0.5, self._join.heartbeat_interval_seconds)
         while True:
             await asyncio.sleep(interval)
-            if self._polling:
+            if self._in_call:
                 continue
+            self._stats.calls["heartbeat"] += 1
             try:
                 await self._stub.Heartbeat(
                     pb.HeartbeatRequest(), metadata=self._metadata, timeout=interval
@@ -480,6 +490,7 @@ def report(stats: Stats, count: int) -> dict[str, Any]:
         "pushes_accepted": stats.pushes_accepted,
         "errors": dict(stats.errors),
         "error_examples": stats.error_examples,
+        "calls": dict(stats.calls),
         "fatal": dict(stats.fatal),
         "fatal_examples": stats.fatal_examples,
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
