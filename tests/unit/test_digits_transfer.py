@@ -3,8 +3,8 @@ a safetensors file and checked, digits as 28x28 images, and the pretraining comm
 
 from __future__ import annotations
 
-import gzip
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -124,18 +124,35 @@ def test_the_digits_become_centred_28x28_images_normalised_like_fashion_mnist() 
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
-    dims = array.ndim
-    header = (0x800 + dims).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def _write_images(folder: Path, train: int, test: int) -> None:
+    """Random 28x28 images in the IDX files MNIST and Fashion-MNIST come in."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", train), ("t10k", test)):
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+
+
+def test_with_a_data_dir_the_sites_train_on_mnist_normalised_like_fashion_mnist(
+    tmp_path: Path,
+) -> None:
+    _write_images(tmp_path / "MNIST" / "raw", train=40, test=10)
+    data = digits_transfer.load_data(DataRequest(data_dir=tmp_path))
+    images = data.train.features  # type: ignore[attr-defined]
+    assert images.shape == (40 - 4, 1, 28, 28)
+    raw = (images * fashion_mnist.STD + fashion_mnist.MEAN) * 255
+    assert torch.allclose(raw, raw.round(), atol=1e-3) and float(raw.max()) <= 255.001
+    assert len(digits_transfer.load_test_data(tmp_path)) == 10  # type: ignore[arg-type]
 
 
 def test_pretraining_writes_the_backbone_as_safetensors_and_prints_the_hash_to_pin(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 64), ("t10k", 16)):
-        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    _write_images(tmp_path, train=64, test=16)
     out = tmp_path / "backbone.safetensors"
     argv = ["--out", str(out), "--data-dir", str(tmp_path), "--epochs", "1", "--device", "cpu"]
     assert digits_transfer.main(argv) == 0
