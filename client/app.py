@@ -355,6 +355,7 @@ class FederationClient:
             raise FatalClientError(f"coordinator sent invalid tensor patterns: {exc}") from None
         self._check_model(reply)
         self._check_frozen(reply)
+        self._selection.freeze(self._model)  # what the federation does not exchange never trains
         self._restore_local_tensors(reply.identity)
         if reply.finished:
             log.info("federation %s is finished; exiting", reply.federation_id[:8])
