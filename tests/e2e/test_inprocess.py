@@ -4,8 +4,10 @@ through an in-process channel. The seam simulation builds on (server/inprocess.p
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,12 +29,44 @@ from fedlink.v1 import federation_pb2_grpc as pb_grpc
 SITES = ("site-a", "site-b")
 
 
+Services = tuple[RoundEngine, InProcessServices, list[RoundRecord], "SlowUploads"]
+HEARTBEAT_SECONDS = 0.2
+UPLOAD_SECONDS = 1.0
+
+
+class SlowUploads(FederationServicer):
+    """The real servicer, with every upload held a second first (as a busy coordinator would)
+    and the time of every heartbeat and upload recorded."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.uploads: list[tuple[float, float]] = []
+        self.heartbeats: list[float] = []
+
+    async def PushResult(self, request_iterator: Any, context: Any) -> pb.PushResultReply:
+        started = time.monotonic()
+        await asyncio.sleep(UPLOAD_SECONDS)
+        try:
+            return await super().PushResult(request_iterator, context)
+        finally:
+            self.uploads.append((started, time.monotonic()))
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatReply:
+        self.heartbeats.append(time.monotonic())
+        return await super().Heartbeat(request, context)
+
+
 @pytest.fixture
-def services(
-    pki: Any, tmp_path: Path
-) -> Iterator[tuple[RoundEngine, InProcessServices, list[RoundRecord]]]:
+def services(pki: Any, tmp_path: Path) -> Iterator[Services]:
     config = pki.server_config(
-        tmp_path, task="digits", num_rounds=2, min_clients=2, min_fit_clients=2, evaluate_every=1
+        tmp_path,
+        task="digits",
+        num_rounds=2,
+        min_clients=2,
+        min_fit_clients=2,
+        evaluate_every=1,
+        heartbeat_interval_seconds=HEARTBEAT_SECONDS,
+        liveness_timeout_seconds=2 * UPLOAD_SECONDS,
     )
     torch.manual_seed(config.seed)
     records: list[RoundRecord] = []
@@ -40,12 +74,12 @@ def services(
         config, load_task("digits").build_model().state_dict(), on_round=records.append
     )
     work = ThreadPoolExecutor(2)
-    servicer = FederationServicer(engine, config, "in-process", work)
+    servicer = SlowUploads(engine, config, "in-process", work)
     in_process = InProcessServices(
         functools.partial(pb_grpc.add_FederationServicer_to_server, servicer)
     )
     try:
-        yield engine, in_process, records
+        yield engine, in_process, records, servicer
     finally:
         engine.request_stop()
         in_process.close()
@@ -53,9 +87,9 @@ def services(
 
 
 def test_a_federation_runs_in_process_through_the_real_services_and_client_code(
-    pki: Any, tmp_path: Path, services: tuple[RoundEngine, InProcessServices, list[RoundRecord]]
+    pki: Any, tmp_path: Path, services: Services
 ) -> None:
-    engine, in_process, records = services
+    engine, in_process, records, servicer = services
     summary: dict[str, RunSummary] = {}
     runner = threading.Thread(target=lambda: summary.update(run=engine.run(threading.Event())))
     runner.start()
@@ -86,12 +120,22 @@ def test_a_federation_runs_in_process_through_the_real_services_and_client_code(
     assert [r.clients_accepted for r in records] == [2, 2]
     assert all(r.federated_accuracy is not None for r in records)
     assert records[-1].federated_accuracy > 0.5
+    # An upload in progress shows the client is alive: no heartbeats while it lasts (a busy
+    # coordinator would otherwise get heartbeats it cannot take up either).
+    assert len(servicer.uploads) >= 8  # 2 clients x 2 rounds x (train, evaluate)
+    during = [
+        beat
+        for beat in servicer.heartbeats
+        for started, ended in servicer.uploads
+        if started + HEARTBEAT_SECONDS + 0.1 < beat < ended
+    ]
+    assert not during, f"{len(during)} heartbeats during uploads"
 
 
 def test_the_in_process_channel_checks_certificates_like_mutual_tls(
-    pki: Any, services: tuple[RoundEngine, InProcessServices, list[RoundRecord]]
+    pki: Any, services: Services
 ) -> None:
-    _, in_process, _ = services
+    _, in_process, _, _ = services
     stub = pb_grpc.FederationStub(in_process.channel(b"not a certificate", "stranger"))
     with pytest.raises(InProcessRpcError) as refused:
         stub.Join(pb.JoinRequest(), timeout=10)
