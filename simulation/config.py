@@ -123,6 +123,12 @@ class SimulationConfig(ServerConfig):
                 "secure aggregation is not simulated (its point is what the coordinator cannot "
                 "see over the network); simulate without it, rehearse it with `fedlink demo`"
             )
+        if self.build_strategy().extra_tensors:
+            raise ConfigError(
+                f"strategy {self.strategy!r} exchanges extra tensors with its clients (SCAFFOLD's "
+                "control variates, which each client keeps between rounds): not simulated yet; "
+                "run the federation with `fedlink server` and `fedlink client`"
+            )
         if self.dpsgd_noise_multiplier is not None:
             raise ConfigError(
                 "record-level DP-SGD is not simulated yet (each client's privacy accountant "
