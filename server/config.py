@@ -73,8 +73,8 @@ class ServerConfig:
         default="fedavg",
         metadata=_help(
             "how results become the next global model: fedavg, fedavgm, fedadam, fedyogi, "
-            'fedadagrad, fedprox, or your own Strategy subclass as "package.module:Class" (see '
-            "docs/strategies.md)"
+            'fedadagrad, fedprox, scaffold, or your own Strategy subclass as "package.module:Class" '
+            "(see docs/strategies.md)"
         ),
     )
     strategy_params: Mapping[str, Any] | None = field(

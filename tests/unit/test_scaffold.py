@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from fedlink.client.app import FatalClientError, train_config_from
 from fedlink.common.errors import ConfigError
 from fedlink.common.scaffold import CONTROL_DELTA, SERVER_CONTROL, next_client_control
 from fedlink.common.tasks.base import ClientData, ControlCorrection, TensorExamples, TrainConfig
@@ -162,3 +163,19 @@ def test_scaffold_runs_with_plain_sgd_and_sends_its_setting() -> None:
     strategy = config.build_strategy()
     assert repr(strategy) == "scaffold(eta=0.8)"
     assert config.task_settings(strategy)["fedlink.scaffold"] is True
+
+
+@pytest.mark.parametrize(
+    ("hyper", "settings", "says"),
+    [
+        ({"momentum": "0.9"}, {"fedlink.scaffold": True}, "SCAFFOLD needs plain SGD steps"),
+        ({"optimizer": "adam"}, {"fedlink.scaffold": True}, "SCAFFOLD needs plain SGD steps"),
+        ({"momentum": "0"}, {"fedlink.scaffold": "yes"}, "it must be a boolean"),
+    ],
+)
+def test_a_client_refuses_scaffold_settings_it_cannot_train_with(
+    hyper: dict[str, str], settings: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(FatalClientError, match=says):
+        train_config_from(hyper, seed=0, settings=settings)
+    assert train_config_from({"momentum": "0"}, 0, {"fedlink.scaffold": True}).momentum == 0
