@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from fedlink.client.app import FatalClientError, train_config_from
+from fedlink.client.app import FatalClientError, _checked_control, train_config_from
 from fedlink.common.errors import ConfigError
 from fedlink.common.scaffold import CONTROL_DELTA, SERVER_CONTROL, next_client_control
 from fedlink.common.tasks.base import ClientData, ControlCorrection, TensorExamples, TrainConfig
@@ -179,3 +179,22 @@ def test_a_client_refuses_scaffold_settings_it_cannot_train_with(
     with pytest.raises(FatalClientError, match=says):
         train_config_from(hyper, seed=0, settings=settings)
     assert train_config_from({"momentum": "0"}, 0, {"fedlink.scaffold": True}).momentum == 0
+
+
+@pytest.mark.parametrize(
+    "control",
+    [
+        {},  # the setting on, no c in the download
+        {"w": torch.zeros(3), "extra": torch.zeros(1)},  # c for a tensor the model lacks
+        {"w": torch.zeros(4)},  # another shape
+        {"w": torch.zeros(3, dtype=torch.int64)},  # not floating
+        {"w": torch.tensor([0.0, float("nan"), 0.0])},
+    ],
+)
+def test_a_client_refuses_control_variates_that_do_not_fit_its_model(
+    control: dict[str, torch.Tensor],
+) -> None:
+    model = {"w": torch.zeros(3), "counter": torch.tensor(1)}
+    with pytest.raises(FatalClientError, match="SCAFFOLD control variate"):
+        _checked_control(control, model)
+    assert _checked_control({"w": torch.ones(3)}, model)["w"].tolist() == [1.0, 1.0, 1.0]
