@@ -27,7 +27,7 @@ def load_data(request: DataRequest) -> ClientData:
     start = request.partition_index * SAMPLES_PER_CLIENT
     indices = np.sort(order[np.arange(start, start + SAMPLES_PER_CLIENT) % len(labels)])
     return ClientData(
-        train=image_examples(images, labels, indices, fashion_mnist._MEAN, fashion_mnist._STD)
+        train=image_examples(images, labels, indices, fashion_mnist.MEAN, fashion_mnist.STD)
     )
 
 

@@ -485,10 +485,17 @@ def summarize(
     fatal: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     examples: list[str] = []
+    retried_examples: dict[str, list[str]] = {}
+    calls: Counter[str] = Counter()
     for report in reports:
+        calls.update(report.get("calls", {}))
         fatal.update(report.get("fatal", {}))
         errors.update(report.get("errors", {}))
         examples.extend(report.get("fatal_examples", []))
+        for kind, seen in report.get("error_examples", {}).items():
+            retried_examples.setdefault(kind, []).extend(
+                seen[: 3 - len(retried_examples.get(kind, []))]
+            )
     server_log = (work / "logs" / "server.log").read_text(errors="replace").splitlines()
     warnings = [line for line in server_log if " WARNING " in line or " ERROR " in line]
     rejected = Counter(
@@ -532,6 +539,13 @@ def summarize(
         # Everything in `failures`: a retried call is a call the coordinator did not serve.
         "failure_count": sum(failures.values()),
         "failure_examples": examples[:10],
+        # Calls the protocol clients made, by RPC, per client and round (joins: per client).
+        "calls_per_client_round": {
+            rpc: round(n / level.clients / (1 if rpc == "join" else max(1, len(rows))), 2)
+            for rpc, n in sorted(calls.items())
+        },
+        # What gRPC said of the first retried calls of each kind (protocol clients).
+        "retried_examples": retried_examples,
         "server_exit": server_exit,
         "server_peak_rss_bytes": peak["rss_bytes"],
         # VmRSS seen while the level ran (the peak above is the process's lifetime ru_maxrss).
@@ -778,6 +792,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{level['server_cpu_seconds']:.0f}, clients {level['worker_cpu_seconds']:.0f}, "
                 f"other processes {level['other_cpu_seconds']:.0f}"
             )
+            if level["calls_per_client_round"]:
+                calls = ", ".join(f"{k} {v}" for k, v in level["calls_per_client_round"].items())
+                print(f"        calls per client and round: {calls}")
             for kind, count in level["failures"].items():
                 print(f"        {count:>6} x {kind}")
         if fit is not None:

@@ -38,12 +38,12 @@ LAYERS = 4
 
 
 class Big(nn.Module):
-    """LAYERS x Linear(WIDTH, WIDTH): 100,020,000 float32 parameters (400 MB)."""
+    """`layers` x Linear(WIDTH, WIDTH): with LAYERS, 100,020,000 float32 parameters (400 MB)."""
 
-    def __init__(self) -> None:
+    def __init__(self, layers: int = LAYERS) -> None:
         super().__init__()
         # Built on the meta device, then given real memory: skips the slow random init.
-        self.layers = nn.ModuleList(nn.Linear(WIDTH, WIDTH, device="meta") for _ in range(LAYERS))
+        self.layers = nn.ModuleList(nn.Linear(WIDTH, WIDTH, device="meta") for _ in range(layers))
         self.to_empty(device="cpu")
         with torch.no_grad():
             # to_empty leaves memory uninitialized (possibly NaN, which fedlink refuses); a
@@ -80,7 +80,18 @@ def _resnet18() -> nn.Module:
     return model
 
 
-MODELS = {"tiny": _tiny_mlp, "cnn1.66m": _fedavg_cnn, "resnet18": _resnet18, "100m": Big}
+def _big_1gib() -> nn.Module:
+    """11 of the 100m model's layers: 275,055,000 parameters, 1.02 GiB as safetensors."""
+    return Big(layers=11)
+
+
+MODELS = {
+    "tiny": _tiny_mlp,
+    "cnn1.66m": _fedavg_cnn,
+    "resnet18": _resnet18,
+    "100m": Big,
+    "1gib": _big_1gib,
+}
 
 
 def model_name() -> str:

@@ -187,6 +187,9 @@ class Stats:
     join_latencies: list[float] = field(default_factory=list)
     joined_at: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)  # retried: "rpc:CODE"
+    # The first few retried errors of each kind as gRPC described them (details, debug string).
+    error_examples: dict[str, list[str]] = field(default_factory=dict)
+    calls: Counter[str] = field(default_factory=Counter)  # every call made, by RPC
     fatal: Counter[str] = field(default_factory=Counter)  # identities that gave up, by kind
     fatal_examples: list[str] = field(default_factory=list)
     downloads: int = 0
@@ -195,6 +198,12 @@ class Stats:
     # Digests of global models whose tensors were checked against Join's manifest: every
     # identity downloads the same bytes, so one check per model and process is enough.
     models_checked: set[bytes] = field(default_factory=set)
+
+    def retried(self, kind: str, exc: grpc.aio.AioRpcError) -> None:
+        self.errors[kind] += 1
+        examples = self.error_examples.setdefault(kind, [])
+        if len(examples) < 3:
+            examples.append(f"{exc.details()} | {exc.debug_error_string()}"[:500])
 
     def fail(self, kind: str, detail: str) -> None:
         self.fatal[kind] += 1
@@ -212,7 +221,7 @@ class Identity:
         self._stats = stats
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._join: pb.JoinReply | None = None
-        self._polling = False  # a PullTask waits for its task: no heartbeats meanwhile
+        self._in_call = False  # a poll, download or upload in progress: no heartbeats meanwhile
         self._attempt = 0
         self._failing_since: float | None = None
 
@@ -258,6 +267,7 @@ class Identity:
 
     async def _connect(self) -> None:
         while True:
+            self._stats.calls["join"] += 1
             call = self._stub.Join(
                 pb.JoinRequest(client_version=__version__), timeout=JOIN_TIMEOUT_SECONDS
             )
@@ -267,7 +277,7 @@ class Identity:
                 break
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                self._stats.errors[f"join:{code.name}"] += 1
+                self._stats.retried(f"join:{code.name}", exc)
                 if code not in TRANSIENT_CODES:
                     raise Fatal(f"join:{code.name}", str(exc.details())) from None
                 await self._backoff(f"join:{code.name}")
@@ -285,7 +295,7 @@ class Identity:
         """As the real client: Join again when the coordinator forgot us, back off on a
         transient code, stop on any other."""
         code = exc.code()
-        self._stats.errors[f"{rpc}:{code.name}"] += 1
+        self._stats.retried(f"{rpc}:{code.name}", exc)
         if exc.details() == JOIN_REQUIRED:
             await self._connect()
         elif code in TRANSIENT_CODES:
@@ -294,19 +304,25 @@ class Identity:
             raise Fatal(f"{rpc}:{code.name}", str(exc.details())) from None
 
     async def _pull_and_answer(self) -> bool:
-        """Pull one task and answer it; False once told to stop."""
-        self._polling = True  # as the real client: no heartbeats while a poll waits
+        """Pull one task and answer it; False once told to stop. As the real client, no
+        heartbeats while a call is in progress (the poll, the download, the upload)."""
+        self._in_call = True
         try:
-            call = self._stub.PullTask(pb.PullTaskRequest(), metadata=self._metadata)
-            first = await call.read()
+            return await self._answer_next_task()
         finally:
-            self._polling = False
+            self._in_call = False
+
+    async def _answer_next_task(self) -> bool:
+        self._stats.calls["pull"] += 1
+        call = self._stub.PullTask(pb.PullTaskRequest(), metadata=self._metadata)
+        first = await call.read()
         if not isinstance(first, pb.TaskMessage) or first.WhichOneof("message") != "header":
             raise Fatal("protocol", "a task stream without a header")
         header = first.header
         if header.kind == pb.TASK_KIND_STOP:
             return False
         if header.kind == pb.TASK_KIND_WAIT:
+            self._in_call = False
             if header.retry_after_seconds > 0:
                 await asyncio.sleep(min(header.retry_after_seconds, 60.0))
             return True
@@ -368,11 +384,12 @@ class Identity:
                 yield pb.ResultMessage(chunk=pb.Chunk(offset=offset, data=data))
 
         while True:
+            self._stats.calls["push"] += 1
             try:
                 reply = await self._stub.PushResult(messages(), metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                self._stats.errors[f"push:{code.name}"] += 1
+                self._stats.retried(f"push:{code.name}", exc)
                 if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
                     await self._backoff(f"push:{code.name}")
                     continue
@@ -389,14 +406,15 @@ class Identity:
         interval = max(0.5, self._join.heartbeat_interval_seconds)
         while True:
             await asyncio.sleep(interval)
-            if self._polling:
+            if self._in_call:
                 continue
+            self._stats.calls["heartbeat"] += 1
             try:
                 await self._stub.Heartbeat(
                     pb.HeartbeatRequest(), metadata=self._metadata, timeout=interval
                 )
             except grpc.aio.AioRpcError as exc:
-                self._stats.errors[f"heartbeat:{exc.code().name}"] += 1
+                self._stats.retried(f"heartbeat:{exc.code().name}", exc)
 
 
 # ---- the worker process ----------------------------------------------------------------------
@@ -471,6 +489,8 @@ def report(stats: Stats, count: int) -> dict[str, Any]:
         "downloads": stats.downloads,
         "pushes_accepted": stats.pushes_accepted,
         "errors": dict(stats.errors),
+        "error_examples": stats.error_examples,
+        "calls": dict(stats.calls),
         "fatal": dict(stats.fatal),
         "fatal_examples": stats.fatal_examples,
         "cpu_seconds": usage.ru_utime + usage.ru_stime,

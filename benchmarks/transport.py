@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/transport.py --models cnn1.66m --clients 2
 
 For each model (cnn1.66m: the FedAvg CNN, 1.66M parameters; resnet18: torchvision ResNet-18,
-11.2M; 100m: 100M float32 parameters) and each number of clients, it starts a real coordinator
+11.2M; 100m: 100M float32 parameters; 1gib: 275M, 1.02 GiB) and each number of clients, it starts a real coordinator
 and N client processes over mutual TLS on 127.0.0.1, exactly as `fedlink demo` does, with
 training replaced by a no-op (benchmarks/noop_task.py): each round still streams the global
 model to every client, which loads it, serializes its state_dict and streams it back, and the
@@ -63,7 +63,10 @@ from fedlink.common.wire import DEFAULT_CHUNK_SIZE
 BENCH_DIR = Path(__file__).resolve().parent
 
 # The models of noop_task.py (kept in step with its MODELS), chosen by MODEL_ENV.
-MODELS = ("cnn1.66m", "resnet18", "100m")
+MODELS = ("cnn1.66m", "resnet18", "100m", "1gib")
+# The default matrix; 1gib is run on its own with one client (`--models 1gib --clients 1`):
+# each process holds a few copies of the model.
+DEFAULT_MODELS = MODELS[:3]
 MODEL_ENV = "FEDLINK_BENCH_MODEL"
 DEFAULT_CLIENTS = (2, 5, 10)
 DEFAULT_OUT = BENCH_DIR / "results" / "transport.json"
@@ -873,7 +876,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="fedlink round time and coordinator memory vs the bare mTLS gRPC wire limit"
     )
     parser.add_argument(
-        "--models", nargs="+", default=list(MODELS), help=f"any of {', '.join(MODELS)}"
+        "--models",
+        nargs="+",
+        default=list(DEFAULT_MODELS),
+        help=f"any of {', '.join(MODELS)} (default: {', '.join(DEFAULT_MODELS)})",
     )
     parser.add_argument(
         "--clients", nargs="+", default=[str(n) for n in DEFAULT_CLIENTS], help="client counts"

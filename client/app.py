@@ -10,6 +10,7 @@ import signal
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
@@ -250,7 +251,11 @@ class FederationClient:
             give_up_after=config.reconnect_timeout_seconds,
         )
         self._stop_heartbeat = threading.Event()
-        self._polling = threading.Event()  # a PullTask waits for its task: no heartbeats needed
+        # A call in progress (a long poll, a download, an upload) shows the coordinator that
+        # this client is alive: no heartbeats meanwhile. A coordinator too busy to take up an
+        # upload would not take up a heartbeat either, and at 10,000 clients heartbeats sent
+        # during uploads outnumbered every other call (benchmarks/load.py).
+        self._in_call = threading.Event()
         self._secure: SecureParticipant | None = None
         self._floor = PrivacyFloor(
             min_clients=config.secagg_min_clients,
@@ -379,6 +384,7 @@ class FederationClient:
             raise FatalClientError(f"coordinator sent invalid tensor patterns: {exc}") from None
         self._check_model(reply)
         self._check_frozen(reply)
+        self._selection.freeze(self._model)  # what the federation does not exchange never trains
         self._restore_local_tensors(reply.identity)
         if reply.finished:
             log.info("federation %s is finished; exiting", reply.federation_id[:8])
@@ -454,12 +460,9 @@ class FederationClient:
         """Pull one task and carry it out; False when the federation is over."""
         # A waiting poll shows the coordinator this client is alive: no heartbeats meanwhile
         # (10,000 idle clients would otherwise send 1,000 heartbeats a second).
-        self._polling.set()
-        try:
+        with self._calling():
             stream = self._stub.PullTask(pb.PullTaskRequest(), metadata=self._metadata)
             first = next(stream, None)
-        finally:
-            self._polling.clear()
         if first is None or first.WhichOneof("message") != "header":
             raise FatalClientError("coordinator sent a task stream without a header")
         header = first.header
@@ -498,15 +501,16 @@ class FederationClient:
     ) -> None:
         """The task's payload chunks into `sink`, checked against the announced size and digest."""
         info = PayloadInfo(header.payload.size, header.payload.sha256, header.payload.encoding)
-        try:
-            assembler = PayloadAssembler(info, sink, max_size=max_size, encoding=encoding)
-            for message in stream:
-                if message.WhichOneof("message") != "chunk":
-                    raise PayloadError("unexpected second header in task stream")
-                assembler.add(message.chunk.offset, message.chunk.data)
-            assembler.finish()
-        except PayloadError as exc:
-            raise FatalClientError(f"task download failed: {exc}") from None
+        with self._calling():
+            try:
+                assembler = PayloadAssembler(info, sink, max_size=max_size, encoding=encoding)
+                for message in stream:
+                    if message.WhichOneof("message") != "chunk":
+                        raise PayloadError("unexpected second header in task stream")
+                    assembler.add(message.chunk.offset, message.chunk.data)
+                assembler.finish()
+            except PayloadError as exc:
+                raise FatalClientError(f"task download failed: {exc}") from None
 
     def _load_global_model(
         self,
@@ -832,7 +836,8 @@ class FederationClient:
 
         while True:
             try:
-                self._stub.PushResult(messages(), metadata=self._metadata)
+                with self._calling():
+                    self._stub.PushResult(messages(), metadata=self._metadata)
                 return True
             except grpc.RpcError as exc:
                 code = exc.code()
@@ -850,11 +855,20 @@ class FederationClient:
                 )
                 return False
 
+    @contextmanager
+    def _calling(self) -> Iterator[None]:
+        """A call to the coordinator in progress: no heartbeats until it ends."""
+        self._in_call.set()
+        try:
+            yield
+        finally:
+            self._in_call.clear()
+
     def _heartbeat_loop(self) -> None:
         assert self._join is not None
         interval = max(0.5, self._join.heartbeat_interval_seconds)
         while not self._stop_heartbeat.wait(interval):
-            if self._polling.is_set():
+            if self._in_call.is_set():
                 continue
             try:
                 self._stub.Heartbeat(

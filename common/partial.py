@@ -69,6 +69,15 @@ class TensorSelection:
     def local_part(self, state: Mapping[str, torch.Tensor]) -> StateDict:
         return {name: tensor for name, tensor in state.items() if self.is_local(name)}
 
+    def freeze(self, model: torch.nn.Module) -> None:
+        """Stop `model` training its frozen parameters (`requires_grad` False): a site that
+        trained one would drift, unseen, from the weights every other site holds and from the
+        hash checked at join. Buffers are the task's to keep still (a frozen batch norm in
+        eval mode)."""
+        frozen = self.frozen(dict(model.named_parameters()))
+        for parameter in frozen.values():
+            parameter.requires_grad_(False)
+
     def check_model(self, names: Iterable[str]) -> None:
         """Every pattern names a tensor of the model, and some tensor travels (ConfigError)."""
         names = list(names)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -36,13 +38,21 @@ class PayloadInfo:
     encoding: str = ENCODING
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PayloadFile:
     """A payload kept on disk and streamed from there: memory stays one chunk per stream, and
-    one file serves every client that downloads it."""
+    one file serves every client that downloads it.
+
+    All of its streams read through one file descriptor (`os.pread` takes the offset, so they
+    share it safely), opened by the first and closed when the payload is dropped: a coordinator
+    handing the global model to 10,000 clients at once must not need 10,000 more descriptors
+    (it ran out of them: EMFILE). The descriptor holds the sealed file even if its path is
+    replaced meanwhile."""
 
     path: Path
     info: PayloadInfo
+    _fd: int | None = field(default=None, init=False, repr=False)
+    _opening: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @classmethod
     def seal(cls, path: Path, encoding: str = ENCODING) -> PayloadFile:
@@ -56,12 +66,18 @@ class PayloadFile:
 
     def chunks(self, chunk_size: int) -> Iterator[tuple[int, bytes]]:
         check_chunk_size(chunk_size)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            for offset in range(0, self.info.size, chunk_size):
-                yield offset, os.pread(fd, min(chunk_size, self.info.size - offset), offset)
-        finally:
-            os.close(fd)
+        fd = self._descriptor()
+        for offset in range(0, self.info.size, chunk_size):
+            yield offset, os.pread(fd, min(chunk_size, self.info.size - offset), offset)
+
+    def _descriptor(self) -> int:
+        with self._opening:
+            if self._fd is None:
+                fd = os.open(self.path, os.O_RDONLY)
+                object.__setattr__(self, "_fd", fd)  # frozen: set once, here
+                weakref.finalize(self, os.close, fd)
+                return fd
+            return self._fd
 
 
 def check_chunk_size(chunk_size: int) -> None:

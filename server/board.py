@@ -16,6 +16,8 @@ import math
 import random
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from fedlink.common.errors import UpdateRejected
 from fedlink.common.wire import JOIN_REQUIRED
@@ -169,6 +171,20 @@ class PhaseBoard:
             self._told_to_stop.add(identity)
             self.cond.notify_all()
             return True
+
+    @contextmanager
+    def downloading(self, identity: str) -> Iterator[None]:
+        """While a task's payload streams to `identity` it counts as alive: clients send no
+        heartbeats while a call of theirs is in progress, and a large model may take longer to
+        download than the liveness timeout. (An upload counts from its header on: the phase's
+        `submitted`.)"""
+        with self.cond:
+            self.roster.download_started(identity)
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.roster.download_ended(identity, time.monotonic())
 
     def count_bytes(self, identity: str, task_id: str, *, down: int = 0, up: int = 0) -> None:
         """A download or upload of `identity` for `task_id` ended, having moved these bytes."""

@@ -4,6 +4,7 @@ task. Not thread-safe on its own: the round engine calls it with its lock held."
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 
 # Called, from any thread and with the engine's lock held, when a waiting poll may have a task:
@@ -18,6 +19,7 @@ class Roster:
         # Everyone who ever joined this run: the population `below_quorum = "wait"` samples.
         self.known: set[str] = set()
         self._waiters: dict[str, list[Wake]] = {}  # polls waiting for a task, by identity
+        self._downloading: Counter[str] = Counter()  # task payloads streaming to each client
 
     def join(self, identity: str, now: float) -> bool:
         """Record a Join; whether the identity was not joined before."""
@@ -49,12 +51,27 @@ class Roster:
         return set(self._last_seen)
 
     def is_alive(self, identity: str, now: float) -> bool:
-        """Seen within the liveness timeout, or waiting in a long poll now: clients send no
-        heartbeats while they poll (a poll ends when its connection does)."""
+        """Seen within the liveness timeout, or waiting in a long poll or downloading its task
+        now: clients send no heartbeats while a call of theirs is in progress (it ends when
+        their connection does)."""
         last_seen = self._last_seen.get(identity)
         if last_seen is None:
             return False
-        return now - last_seen <= self._window or identity in self._waiters
+        return (
+            now - last_seen <= self._window
+            or identity in self._waiters
+            or identity in self._downloading
+        )
+
+    def download_started(self, identity: str) -> None:
+        self._downloading[identity] += 1
+
+    def download_ended(self, identity: str, now: float) -> None:
+        """A download ended (complete or not): the client was alive until now."""
+        self._downloading[identity] -= 1
+        if self._downloading[identity] <= 0:
+            del self._downloading[identity]
+        self.seen(identity, now)
 
     def alive(self, now: float) -> list[str]:
         return sorted(i for i in self._last_seen if self.is_alive(i, now))

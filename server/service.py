@@ -159,12 +159,13 @@ class FederationServicer(pb_grpc.FederationServicer):
                 return
             sent = 0
             try:
-                # Reads of the sealed payload file come from the page cache; each message waits
-                # for the client's flow control, so a slow reader holds one chunk, not the model.
-                for offset, data in offer.payload.chunks(self._config.chunk_size):
-                    yield pb.TaskMessage(chunk=pb.Chunk(offset=offset, data=data))
-                    sent += len(data)
-                    self._status.count_bytes(identity, down=len(data))
+                with self._board.downloading(identity):
+                    # Reads of the sealed payload file come from the page cache; each message
+                    # waits for the client's flow control, so a slow reader holds one chunk.
+                    for offset, data in offer.payload.chunks(self._config.chunk_size):
+                        yield pb.TaskMessage(chunk=pb.Chunk(offset=offset, data=data))
+                        sent += len(data)
+                        self._status.count_bytes(identity, down=len(data))
             finally:
                 self._board.count_bytes(identity, offer.task_id, down=sent)
         finally:

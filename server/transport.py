@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import uuid
 from collections.abc import Callable
@@ -53,11 +54,26 @@ TRANSPORT_OPTIONS = [
 def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
     """gRPC core's limits on connections, before any call (docs/security.md): a handshake that
     does not finish is cut off, an idle connection is closed, and beyond `max_connections`
-    (handshaking or not) a new connection is closed at once."""
+    (handshaking or not) a new connection is closed at once.
+
+    Calls that arrived but that the server has not yet taken up wait in core's pending queue:
+    grpc.aio takes them one at a time, between the event loop's other work, so when thousands
+    of clients call at once (a round opens, a join storm) the queue grows past core's default
+    of 1,000, beyond which core cancels calls at random (the clients saw bare CANCELLED). The
+    queue holds calls that `max_concurrent_rpcs` admits anyway: early refusal begins there,
+    and core refuses every new call beyond twice that (RESOURCE_EXHAUSTED), which bounds what a
+    flood of calls can make it hold. A call waits there at most a round's timeout (core's
+    default, 30 s, cancelled uploads when 10,000 clients uploaded at once)."""
     return [
         ("grpc.server_handshake_timeout_ms", round(config.handshake_timeout_seconds * 1000)),
         ("grpc.max_connection_idle_ms", round(config.max_connection_idle_seconds * 1000)),
         ("grpc.max_allowed_incoming_connections", config.max_connections),
+        ("grpc.server.max_pending_requests", config.max_concurrent_rpcs),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_concurrent_rpcs),
+        # How long a call may wait there before core cancels it: a saturated coordinator takes
+        # up 10,000 uploads in a minute or two, and a client whose call is cancelled only makes
+        # it again, at the same cost.
+        ("grpc.server_max_unrequested_time_in_server", math.ceil(config.round_timeout_seconds)),
     ]
 
 

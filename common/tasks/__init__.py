@@ -17,6 +17,7 @@ BUILTIN_TASKS = {
     "cifar10": "fedlink.common.tasks.cifar10",
     "cifar10-resnet18": "fedlink.common.tasks.cifar10_resnet18",
     "causal-lm": "fedlink.common.tasks.causal_lm",
+    "digits-transfer": "fedlink.common.tasks.digits_transfer",
 }
 
 REQUIRED_FUNCTIONS = ("build_model", "load_data", "load_test_data", "train", "evaluate")

@@ -45,7 +45,7 @@ IDX_FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_MEAN, _STD = 0.2860, 0.3530  # of the Fashion-MNIST training pixels
+MEAN, STD = 0.2860, 0.3530  # of the Fashion-MNIST training pixels
 # IDX magic numbers: unsigned bytes, three dimensions (images) or one (labels).
 _IMAGES_MAGIC, _LABELS_MAGIC = 0x00000803, 0x00000801
 
@@ -59,15 +59,15 @@ def load_data(request: DataRequest) -> ClientData:
     images, labels = load_images(request.data_dir, train=True)
     train_idx, test_idx = client_split(labels.numpy(), request)
     return ClientData(
-        train=image_examples(images, labels, train_idx, _MEAN, _STD),
-        test=None if test_idx is None else image_examples(images, labels, test_idx, _MEAN, _STD),
+        train=image_examples(images, labels, train_idx, MEAN, STD),
+        test=None if test_idx is None else image_examples(images, labels, test_idx, MEAN, STD),
     )
 
 
 def load_test_data(data_dir: Path | None = None) -> ExampleDataset:
     """The 10,000 test images."""
     images, labels = load_images(data_dir, train=False)
-    return image_examples(images, labels, np.arange(len(labels)), _MEAN, _STD)
+    return image_examples(images, labels, np.arange(len(labels)), MEAN, STD)
 
 
 @cached_until_changed  # one copy however many clients a process serves

@@ -60,7 +60,7 @@ def build_model() -> nn.Module:
 
 def load_data(request: DataRequest) -> ClientData:
     """This client's part of the MNIST training images."""
-    images, labels = _load(request.data_dir, train=True)
+    images, labels = load_images(request.data_dir, train=True)
     train_idx, test_idx = client_split(labels.numpy(), request)
     return ClientData(
         train=image_examples(images, labels, train_idx),
@@ -71,7 +71,7 @@ def load_data(request: DataRequest) -> ClientData:
 def load_test_data(data_dir: Path | None = None) -> ExampleDataset:
     """The 10,000 MNIST test images, from `data_dir` (the coordinator's test_data_dir) or the
     default location."""
-    images, labels = _load(data_dir, train=False)
+    images, labels = load_images(data_dir, train=False)
     return image_examples(images, labels, np.arange(len(labels)))
 
 
@@ -86,7 +86,7 @@ def evaluate(model: nn.Module, dataset: ExampleDataset, device: torch.device) ->
 
 
 @cached_until_changed  # one copy however many clients a process serves
-def _load(data_dir: Path | None, *, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def load_images(data_dir: Path | None, *, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 images (N, 28, 28), int64 labels (N,)), downloading them if they are missing."""
     root = Path(data_dir) if data_dir is not None else DEFAULT_ROOT
     try:

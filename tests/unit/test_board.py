@@ -109,6 +109,26 @@ def test_a_phase_closes_early_when_everyone_missing_has_gone_silent(
     assert phase.delivered == {"a"}
 
 
+def test_a_client_downloading_its_task_is_alive_without_heartbeats(
+    tmp_path: Path, pool: ThreadPoolExecutor
+) -> None:
+    # Clients send no heartbeats while a call is in progress: a download longer than the
+    # liveness timeout (0.3 s here) must not make the phase close without the client.
+    board = _board(tmp_path)
+    for identity in ("a", "b"):
+        board.join(identity)
+    phase = _phase({"a", "b"})
+    closed, _ = _open(pool, board, phase, timeout=30)
+    _settle(board, phase, "a")
+    with board.downloading("b"):
+        time.sleep(1.5)  # five liveness timeouts, with the close checked 4 times a second
+        assert not closed.done()
+    time.sleep(0.1)
+    assert not closed.done(), "the download's end is a sign of life"
+    assert closed.result(10) is phase  # then silent: closed without "b"
+    assert phase.delivered == {"a"}
+
+
 def test_below_quorum_wait_holds_a_phase_open_past_its_deadline(
     tmp_path: Path, pool: ThreadPoolExecutor
 ) -> None:

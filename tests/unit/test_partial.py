@@ -90,3 +90,15 @@ def test_a_task_may_declare_the_tensors_it_exchanges() -> None:
     assert exchanged_tensors(load_task("digits")) == ()
     with pytest.raises(TaskError, match="EXCHANGED_TENSORS must be a tuple"):
         exchanged_tensors(SimpleNamespace(EXCHANGED_TENSORS="*lora_*"))  # type: ignore[arg-type]
+
+
+def test_freezing_stops_training_the_parameters_that_neither_travel_nor_stay_local() -> None:
+    model = torch.nn.Sequential()
+    model.add_module("base", torch.nn.Linear(3, 4))
+    model.add_module("bn", torch.nn.BatchNorm1d(4))
+    model.add_module("head", torch.nn.Linear(4, 2))
+    TensorSelection(exchanged=("head.*",), local=("bn.*",)).freeze(model)
+    trained = sorted(name for name, p in model.named_parameters() if p.requires_grad)
+    assert trained == ["bn.bias", "bn.weight", "head.bias", "head.weight"]
+    TensorSelection().freeze(model)  # nothing frozen: nothing changes, nothing is unfrozen
+    assert not model.base.weight.requires_grad and model.head.weight.requires_grad

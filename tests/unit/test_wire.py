@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import os
@@ -227,3 +228,34 @@ def test_check_chunk_size_accepts_bounds_inclusive(chunk_size: int) -> None:
 def test_check_chunk_size_rejects_out_of_range_with_valid_range_in_message(chunk_size: int) -> None:
     with pytest.raises(PayloadError, match=f"{MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}"):
         check_chunk_size(chunk_size)
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_every_stream_of_a_payload_reads_through_one_descriptor_closed_with_the_payload() -> None:
+    # 10,000 clients downloading the global model at once ran a coordinator out of descriptors
+    # when each stream opened the file.
+    data = _payload(3 * CHUNK)
+    payload = _sealed(data)
+    before = _open_descriptors()
+    streams = [payload.chunks(CHUNK) for _ in range(200)]
+    firsts = [next(stream) for stream in streams]
+    assert _open_descriptors() - before == 1
+    assert all(first == (0, data[:CHUNK]) for first in firsts)
+    assert b"".join(chunk for _, chunk in streams[0]) == data[CHUNK:]
+    del streams, firsts, payload
+    gc.collect()
+    assert _open_descriptors() == before
+
+
+def test_a_payload_keeps_streaming_the_sealed_file_after_its_path_is_replaced() -> None:
+    data = _payload(2 * CHUNK)
+    payload = _sealed(data)
+    stream = payload.chunks(CHUNK)
+    assert next(stream) == (0, data[:CHUNK])
+    replacement = payload.path.with_suffix(".next")
+    replacement.write_bytes(_payload(2 * CHUNK))
+    replacement.replace(payload.path)  # as an atomic rewrite of the same path would
+    assert b"".join(chunk for _, chunk in payload.chunks(CHUNK)) == data

@@ -1,5 +1,6 @@
 """The digits task on a pretrained, frozen base with a trainable head: the base is read from the
-safetensors file named by FROZEN_BASE (each site's own copy of the pretrained weights)."""
+safetensors file named by FROZEN_BASE (each site's own copy of the pretrained weights). It does
+not freeze the base itself: the client freezes what the federation does not exchange."""
 
 from __future__ import annotations
 
@@ -33,5 +34,4 @@ class FrozenBaseMLP(nn.Sequential):
 def build_model() -> nn.Module:
     model = FrozenBaseMLP()
     model.base.load_state_dict(safetensors.torch.load_file(Path(os.environ["FROZEN_BASE"])))
-    model.base.requires_grad_(False)
     return model
