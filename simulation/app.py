@@ -32,7 +32,8 @@ def client_settings(config: SimulationConfig) -> ClientSettings:
     return ClientSettings(
         task=config.task,
         hyperparameters=config.hyperparameters(),
-        task_config=dict(config.task_config),
+        # The strategy's settings too (FedProx's mu), as every real client's task header has.
+        task_config=dict(config.task_settings(config.build_strategy())),
         partition=config.partition,
         num_clients=config.num_clients,
         seed=config.seed,

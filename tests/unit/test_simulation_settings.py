@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from fedlink.common.errors import ConfigError
+from fedlink.simulation.app import client_settings
 from fedlink.simulation.config import SimulationConfig, client_name
 from fedlink.simulation.workers import plan_workers
 
@@ -62,3 +63,10 @@ def test_settings_a_simulation_cannot_run_are_refused(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         SimulationConfig(**settings)
+
+
+def test_virtual_clients_get_the_strategys_settings_with_the_tasks() -> None:
+    config = SimulationConfig(
+        strategy="fedprox", strategy_params={"mu": 0.5}, task_config={"threshold": 2}
+    )
+    assert client_settings(config).task_config == {"threshold": 2, "fedlink.proximal_mu": 0.5}
