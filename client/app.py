@@ -50,7 +50,9 @@ from fedlink.common.scaffold import (
     CONTROL_DELTA,
     SCAFFOLD,
     SERVER_CONTROL,
+    control_correction,
     next_client_control,
+    read_client_control,
     split_control,
 )
 from fedlink.common.secagg_wire import setup_from_proto
@@ -625,10 +627,7 @@ class FederationClient:
     def _control_correction(self) -> ControlCorrection:
         """SCAFFOLD's c - c_i for the parameters this client trains (by state_dict name)."""
         client = self._load_client_control()
-        trained = {name for name, p in self._model.named_parameters() if p.requires_grad}
-        return ControlCorrection(
-            {name: c - client[name] for name, c in self._server_control.items() if name in trained}
-        )
+        return control_correction(self._model, self._server_control, client)
 
     def _next_control(
         self,
@@ -638,23 +637,19 @@ class FederationClient:
         config: TrainConfig,
     ) -> tuple[StateDict, StateDict]:
         """(c_i+, Delta c_i) after K local steps (option II)."""
-        if control.steps == 0:
-            raise FatalClientError(
-                f"the coordinator runs SCAFFOLD but task {self._config.task!r} took no "
-                "corrected step (K = 0): its train() must pass the TrainConfig to "
-                "train_supervised/train_classifier, or call add_control_correction on its "
-                "optimizer (docs/tasks.md); no update was sent"
-            )
         assert self._client_control is not None
-        new, delta = next_client_control(
-            client=self._client_control,
-            server=self._server_control,
-            start=start,
-            trained=self._travelling(),
-            steps=control.steps,
-            learning_rate=config.learning_rate,
-            stepped=frozenset(control.correction),
-        )
+        try:
+            new, delta = next_client_control(
+                client=self._client_control,
+                server=self._server_control,
+                start=start,
+                trained=self._travelling(),
+                steps=control.steps,
+                learning_rate=config.learning_rate,
+                stepped=frozenset(control.correction),
+            )
+        except TaskError as exc:
+            raise FatalClientError(f"task {self._config.task!r}: {exc}") from None
         log.info(
             "round %d: SCAFFOLD control variate updated after %d steps", header.round, control.steps
         )
@@ -677,13 +672,10 @@ class FederationClient:
                 "SCAFFOLD: this client's control variate is kept in memory only and will not "
                 "survive a restart; start the client with --state-dir to keep it"
             )
-        elif stored.exists():
-            with open_state_file(stored) as state:
-                if manifest_of(state) == expected:
-                    self._client_control = {name: t.clone() for name, t in state.items()}
-                    log.info("SCAFFOLD: restored this client's control variate from %s", stored)
-                    return self._client_control
-            log.warning("%s does not fit the coordinator's control variate; starting at 0", stored)
+        elif (restored := read_client_control(stored, self._server_control)) is not None:
+            log.info("SCAFFOLD: restored this client's control variate from %s", stored)
+            self._client_control = restored
+            return restored
         self._client_control = {
             name: torch.zeros_like(c) for name, c in self._server_control.items()
         }

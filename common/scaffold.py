@@ -11,11 +11,17 @@ c_i stays on the client (`--state-dir`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
-from fedlink.common.tensors import StateDict
+from fedlink.common.errors import TaskError
+from fedlink.common.tasks.base import ControlCorrection
+from fedlink.common.tensors import StateDict, manifest_of, open_state_file
+
+log = logging.getLogger(__name__)
 
 # The task setting (a boolean) that tells a client the federation runs SCAFFOLD.
 SCAFFOLD = "fedlink.scaffold"
@@ -54,7 +60,11 @@ def next_client_control(
     their Delta c_i is 0. Computed in c's dtype; returns (c_i+, Delta c_i).
     """
     if steps < 1:
-        raise ValueError(f"SCAFFOLD needs at least one local step, got {steps}")
+        raise TaskError(
+            "the federation runs SCAFFOLD but the task took no corrected step (K = 0): its "
+            "train() must pass the TrainConfig to train_supervised/train_classifier, or call "
+            "add_control_correction on its optimizer (docs/tasks.md); no update was sent"
+        )
     new: StateDict = {}
     delta: StateDict = {}
     for name, c in server.items():
@@ -67,3 +77,25 @@ def next_client_control(
             new[name] = c_i.clone()
             delta[name] = torch.zeros_like(c_i)
     return new, delta
+
+
+def control_correction(
+    model: torch.nn.Module, server: Mapping[str, torch.Tensor], client: Mapping[str, torch.Tensor]
+) -> ControlCorrection:
+    """c - c_i for the parameters of `model` that are trained (by state_dict name)."""
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return ControlCorrection(
+        {name: c - client[name] for name, c in server.items() if name in trained}
+    )
+
+
+def read_client_control(path: Path, server: Mapping[str, torch.Tensor]) -> StateDict | None:
+    """c_i as kept in `path` (safetensors), or None when there is none or it does not fit the
+    coordinator's c `server` (names, dtypes, shapes: then with a warning, and c_i starts at 0)."""
+    if not path.exists():
+        return None
+    with open_state_file(path) as state:
+        if manifest_of(state) == manifest_of(server):
+            return {name: tensor.clone() for name, tensor in state.items()}
+    log.warning("%s does not fit the coordinator's control variate; starting at 0", path)
+    return None

@@ -76,8 +76,8 @@ class Strategy(ABC):
     # True: the aggregate is the weighted mean of the updates, so secure aggregation's decoded
     # mean can stand in for begin/accumulate/finish.
     secure_aggregation: bool = False
-    # True: `download_tensors` and `upload_manifest` are not empty (SCAFFOLD): such a strategy
-    # is not simulated yet (`fedlink simulate` refuses it).
+    # True: `download_tensors` and `upload_manifest` are not empty (SCAFFOLD): its virtual
+    # clients keep state on the simulation's disk, so `fedlink simulate` refuses the Ray backend.
     extra_tensors: bool = False
 
     def __repr__(self) -> str:

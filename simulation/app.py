@@ -38,6 +38,7 @@ def client_settings(config: SimulationConfig) -> ClientSettings:
         num_clients=config.num_clients,
         seed=config.seed,
         data_dir=config.data_dir,
+        state_dir=config.state_dir / "clients",
     )
 
 

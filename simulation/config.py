@@ -123,11 +123,11 @@ class SimulationConfig(ServerConfig):
                 "secure aggregation is not simulated (its point is what the coordinator cannot "
                 "see over the network); simulate without it, rehearse it with `fedlink demo`"
             )
-        if self.build_strategy().extra_tensors:
+        if self.build_strategy().extra_tensors and self.backend == "ray":
             raise ConfigError(
-                f"strategy {self.strategy!r} exchanges extra tensors with its clients (SCAFFOLD's "
-                "control variates, which each client keeps between rounds): not simulated yet; "
-                "run the federation with `fedlink server` and `fedlink client`"
+                f"strategy {self.strategy!r}'s virtual clients keep state between rounds "
+                "(SCAFFOLD's control variates) in the state directory, which Ray workers on "
+                'other machines cannot reach; simulate it with backend = "process"'
             )
         if self.dpsgd_noise_multiplier is not None:
             raise ConfigError(

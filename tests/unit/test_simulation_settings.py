@@ -55,7 +55,10 @@ def test_a_simulation_needs_no_certificates() -> None:
         ({"dpsgd_noise_multiplier": 1.0}, "DP-SGD is not simulated"),
         ({"dashboard_listen": "127.0.0.1:0"}, "serves no dashboard"),
         ({"strategy": "nowhere.module:Strategy"}, "nowhere"),
-        ({"strategy": "scaffold", "momentum": 0.0}, "'scaffold' exchanges extra tensors"),
+        (
+            {"strategy": "scaffold", "momentum": 0.0, "backend": "ray"},
+            "Ray workers on other machines cannot reach",
+        ),
     ],
 )
 def test_settings_a_simulation_cannot_run_are_refused(
