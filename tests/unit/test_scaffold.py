@@ -17,6 +17,7 @@ from fedlink.common.tasks.base import ClientData, ControlCorrection, TensorExamp
 from fedlink.common.tasks.training import train_regressor
 from fedlink.common.tensors import manifest_of, open_state_file, save_state_file
 from fedlink.server.config import ServerConfig
+from fedlink.server.rounds import RoundEngine
 from fedlink.server.scaffold import Scaffold
 from fedlink.server.strategy import aggregate_files, next_global
 
@@ -198,3 +199,12 @@ def test_a_client_refuses_control_variates_that_do_not_fit_its_model(
     with pytest.raises(FatalClientError, match="SCAFFOLD control variate"):
         _checked_control(control, model)
     assert _checked_control({"w": torch.ones(3)}, model)["w"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_model_with_tensors_under_the_reserved_prefix_is_refused_at_start_up(
+    tmp_path: Path,
+) -> None:
+    config = _config(momentum=0.0, state_dir=tmp_path / "state", run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"the model has tensors named fedlink\.scaffold\.c/w"):
+        RoundEngine(config, {"fedlink.scaffold.c/w": torch.zeros(2), "w": torch.zeros(2)})
+    RoundEngine(config, {"w": torch.zeros(2)})  # starts
