@@ -12,7 +12,9 @@ after the last round, the best one seen, and the first round that reached the ta
 Each federation is the real thing minus sockets: the coordinator's RoundEngine and servicer
 (strategy, validation, streaming aggregation, checkpoints) talk to 10 real FederationClient
 objects, each with its own certificate, through server/inprocess.py. So FedProx's mu travels in
-the task settings of every header and is applied by the clients' own training loop.
+the task settings of every header and is applied by the clients' own training loop, and
+SCAFFOLD's control variates travel in the task payloads and results (each client keeps its c_i
+in memory between rounds: the benchmark's clients run for the whole federation).
 
 Fashion-MNIST is read from Debian's dataset-fashion-mnist package (or --fashion-dir); to run in
 minutes on 2 cores the clients share the first --fashion-train training images and the
@@ -64,6 +66,7 @@ STRATEGIES: dict[str, dict[str, float]] = {
     "fedyogi": {"eta": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3},
     "fedadagrad": {"eta": 0.01, "beta1": 0.9, "tau": 1e-3},
     "fedprox": {"mu": 0.1},
+    "scaffold": {"eta": 1.0},
 }
 PARTITIONS = ("classes:2", "dirichlet:0.1", "dirichlet:0.5")
 TARGETS = {"digits": 0.85, "fashion-mnist": 0.70}

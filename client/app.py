@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -45,6 +46,15 @@ from fedlink.common.errors import (
     UpdateRejected,
 )
 from fedlink.common.partial import TensorSelection, frozen_digest
+from fedlink.common.scaffold import (
+    CONTROL_DELTA,
+    SCAFFOLD,
+    SERVER_CONTROL,
+    control_correction,
+    next_client_control,
+    read_client_control,
+    split_control,
+)
 from fedlink.common.secagg_wire import setup_from_proto
 from fedlink.common.task_settings import (
     MAX_PROXIMAL_MU,
@@ -59,6 +69,7 @@ from fedlink.common.tasks import load_task
 from fedlink.common.tasks.base import (
     OPTIMIZERS,
     ClientData,
+    ControlCorrection,
     DataRequest,
     DPSGDConfig,
     TaskModule,
@@ -129,7 +140,7 @@ def train_config_from(
     """The coordinator's hyper-parameters (and the task's and strategy's `settings`, already
     checked), checked: a hostile coordinator gets a clear error."""
     task_settings, own = split_settings(settings)
-    if unknown := sorted(set(own) - {PROXIMAL_MU}):
+    if unknown := sorted(set(own) - {PROXIMAL_MU, SCAFFOLD}):
         raise FatalClientError(
             f"the coordinator sends settings this client does not know ({', '.join(unknown)}); "
             "its strategy needs a newer fedlink on this client"
@@ -177,7 +188,23 @@ def train_config_from(
             f"{config.weight_decay} (0 to 1), optimizer {config.optimizer!r} "
             f"({', '.join(OPTIMIZERS)})"
         )
+    if runs_scaffold(settings) and (
+        config.optimizer != "sgd" or config.momentum != 0 or config.dpsgd is not None
+    ):
+        raise FatalClientError(
+            "the coordinator runs SCAFFOLD with optimizer "
+            f"{config.optimizer!r}, momentum {config.momentum:g}"
+            f"{' and DP-SGD' if config.dpsgd else ''}; SCAFFOLD needs plain SGD steps"
+        )
     return config
+
+
+def runs_scaffold(settings: TaskSettings) -> bool:
+    """Whether the coordinator's settings say the federation runs SCAFFOLD (checked)."""
+    value = settings.get(SCAFFOLD, False)
+    if not isinstance(value, bool):
+        raise FatalClientError(f"coordinator sent {SCAFFOLD} = {value!r}; it must be a boolean")
+    return value
 
 
 def task_settings_from(header: pb.TaskHeader) -> TaskSettings:
@@ -244,6 +271,10 @@ class FederationClient:
         self._residual: StateDict | None = None
         # Record-level DP-SGD: every round's local steps compose, for as long as this process runs.
         self._dpsgd_accountant = PrivacyAccountant()
+        # SCAFFOLD: the server's control variate c from the last training download, and this
+        # client's c_i (loaded from --state-dir on first use, kept there after every round).
+        self._server_control: StateDict = {}
+        self._client_control: StateDict | None = None
 
     def run(self) -> int:
         log.info(
@@ -453,9 +484,10 @@ class FederationClient:
                 "the coordinator asks for an update without secure aggregation, which it could "
                 "read; this site's privacy floor (secagg_min_*, dp_min_noise_multiplier) requires it"
             )
-        self._load_global_model(header, stream)
+        scaffold = header.kind == pb.TASK_KIND_TRAIN and runs_scaffold(task_settings_from(header))
+        self._load_global_model(header, stream, with_control=scaffold)
         if header.kind == pb.TASK_KIND_TRAIN:
-            self._train(header)
+            self._train(header, scaffold)
         else:
             self._evaluate(header)
         return True
@@ -482,28 +514,46 @@ class FederationClient:
             except PayloadError as exc:
                 raise FatalClientError(f"task download failed: {exc}") from None
 
-    def _load_global_model(self, header: pb.TaskHeader, stream: Iterator[pb.TaskMessage]) -> None:
+    def _load_global_model(
+        self,
+        header: pb.TaskHeader,
+        stream: Iterator[pb.TaskMessage],
+        *,
+        with_control: bool = False,
+    ) -> None:
+        """Load the downloaded global model; `with_control` (SCAFFOLD's training tasks): the
+        download also carries the server's control variate c, which is kept for training."""
         with tempfile.NamedTemporaryFile(
             dir=self._config.spool_dir, suffix=".safetensors"
         ) as spool:
             self._receive(header, stream, spool, encoding=ENCODING, max_size=MAX_MODEL_BYTES)
             spool.flush()
             with open_state_file(Path(spool.name)) as state:
-                if state.keys() != self._travelling().keys():
+                model, control = (
+                    split_control(state, SERVER_CONTROL) if with_control else (state, {})
+                )
+                travelling = self._travelling()
+                if model.keys() != travelling.keys():
                     raise FatalClientError(
                         "the coordinator sent a model with other tensors than the federation "
                         "exchanges (its manifest at join)"
                     )
+                if with_control:
+                    self._server_control = _checked_control(control, travelling)
                 # Only the travelling tensors: local and frozen ones stay as they are.
-                self._model.load_state_dict(state, strict=not self._selection.partial)
+                self._model.load_state_dict(model, strict=not self._selection.partial)
 
-    def _train_locally(self, header: pb.TaskHeader) -> tuple[TrainResult, dict[str, float]]:
-        """Train the loaded global model on the local data; the result and the metrics a
-        plaintext result reports (the loss and, with DP-SGD, the epsilon spent so far)."""
+    def _train_locally(
+        self, header: pb.TaskHeader, control: ControlCorrection | None = None
+    ) -> tuple[TrainResult, dict[str, float], TrainConfig]:
+        """Train the loaded global model on the local data (with SCAFFOLD's `control`
+        correction); the result, the metrics a plaintext result reports (the loss and, with
+        DP-SGD, the epsilon spent so far) and the settings it trained with."""
         assert self._join is not None
         config = train_config_from(
             self._join.task_config, seed=header.seed, settings=task_settings_from(header)
         )
+        config = dataclasses.replace(config, scaffold=control)
         torch.manual_seed(header.seed)
         if self._attack is None:
             result = self._task.train(self._model, self._data, config, self._device)
@@ -527,21 +577,33 @@ class FederationClient:
         metrics = {"loss": result.loss}
         if config.dpsgd is not None:
             metrics["dpsgd_epsilon"] = self._account_dpsgd(header.round, config.dpsgd, result)
-        return result, metrics
+        return result, metrics, config
 
-    def _train(self, header: pb.TaskHeader) -> None:
+    def _train(self, header: pb.TaskHeader, scaffold: bool = False) -> None:
         try:
             codec = codec_from_proto(header.update_codec)
         except ConfigError as exc:
             raise FatalClientError(f"coordinator sent an invalid update codec: {exc}") from None
-        # An encoded update is the change from the model the round started from.
-        global_state = {} if codec.plain else self._travelling_copy()
-        result, metrics = self._train_locally(header)
+        if scaffold and not codec.plain:
+            raise FatalClientError(
+                f"the coordinator runs SCAFFOLD with update codec {codec.describe()!r}; "
+                "SCAFFOLD's control variates travel uncompressed"
+            )
+        # An encoded update is the change from the model the round started from (SCAFFOLD's
+        # control variate update needs it too).
+        global_state = {} if codec.plain and not scaffold else self._travelling_copy()
+        control = self._control_correction() if scaffold else None
+        result, metrics, config = self._train_locally(header, control)
+        extra: StateDict = {}
+        client_control: StateDict = {}
+        if control is not None:
+            client_control, delta = self._next_control(header, control, global_state, config)
+            extra = {CONTROL_DELTA + name: tensor for name, tensor in delta.items()}
         # Serialized to disk and streamed from there: no second in-memory copy of the model.
         with tempfile.TemporaryDirectory(dir=self._config.spool_dir) as spool:
             path = Path(spool) / "update.safetensors"
             if codec.plain:
-                save_state_file(self._travelling(), path, durable=False)
+                save_state_file({**self._travelling(), **extra}, path, durable=False)
             else:
                 try:
                     self._encode_update(codec, global_state, path)
@@ -557,7 +619,73 @@ class FederationClient:
                 payload.info.size / 1e6,
                 codec.describe(),
             )
-            self._push(header, result.num_examples, metrics, payload)
+            taken = self._push(header, result.num_examples, metrics, payload)
+        if control is not None and taken:
+            # c_i moves only when the coordinator took Delta c_i: c stays the mean of the c_i.
+            self._keep_client_control(client_control)
+
+    def _control_correction(self) -> ControlCorrection:
+        """SCAFFOLD's c - c_i for the parameters this client trains (by state_dict name)."""
+        client = self._load_client_control()
+        return control_correction(self._model, self._server_control, client)
+
+    def _next_control(
+        self,
+        header: pb.TaskHeader,
+        control: ControlCorrection,
+        start: StateDict,
+        config: TrainConfig,
+    ) -> tuple[StateDict, StateDict]:
+        """(c_i+, Delta c_i) after K local steps (option II)."""
+        assert self._client_control is not None
+        try:
+            new, delta = next_client_control(
+                client=self._client_control,
+                server=self._server_control,
+                start=start,
+                trained=self._travelling(),
+                steps=control.steps,
+                learning_rate=config.learning_rate,
+                stepped=frozenset(control.correction),
+            )
+        except TaskError as exc:
+            raise FatalClientError(f"task {self._config.task!r}: {exc}") from None
+        log.info(
+            "round %d: SCAFFOLD control variate updated after %d steps", header.round, control.steps
+        )
+        return new, delta
+
+    def _control_file(self) -> Path | None:
+        if self._config.state_dir is None or self._join is None:
+            return None
+        return self._config.state_dir / f"scaffold-control-{self._join.identity}.safetensors"
+
+    def _load_client_control(self) -> StateDict:
+        """c_i: as the last round left it, from memory or --state-dir; zeros at first (and,
+        with a warning, when what is stored does not fit the coordinator's c)."""
+        expected = manifest_of(self._server_control)
+        if self._client_control is not None and manifest_of(self._client_control) == expected:
+            return self._client_control
+        stored = self._control_file()
+        if stored is None:
+            log.warning(
+                "SCAFFOLD: this client's control variate is kept in memory only and will not "
+                "survive a restart; start the client with --state-dir to keep it"
+            )
+        elif (restored := read_client_control(stored, self._server_control)) is not None:
+            log.info("SCAFFOLD: restored this client's control variate from %s", stored)
+            self._client_control = restored
+            return restored
+        self._client_control = {
+            name: torch.zeros_like(c) for name, c in self._server_control.items()
+        }
+        return self._client_control
+
+    def _keep_client_control(self, control: StateDict) -> None:
+        self._client_control = control
+        stored = self._control_file()
+        if stored is not None:
+            save_state_file(control, stored)
 
     def _encode_update(self, codec: UpdateCodec, global_state: StateDict, path: Path) -> None:
         """Write the trained model's change from `global_state` in `codec` to `path`; with top-k,
@@ -629,7 +757,7 @@ class FederationClient:
                     # Only DP encodes the change from the global model; otherwise skip the copy.
                     global_state = self._travelling_copy() if setup.clip_norm > 0 else {}
                     # Metrics are not sent under secure aggregation (DP-SGD's epsilon is logged).
-                    result, _ = self._train_locally(header)
+                    result, _, _ = self._train_locally(header)
                     vector = encode_update(
                         setup, self._travelling(), global_state, result.num_examples
                     )
@@ -676,7 +804,8 @@ class FederationClient:
         num_examples: int,
         metrics: Mapping[str, float],
         payload: PayloadFile | None,
-    ) -> None:
+    ) -> bool:
+        """Send a result; True when the coordinator took it, False when it refused it."""
         assert self._join is not None
         chunk_size = self._join.chunk_size
 
@@ -701,7 +830,7 @@ class FederationClient:
             try:
                 with self._calling():
                     self._stub.PushResult(messages(), metadata=self._metadata)
-                return
+                return True
             except grpc.RpcError as exc:
                 code = exc.code()
                 # The coordinator is over a limit or its disk is full: keep the result and send
@@ -716,7 +845,7 @@ class FederationClient:
                 log.warning(
                     "round %d result refused: %s: %s", header.round, code.name, exc.details()
                 )
-                return
+                return False
 
     @contextmanager
     def _calling(self) -> Iterator[None]:
@@ -739,6 +868,28 @@ class FederationClient:
                 )
             except grpc.RpcError as exc:
                 log.debug("heartbeat failed: %s", exc.code().name)
+
+
+def _checked_control(control: Mapping[str, torch.Tensor], travelling: StateDict) -> StateDict:
+    """The server's control variate c from a download, checked against the model (one finite
+    floating tensor of the same shape per floating travelling tensor) and copied out of it."""
+    expected = {name for name, t in travelling.items() if t.dtype.is_floating_point}
+    if control.keys() != expected:
+        raise FatalClientError(
+            "the coordinator sent SCAFFOLD control variates for other tensors than the "
+            "model's floating ones"
+        )
+    for name, c in control.items():
+        if (
+            not c.dtype.is_floating_point
+            or c.shape != travelling[name].shape
+            or not bool(torch.isfinite(c).all())
+        ):
+            raise FatalClientError(
+                f"the coordinator sent a SCAFFOLD control variate for {name!r} that does not fit "
+                f"the model (dtype {c.dtype}, shape {tuple(c.shape)}) or is not finite"
+            )
+    return {name: c.clone() for name, c in control.items()}
 
 
 def _leave_reason(exc: BaseException) -> str:

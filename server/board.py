@@ -129,7 +129,7 @@ class PhaseBoard:
                     task_id=phase.task_id,
                     round=phase.round,
                     seed=self.client_seed(phase.round, identity),
-                    payload=phase.inboxes.get(identity, phase.payload),
+                    payload=phase.inboxes.get(identity, phase.download or phase.payload),
                     secagg=phase.secure.setup if phase.secure else None,
                 )
             if wake is not None:

@@ -26,7 +26,7 @@ from fedlink.common.task_settings import (
 from fedlink.common.tasks.base import OPTIMIZERS
 from fedlink.common.wire import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from fedlink.server.robust import AggregationRule, FedAvg, parse_rule
-from fedlink.server.strategy import Strategy
+from fedlink.server.strategy import Composition, Strategy
 from fedlink.server.strategy_config import build_strategy
 
 
@@ -73,8 +73,8 @@ class ServerConfig:
         default="fedavg",
         metadata=_help(
             "how results become the next global model: fedavg, fedavgm, fedadam, fedyogi, "
-            'fedadagrad, fedprox, or your own Strategy subclass as "package.module:Class" (see '
-            "docs/strategies.md)"
+            'fedadagrad, fedprox, scaffold, or your own Strategy subclass as "package.module:Class" '
+            "(see docs/strategies.md)"
         ),
     )
     strategy_params: Mapping[str, Any] | None = field(
@@ -496,12 +496,19 @@ class ServerConfig:
     def build_strategy(self) -> Strategy:
         """The strategy these settings name, over their aggregation rule and DP."""
         dp = None if self.dp_clip_norm is None else (self.dp_noise_multiplier, self.dp_clip_norm)
+        codec = self.update_codec_spec()
         return build_strategy(
             self.strategy,
             self.strategy_params,
             aggregation=self.aggregation,
             dp=dp,
             secure_aggregation=self.secure_aggregation,
+            composition=Composition(
+                dpsgd=self.dpsgd_noise_multiplier is not None,
+                update_codec="" if codec.plain else codec.describe(),
+                optimizer=self.optimizer,
+                momentum=self.momentum,
+            ),
         )
 
     def task_settings(self, strategy: Strategy) -> TaskSettings:

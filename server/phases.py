@@ -91,8 +91,11 @@ class Phase:
     round: int
     task_id: str
     participants: frozenset[str]
-    payload: PayloadFile
+    payload: PayloadFile  # the global model the phase works on
     quorum: int = 0
+    # What training clients download when it is more than the global model: the model plus
+    # the strategy's extra tensors (Strategy.download_tensors).
+    download: PayloadFile | None = None
     inboxes: Mapping[str, PayloadFile] = field(default_factory=dict)  # per-client payloads
     secure: SecureSession | None = None
     delivered: set[str] = field(default_factory=set)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 import uuid
@@ -61,11 +62,19 @@ class ResultIntake:
         spool: Spool,
         manifest: Manifest,
         global_file: Callable[[], PayloadFile],
+        extra: Manifest | None = None,
     ) -> None:
         self._config = config
         self._board = board
         self._spool = spool
         self._manifest = manifest
+        # The strategy's extra tensors every training result carries beside the model
+        # (Strategy.upload_manifest: SCAFFOLD's Delta c_i), checked with it.
+        self._extra = extra or {}
+        self._upload_manifest = {**manifest, **self._extra}
+        self._extra_bytes = sum(
+            math.prod(spec.shape) * spec.dtype.itemsize for spec in self._extra.values()
+        )
         self._global_file = global_file
         # Secure aggregation: advertised keys must be signed by their client's certificate.
         self._ca_pem = None if config.insecure or config.ca is None else config.ca.read_bytes()
@@ -165,7 +174,8 @@ class ResultIntake:
         if phase.secure is None and phase.kind is TaskKind.TRAIN and not self._codec.plain:
             return self._codec.encoding, self._codec.max_payload_bytes(self._manifest)
         if phase.secure is None:
-            return ENCODING, self._global_file().info.size + PAYLOAD_SLACK_BYTES
+            extra = self._extra_bytes if phase.kind is TaskKind.TRAIN else 0
+            return ENCODING, self._global_file().info.size + extra + PAYLOAD_SLACK_BYTES
         params = phase.secure.setup.params
         step = SecAggStep[phase.kind.name.removeprefix("SECAGG_")]
         _, encoding = step.encodings(params.ring_bits)
@@ -262,14 +272,24 @@ class ResultIntake:
             if not self._codec.plain:
                 self._decode_update(phase, upload.spool)
             with open_state_file(upload.spool) as state:
-                check_update(state, self._manifest)
+                if self._extra and self._extra.keys().isdisjoint(state):
+                    raise UpdateRejected(
+                        "INVALID_ARGUMENT",
+                        f"this federation's strategy needs {len(self._extra)} extra tensor(s) "
+                        f"with every update (such as {min(self._extra)!r}) and this update has "
+                        "none: the client does not run the strategy (update fedlink there)",
+                    )
+                check_update(state, self._upload_manifest)
                 if ratio > 0:
+                    # The bound is on the model's move; the extra tensors are held to the sum
+                    # limit below, like every value of an update.
+                    model = {name: state[name] for name in self._manifest}
                     with open_state_file(phase.payload.path) as global_state:
                         if phase.global_norm is None:
                             # Two uploads may both measure it: the same number either way.
                             phase.global_norm = model_norm(global_state)
                         check_update_bound(
-                            state, global_state, ratio=ratio, global_norm=phase.global_norm
+                            model, global_state, ratio=ratio, global_norm=phase.global_norm
                         )
                 return weighted_magnitude(state, weight)
         except TensorFormatError as exc:

@@ -19,9 +19,17 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 
+from fedlink.common.errors import ConfigError
 from fedlink.common.fixedpoint import UpdateLayout
 from fedlink.common.partial import federated_part
-from fedlink.common.tensors import Manifest, StateDict, manifest_of, save_state_file
+from fedlink.common.task_settings import RESERVED_PREFIX
+from fedlink.common.tensors import (
+    Manifest,
+    StateDict,
+    manifest_of,
+    open_state_file,
+    save_state_file,
+)
 from fedlink.common.wire import PayloadFile
 from fedlink.server.board import PhaseBoard
 from fedlink.server.checkpoints import Checkpoint, CheckpointStore, run_identity
@@ -78,14 +86,16 @@ class RoundEngine:
         self.metrics.count_clients_with(lambda: len(self.board.alive_clients()))
         self._checkpoints = CheckpointStore(config.state_dir, keep=config.keep_checkpoints)
         self._spool = Spool(config.state_dir / "incoming")
-        self.results = ResultIntake(config, self.board, self._spool, self.manifest, self._current)
-        self._layout = UpdateLayout(self.manifest)
         self._strategy = config.build_strategy()
         log.info("strategy: %r", self._strategy)
         # The task's settings and the strategy's, sent with every task that runs the task's code.
         self.task_settings = config.task_settings(self._strategy)
         if resume_from is not None:
             self._strategy.load_state_dict(resume_from.strategy_state)
+        self.results = ResultIntake(
+            config, self.board, self._spool, self.manifest, self._current, self._extra_manifest()
+        )
+        self._layout = UpdateLayout(self.manifest)
         self._privacy = RoundPrivacy.for_run(config, resume_from)
         self.metrics.dp_epsilon.set(self._privacy.epsilon() if self._privacy else math.inf)
         if resume_from is None:
@@ -102,6 +112,46 @@ class RoundEngine:
                 resume_from.model.path.name,
                 len(resume_from.clients),
             )
+
+    def _extra_manifest(self) -> Manifest:
+        """The strategy's extra tensors on the wire (upload manifest; the download checked too):
+        reserved names that no model tensor may share, refused at start-up otherwise."""
+        try:
+            down = manifest_of(self._strategy.download_tensors(self.manifest))
+        except ValueError as exc:
+            raise ConfigError(f"strategy {self._strategy!r}: {exc}") from None
+        up = self._strategy.upload_manifest(self.manifest)
+        if not (down or up):
+            return {}
+        if bad := sorted(name for name in [*down, *up] if not name.startswith(RESERVED_PREFIX)):
+            raise ConfigError(
+                f"strategy {self._strategy!r} names extra tensors outside {RESERVED_PREFIX!r}: "
+                f"{', '.join(bad[:5])}"
+            )
+        if clash := sorted(name for name in self.manifest if name.startswith(RESERVED_PREFIX)):
+            raise ConfigError(
+                f"the model has tensors named {', '.join(clash[:5])}: names starting with "
+                f"{RESERVED_PREFIX!r} are reserved for the extra tensors of strategy "
+                f"{self._strategy!r}; rename them in the task's model"
+            )
+        return up
+
+    def _task_payload(self, round_number: int) -> PayloadFile | None:
+        """The training task's download when the strategy sends extra tensors: the global model
+        and those, in one safetensors file (the published model and checkpoints never hold
+        them); None when it sends none. Earlier rounds' task files are removed."""
+        extra = self._strategy.download_tensors(self.manifest)
+        self._remove_task_payloads()
+        if not extra:
+            return None
+        path = self._config.state_dir / f"task-{round_number:06d}.safetensors"
+        with open_state_file(self._global.path) as global_state:
+            save_state_file({**global_state, **extra}, path, durable=False)
+        return PayloadFile.seal(path)
+
+    def _remove_task_payloads(self) -> None:
+        for path in self._config.state_dir.glob("task-*.safetensors"):
+            path.unlink(missing_ok=True)
 
     def _current(self) -> PayloadFile:
         with self.board.cond:
@@ -233,6 +283,7 @@ class RoundEngine:
                 self._completed_round,
             )
         finally:
+            self._remove_task_payloads()
             # Clients are told the federation finished only when it did: after a signal or a
             # storage failure they retry until the coordinator is back.
             if stop.is_set() or storage_failure is not None:
@@ -268,6 +319,7 @@ class RoundEngine:
     ) -> Training | None:
         cfg = self._config
         phase = self._new_phase(TaskKind.TRAIN, round_number, sampled, quorum=cfg.min_results)
+        phase.download = self._task_payload(round_number)
         train = self.board.run_phase(phase, cfg.round_timeout_seconds, stop)
         if train is None:
             self._discard_updates(phase)
@@ -298,6 +350,7 @@ class RoundEngine:
         accumulator; the robust rules need every update (mapped, read slice by slice).
         """
         updates = [phase.accepted[identity] for identity in sorted(phase.accepted)]
+        self._strategy.set_population(len(self.board.known_clients()))
         try:
             return aggregate_files(
                 self._strategy,

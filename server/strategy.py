@@ -19,8 +19,10 @@ the weighted mean (`secure_aggregation = True`) may run there.
 
 Clients hear from the strategy through `client_settings()`: plain values that travel with every
 task next to the federation's `[task_config]` (FedProx's proximal term mu), which the clients'
-training reads. Named extra tensors both ways (SCAFFOLD's control variates) are not on the wire
-yet.
+training reads. A strategy may also exchange named extra tensors both ways (SCAFFOLD's control
+variates): `download_tensors` go into every training task's payload beside the global model,
+and every training result must carry the tensors `upload_manifest` declares, which `accumulate`
+receives in the same `update` mapping.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,6 +49,19 @@ log = logging.getLogger(__name__)
 EvaluationResults = Sequence[tuple[int, Mapping[str, float]]]
 
 
+@dataclass(frozen=True)
+class Composition:
+    """The federation's settings a strategy may refuse to run with (`check_composition`)."""
+
+    aggregation: str = "fedavg"
+    dp: bool = False  # client-level DP-FedAvg (dp_clip_norm)
+    secure_aggregation: bool = False
+    dpsgd: bool = False  # record-level DP-SGD on the clients (dpsgd_noise_multiplier)
+    update_codec: str = ""  # the update codec's description; empty: plain fp32 updates
+    optimizer: str = "sgd"  # the clients' local optimizer
+    momentum: float = 0.0
+
+
 class Strategy(ABC):
     """Turns a round's accepted updates into the next global model.
 
@@ -60,6 +76,9 @@ class Strategy(ABC):
     # True: the aggregate is the weighted mean of the updates, so secure aggregation's decoded
     # mean can stand in for begin/accumulate/finish.
     secure_aggregation: bool = False
+    # True: `download_tensors` and `upload_manifest` are not empty (SCAFFOLD): its virtual
+    # clients keep state on the simulation's disk, so `fedlink simulate` refuses the Ray backend.
+    extra_tensors: bool = False
 
     def __repr__(self) -> str:
         return self.name
@@ -97,6 +116,33 @@ class Strategy(ABC):
         own (FedProx's "fedlink.proximal_mu"); a task reads the others in `config.task_config`.
         Default: none."""
         return {}
+
+    def check_composition(self, composition: Composition) -> None:
+        """Raise ValueError, saying what to change, when the strategy cannot run with these
+        settings (checked at start-up, before fedlink's own rules). Default: accepts them."""
+        return None
+
+    def download_tensors(self, manifest: Manifest) -> StateDict:
+        """Extra tensors every training task carries beside the global model (whose tensors
+        `manifest` describes), named "fedlink.<strategy>.<group>/<tensor>" (SCAFFOLD's c). The
+        engine writes them into each round's task payload; they never go into the published
+        model or its checkpoint (keep what must survive a restart in `state_dict`).
+        Default: none."""
+        return {}
+
+    def upload_manifest(self, manifest: Manifest) -> Manifest:
+        """Extra tensors every training result must carry beside the model (names as for
+        `download_tensors`, dtypes, shapes). They are checked like the model's own (exact
+        names, dtypes and shapes, finite, within the bound on the aggregate's sums), a result
+        without them is refused, and `accumulate` receives them in the same `update` mapping.
+        Default: none."""
+        return {}
+
+    def set_population(self, clients: int) -> None:
+        """Called before each round's aggregation with the number of clients known to the
+        federation (N: every client that joined this run, or the run it resumed). Default:
+        ignored."""
+        return None
 
     def aggregate_evaluate(self, results: EvaluationResults) -> dict[str, float] | None:
         """The round's federated metrics from the clients' `(num_examples, metrics)`; None (the
@@ -241,6 +287,8 @@ def next_global(
         problem = f"non-finite values in {', '.join(broken[:5])}"
     elif huge := [name for name, t in state.items() if _largest(t) > SUM_LIMIT]:
         problem = f"values above {SUM_LIMIT:.3g} in {', '.join(huge[:5])}"
+    elif broken := _out_of_range(strategy.state_dict()):
+        problem = f"a strategy state out of range in {', '.join(broken[:5])}"
     else:
         return state
     # Every update was checked, so this takes a rule, a server step or a decoded secure sum
@@ -248,6 +296,13 @@ def next_global(
     log.error("round %d: the new global model has %s; it is discarded", round_number, problem)
     strategy.load_state_dict(before)
     return None
+
+
+def _out_of_range(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The tensors with NaN, Inf or values above SUM_LIMIT (a moment or control variate that
+    would make the next round's arithmetic overflow)."""
+    broken = non_finite_tensors(state)
+    return broken + [n for n, t in state.items() if n not in broken and _largest(t) > SUM_LIMIT]
 
 
 def _largest(tensor: torch.Tensor) -> float:

@@ -4,6 +4,7 @@ message that says what to change, when the combination cannot work."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 from collections.abc import Mapping
@@ -14,10 +15,18 @@ from fedlink.server.optimizers import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from fedlink.server.privacy import DPFedAvg
 from fedlink.server.robust import FedAvg as FedAvgRule
 from fedlink.server.robust import parse_rule
-from fedlink.server.strategy import FedAvg, FedProx, RuleStrategy, Strategy, WrappingStrategy
+from fedlink.server.scaffold import Scaffold
+from fedlink.server.strategy import (
+    Composition,
+    FedAvg,
+    FedProx,
+    RuleStrategy,
+    Strategy,
+    WrappingStrategy,
+)
 
 BUILT_IN: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedProx)
+    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedProx, Scaffold)
 }
 _API = ("begin", "accumulate", "finish", "step", "state_dict", "load_state_dict")
 _HELP = (
@@ -33,11 +42,20 @@ def build_strategy(
     aggregation: str = "fedavg",
     dp: tuple[float, float] | None = None,
     secure_aggregation: bool = False,
+    composition: Composition | None = None,
 ) -> Strategy:
     """The strategy named by `spec` with `params`, over the aggregation rule `aggregation`
-    (wrapped in DP-FedAvg with (noise multiplier, clip norm) `dp`)."""
+    (wrapped in DP-FedAvg with (noise multiplier, clip norm) `dp`); `composition` adds the rest
+    of the federation's settings the strategy may refuse (`Strategy.check_composition`)."""
     cls = _strategy_class(spec)
     params = dict(params or {})
+    composition = composition or Composition()
+    composition = dataclasses.replace(
+        composition,
+        aggregation=aggregation,
+        dp=dp is not None,
+        secure_aggregation=secure_aggregation,
+    )
     rule = parse_rule(aggregation)
     if dp is not None and not secure_aggregation:
         # Under secure aggregation the clients clip and noise their own changes (common/dp.py),
@@ -50,14 +68,19 @@ def build_strategy(
     elif issubclass(cls, WrappingStrategy):
         strategy = _construct(spec, cls, {**_bind(spec, cls, params), "inner": inner})
     else:
-        if not isinstance(inner, FedAvg):
-            raise ConfigError(
-                f"strategy {spec!r} does its own aggregation, so it cannot run with "
-                f"{'differential privacy' if dp else f'aggregation = {aggregation!r}'}; "
-                "subclass fedlink.server.strategy.WrappingStrategy (or "
-                "fedlink.server.optimizers.ServerOptimizer) to work on fedlink's aggregate instead"
-            )
         strategy = _construct(spec, cls, _bind(spec, cls, params))
+    try:
+        strategy.check_composition(composition)
+    except ValueError as exc:
+        raise ConfigError(f"strategy {spec!r}: {exc}") from None
+    own_aggregation = not isinstance(strategy, WrappingStrategy) and cls is not FedAvg
+    if own_aggregation and not isinstance(inner, FedAvg):
+        raise ConfigError(
+            f"strategy {spec!r} does its own aggregation, so it cannot run with "
+            f"{'differential privacy' if dp else f'aggregation = {aggregation!r}'}; "
+            "subclass fedlink.server.strategy.WrappingStrategy (or "
+            "fedlink.server.optimizers.ServerOptimizer) to work on fedlink's aggregate instead"
+        )
     if secure_aggregation and not strategy.secure_aggregation:
         raise ConfigError(
             f"secure aggregation reveals only the weighted mean of the updates, and strategy "

@@ -32,11 +32,13 @@ def client_settings(config: SimulationConfig) -> ClientSettings:
     return ClientSettings(
         task=config.task,
         hyperparameters=config.hyperparameters(),
-        task_config=dict(config.task_config),
+        # The strategy's settings too (FedProx's mu), as every real client's task header has.
+        task_config=dict(config.task_settings(config.build_strategy())),
         partition=config.partition,
         num_clients=config.num_clients,
         seed=config.seed,
         data_dir=config.data_dir,
+        state_dir=config.state_dir / "clients",
     )
 
 

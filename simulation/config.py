@@ -123,6 +123,12 @@ class SimulationConfig(ServerConfig):
                 "secure aggregation is not simulated (its point is what the coordinator cannot "
                 "see over the network); simulate without it, rehearse it with `fedlink demo`"
             )
+        if self.build_strategy().extra_tensors and self.backend == "ray":
+            raise ConfigError(
+                f"strategy {self.strategy!r}'s virtual clients keep state between rounds "
+                "(SCAFFOLD's control variates) in the state directory, which Ray workers on "
+                'other machines cannot reach; simulate it with backend = "process"'
+            )
         if self.dpsgd_noise_multiplier is not None:
             raise ConfigError(
                 "record-level DP-SGD is not simulated yet (each client's privacy accountant "

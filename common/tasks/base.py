@@ -110,6 +110,16 @@ class DPSGDConfig:
             raise ValueError(f"the DP-SGD delta must be in (0, 1), got {self.delta}")
 
 
+@dataclass
+class ControlCorrection:
+    """SCAFFOLD's correction c - c_i for each trained parameter (by its state_dict name), and
+    `steps`: the local optimizer steps it was added to (K), counted by
+    `training.add_control_correction`; the client needs K to update its control variate."""
+
+    correction: Mapping[str, torch.Tensor]
+    steps: int = 0
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Local training hyper-parameters, sent by the coordinator for every round."""
@@ -127,6 +137,9 @@ class TrainConfig:
     # FedProx's proximal term mu (0: none): a task's training loop adds mu (w - w_global) to
     # every gradient, as `train_supervised` does (`training.add_proximal_term`).
     proximal_mu: float = 0.0
+    # SCAFFOLD (None: not running): the correction c - c_i a task's training loop adds to every
+    # gradient, counting its steps, as `train_supervised` does (`training.add_control_correction`).
+    scaffold: ControlCorrection | None = None
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from fedlink.common.errors import TaskError
 from fedlink.common.tasks.base import (
     OPTIMIZERS,
     ClientData,
+    ControlCorrection,
     DPSGDConfig,
     EvalResult,
     ExampleDataset,
@@ -70,6 +71,8 @@ def train_supervised(
     optimizer = make_optimizer(model, config)
     if config.proximal_mu > 0:
         add_proximal_term(optimizer, model, config.proximal_mu)
+    if config.scaffold is not None:
+        add_control_correction(optimizer, model, config.scaffold)
     if config.dpsgd is not None:
         return _train_private(
             model, data.train, num_examples, optimizer, config, config.dpsgd, device, loss_function
@@ -127,6 +130,33 @@ def add_proximal_term(optimizer: torch.optim.Optimizer, model: torch.nn.Module, 
                     parameter.grad.add_(parameter - anchor, alpha=mu)
 
     optimizer.register_step_pre_hook(proximal_gradient)
+
+
+def add_control_correction(
+    optimizer: torch.optim.Optimizer, model: torch.nn.Module, control: ControlCorrection
+) -> None:
+    """SCAFFOLD (Karimireddy et al. 2020): make every `optimizer` step use g - c_i + c instead
+    of the gradient g, by adding `control.correction` (c - c_i, by parameter name) to each
+    parameter's gradient right before the step, and count the steps in `control.steps` (K,
+    which the client's control-variate update divides by).
+
+    The rule assumes plain SGD steps (the coordinator refuses momentum and Adam with SCAFFOLD).
+    A task with its own training loop calls this on its optimizer before the first step.
+    """
+    corrections = [
+        (parameter, control.correction[name].to(parameter.device, parameter.dtype))
+        for name, parameter in model.named_parameters()
+        if name in control.correction
+    ]
+
+    def corrected_gradient(*_: object) -> None:
+        with torch.no_grad():
+            for parameter, correction in corrections:
+                if parameter.grad is not None:
+                    parameter.grad.add_(correction)
+        control.steps += 1
+
+    optimizer.register_step_pre_hook(corrected_gradient)
 
 
 def check_dpsgd_model(model: torch.nn.Module) -> None:

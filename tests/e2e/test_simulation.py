@@ -58,10 +58,20 @@ def _model(run_dir: Path) -> dict[str, torch.Tensor]:
     return safetensors.torch.load_file(str(run_dir / "final_model.safetensors"))
 
 
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        {},
+        # The virtual clients keep their control variates on disk between rounds, the real ones
+        # in memory: the same c_i either way.
+        {"strategy": "scaffold", "momentum": 0},
+    ],
+    ids=["fedavg", "scaffold"],
+)
 def test_a_seeded_simulation_ends_with_the_model_of_the_same_federation_over_mtls(
-    pki: Any, tmp_path: Path
+    pki: Any, tmp_path: Path, strategy: dict[str, object]
 ) -> None:
-    simulation = _simulate(tmp_path, "sim")
+    simulation = _simulate(tmp_path, "sim", **strategy)
     bundle = pki.server_dir
     address_file = tmp_path / "address"
     server = fedlink_process(
@@ -77,6 +87,7 @@ def test_a_seeded_simulation_ends_with_the_model_of_the_same_federation_over_mtl
                 run_dir=tmp_path / "real",
                 state_dir=tmp_path / "real-state",
                 **FEDERATION,
+                **strategy,
             ),
         ],
         tmp_path / "server.log",
@@ -120,6 +131,9 @@ def test_a_seeded_simulation_ends_with_the_model_of_the_same_federation_over_mtl
     keys = ("round", "clients_sampled", "clients_accepted", "train_loss", "federated_accuracy")
     assert [[r[k] for k in keys] for r in rows[0]] == [[r[k] for k in keys] for r in rows[1]]
     assert (tmp_path / "sim" / "accuracy.png").exists()
+    if strategy:
+        kept = list((tmp_path / "sim-state" / "clients").glob("scaffold-control-*.safetensors"))
+        assert len(kept) == CLIENTS  # seed 7 samples every client at least once
 
 
 def test_a_task_that_raises_stops_the_simulation_and_says_which_client(tmp_path: Path) -> None:

@@ -1,20 +1,26 @@
 """Strategies in real federations (a coordinator and client processes over mTLS): every built-in
-strategy, a server optimizer and FedProx over secure aggregation, and the custom strategy of
-docs/strategies.md."""
+strategy, a server optimizer and FedProx over secure aggregation, SCAFFOLD's control variates,
+and the custom strategy of docs/strategies.md."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+import safetensors.torch
 import torch
-from test_federation_run import _kill_all, _log, _start_federation
+from conftest import wait_for_file
+from test_federation_run import _client, _kill_all, _log, _server, _start_federation
 
-from fedlink.common.tensors import open_state_file
+from fedlink.common.tasks import load_task
+from fedlink.common.tensors import encode_state, open_state_file
 from fedlink.server.validation import non_finite_tensors
+from fedlink.v1 import federation_pb2 as pb
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "strategies.md"
 
@@ -119,3 +125,97 @@ def test_the_custom_strategy_of_the_docs_runs_in_a_federation(pki: Any, tmp_path
     assert "strategy: capped-fedavg" in log
     # Each digits client holds about 900 examples, over the cap of 300 the docs set.
     assert log.count("capped-fedavg: 2 site(s) capped at 300 examples") == 2
+
+
+def test_scaffold_clients_keep_their_control_variates_and_the_coordinator_checkpoints_c(
+    pki: Any, tmp_path: Path
+) -> None:
+    clients = 2
+    server = _server(
+        pki,
+        tmp_path,
+        "run",
+        listen="127.0.0.1:0",
+        address_file=tmp_path / "address",
+        num_rounds=2,
+        min_clients=clients,
+        min_fit_clients=clients,
+        strategy="scaffold",
+        momentum=0,
+    )
+    processes: list[Any] = [server]
+    try:
+        address = wait_for_file(tmp_path / "address", server)
+        processes += [
+            _client(
+                pki,
+                tmp_path,
+                f"site-{i}",
+                address,
+                partition="classes:2",
+                partition_index=i,
+                num_partitions=clients,
+                state_dir=tmp_path / f"site-{i}-state",
+            )
+            for i in range(clients)
+        ]
+        assert server.wait(timeout=300) == 0, _log(tmp_path, "run")
+        for process in processes[1:]:
+            assert process.wait(timeout=60) == 0
+    finally:
+        _kill_all(processes)
+    assert "strategy: scaffold(eta=1)" in _log(tmp_path, "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["clients_accepted"] for r in records] == [clients, clients]
+    # The published model holds the model only; c is the checkpointed strategy state.
+    with open_state_file(tmp_path / "run" / "final_model.safetensors") as final:
+        assert not [name for name in final if name.startswith("fedlink.")]
+    checkpoints = tmp_path / "run-state" / "checkpoints"
+    with open_state_file(sorted(checkpoints.glob("*.strategy.safetensors"))[-1]) as state:
+        assert state and all(name.startswith("c/") for name in state)
+        assert any(bool(c.abs().sum() > 0) for c in state.values())
+        assert all(bool(torch.isfinite(c).all()) for c in state.values())
+    assert not list((tmp_path / "run-state").glob("task-*"))  # round payloads are cleaned up
+    for i in range(clients):
+        (control,) = (tmp_path / f"site-{i}-state").glob("scaffold-control-*.safetensors")
+        with open_state_file(control) as c_i:
+            assert any(bool(t.abs().sum() > 0) for t in c_i.values())
+        assert _log(tmp_path, f"site-{i}").count("SCAFFOLD control variate updated after") == 2
+
+
+def test_scaffold_sends_c_with_the_model_and_refuses_an_update_without_delta_c(
+    pki: Any, start_coordinator: Any
+) -> None:
+    initial = load_task("digits").build_model().state_dict()
+    coordinator = start_coordinator(
+        initial,
+        strategy="scaffold",
+        momentum=0.0,
+        num_rounds=1,
+        min_clients=1,
+        min_fit_clients=1,
+        evaluate_every=0,
+    )
+    stub = coordinator.stub(pki, "probe")
+    stub.Join(pb.JoinRequest(), timeout=10)
+    messages = list(stub.PullTask(pb.PullTaskRequest(), timeout=30))
+    task = messages[0].header
+    assert task.task_config["fedlink.scaffold"].flag is True
+    sent = safetensors.torch.load(b"".join(m.chunk.data for m in messages[1:]))
+    control = {name for name in sent if name.startswith("fedlink.scaffold.c/")}
+    assert control == {f"fedlink.scaffold.c/{name}" for name in initial}
+    assert all(not sent[name].any() for name in control)  # c starts at 0
+    model = {name: sent[name] for name in initial}
+    payload = encode_state(model)  # what a client without SCAFFOLD would send
+    header = pb.ResultHeader(task_id=task.task_id, round=task.round, num_examples=1)
+    header.payload.CopyFrom(
+        pb.PayloadInfo(
+            size=len(payload), sha256=hashlib.sha256(payload).digest(), encoding="safetensors"
+        )
+    )
+    chunks = [pb.ResultMessage(chunk=pb.Chunk(offset=0, data=payload))]
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.PushResult(iter([pb.ResultMessage(header=header), *chunks]), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "needs 4 extra tensor(s) with every update" in (refused.value.details() or "")
+    coordinator.stop.set()

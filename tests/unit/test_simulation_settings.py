@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from fedlink.common.errors import ConfigError
+from fedlink.simulation.app import client_settings
 from fedlink.simulation.config import SimulationConfig, client_name
 from fedlink.simulation.workers import plan_workers
 
@@ -54,6 +55,10 @@ def test_a_simulation_needs_no_certificates() -> None:
         ({"dpsgd_noise_multiplier": 1.0}, "DP-SGD is not simulated"),
         ({"dashboard_listen": "127.0.0.1:0"}, "serves no dashboard"),
         ({"strategy": "nowhere.module:Strategy"}, "nowhere"),
+        (
+            {"strategy": "scaffold", "momentum": 0.0, "backend": "ray"},
+            "Ray workers on other machines cannot reach",
+        ),
     ],
 )
 def test_settings_a_simulation_cannot_run_are_refused(
@@ -61,3 +66,10 @@ def test_settings_a_simulation_cannot_run_are_refused(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         SimulationConfig(**settings)
+
+
+def test_virtual_clients_get_the_strategys_settings_with_the_tasks() -> None:
+    config = SimulationConfig(
+        strategy="fedprox", strategy_params={"mu": 0.5}, task_config={"threshold": 2}
+    )
+    assert client_settings(config).task_config == {"threshold": 2, "fedlink.proximal_mu": 0.5}
