@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import math
@@ -18,7 +17,6 @@ import grpc
 import torch
 
 from fedlink import __version__
-from fedlink.client.attacks import Attack, parse_attack
 from fedlink.client.config import ClientConfig
 from fedlink.client.connection import (
     TRANSIENT_CODES,
@@ -34,60 +32,11 @@ from fedlink.client.secure import (
     encode_update,
     step_encodings,
 )
-from fedlink.common.accounting import PrivacyAccountant
-from fedlink.common.codecs import UpdateCodec, codec_from_proto, compress_update
-from fedlink.common.errors import (
-    BelowPrivacyFloor,
-    ConfigError,
-    FedlinkError,
-    PayloadError,
-    SecAggError,
-    TaskError,
-    UpdateRejected,
-)
-from fedlink.common.partial import TensorSelection, frozen_digest
-from fedlink.common.scaffold import (
-    CONTROL_DELTA,
-    SCAFFOLD,
-    SERVER_CONTROL,
-    control_correction,
-    next_client_control,
-    read_client_control,
-    split_control,
-)
+from fedlink.client.settings import FatalClientError, runs_scaffold, task_settings_from
+from fedlink.client.site import LocalSite
+from fedlink.common.errors import BelowPrivacyFloor, FedlinkError, PayloadError, SecAggError
 from fedlink.common.secagg_wire import setup_from_proto
-from fedlink.common.task_settings import (
-    MAX_PROXIMAL_MU,
-    NO_SETTINGS,
-    PROXIMAL_MU,
-    TaskSettings,
-    TaskSettingsError,
-    settings_from_proto,
-    split_settings,
-)
-from fedlink.common.tasks import load_task
-from fedlink.common.tasks.base import (
-    OPTIMIZERS,
-    ClientData,
-    ControlCorrection,
-    DataRequest,
-    DPSGDConfig,
-    TaskModule,
-    TrainConfig,
-    TrainResult,
-)
-from fedlink.common.tasks.contract import evaluate
-from fedlink.common.tasks.training import check_dpsgd_model
-from fedlink.common.tensors import (
-    StateDict,
-    first_difference,
-    manifest_digest,
-    manifest_entries,
-    manifest_of,
-    open_state_file,
-    save_state_file,
-)
-from fedlink.common.threads import size_torch_threads
+from fedlink.common.tensors import open_state_file
 from fedlink.common.wire import (
     ENCODING,
     JOIN_REQUIRED,
@@ -113,136 +62,12 @@ LEAVE_TIMEOUT_SECONDS = 5.0
 LEAVE_REASON_CHARS = 500
 
 
-class FatalClientError(FedlinkError):
-    """The federation refuses this client, or the client cannot take part: do not retry."""
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if choice == "auto":
-        return torch.device("cuda")
-    device = torch.device(choice)  # "cuda" or "cuda:N", checked by ClientConfig
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if available == 0:
-        raise ConfigError(f"--device {choice} was requested but no CUDA device is available")
-    if device.index is not None and device.index >= available:
-        raise ConfigError(
-            f"--device {choice} was requested but this machine has {available} CUDA "
-            f"device(s): cuda:0 to cuda:{available - 1}"
-        )
-    return device
-
-
-def train_config_from(
-    task_config: Mapping[str, str], seed: int, settings: TaskSettings = NO_SETTINGS
-) -> TrainConfig:
-    """The coordinator's hyper-parameters (and the task's and strategy's `settings`, already
-    checked), checked: a hostile coordinator gets a clear error."""
-    task_settings, own = split_settings(settings)
-    if unknown := sorted(set(own) - {PROXIMAL_MU, SCAFFOLD}):
-        raise FatalClientError(
-            f"the coordinator sends settings this client does not know ({', '.join(unknown)}); "
-            "its strategy needs a newer fedlink on this client"
-        )
-    proximal_mu = own.get(PROXIMAL_MU, 0.0)
-    if (
-        isinstance(proximal_mu, bool)
-        or not isinstance(proximal_mu, int | float)
-        or not 0 <= proximal_mu <= MAX_PROXIMAL_MU
-    ):
-        raise FatalClientError(
-            f"coordinator sent an out-of-range FedProx mu {proximal_mu!r} (0 to {MAX_PROXIMAL_MU:g})"
-        )
-    try:
-        dpsgd = None
-        if "dpsgd_noise_multiplier" in task_config:  # record-level DP-SGD; DPSGDConfig checks
-            dpsgd = DPSGDConfig(
-                noise_multiplier=float(task_config["dpsgd_noise_multiplier"]),
-                max_grad_norm=float(task_config.get("dpsgd_max_grad_norm", "1.0")),
-                delta=float(task_config.get("dpsgd_delta", "1e-5")),
-            )
-        config = TrainConfig(
-            local_epochs=int(task_config.get("local_epochs", "1")),
-            batch_size=int(task_config.get("batch_size", "32")),
-            learning_rate=float(task_config.get("learning_rate", "0.01")),
-            momentum=float(task_config.get("momentum", "0.9")),
-            weight_decay=float(task_config.get("weight_decay", "0.0")),
-            optimizer=task_config.get("optimizer", "sgd"),
-            seed=seed,
-            dpsgd=dpsgd,
-            task_config=task_settings,
-            proximal_mu=float(proximal_mu),
-        )
-    except ValueError as exc:
-        raise FatalClientError(f"coordinator sent malformed training settings: {exc}") from None
-    if not (1 <= config.local_epochs <= 10_000 and 1 <= config.batch_size <= 1 << 20):
-        raise FatalClientError(f"coordinator sent out-of-range training settings: {config}")
-    if not (0 < config.learning_rate <= 100 and 0 <= config.momentum < 1):
-        raise FatalClientError(f"coordinator sent out-of-range training settings: {config}")
-    if not all(math.isfinite(v) for v in (config.learning_rate, config.momentum)):
-        raise FatalClientError("coordinator sent non-finite training settings")
-    if not 0 <= config.weight_decay <= 1 or config.optimizer not in OPTIMIZERS:
-        raise FatalClientError(
-            f"coordinator sent out-of-range training settings: weight_decay "
-            f"{config.weight_decay} (0 to 1), optimizer {config.optimizer!r} "
-            f"({', '.join(OPTIMIZERS)})"
-        )
-    if runs_scaffold(settings) and (
-        config.optimizer != "sgd" or config.momentum != 0 or config.dpsgd is not None
-    ):
-        raise FatalClientError(
-            "the coordinator runs SCAFFOLD with optimizer "
-            f"{config.optimizer!r}, momentum {config.momentum:g}"
-            f"{' and DP-SGD' if config.dpsgd else ''}; SCAFFOLD needs plain SGD steps"
-        )
-    return config
-
-
-def runs_scaffold(settings: TaskSettings) -> bool:
-    """Whether the coordinator's settings say the federation runs SCAFFOLD (checked)."""
-    value = settings.get(SCAFFOLD, False)
-    if not isinstance(value, bool):
-        raise FatalClientError(f"coordinator sent {SCAFFOLD} = {value!r}; it must be a boolean")
-    return value
-
-
-def task_settings_from(header: pb.TaskHeader) -> TaskSettings:
-    """The task's settings a header carries, checked (plain bounded values, never code)."""
-    try:
-        return settings_from_proto(header.task_config)
-    except TaskSettingsError as exc:
-        raise FatalClientError(f"coordinator sent invalid task settings: {exc}") from None
-
-
 class FederationClient:
     def __init__(self, config: ClientConfig, channel: grpc.Channel | None = None) -> None:
         """`channel` replaces the one `config` would open (server/inprocess.py: the
         coordinator's services called in the same process, for tests and simulation)."""
         self._config = config
-        self._task: TaskModule = load_task(config.task)
-        self._device = pick_device(config.device)
-        self._threads = size_torch_threads(config.threads)
-        self._data: ClientData = self._task.load_data(
-            DataRequest(
-                partition=config.partition,
-                partition_index=config.partition_index,
-                num_partitions=config.num_partitions,
-                seed=config.seed,
-                data_dir=config.data_dir,
-            )
-        )
-        self._model = self._task.build_model().to(self._device)
-        self._attack: Attack | None = None
-        if config.simulate_attack is not None:  # evaluation only, never a default
-            self._attack = parse_attack(config.simulate_attack, config.num_partitions)
-        if config.state_dir is not None:
-            try:
-                config.state_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ConfigError(
-                    f"--state-dir {config.state_dir} is not usable: {exc.strerror or exc}"
-                ) from None
+        self._site = LocalSite(config)
         self._credentials = client_credentials(config)
         self._channel = channel if channel is not None else open_channel(config, self._credentials)
         self._stub = pb_grpc.FederationStub(self._channel)
@@ -265,25 +90,20 @@ class FederationClient:
             min_noise_multiplier=config.dp_min_noise_multiplier,
             max_attempts_per_round=config.secagg_max_attempts_per_round,
         )
-        # Which tensors travel (the coordinator's patterns, from Join); the rest stay here.
-        self._selection = TensorSelection()
-        # Top-k error feedback: what earlier updates did not send (loaded from --state-dir).
-        self._residual: StateDict | None = None
-        # Record-level DP-SGD: every round's local steps compose, for as long as this process runs.
-        self._dpsgd_accountant = PrivacyAccountant()
-        # SCAFFOLD: the server's control variate c from the last training download, and this
-        # client's c_i (loaded from --state-dir on first use, kept there after every round).
-        self._server_control: StateDict = {}
-        self._client_control: StateDict | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The federation's model on this site, as the last task left it."""
+        return self._site.model
 
     def run(self) -> int:
         log.info(
             "client running task %s on %s (%d CPU threads)",
             self._config.task,
-            self._device,
-            self._threads,
+            self._site.device,
+            self._site.threads,
         )
-        if self._attack is not None:
+        if self._site.attacking:
             log.warning(
                 "SIMULATED ATTACK %r: this client sends malicious updates (evaluation only)",
                 self._config.simulate_attack,
@@ -373,21 +193,7 @@ class FederationClient:
                 f"{self._config.task!r}; start the client with --task {reply.task}"
             )
         # Settings are checked at once, and a model DP-SGD cannot train is refused before round 1.
-        if train_config_from(reply.task_config, seed=0).dpsgd is not None:
-            try:
-                check_dpsgd_model(self._model)
-            except TaskError as exc:
-                raise FatalClientError(f"task {reply.task!r}: {exc}") from None
-        try:
-            self._selection = TensorSelection(
-                tuple(reply.exchanged_tensors), tuple(reply.local_tensors)
-            )
-        except ConfigError as exc:
-            raise FatalClientError(f"coordinator sent invalid tensor patterns: {exc}") from None
-        self._check_model(reply)
-        self._check_frozen(reply)
-        self._selection.freeze(self._model)  # what the federation does not exchange never trains
-        self._restore_local_tensors(reply.identity)
+        self._site.adopt(reply)
         if reply.finished:
             log.info("federation %s is finished; exiting", reply.federation_id[:8])
             return False
@@ -400,63 +206,6 @@ class FederationClient:
         self._backoff.reset()
         log.info("joined federation %s as %s", reply.federation_id[:8], reply.identity)
         return True
-
-    def _check_model(self, reply: pb.JoinReply) -> None:
-        """Refuse to take part with a model other than the coordinator's (names, dtypes,
-        shapes), naming the first tensor that differs, before any round is started."""
-        if not reply.model_manifest_sha256:
-            return  # a coordinator that sends no fingerprint: checked at the first download
-        ours = manifest_entries(manifest_of(self._travelling()))
-        if manifest_digest(ours) == reply.model_manifest_sha256:
-            return
-        theirs = [(e.name, e.dtype, tuple(e.shape)) for e in reply.model_manifest]
-        difference = (first_difference(theirs, ours) if theirs else None) or (
-            "the model fingerprints differ"
-        )
-        raise FatalClientError(
-            f"task {self._config.task!r} builds a different model than the coordinator's: "
-            f"{difference}; run the same version of the task, with the same settings, as the "
-            "coordinator"
-        )
-
-    def _travelling(self) -> StateDict:
-        """The tensors of this client's model that the federation exchanges."""
-        return self._selection.travelling(self._model.state_dict())
-
-    def _travelling_copy(self) -> StateDict:
-        """A copy of the travelling tensors (the global model, before local training)."""
-        return {name: tensor.detach().clone() for name, tensor in self._travelling().items()}
-
-    def _check_frozen(self, reply: pb.JoinReply) -> None:
-        """Refuse to take part when the frozen tensors (loaded by this site's task from its own
-        files) are not the ones the coordinator's model has."""
-        ours = frozen_digest(self._selection.frozen(self._model.state_dict()))
-        if ours == reply.frozen_sha256:
-            return
-        theirs = reply.frozen_sha256.hex() or "nothing (no frozen tensors)"
-        raise FatalClientError(
-            f"this site's frozen tensors (those the federation does not exchange) hash to SHA-256 "
-            f"{ours.hex() or 'nothing (no frozen tensors)'} but the coordinator's to {theirs}: "
-            f"load the same pretrained weights as the coordinator in task {self._config.task!r}"
-        )
-
-    def _local_tensors_file(self, identity: str) -> Path | None:
-        if self._config.state_dir is None or not self._selection.local:
-            return None
-        return self._config.state_dir / f"local-tensors-{identity}.safetensors"
-
-    def _restore_local_tensors(self, identity: str) -> None:
-        """Tensors that never leave this site (FedBN's batch norms), as the last round left them."""
-        stored = self._local_tensors_file(identity)
-        if stored is None or not stored.exists():
-            return
-        expected = manifest_of(self._selection.local_part(self._model.state_dict()))
-        with open_state_file(stored) as local:
-            if manifest_of(local) != expected:
-                log.warning("%s does not fit this model's local tensors; not restored", stored)
-                return
-            self._model.load_state_dict(local, strict=False)
-        log.info("restored %d local tensor(s) from %s", len(expected), stored)
 
     def _serve_one_task(self) -> bool:
         """Pull one task and carry it out; False when the federation is over."""
@@ -521,219 +270,23 @@ class FederationClient:
         *,
         with_control: bool = False,
     ) -> None:
-        """Load the downloaded global model; `with_control` (SCAFFOLD's training tasks): the
-        download also carries the server's control variate c, which is kept for training."""
+        """Download the task's global model (with SCAFFOLD's control variate, `with_control`)
+        to a spool file, checked, and load it."""
         with tempfile.NamedTemporaryFile(
             dir=self._config.spool_dir, suffix=".safetensors"
         ) as spool:
             self._receive(header, stream, spool, encoding=ENCODING, max_size=MAX_MODEL_BYTES)
             spool.flush()
             with open_state_file(Path(spool.name)) as state:
-                model, control = (
-                    split_control(state, SERVER_CONTROL) if with_control else (state, {})
-                )
-                travelling = self._travelling()
-                if model.keys() != travelling.keys():
-                    raise FatalClientError(
-                        "the coordinator sent a model with other tensors than the federation "
-                        "exchanges (its manifest at join)"
-                    )
-                if with_control:
-                    self._server_control = _checked_control(control, travelling)
-                # Only the travelling tensors: local and frozen ones stay as they are.
-                self._model.load_state_dict(model, strict=not self._selection.partial)
-
-    def _train_locally(
-        self, header: pb.TaskHeader, control: ControlCorrection | None = None
-    ) -> tuple[TrainResult, dict[str, float], TrainConfig]:
-        """Train the loaded global model on the local data (with SCAFFOLD's `control`
-        correction); the result, the metrics a plaintext result reports (the loss and, with
-        DP-SGD, the epsilon spent so far) and the settings it trained with."""
-        assert self._join is not None
-        config = train_config_from(
-            self._join.task_config, seed=header.seed, settings=task_settings_from(header)
-        )
-        config = dataclasses.replace(config, scaffold=control)
-        torch.manual_seed(header.seed)
-        if self._attack is None:
-            result = self._task.train(self._model, self._data, config, self._device)
-        else:
-            log.warning(
-                "round %d: SIMULATED %s ATTACK: poisoning this update",
-                header.round,
-                self._attack.name,
-            )
-            result = self._attack.train(self._task, self._model, self._data, config, self._device)
-        log.info(
-            "round %d: trained on %d examples, loss %.4f%s",
-            header.round,
-            result.num_examples,
-            result.loss,
-            f" (FedProx proximal term mu={config.proximal_mu:g})" if config.proximal_mu else "",
-        )
-        local = self._local_tensors_file(self._join.identity)
-        if local is not None:  # kept for a restart: they exist nowhere else
-            save_state_file(self._selection.local_part(self._model.state_dict()), local)
-        metrics = {"loss": result.loss}
-        if config.dpsgd is not None:
-            metrics["dpsgd_epsilon"] = self._account_dpsgd(header.round, config.dpsgd, result)
-        return result, metrics, config
+                self._site.load_global(state, with_control=with_control)
 
     def _train(self, header: pb.TaskHeader, scaffold: bool = False) -> None:
-        try:
-            codec = codec_from_proto(header.update_codec)
-        except ConfigError as exc:
-            raise FatalClientError(f"coordinator sent an invalid update codec: {exc}") from None
-        if scaffold and not codec.plain:
-            raise FatalClientError(
-                f"the coordinator runs SCAFFOLD with update codec {codec.describe()!r}; "
-                "SCAFFOLD's control variates travel uncompressed"
-            )
-        # An encoded update is the change from the model the round started from (SCAFFOLD's
-        # control variate update needs it too).
-        global_state = {} if codec.plain and not scaffold else self._travelling_copy()
-        control = self._control_correction() if scaffold else None
-        result, metrics, config = self._train_locally(header, control)
-        extra: StateDict = {}
-        client_control: StateDict = {}
-        if control is not None:
-            client_control, delta = self._next_control(header, control, global_state, config)
-            extra = {CONTROL_DELTA + name: tensor for name, tensor in delta.items()}
-        # Serialized to disk and streamed from there: no second in-memory copy of the model.
         with tempfile.TemporaryDirectory(dir=self._config.spool_dir) as spool:
-            path = Path(spool) / "update.safetensors"
-            if codec.plain:
-                save_state_file({**self._travelling(), **extra}, path, durable=False)
-            else:
-                try:
-                    self._encode_update(codec, global_state, path)
-                except UpdateRejected as exc:
-                    # Declined: the coordinator refuses a result without payload at once.
-                    log.error("round %d: cannot encode this update: %s", header.round, exc)
-                    self._push(header, result.num_examples, metrics, None)
-                    return
-            payload = PayloadFile.seal(path, codec.encoding)
-            log.info(
-                "round %d: uploading update (%.3f MB, %s)",
-                header.round,
-                payload.info.size / 1e6,
-                codec.describe(),
-            )
-            taken = self._push(header, result.num_examples, metrics, payload)
-        if control is not None and taken:
+            update = self._site.train_update(header, scaffold, Path(spool) / "update.safetensors")
+            taken = self._push(header, update.num_examples, update.metrics, update.payload)
+        if update.next_control is not None and taken:
             # c_i moves only when the coordinator took Delta c_i: c stays the mean of the c_i.
-            self._keep_client_control(client_control)
-
-    def _control_correction(self) -> ControlCorrection:
-        """SCAFFOLD's c - c_i for the parameters this client trains (by state_dict name)."""
-        client = self._load_client_control()
-        return control_correction(self._model, self._server_control, client)
-
-    def _next_control(
-        self,
-        header: pb.TaskHeader,
-        control: ControlCorrection,
-        start: StateDict,
-        config: TrainConfig,
-    ) -> tuple[StateDict, StateDict]:
-        """(c_i+, Delta c_i) after K local steps (option II)."""
-        assert self._client_control is not None
-        try:
-            new, delta = next_client_control(
-                client=self._client_control,
-                server=self._server_control,
-                start=start,
-                trained=self._travelling(),
-                steps=control.steps,
-                learning_rate=config.learning_rate,
-                stepped=frozenset(control.correction),
-            )
-        except TaskError as exc:
-            raise FatalClientError(f"task {self._config.task!r}: {exc}") from None
-        log.info(
-            "round %d: SCAFFOLD control variate updated after %d steps", header.round, control.steps
-        )
-        return new, delta
-
-    def _control_file(self) -> Path | None:
-        if self._config.state_dir is None or self._join is None:
-            return None
-        return self._config.state_dir / f"scaffold-control-{self._join.identity}.safetensors"
-
-    def _load_client_control(self) -> StateDict:
-        """c_i: as the last round left it, from memory or --state-dir; zeros at first (and,
-        with a warning, when what is stored does not fit the coordinator's c)."""
-        expected = manifest_of(self._server_control)
-        if self._client_control is not None and manifest_of(self._client_control) == expected:
-            return self._client_control
-        stored = self._control_file()
-        if stored is None:
-            log.warning(
-                "SCAFFOLD: this client's control variate is kept in memory only and will not "
-                "survive a restart; start the client with --state-dir to keep it"
-            )
-        elif (restored := read_client_control(stored, self._server_control)) is not None:
-            log.info("SCAFFOLD: restored this client's control variate from %s", stored)
-            self._client_control = restored
-            return restored
-        self._client_control = {
-            name: torch.zeros_like(c) for name, c in self._server_control.items()
-        }
-        return self._client_control
-
-    def _keep_client_control(self, control: StateDict) -> None:
-        self._client_control = control
-        stored = self._control_file()
-        if stored is not None:
-            save_state_file(control, stored)
-
-    def _encode_update(self, codec: UpdateCodec, global_state: StateDict, path: Path) -> None:
-        """Write the trained model's change from `global_state` in `codec` to `path`; with top-k,
-        what was not sent is kept (in --state-dir as safetensors, if set) for the next update."""
-        if codec.topk and self._residual is None:
-            self._residual = {}
-            stored = self._residual_file()
-            if stored is not None and stored.exists():
-                with open_state_file(stored) as residual:
-                    self._residual = {name: t.clone() for name, t in residual.items()}
-        payload, kept = compress_update(
-            codec,
-            self._travelling(),
-            global_state,
-            self._residual or {},
-        )
-        save_state_file(payload, path, durable=False)
-        if codec.topk:
-            self._residual = kept
-            stored = self._residual_file()
-            if stored is not None:
-                save_state_file(kept, stored)
-
-    def _residual_file(self) -> Path | None:
-        if self._config.state_dir is None or self._join is None:
-            return None
-        return self._config.state_dir / f"update-residual-{self._join.identity}.safetensors"
-
-    def _account_dpsgd(self, round_number: int, dpsgd: DPSGDConfig, result: TrainResult) -> float:
-        """This round's DP-SGD steps composed with the earlier rounds': the epsilon spent so far."""
-        if result.dpsgd is None:
-            raise FatalClientError(
-                f"the coordinator asks for record-level DP-SGD but task {self._config.task!r} "
-                "trained without it (its train() must pass the TrainConfig to train_classifier, "
-                "or return TrainResult.dpsgd); no update was sent"
-            )
-        self._dpsgd_accountant.step(result.dpsgd)
-        epsilon = self._dpsgd_accountant.epsilon(dpsgd.delta)
-        log.info(
-            "round %d: DP-SGD epsilon %.4f at delta %g (this round: %d steps, z %g, q %.4g)",
-            round_number,
-            epsilon,
-            dpsgd.delta,
-            result.dpsgd.steps,
-            result.dpsgd.noise_multiplier,
-            result.dpsgd.sample_rate,
-        )
-        return epsilon
+            self._site.keep_client_control(update.next_control)
 
     def _secure_step(self, header: pb.TaskHeader, stream: Iterator[pb.TaskMessage]) -> None:
         """One step of a secure-aggregation round. The answer carries no sample count and no
@@ -755,11 +308,11 @@ class FederationClient:
                     # Before training: a refused session costs no work.
                     self._secure.admit(setup, header.round, model_digest)
                     # Only DP encodes the change from the global model; otherwise skip the copy.
-                    global_state = self._travelling_copy() if setup.clip_norm > 0 else {}
+                    global_state = self._site.travelling_copy() if setup.clip_norm > 0 else {}
                     # Metrics are not sent under secure aggregation (DP-SGD's epsilon is logged).
-                    result, _, _ = self._train_locally(header)
+                    result, _, _ = self._site.train(header)
                     vector = encode_update(
-                        setup, self._travelling(), global_state, result.num_examples
+                        setup, self._site.travelling(), global_state, result.num_examples
                     )
                     if setup.clip_norm > 0:
                         # What this client actually did: z = std sqrt(t) / S for any sum of t.
@@ -793,9 +346,7 @@ class FederationClient:
             self._push(header, 0, {}, PayloadFile.seal(path, answer_encoding))
 
     def _evaluate(self, header: pb.TaskHeader) -> None:
-        dataset = self._data.test if self._data.test is not None else self._data.train
-        task_settings, _ = split_settings(task_settings_from(header))
-        result = evaluate(self._task, self._model, dataset, self._device, task_settings)
+        result = self._site.evaluate(header)
         self._push(header, result.num_examples, result.metrics, None)
 
     def _push(
@@ -868,28 +419,6 @@ class FederationClient:
                 )
             except grpc.RpcError as exc:
                 log.debug("heartbeat failed: %s", exc.code().name)
-
-
-def _checked_control(control: Mapping[str, torch.Tensor], travelling: StateDict) -> StateDict:
-    """The server's control variate c from a download, checked against the model (one finite
-    floating tensor of the same shape per floating travelling tensor) and copied out of it."""
-    expected = {name for name, t in travelling.items() if t.dtype.is_floating_point}
-    if control.keys() != expected:
-        raise FatalClientError(
-            "the coordinator sent SCAFFOLD control variates for other tensors than the "
-            "model's floating ones"
-        )
-    for name, c in control.items():
-        if (
-            not c.dtype.is_floating_point
-            or c.shape != travelling[name].shape
-            or not bool(torch.isfinite(c).all())
-        ):
-            raise FatalClientError(
-                f"the coordinator sent a SCAFFOLD control variate for {name!r} that does not fit "
-                f"the model (dtype {c.dtype}, shape {tuple(c.shape)}) or is not finite"
-            )
-    return {name: c.clone() for name, c in control.items()}
 
 
 def _leave_reason(exc: BaseException) -> str:

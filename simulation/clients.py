@@ -20,7 +20,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from fedlink.client.app import runs_scaffold, train_config_from
+from fedlink.client.settings import runs_scaffold, train_config_from
 from fedlink.common.scaffold import (
     CONTROL_DELTA,
     SERVER_CONTROL,

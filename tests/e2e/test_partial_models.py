@@ -17,6 +17,7 @@ import torch
 from fedlink.client.app import FatalClientError, FederationClient
 from fedlink.client.config import ClientConfig
 from fedlink.common.tasks import load_task
+from fedlink.common.tasks.base import DataRequest
 from fedlink.common.tensors import StateDict, encode_state, open_state_file
 from fedlink.v1 import federation_pb2 as pb
 
@@ -113,7 +114,7 @@ def test_a_partial_federation_exchanges_only_the_head_and_refuses_other_frozen_w
     assert summary.last_record.bytes_up < 2 * (head_bytes + 1024)
     base = safetensors.torch.load_file(str(pretrained))
     for site in sites:
-        state = site._model.state_dict()
+        state = site.model.state_dict()
         assert torch.equal(state["base.weight"], base["weight"])
 
 
@@ -156,18 +157,22 @@ def test_fedbn_batch_norms_stay_on_their_site_across_rounds(
             kept.append({name: t.clone() for name, t in local.items()})
         # Known answer: the counter counts this site's own batches over every round, which it
         # could not if the coordinator had averaged or reset it.
-        batches = math.ceil(len(site._data.train) / 32)  # type: ignore[arg-type]
+        defaults = ClientConfig(insecure=True)  # the partition the site trained on
+        data = load_task("batchnorm_digits_task").load_data(
+            DataRequest(defaults.partition, index, 2, seed=defaults.seed)
+        )
+        batches = math.ceil(len(data.train) / 32)  # type: ignore[arg-type]
         assert int(kept[-1]["1.num_batches_tracked"]) == rounds * batches
-        assert torch.equal(site._model.state_dict()["1.running_mean"], kept[-1]["1.running_mean"])
+        assert torch.equal(site.model.state_dict()["1.running_mean"], kept[-1]["1.running_mean"])
     assert not torch.equal(kept[0]["1.running_mean"], kept[1]["1.running_mean"])
     # A site that restarts takes its batch norms back from its state directory.
     restarted = _client(pki, tmp_path, coordinator.address, "site-0", 0, "batchnorm_digits_task")
     assert not torch.equal(
-        restarted._model.state_dict()["1.running_mean"], kept[0]["1.running_mean"]
+        restarted.model.state_dict()["1.running_mean"], kept[0]["1.running_mean"]
     )
     assert restarted.run() == 0  # told the run is finished, after joining
     for name in BN:
-        assert torch.equal(restarted._model.state_dict()[name], kept[0][name]), name
+        assert torch.equal(restarted.model.state_dict()[name], kept[0][name]), name
 
 
 def test_fedbn_batch_norms_are_never_on_the_wire(pki: Any, start_coordinator: Any) -> None:

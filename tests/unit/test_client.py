@@ -10,14 +10,10 @@ import pytest
 import torch
 
 from fedlink.client import app
-from fedlink.client.app import (
-    FatalClientError,
-    pick_device,
-    task_settings_from,
-    train_config_from,
-)
 from fedlink.client.config import ClientConfig
 from fedlink.client.connection import Backoff
+from fedlink.client.settings import FatalClientError, task_settings_from, train_config_from
+from fedlink.client.site import pick_device
 from fedlink.common.errors import ConfigError, TensorFormatError
 from fedlink.common.task_settings import check_task_settings
 from fedlink.common.tasks.base import DPSGDConfig

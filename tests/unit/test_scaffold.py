@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from fedlink.client.app import FatalClientError, _checked_control, train_config_from
+from fedlink.client.settings import FatalClientError, checked_control, train_config_from
 from fedlink.common.errors import ConfigError
 from fedlink.common.scaffold import CONTROL_DELTA, SERVER_CONTROL, next_client_control
 from fedlink.common.tasks.base import ClientData, ControlCorrection, TensorExamples, TrainConfig
@@ -197,8 +197,8 @@ def test_a_client_refuses_control_variates_that_do_not_fit_its_model(
 ) -> None:
     model = {"w": torch.zeros(3), "counter": torch.tensor(1)}
     with pytest.raises(FatalClientError, match="SCAFFOLD control variate"):
-        _checked_control(control, model)
-    assert _checked_control({"w": torch.ones(3)}, model)["w"].tolist() == [1.0, 1.0, 1.0]
+        checked_control(control, model)
+    assert checked_control({"w": torch.ones(3)}, model)["w"].tolist() == [1.0, 1.0, 1.0]
 
 
 def test_a_model_with_tensors_under_the_reserved_prefix_is_refused_at_start_up(
