@@ -19,15 +19,12 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 
-from fedlink.common.errors import ConfigError
 from fedlink.common.fixedpoint import UpdateLayout
 from fedlink.common.partial import federated_part
-from fedlink.common.task_settings import RESERVED_PREFIX
 from fedlink.common.tensors import (
     Manifest,
     StateDict,
     manifest_of,
-    open_state_file,
     save_state_file,
 )
 from fedlink.common.wire import PayloadFile
@@ -50,6 +47,7 @@ from fedlink.server.results import ResultIntake
 from fedlink.server.secure_rounds import train_securely
 from fedlink.server.status import RunStatus
 from fedlink.server.strategy import aggregate_files, next_global
+from fedlink.server.strategy_extras import StrategyExtras
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +90,9 @@ class RoundEngine:
         self.task_settings = config.task_settings(self._strategy)
         if resume_from is not None:
             self._strategy.load_state_dict(resume_from.strategy_state)
+        self._extras = StrategyExtras(self._strategy, self.manifest, config.state_dir)
         self.results = ResultIntake(
-            config, self.board, self._spool, self.manifest, self._current, self._extra_manifest()
+            config, self.board, self._spool, self.manifest, self._current, self._extras.upload
         )
         self._layout = UpdateLayout(self.manifest)
         self._privacy = RoundPrivacy.for_run(config, resume_from)
@@ -112,46 +111,6 @@ class RoundEngine:
                 resume_from.model.path.name,
                 len(resume_from.clients),
             )
-
-    def _extra_manifest(self) -> Manifest:
-        """The strategy's extra tensors on the wire (upload manifest; the download checked too):
-        reserved names that no model tensor may share, refused at start-up otherwise."""
-        try:
-            down = manifest_of(self._strategy.download_tensors(self.manifest))
-        except ValueError as exc:
-            raise ConfigError(f"strategy {self._strategy!r}: {exc}") from None
-        up = self._strategy.upload_manifest(self.manifest)
-        if not (down or up):
-            return {}
-        if bad := sorted(name for name in [*down, *up] if not name.startswith(RESERVED_PREFIX)):
-            raise ConfigError(
-                f"strategy {self._strategy!r} names extra tensors outside {RESERVED_PREFIX!r}: "
-                f"{', '.join(bad[:5])}"
-            )
-        if clash := sorted(name for name in self.manifest if name.startswith(RESERVED_PREFIX)):
-            raise ConfigError(
-                f"the model has tensors named {', '.join(clash[:5])}: names starting with "
-                f"{RESERVED_PREFIX!r} are reserved for the extra tensors of strategy "
-                f"{self._strategy!r}; rename them in the task's model"
-            )
-        return up
-
-    def _task_payload(self, round_number: int) -> PayloadFile | None:
-        """The training task's download when the strategy sends extra tensors: the global model
-        and those, in one safetensors file (the published model and checkpoints never hold
-        them); None when it sends none. Earlier rounds' task files are removed."""
-        extra = self._strategy.download_tensors(self.manifest)
-        self._remove_task_payloads()
-        if not extra:
-            return None
-        path = self._config.state_dir / f"task-{round_number:06d}.safetensors"
-        with open_state_file(self._global.path) as global_state:
-            save_state_file({**global_state, **extra}, path, durable=False)
-        return PayloadFile.seal(path)
-
-    def _remove_task_payloads(self) -> None:
-        for path in self._config.state_dir.glob("task-*.safetensors"):
-            path.unlink(missing_ok=True)
 
     def _current(self) -> PayloadFile:
         with self.board.cond:
@@ -283,7 +242,7 @@ class RoundEngine:
                 self._completed_round,
             )
         finally:
-            self._remove_task_payloads()
+            self._extras.remove_task_payloads()
             # Clients are told the federation finished only when it did: after a signal or a
             # storage failure they retry until the coordinator is back.
             if stop.is_set() or storage_failure is not None:
@@ -319,7 +278,7 @@ class RoundEngine:
     ) -> Training | None:
         cfg = self._config
         phase = self._new_phase(TaskKind.TRAIN, round_number, sampled, quorum=cfg.min_results)
-        phase.download = self._task_payload(round_number)
+        phase.download = self._extras.task_payload(self._global, round_number)
         train = self.board.run_phase(phase, cfg.round_timeout_seconds, stop)
         if train is None:
             self._discard_updates(phase)
