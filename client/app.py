@@ -36,15 +36,14 @@ from fedlink.client.settings import FatalClientError, runs_scaffold, task_settin
 from fedlink.client.site import LocalSite
 from fedlink.common.errors import BelowPrivacyFloor, FedlinkError, PayloadError, SecAggError
 from fedlink.common.secagg_wire import setup_from_proto
-from fedlink.common.tensors import decode_state, open_state_file
+from fedlink.common.tensors import open_state_file
 from fedlink.common.wire import (
     ENCODING,
     JOIN_REQUIRED,
     SESSION_METADATA_KEY,
     ByteSink,
-    Payload,
     PayloadAssembler,
-    PayloadBytes,
+    PayloadFile,
     PayloadInfo,
 )
 from fedlink.v1 import federation_pb2 as pb
@@ -271,13 +270,8 @@ class FederationClient:
         *,
         with_control: bool = False,
     ) -> None:
-        """Download the task's global model (with SCAFFOLD's control variate, `with_control`),
-        checked, and load it: in memory within `payload_memory_mb`, else through a spool file."""
-        if header.payload.size <= self._config.payload_memory_bytes:
-            buffer = io.BytesIO()
-            self._receive(header, stream, buffer, encoding=ENCODING, max_size=MAX_MODEL_BYTES)
-            self._site.load_global(decode_state(buffer.getvalue()), with_control=with_control)
-            return
+        """Download the task's global model (with SCAFFOLD's control variate, `with_control`)
+        to a spool file, checked, and load it."""
         with tempfile.NamedTemporaryFile(
             dir=self._config.spool_dir, suffix=".safetensors"
         ) as spool:
@@ -288,12 +282,7 @@ class FederationClient:
 
     def _train(self, header: pb.TaskHeader, scaffold: bool = False) -> None:
         with tempfile.TemporaryDirectory(dir=self._config.spool_dir) as spool:
-            update = self._site.train_update(
-                header,
-                scaffold,
-                Path(spool) / "update.safetensors",
-                self._config.payload_memory_bytes,
-            )
+            update = self._site.train_update(header, scaffold, Path(spool) / "update.safetensors")
             taken = self._push(header, update.num_examples, update.metrics, update.payload)
         if update.next_control is not None and taken:
             # c_i moves only when the coordinator took Delta c_i: c stays the mean of the c_i.
@@ -350,8 +339,11 @@ class FederationClient:
             log.warning("round %d: declining %s: %s", header.round, step, exc)
             self._push(header, 0, {}, None)
             return
-        log.info("round %d: %s (%d bytes)", header.round, step, len(answer))
-        self._push(header, 0, {}, PayloadBytes.seal(answer, answer_encoding))
+        with tempfile.TemporaryDirectory(dir=self._config.spool_dir) as spool:
+            path = Path(spool) / "answer"
+            path.write_bytes(answer)
+            log.info("round %d: %s (%d bytes)", header.round, step, len(answer))
+            self._push(header, 0, {}, PayloadFile.seal(path, answer_encoding))
 
     def _evaluate(self, header: pb.TaskHeader) -> None:
         result = self._site.evaluate(header)
@@ -362,7 +354,7 @@ class FederationClient:
         header: pb.TaskHeader,
         num_examples: int,
         metrics: Mapping[str, float],
-        payload: Payload | None,
+        payload: PayloadFile | None,
     ) -> bool:
         """Send a result; True when the coordinator took it, False when it refused it."""
         assert self._join is not None

@@ -70,16 +70,7 @@ class ClientConfig:
     )
     spool_dir: Path | None = field(
         default=None,
-        metadata=_help(
-            "where models larger than payload_memory_mb are buffered (default: system temp dir)"
-        ),
-    )
-    payload_memory_mb: int = field(
-        default=2048,
-        metadata=_help(
-            "a downloaded model or an update up to this size is held in memory, a larger one in "
-            "a file in spool_dir (0: always a file)"
-        ),
+        metadata=_help("where downloaded models are buffered (default: system temp dir)"),
     )
     simulate_attack: str | None = field(
         default=None,
@@ -126,10 +117,6 @@ class ClientConfig:
         ),
     )
 
-    @property
-    def payload_memory_bytes(self) -> int:
-        return self.payload_memory_mb << 20
-
     def __post_init__(self) -> None:
         if not self.insecure and not (self.cert and self.key and self.ca):
             raise ConfigError(
@@ -150,7 +137,7 @@ class ClientConfig:
             if not getattr(self, name) > 0:  # also refuses NaN
                 raise ConfigError(f"{name} must be positive")
         check_log_format(self.log_format)
-        for name in ("secagg_min_clients", "secagg_min_threshold", "payload_memory_mb"):
+        for name in ("secagg_min_clients", "secagg_min_threshold"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
         if not self.dp_min_noise_multiplier >= 0:  # also refuses NaN

@@ -51,7 +51,6 @@ from fedlink.common.tasks.contract import Evaluation, evaluate
 from fedlink.common.tasks.training import check_dpsgd_model
 from fedlink.common.tensors import (
     StateDict,
-    encode_state,
     first_difference,
     manifest_digest,
     manifest_entries,
@@ -60,7 +59,7 @@ from fedlink.common.tensors import (
     save_state_file,
 )
 from fedlink.common.threads import size_torch_threads
-from fedlink.common.wire import Payload, PayloadBytes, PayloadFile
+from fedlink.common.wire import PayloadFile
 from fedlink.v1 import federation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -83,15 +82,6 @@ def pick_device(choice: str) -> torch.device:
     return device
 
 
-def serialized(state: StateDict, path: Path, encoding: str, memory_limit: int) -> Payload:
-    """`state` as a safetensors payload: bytes in memory when its tensors fit `memory_limit`
-    (no spool file written and read back), else the file `path` (memory stays one model)."""
-    if sum(t.numel() * t.element_size() for t in state.values()) <= memory_limit:
-        return PayloadBytes.seal(encode_state(state), encoding)
-    save_state_file(state, path, durable=False)
-    return PayloadFile.seal(path, encoding)
-
-
 @dataclass(frozen=True)
 class TrainedUpdate:
     """A training task's answer: what to report, the update file to upload (None: this client
@@ -99,7 +89,7 @@ class TrainedUpdate:
 
     num_examples: int
     metrics: dict[str, float]
-    payload: Payload | None
+    payload: PayloadFile | None
     next_control: StateDict | None = None
 
 
@@ -278,12 +268,10 @@ class LocalSite:
             metrics["dpsgd_epsilon"] = self._account_dpsgd(header.round, config.dpsgd, result)
         return result, metrics, config
 
-    def train_update(
-        self, header: pb.TaskHeader, scaffold: bool, path: Path, memory_limit: int
-    ) -> TrainedUpdate:
-        """Train, and serialize the update the coordinator asked for (its codec; with SCAFFOLD's
-        Delta c_i): in memory up to `memory_limit` bytes, else to the file `path`, streamed
-        from there (no second in-memory copy of a large model)."""
+    def train_update(self, header: pb.TaskHeader, scaffold: bool, path: Path) -> TrainedUpdate:
+        """Train, and write the update the coordinator asked for (its codec; with SCAFFOLD's
+        Delta c_i) to `path`: serialized to disk and streamed from there, no second in-memory
+        copy of the model."""
         try:
             codec = codec_from_proto(header.update_codec)
         except ConfigError as exc:
@@ -298,20 +286,21 @@ class LocalSite:
         global_state = {} if codec.plain and not scaffold else self.travelling_copy()
         control = self._control_correction() if scaffold else None
         result, metrics, config = self.train(header, control)
+        extra: StateDict = {}
         client_control: StateDict | None = None
+        if control is not None:
+            client_control, delta = self._next_control(header, control, global_state, config)
+            extra = {CONTROL_DELTA + name: tensor for name, tensor in delta.items()}
         if codec.plain:
-            update = self.travelling()
-            if control is not None:
-                client_control, delta = self._next_control(header, control, global_state, config)
-                update = {**update, **{CONTROL_DELTA + name: t for name, t in delta.items()}}
+            save_state_file({**self.travelling(), **extra}, path, durable=False)
         else:
             try:
-                update = self._encode_update(codec, global_state)
+                self._encode_update(codec, global_state, path)
             except UpdateRejected as exc:
                 # Declined: the coordinator refuses a result without payload at once.
                 log.error("round %d: cannot encode this update: %s", header.round, exc)
                 return TrainedUpdate(result.num_examples, metrics, None)
-        payload = serialized(update, path, codec.encoding, memory_limit)
+        payload = PayloadFile.seal(path, codec.encoding)
         log.info(
             "round %d: uploading update (%.3f MB, %s)",
             header.round,
@@ -385,9 +374,9 @@ class LocalSite:
         if stored is not None:
             save_state_file(control, stored)
 
-    def _encode_update(self, codec: UpdateCodec, global_state: StateDict) -> StateDict:
-        """The trained model's change from `global_state` in `codec`; with top-k, what was not
-        sent is kept (in --state-dir as safetensors, if set) for the next update."""
+    def _encode_update(self, codec: UpdateCodec, global_state: StateDict, path: Path) -> None:
+        """Write the trained model's change from `global_state` in `codec` to `path`; with top-k,
+        what was not sent is kept (in --state-dir as safetensors, if set) for the next update."""
         if codec.topk and self._residual is None:
             self._residual = {}
             stored = self._state_file("update-residual")
@@ -400,12 +389,12 @@ class LocalSite:
             global_state,
             self._residual or {},
         )
+        save_state_file(payload, path, durable=False)
         if codec.topk:
             self._residual = kept
             stored = self._state_file("update-residual")
             if stored is not None:
                 save_state_file(kept, stored)
-        return payload
 
     def _account_dpsgd(self, round_number: int, dpsgd: DPSGDConfig, result: TrainResult) -> float:
         """This round's DP-SGD steps composed with the earlier rounds': the epsilon spent so far."""

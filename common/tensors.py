@@ -97,19 +97,6 @@ def encode_state(state: Mapping[str, torch.Tensor]) -> bytes:
     return safetensors.torch.save(_prepare(state))
 
 
-def decode_state(data: bytes) -> StateDict:
-    """A safetensors payload held in memory, parsed by safetensors (header, offsets, dtypes
-    checked) into tensors of their own."""
-    try:
-        state: StateDict = safetensors.torch.load(data)
-    except Exception as exc:
-        raise TensorFormatError(f"not a valid safetensors payload: {exc}") from exc
-    supported = set(_HEADER_DTYPES.values())
-    if unsupported := sorted(name for name, t in state.items() if t.dtype not in supported):
-        raise TensorFormatError(f"tensor {unsupported[0]!r} has an unsupported dtype")
-    return state
-
-
 @contextmanager
 def open_state_file(path: Path) -> Iterator[StateDict]:
     """Memory-map a safetensors file: tensors are read lazily, so memory stays bounded by what

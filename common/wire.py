@@ -80,28 +80,6 @@ class PayloadFile:
             return self._fd
 
 
-@dataclass(frozen=True, eq=False)
-class PayloadBytes:
-    """A payload held in memory (a client's update below its memory budget): no spool file to
-    write and read back, and no disk I/O in the way of the upload."""
-
-    data: bytes
-    info: PayloadInfo
-
-    @classmethod
-    def seal(cls, data: bytes, encoding: str = ENCODING) -> PayloadBytes:
-        return cls(data, PayloadInfo(len(data), hashlib.sha256(data).digest(), encoding))
-
-    def chunks(self, chunk_size: int) -> Iterator[tuple[int, bytes]]:
-        check_chunk_size(chunk_size)
-        for offset in range(0, self.info.size, chunk_size):
-            yield offset, self.data[offset : offset + chunk_size]
-
-
-# What a result uploads: a file or, within the client's memory budget, bytes.
-Payload = PayloadFile | PayloadBytes
-
-
 def check_chunk_size(chunk_size: int) -> None:
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise PayloadError(

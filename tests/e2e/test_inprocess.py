@@ -107,8 +107,6 @@ def test_a_federation_runs_in_process_through_the_real_services_and_client_code(
             partition_index=index,
             threads=1,
             spool_dir=tmp_path,
-            # site-a holds models and updates in memory, site-b streams them through files.
-            payload_memory_mb=2048 if index == 0 else 0,
         )
         client = FederationClient(config, channel=in_process.channel(cert.read_bytes(), name))
         thread = threading.Thread(target=lambda n=name, c=client: codes.update({n: c.run()}))

@@ -228,10 +228,3 @@ def test_an_error_without_a_shutdown_signal_still_propagates(
     monkeypatch.setattr(app, "FederationClient", _Crashes)
     with pytest.raises(RuntimeError, match="own bug"):
         app.run_client(ClientConfig(insecure=True))
-
-
-def test_the_payload_memory_budget_is_megabytes_and_never_negative() -> None:
-    assert ClientConfig(insecure=True).payload_memory_bytes == 2048 << 20
-    assert ClientConfig(insecure=True, payload_memory_mb=0).payload_memory_bytes == 0
-    with pytest.raises(ConfigError, match="payload_memory_mb must be >= 0"):
-        ClientConfig(insecure=True, payload_memory_mb=-1)

@@ -27,30 +27,15 @@ from fedlink.common.tensors import (
     open_state_file,
     save_state_file,
 )
-from fedlink.common.tensors import decode_state as decode_in_memory
 
 
 def decode_state(data: bytes) -> dict[str, torch.Tensor]:
-    """Decode bytes both ways fedlink does, which must agree: from a file, memory-mapped (the
-    coordinator's uploads, a client's large downloads) and in memory (a client's downloads
-    within its memory budget). Either both refuse the bytes (the file's error is raised) or
-    both give the same tensors."""
-    try:
-        in_memory: dict[str, torch.Tensor] | TensorFormatError = decode_in_memory(data)
-    except TensorFormatError as exc:
-        in_memory = exc
+    """Decode bytes the way the coordinator does with an upload: from a file, memory-mapped."""
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "payload.safetensors"
         path.write_bytes(data)
-        try:
-            with open_state_file(path) as state:
-                from_file = {name: tensor.clone() for name, tensor in state.items()}
-        except TensorFormatError:
-            assert isinstance(in_memory, TensorFormatError), "refused from a file only"
-            raise
-    assert not isinstance(in_memory, TensorFormatError), f"refused in memory only: {in_memory}"
-    _assert_same_state(in_memory, from_file)
-    return from_file
+        with open_state_file(path) as state:
+            return {name: tensor.clone() for name, tensor in state.items()}
 
 
 def _mixed_state() -> dict[str, torch.Tensor]:

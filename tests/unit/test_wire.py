@@ -17,7 +17,6 @@ from fedlink.common.wire import (
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
     PayloadAssembler,
-    PayloadBytes,
     PayloadFile,
     PayloadInfo,
     check_chunk_size,
@@ -260,12 +259,3 @@ def test_a_payload_keeps_streaming_the_sealed_file_after_its_path_is_replaced() 
     replacement.write_bytes(_payload(2 * CHUNK))
     replacement.replace(payload.path)  # as an atomic rewrite of the same path would
     assert b"".join(chunk for _, chunk in payload.chunks(CHUNK)) == data
-
-
-def test_a_payload_in_memory_streams_like_a_file() -> None:
-    data = _payload(3 * CHUNK + 5)
-    in_memory = PayloadBytes.seal(data)
-    assert in_memory.info == _sealed(data).info
-    assert list(in_memory.chunks(CHUNK)) == list(_sealed(data).chunks(CHUNK))
-    with pytest.raises(PayloadError, match="chunk size"):
-        next(in_memory.chunks(MIN_CHUNK_SIZE - 1))
