@@ -50,6 +50,7 @@ class PhaseBoard:
         self._config = config
         # Observers of the run: the status snapshot, Prometheus, and clients.jsonl's rows.
         self.status = status
+        status.count_as_alive(self._silent_but_alive)
         self.metrics = metrics
         self.client_rows = client_rows
         self.cond = threading.Condition()  # guards everything below and each open Phase
@@ -366,6 +367,10 @@ class PhaseBoard:
         if not self._config.insecure:  # insecure identities are new on every connection
             waiting |= self.roster.known - self.roster.joined()
         return waiting - self._told_to_stop
+
+    def _silent_but_alive(self) -> set[str]:
+        with self.cond:
+            return self.roster.silent_but_alive()
 
     def alive_clients(self) -> list[str]:
         with self.cond:

@@ -63,6 +63,10 @@ class Roster:
             or identity in self._downloading
         )
 
+    def silent_but_alive(self) -> set[str]:
+        """Clients waiting in a long poll or downloading their task: alive, sending nothing."""
+        return set(self._waiters) | set(self._downloading)
+
     def download_started(self, identity: str) -> None:
         self._downloading[identity] += 1
 

@@ -49,6 +49,9 @@ class RunStatus:
         self._lock = threading.Lock()
         self._clock = clock
         self._liveness = liveness_timeout
+        # Clients alive although silent: waiting in a long poll or downloading a task (they
+        # send no heartbeats then). The engine's roster answers; without one, nobody.
+        self._silent_but_alive: Callable[[], Collection[str]] = tuple
         self._num_rounds = num_rounds
         self._state = "starting"
         self._round = 0
@@ -96,6 +99,11 @@ class RunStatus:
         with self._lock:
             client = self._client(identity)
             client.joined, client.last_seen_unix = True, self._clock()
+
+    def count_as_alive(self, probe: Callable[[], Collection[str]]) -> None:
+        """`probe()` names the clients that are alive although not seen lately (called by
+        `snapshot`, without this object's lock held)."""
+        self._silent_but_alive = probe
 
     def client_seen(self, identity: str) -> None:
         with self._lock:
@@ -148,12 +156,16 @@ class RunStatus:
 
     def snapshot(self) -> dict[str, Any]:
         """The run and its clients as plain data: the fields of the Admin service's RunStatus."""
+        silent_but_alive = set(self._silent_but_alive())
         with self._lock:
             now = self._clock()
             clients = [
                 {
                     **asdict(c),
-                    "connected": c.joined and now - c.last_seen_unix <= self._liveness,
+                    "connected": c.joined
+                    and (
+                        now - c.last_seen_unix <= self._liveness or c.identity in silent_but_alive
+                    ),
                     "sampled": c.identity in self._participants,
                 }
                 for c in sorted(self._clients.values(), key=lambda c: c.identity)

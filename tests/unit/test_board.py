@@ -129,6 +129,19 @@ def test_a_client_downloading_its_task_is_alive_without_heartbeats(
     assert phase.delivered == {"a"}
 
 
+def test_operators_see_a_client_waiting_in_a_poll_or_downloading_as_connected(
+    tmp_path: Path,
+) -> None:
+    board = _board(tmp_path)  # liveness timeout 0.3 s
+    for identity in ("waiting", "downloading", "silent"):
+        board.join(identity)
+    assert board.poll_task("waiting", wake=lambda: None) is None
+    with board.downloading("downloading"):
+        time.sleep(0.5)
+        connected = {c["identity"]: c["connected"] for c in board.status.snapshot()["clients"]}
+    assert connected == {"waiting": True, "downloading": True, "silent": False}
+
+
 def test_below_quorum_wait_holds_a_phase_open_past_its_deadline(
     tmp_path: Path, pool: ThreadPoolExecutor
 ) -> None:

@@ -64,6 +64,17 @@ def test_a_client_counts_as_connected_while_seen_within_the_liveness_timeout() -
     assert status.snapshot()["clients"][0]["excluded"]
 
 
+def test_a_silent_client_the_engine_knows_is_waiting_counts_as_connected() -> None:
+    clock = Clock()
+    status = RunStatus(num_rounds=1, liveness_timeout=30, clock=clock)
+    status.client_joined("a")
+    status.client_joined("b")
+    status.count_as_alive(lambda: {"a"})  # in a long poll or a download: no heartbeats
+    clock.now += 31
+    connected = {c["identity"]: c["connected"] for c in status.snapshot()["clients"]}
+    assert connected == {"a": True, "b": False}
+
+
 def test_completed_rounds_are_kept_for_the_dashboard() -> None:
     status = RunStatus(num_rounds=3, liveness_timeout=30)
     status.round_completed({"round": 1, "test_accuracy": 0.5})
