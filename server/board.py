@@ -216,7 +216,6 @@ class PhaseBoard:
         cfg = self._config
         needed = max(cfg.min_fit_clients, cfg.min_clients if round_number == 1 else 0)
         announced = -1  # the population size last logged: one line whenever it changes
-        self.status.waiting_for_clients(round_number, needed)
         with self.cond:
             while not stop.is_set():
                 if cfg.below_quorum == "wait":
@@ -231,6 +230,8 @@ class PhaseBoard:
                     rng = random.Random(f"{cfg.seed}:{round_number}:{attempt}")
                     return sorted(rng.sample(population, min(count, len(population))))
                 if len(population) != announced:
+                    # Only when it has to wait: between two rounds the run stays "running".
+                    self.status.waiting_for_clients(round_number, needed)
                     log.info(
                         "round %d: waiting for %d more client(s) (%d of %d connected)",
                         round_number,

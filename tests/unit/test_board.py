@@ -224,6 +224,7 @@ def test_sampling_waits_for_enough_clients_and_is_seeded(
         board.join(identity)
     time.sleep(0.4)
     assert not sampled.done()  # two of the three clients round 1 waits for
+    assert board.status.snapshot()["state"] == "waiting for clients"
     with board.cond:  # all four at once: the sampler sees six
         for identity in ("c", "d", "e", "f"):
             board.join(identity)
@@ -232,6 +233,11 @@ def test_sampling_waits_for_enough_clients_and_is_seeded(
     assert board.sample(1, 0, frozenset(), stop) == first  # same seed, round, attempt
     retry = board.sample(1, 1, frozenset(first), stop)
     assert retry is not None and not set(retry) & set(first)  # enough others: avoided
+    # A round whose clients are there at once never shows "waiting for clients" (operators
+    # saw it flash between every two rounds).
+    board.status.phase_opened("train", 1, timeout=60, quorum=1, participants=first)
+    assert board.sample(2, 0, frozenset(), stop) is not None
+    assert board.status.snapshot()["state"] == "running"
 
 
 def test_byte_counts_are_taken_once_per_round(tmp_path: Path) -> None:
