@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from fedlink.common.pki import init_ca, issue_certificate
+from federation_runs import issue_certificates, run_federation
 
 CODECS: dict[str, dict[str, object]] = {
     "fp32": {"update_codec": "fp32"},
@@ -39,87 +37,20 @@ CODECS: dict[str, dict[str, object]] = {
 CLIENTS = 2
 
 
-def _flags(**values: object) -> list[str]:
-    return [f"--{name.replace('_', '-')}={value}" for name, value in values.items()]
-
-
-def _spawn(arguments: list[str], log: Path) -> subprocess.Popen[bytes]:
-    out: IO[bytes] = open(log, "wb")  # noqa: SIM115 (owned by the child process)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedlink", *arguments], stdout=out, stderr=out, env=env
-    )
-
-
 def _federation(
     args: argparse.Namespace, certs: Path, run: Path, settings: dict[str, object]
 ) -> list[dict[str, Any]]:
-    run.mkdir(parents=True)
-    address_file = run / "address"
-    server = _spawn(
-        [
-            "server",
-            *_flags(
-                cert=certs / "server" / "server.pem",
-                key=certs / "server" / "server.key",
-                ca=certs / "server" / "ca.pem",
-                listen="127.0.0.1:0",
-                address_file=address_file,
-                task=args.task,
-                num_rounds=args.rounds,
-                min_clients=CLIENTS,
-                min_fit_clients=CLIENTS,
-                local_epochs=1,
-                learning_rate=args.learning_rate,
-                seed=args.seed,
-                evaluate_every=0,
-                heartbeat_interval_seconds=2,
-                run_dir=run,
-                state_dir=run / "state",
-                **settings,
-            ),
-        ],
-        run / "server.log",
-    )
-    processes = [server]
-    try:
-        while not (address_file.exists() and address_file.read_text().strip()):
-            if server.poll() is not None:
-                raise SystemExit(f"coordinator exited; see {run / 'server.log'}")
-            time.sleep(0.2)
-        address = address_file.read_text().strip()
-        for index in range(CLIENTS):
-            name = f"client-{index + 1}"
-            bundle = certs / name
-            processes.append(
-                _spawn(
-                    [
-                        "client",
-                        *_flags(
-                            server=address,
-                            cert=bundle / f"{name}.pem",
-                            key=bundle / f"{name}.key",
-                            ca=bundle / "ca.pem",
-                            task=args.task,
-                            partition="iid",
-                            partition_index=index,
-                            num_partitions=args.partitions,
-                            seed=args.seed,
-                            device="cpu",
-                            state_dir=run / f"{name}-state",
-                        ),
-                    ],
-                    run / f"{name}.log",
-                )
-            )
-        if server.wait() != 0:
-            raise SystemExit(f"coordinator failed; see {run / 'server.log'}")
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    server = {
+        "task": args.task,
+        "num_rounds": args.rounds,
+        "local_epochs": 1,
+        "learning_rate": args.learning_rate,
+        "seed": args.seed,
+        "evaluate_every": 0,
+        **settings,
+    }
+    client = {"task": args.task, "num_partitions": args.partitions, "seed": args.seed}
+    return run_federation(certs, run, clients=CLIENTS, server=server, client=client)
 
 
 def main() -> int:
@@ -136,13 +67,7 @@ def main() -> int:
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="fedlink-compression-") as scratch:
         certs = Path(scratch) / "certs"
-        init_ca(certs / "ca")
-        issue_certificate(
-            certs / "ca", certs / "server", "server", role="server", hosts=["127.0.0.1"]
-        )
-        for index in range(CLIENTS):
-            name = f"client-{index + 1}"
-            issue_certificate(certs / "ca", certs / name, name, role="client")
+        issue_certificates(certs, CLIENTS)
         for number, label in enumerate(chosen):
             started = time.monotonic()
             records = _federation(args, certs, Path(scratch) / f"run-{number}", CODECS[label])

@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from fedlink.common.pki import init_ca, issue_certificate
+from federation_runs import issue_certificates, process_env, run_federation
+
 from fedlink.common.tasks.digits_transfer import BACKBONE_ENV
 
 RUNS: dict[str, tuple[bool, dict[str, object]]] = {  # (loads the backbone, server settings)
@@ -42,76 +41,23 @@ RUNS: dict[str, tuple[bool, dict[str, object]]] = {  # (loads the backbone, serv
 }
 
 
-def _flags(**values: object) -> list[str]:
-    return [f"--{name.replace('_', '-')}={value}" for name, value in values.items()]
-
-
-def _spawn(arguments: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    out: IO[bytes] = open(log, "wb")  # noqa: SIM115 (owned by the child process)
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedlink", *arguments], stdout=out, stderr=out, env=env
-    )
-
-
 def _federation(
     args: argparse.Namespace, certs: Path, run: Path, backbone: bool, settings: dict[str, object]
 ) -> list[dict[str, Any]]:
-    run.mkdir(parents=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = process_env()
     env.pop(BACKBONE_ENV, None)
     if backbone:
         env[BACKBONE_ENV] = str(args.backbone.resolve())
-    address_file = run / "address"
-    server_flags = _flags(
-        cert=certs / "server" / "server.pem",
-        key=certs / "server" / "server.key",
-        ca=certs / "server" / "ca.pem",
-        listen="127.0.0.1:0",
-        address_file=address_file,
-        task="digits-transfer",
-        num_rounds=args.rounds,
-        min_clients=args.clients,
-        min_fit_clients=args.clients,
-        local_epochs=args.local_epochs,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-        heartbeat_interval_seconds=2,
-        run_dir=run,
-        state_dir=run / "state",
+    server = {
+        "task": "digits-transfer",
+        "num_rounds": args.rounds,
+        "local_epochs": args.local_epochs,
+        "learning_rate": args.learning_rate,
+        "seed": args.seed,
         **settings,
-    )
-    server = _spawn(["server", *server_flags], run / "server.log", env)
-    processes = [server]
-    try:
-        while not (address_file.exists() and address_file.read_text().strip()):
-            if server.poll() is not None:
-                raise SystemExit(f"coordinator exited; see {run / 'server.log'}")
-            time.sleep(0.2)
-        address = address_file.read_text().strip()
-        for index in range(args.clients):
-            name = f"client-{index + 1}"
-            bundle = certs / name
-            client_flags = _flags(
-                server=address,
-                cert=bundle / f"{name}.pem",
-                key=bundle / f"{name}.key",
-                ca=bundle / "ca.pem",
-                task="digits-transfer",
-                partition="iid",
-                partition_index=index,
-                num_partitions=args.clients,
-                seed=args.seed,
-                device="cpu",
-            )
-            processes.append(_spawn(["client", *client_flags], run / f"{name}.log", env))
-        if server.wait() != 0:
-            raise SystemExit(f"coordinator failed; see {run / 'server.log'}")
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    }
+    client = {"task": "digits-transfer", "num_partitions": args.clients, "seed": args.seed}
+    return run_federation(certs, run, clients=args.clients, server=server, client=client, env=env)
 
 
 def main() -> int:
@@ -128,13 +74,7 @@ def main() -> int:
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="fedlink-transfer-") as scratch:
         certs = Path(scratch) / "certs"
-        init_ca(certs / "ca")
-        issue_certificate(
-            certs / "ca", certs / "server", "server", role="server", hosts=["127.0.0.1"]
-        )
-        for index in range(args.clients):
-            name = f"client-{index + 1}"
-            issue_certificate(certs / "ca", certs / name, name, role="client")
+        issue_certificates(certs, args.clients)
         for number, label in enumerate(args.runs.split(",")):
             backbone, settings = RUNS[label]
             started = time.monotonic()
