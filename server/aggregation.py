@@ -87,17 +87,6 @@ class StreamingFedAvg:
         return out
 
 
-def weighted_magnitude(state: Mapping[str, torch.Tensor], weight: float) -> float:
-    """weight x the largest |value| of the floating tensors: what one update can add to any
-    element of a FedAvg sum."""
-    largest = 0.0
-    for tensor in state.values():
-        if tensor.dtype.is_floating_point and tensor.numel():
-            low, high = torch.aminmax(tensor)  # no |tensor| temporary the size of the tensor
-            largest = max(largest, -float(low), float(high))
-    return weight * largest
-
-
 # The largest element a FedAvg sum may reach: half the float32 range (the accumulator type of
 # every float32 and half-precision tensor), so the sum, and the mean, stay finite.
 SUM_LIMIT = float(torch.finfo(torch.float32).max) / 2

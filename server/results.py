@@ -24,7 +24,7 @@ from fedlink.common.errors import PayloadError, StorageError, TensorFormatError,
 from fedlink.common.secagg_wire import SecAggStep
 from fedlink.common.tensors import Manifest, open_state_file, save_state_file
 from fedlink.common.wire import ENCODING, PayloadFile
-from fedlink.server.aggregation import SUM_LIMIT, weighted_magnitude
+from fedlink.server.aggregation import SUM_LIMIT
 from fedlink.server.board import PhaseBoard
 from fedlink.server.config import ServerConfig
 from fedlink.server.intake import ResultUpload, Spool
@@ -279,7 +279,7 @@ class ResultIntake:
                         f"with every update (such as {min(self._extra)!r}) and this update has "
                         "none: the client does not run the strategy (update fedlink there)",
                     )
-                check_update(state, self._upload_manifest)
+                largest = check_update(state, self._upload_manifest)
                 if ratio > 0:
                     # The bound is on the model's move; the extra tensors are held to the sum
                     # limit below, like every value of an update.
@@ -291,7 +291,7 @@ class ResultIntake:
                         check_update_bound(
                             model, global_state, ratio=ratio, global_norm=phase.global_norm
                         )
-                return weighted_magnitude(state, weight)
+                return weight * largest
         except TensorFormatError as exc:
             raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
 

@@ -41,8 +41,13 @@ def check_metrics(metrics: Mapping[str, float]) -> None:
             raise UpdateRejected("INVALID_ARGUMENT", f"metric {name!r} is not finite")
 
 
-def check_update(state: Mapping[str, torch.Tensor], manifest: Manifest) -> None:
-    """Same tensor names, dtypes and shapes as the global model, and only finite values."""
+def check_update(state: Mapping[str, torch.Tensor], manifest: Manifest) -> float:
+    """Same tensor names, dtypes and shapes as the global model, and only finite values; the
+    largest |value| of its floating tensors (what it adds to any element of a sum per unit of
+    weight).
+
+    One pass over each tensor does both: min and max propagate NaN and show an Inf, so a finite
+    pair proves every element finite (a large model's update is read once here, not twice)."""
     missing = sorted(set(manifest) - set(state))
     if missing:
         raise UpdateRejected("INVALID_ARGUMENT", f"update is missing tensor(s): {_names(missing)}")
@@ -61,9 +66,14 @@ def check_update(state: Mapping[str, torch.Tensor], manifest: Manifest) -> None:
                 "INVALID_ARGUMENT",
                 f"tensor {name!r} has shape {tuple(tensor.shape)}; the global model has {spec.shape}",
             )
+    largest = 0.0
     for name, tensor in state.items():
-        if tensor.dtype.is_floating_point and not _all_finite(tensor):
-            raise UpdateRejected("INVALID_ARGUMENT", f"tensor {name!r} contains NaN or Inf")
+        if tensor.dtype.is_floating_point and tensor.numel():
+            low, high = (float(v) for v in torch.aminmax(tensor))  # no |tensor| temporary
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise UpdateRejected("INVALID_ARGUMENT", f"tensor {name!r} contains NaN or Inf")
+            largest = max(largest, -low, high)
+    return largest
 
 
 def check_update_bound(

@@ -10,7 +10,7 @@ import torch
 
 from fedlink.common.errors import UpdateRejected
 from fedlink.common.tensors import StateDict, TensorSpec, manifest_of
-from fedlink.server.aggregation import SUM_LIMIT, StreamingFedAvg, weighted_magnitude
+from fedlink.server.aggregation import StreamingFedAvg
 from fedlink.server.validation import check_update_bound, model_norm, non_finite_tensors
 
 
@@ -238,9 +238,7 @@ def test_the_update_bound_is_relative_to_the_global_model_and_cannot_overflow() 
     assert torch.equal(global_state["w"], torch.full((100,), 0.1))  # nothing changed in place
 
 
-def test_weighted_magnitude_is_what_one_update_can_add_to_the_sum() -> None:
+def test_non_finite_tensors_names_the_broken_ones() -> None:
     state = {"w": torch.tensor([1.0, -3.0e38]), "steps": torch.tensor(2**62)}
-    assert weighted_magnitude(state, 2.0) == pytest.approx(6.0e38)
-    assert weighted_magnitude(state, 2.0) > SUM_LIMIT
     assert non_finite_tensors(state) == []
     assert non_finite_tensors({"w": torch.tensor([1.0, float("nan")])}) == ["w"]

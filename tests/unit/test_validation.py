@@ -9,6 +9,7 @@ import torch
 
 from fedlink.common.errors import UpdateRejected
 from fedlink.common.tensors import StateDict, manifest_of
+from fedlink.server.aggregation import SUM_LIMIT
 from fedlink.server.validation import (
     MAX_METRICS,
     check_metrics,
@@ -110,6 +111,31 @@ def test_non_finite_bfloat16_is_rejected() -> None:
     manifest = manifest_of({"w": torch.zeros(2, dtype=torch.bfloat16)})
     with pytest.raises(UpdateRejected, match="'w' contains NaN or Inf"):
         check_update({"w": torch.tensor([0.0, math.nan], dtype=torch.bfloat16)}, manifest)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad_value", [math.nan, math.inf, -math.inf])
+def test_one_non_finite_value_anywhere_in_a_large_tensor_is_found(
+    dtype: torch.dtype, bad_value: float
+) -> None:
+    """The single min/max pass must see a NaN in every position a vectorized reduction
+    splits the tensor into (lanes, blocks, the tail)."""
+    manifest = manifest_of({"w": torch.zeros(100_003, dtype=dtype)})
+    for position in (0, 1, 7, 15, 31, 63, 4095, 65_536, 100_000, 100_002):
+        update = torch.zeros(100_003, dtype=dtype)
+        update[position] = bad_value
+        with pytest.raises(UpdateRejected, match="'w' contains NaN or Inf"):
+            check_update({"w": update}, manifest)
+
+
+def test_check_update_returns_what_one_update_can_add_to_a_sum() -> None:
+    """The largest |value| over the floating tensors (integer counters are not summed)."""
+    state = {"w": torch.tensor([1.0, -3.0e38]), "h": torch.tensor([2.0], dtype=torch.float16)}
+    state["steps"] = torch.tensor(2**62)
+    assert check_update(state, manifest_of(state)) == pytest.approx(3.0e38)
+    assert 2 * check_update(state, manifest_of(state)) > SUM_LIMIT
+    empty = {"w": torch.zeros(0)}
+    assert check_update(empty, manifest_of(empty)) == 0.0
 
 
 @pytest.mark.parametrize("num_examples", [1, 500, 1000])
