@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import IO
 
 import grpc
 import torch
@@ -42,8 +43,9 @@ from fedlink.common.wire import (
     JOIN_REQUIRED,
     SESSION_METADATA_KEY,
     ByteSink,
+    Payload,
     PayloadAssembler,
-    PayloadFile,
+    PayloadBuffers,
     PayloadInfo,
 )
 from fedlink.v1 import federation_pb2 as pb
@@ -84,6 +86,7 @@ class FederationClient:
         # during uploads outnumbered every other call (benchmarks/load.py).
         self._in_call = threading.Event()
         self._secure: SecureParticipant | None = None
+        self._spool: IO[bytes] | None = None  # the download spool (_download_spool)
         self._floor = PrivacyFloor(
             min_clients=config.secagg_min_clients,
             min_threshold=config.secagg_min_threshold,
@@ -124,6 +127,8 @@ class FederationClient:
             if heartbeat.is_alive():
                 heartbeat.join()  # never close the channel under an in-flight call
             self._channel.close()
+            if self._spool is not None:
+                self._spool.close()
 
     def _serve(self) -> None:
         """Carry out tasks until the federation is over."""
@@ -271,19 +276,30 @@ class FederationClient:
         with_control: bool = False,
     ) -> None:
         """Download the task's global model (with SCAFFOLD's control variate, `with_control`)
-        to a spool file, checked, and load it."""
-        with tempfile.NamedTemporaryFile(
-            dir=self._config.spool_dir, suffix=".safetensors"
-        ) as spool:
-            self._receive(header, stream, spool, encoding=ENCODING, max_size=MAX_MODEL_BYTES)
-            spool.flush()
-            with open_state_file(Path(spool.name)) as state:
-                self._site.load_global(state, with_control=with_control)
+        into this client's spool file, checked, and load it (a copy: nothing keeps a view of
+        the file, which the next download rewrites)."""
+        spool = self._download_spool()
+        spool.seek(0)
+        self._receive(header, stream, spool, encoding=ENCODING, max_size=MAX_MODEL_BYTES)
+        spool.truncate()
+        spool.flush()
+        with open_state_file(Path(spool.name)) as state:
+            self._site.load_global(state, with_control=with_control)
+
+    def _download_spool(self) -> IO[bytes]:
+        """One file, rewritten in place by every download: a new file each round would be new
+        page cache each round (400 MB for a 100M-parameter model), which costs several times the
+        copy itself on a VM that hands freed memory back to its host (docs/large-models.md).
+        Removed when the client exits."""
+        if self._spool is None:
+            self._spool = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in run)
+                dir=self._config.spool_dir, prefix="global-", suffix=".safetensors"
+            )
+        return self._spool
 
     def _train(self, header: pb.TaskHeader, scaffold: bool = False) -> None:
-        with tempfile.TemporaryDirectory(dir=self._config.spool_dir) as spool:
-            update = self._site.train_update(header, scaffold, Path(spool) / "update.safetensors")
-            taken = self._push(header, update.num_examples, update.metrics, update.payload)
+        update = self._site.train_update(header, scaffold)
+        taken = self._push(header, update.num_examples, update.metrics, update.payload)
         if update.next_control is not None and taken:
             # c_i moves only when the coordinator took Delta c_i: c stays the mean of the c_i.
             self._site.keep_client_control(update.next_control)
@@ -339,11 +355,8 @@ class FederationClient:
             log.warning("round %d: declining %s: %s", header.round, step, exc)
             self._push(header, 0, {}, None)
             return
-        with tempfile.TemporaryDirectory(dir=self._config.spool_dir) as spool:
-            path = Path(spool) / "answer"
-            path.write_bytes(answer)
-            log.info("round %d: %s (%d bytes)", header.round, step, len(answer))
-            self._push(header, 0, {}, PayloadFile.seal(path, answer_encoding))
+        log.info("round %d: %s (%d bytes)", header.round, step, len(answer))
+        self._push(header, 0, {}, PayloadBuffers([answer], answer_encoding))
 
     def _evaluate(self, header: pb.TaskHeader) -> None:
         result = self._site.evaluate(header)
@@ -354,7 +367,7 @@ class FederationClient:
         header: pb.TaskHeader,
         num_examples: int,
         metrics: Mapping[str, float],
-        payload: PayloadFile | None,
+        payload: Payload | None,
     ) -> bool:
         """Send a result; True when the coordinator took it, False when it refused it."""
         assert self._join is not None

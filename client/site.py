@@ -57,9 +57,10 @@ from fedlink.common.tensors import (
     manifest_of,
     open_state_file,
     save_state_file,
+    state_payload,
 )
 from fedlink.common.threads import size_torch_threads
-from fedlink.common.wire import PayloadFile
+from fedlink.common.wire import Payload
 from fedlink.v1 import federation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,12 @@ def pick_device(choice: str) -> torch.device:
 
 @dataclass(frozen=True)
 class TrainedUpdate:
-    """A training task's answer: what to report, the update file to upload (None: this client
+    """A training task's answer: what to report, the update to upload (None: this client
     declines the round) and, under SCAFFOLD, c_i+ to keep once the coordinator takes it."""
 
     num_examples: int
     metrics: dict[str, float]
-    payload: PayloadFile | None
+    payload: Payload | None
     next_control: StateDict | None = None
 
 
@@ -268,10 +269,11 @@ class LocalSite:
             metrics["dpsgd_epsilon"] = self._account_dpsgd(header.round, config.dpsgd, result)
         return result, metrics, config
 
-    def train_update(self, header: pb.TaskHeader, scaffold: bool, path: Path) -> TrainedUpdate:
-        """Train, and write the update the coordinator asked for (its codec; with SCAFFOLD's
-        Delta c_i) to `path`: serialized to disk and streamed from there, no second in-memory
-        copy of the model."""
+    def train_update(self, header: pb.TaskHeader, scaffold: bool) -> TrainedUpdate:
+        """Train, and make the update the coordinator asked for (its codec; with SCAFFOLD's
+        Delta c_i) as a payload that streams from the tensors' memory (`state_payload`): no
+        file and no second copy of the model. Nothing changes the model until it is sent: the
+        client does one task at a time."""
         try:
             codec = codec_from_proto(header.update_codec)
         except ConfigError as exc:
@@ -292,15 +294,15 @@ class LocalSite:
             client_control, delta = self._next_control(header, control, global_state, config)
             extra = {CONTROL_DELTA + name: tensor for name, tensor in delta.items()}
         if codec.plain:
-            save_state_file({**self.travelling(), **extra}, path, durable=False)
+            update = {**self.travelling(), **extra}
         else:
             try:
-                self._encode_update(codec, global_state, path)
+                update = self._encode_update(codec, global_state)
             except UpdateRejected as exc:
                 # Declined: the coordinator refuses a result without payload at once.
                 log.error("round %d: cannot encode this update: %s", header.round, exc)
                 return TrainedUpdate(result.num_examples, metrics, None)
-        payload = PayloadFile.seal(path, codec.encoding)
+        payload = state_payload(update, codec.encoding)
         log.info(
             "round %d: uploading update (%.3f MB, %s)",
             header.round,
@@ -374,9 +376,9 @@ class LocalSite:
         if stored is not None:
             save_state_file(control, stored)
 
-    def _encode_update(self, codec: UpdateCodec, global_state: StateDict, path: Path) -> None:
-        """Write the trained model's change from `global_state` in `codec` to `path`; with top-k,
-        what was not sent is kept (in --state-dir as safetensors, if set) for the next update."""
+    def _encode_update(self, codec: UpdateCodec, global_state: StateDict) -> StateDict:
+        """The trained model's change from `global_state` in `codec`; with top-k, what was not
+        sent is kept (in --state-dir as safetensors, if set) for the next update."""
         if codec.topk and self._residual is None:
             self._residual = {}
             stored = self._state_file("update-residual")
@@ -389,12 +391,12 @@ class LocalSite:
             global_state,
             self._residual or {},
         )
-        save_state_file(payload, path, durable=False)
         if codec.topk:
             self._residual = kept
             stored = self._state_file("update-residual")
             if stored is not None:
                 save_state_file(kept, stored)
+        return payload
 
     def _account_dpsgd(self, round_number: int, dpsgd: DPSGDConfig, result: TrainResult) -> float:
         """This round's DP-SGD steps composed with the earlier rounds': the epsilon spent so far."""

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors
-import safetensors.torch
 import torch
 
 from fedlink.common.errors import TensorFormatError
 from fedlink.common.storage import commit, replacing
+from fedlink.common.wire import ENCODING, PayloadBuffers
 
 StateDict = dict[str, torch.Tensor]
 
@@ -39,6 +39,7 @@ _HEADER_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 SUPPORTED_DTYPES: frozenset[torch.dtype] = frozenset(_HEADER_DTYPES.values())
+_DTYPE_NAMES = {dtype: name for name, dtype in _HEADER_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def first_difference(expected: ManifestEntries, actual: ManifestEntries) -> str 
 
 def encode_state(state: Mapping[str, torch.Tensor]) -> bytes:
     """Serialize a state_dict to safetensors bytes in memory."""
-    return safetensors.torch.save(_prepare(state))
+    return state_payload(state).to_bytes()
 
 
 @contextmanager
@@ -143,42 +144,73 @@ def _map_tensors(path: Path) -> StateDict:
     return state
 
 
-def save_state_file(state: Mapping[str, torch.Tensor], path: Path, *, durable: bool = True) -> None:
+def save_state_file(
+    state: Mapping[str, torch.Tensor], path: Path, *, durable: bool = True
+) -> PayloadBuffers:
     """Write a state_dict as a safetensors file atomically (temp file, fsync, rename).
 
-    safetensors writes straight from the tensors' memory, so no second copy of the model is
-    ever held, which is what keeps the coordinator's memory at O(model) for 100M+ parameters.
-    `durable=False` skips the fsync for scratch files that need not survive a crash.
+    The bytes come straight from the tensors' memory (`state_payload`), so no second copy of the
+    model is ever held, which is what keeps the coordinator's memory at O(model) for 100M+
+    parameters. `durable=False` skips the fsync for scratch files that need not survive a crash.
+    Returns what was written: its `info` (size, SHA-256) is computed from memory when first
+    asked for, so a file to be served need not be read back to be described.
     """
-    tensors = _prepare(state)
+    payload = state_payload(state)
     with replacing(path) as tmp:
-        try:
-            safetensors.torch.save_file(tensors, str(tmp))
-        except safetensors.SafetensorError as exc:
-            # The Rust writer reports a full disk as its own error type, not as OSError.
-            if "I/O error" in str(exc):
-                raise OSError(str(exc)) from exc
-            raise
-        if not durable:
+        with open(tmp, "wb") as f:
+            payload.write_to(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        if durable:
+            commit(tmp, path)
+        else:
             tmp.replace(path)
-            return
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        commit(tmp, path)
+    return payload
+
+
+def state_payload(state: Mapping[str, torch.Tensor], encoding: str = ENCODING) -> PayloadBuffers:
+    """A state_dict as a safetensors payload made of the tensors' own memory: the one writer of
+    the format in fedlink (files, in-memory bytes, a client's update streamed without a file).
+
+    A client's update used to be written to a file by safetensors, read back to hash it and
+    read again to send it: for a 400 MB model, 400 MB of new page cache every round, which a VM
+    that hands freed memory back to its host makes several times dearer than the copy itself
+    (docs/large-models.md). The header is the format safetensors reads (8-byte little-endian
+    length, JSON, space padding to 8 bytes, then the data); every reader of it is safetensors,
+    and the tests check that it reads every dtype and shape back unchanged. Tensors are ordered
+    by element size, largest first, so each stays aligned to its element size, as safetensors
+    orders them."""
+    tensors = _prepare(state)
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    header: dict[str, dict[str, object]] = {}
+    offset = 0
+    for name in order:
+        tensor = tensors[name]
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    data = [_raw_bytes(tensors[name]) for name in order]
+    return PayloadBuffers([len(text).to_bytes(8, "little"), text, *data], encoding)
+
+
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's memory as bytes, without a copy (any dtype, 0-d included)."""
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
 def _prepare(state: Mapping[str, torch.Tensor]) -> StateDict:
-    """CPU, contiguous tensors of supported dtypes; tied (shared-storage) tensors copied."""
+    """CPU, contiguous tensors of supported dtypes (no copy of what already is one; tied
+    tensors are written twice from the same memory, each under its own name)."""
     tensors: StateDict = {}
-    seen_storages: set[int] = set()
     for name, tensor in state.items():
         if tensor.dtype not in SUPPORTED_DTYPES:
             raise TensorFormatError(f"tensor {name!r} has unsupported dtype {tensor.dtype}")
-        cpu = tensor.detach().to("cpu").contiguous()
-        # safetensors refuses tensors that share storage (tied weights); give each its own copy.
-        ptr = cpu.untyped_storage().data_ptr()
-        if ptr in seen_storages and cpu.numel() > 0:
-            cpu = cpu.clone()
-        seen_storages.add(ptr)
-        tensors[name] = cpu
+        tensors[name] = tensor.detach().to("cpu").contiguous()
     return tensors

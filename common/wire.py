@@ -11,10 +11,10 @@ import hashlib
 import os
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from fedlink.common.errors import PayloadError, PayloadIncomplete
 
@@ -36,6 +36,15 @@ class PayloadInfo:
     size: int
     sha256: bytes
     encoding: str = ENCODING
+
+
+class Payload(Protocol):
+    """Something to stream as one payload: its size and digest, then its bytes in order."""
+
+    @property
+    def info(self) -> PayloadInfo: ...
+
+    def chunks(self, chunk_size: int) -> Iterator[tuple[int, bytes]]: ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,6 +87,53 @@ class PayloadFile:
                 weakref.finalize(self, os.close, fd)
                 return fd
             return self._fd
+
+
+class PayloadBuffers:
+    """A payload that is already in memory as consecutive buffers (a safetensors header and
+    the tensors' own memory, for a state_dict), streamed or written from there.
+
+    Nothing is copied whole: a chunk is the only copy, made as it is sent. The digest is taken
+    from memory when `info` is first asked for. The buffers must not change until the payload
+    is sent (the digest would not match, and the receiver would refuse it)."""
+
+    def __init__(self, buffers: Sequence[bytes | memoryview], encoding: str = ENCODING) -> None:
+        self._views = [view for view in (memoryview(b).cast("B") for b in buffers) if view.nbytes]
+        self._encoding = encoding
+        self._info: PayloadInfo | None = None
+
+    @property
+    def info(self) -> PayloadInfo:
+        if self._info is None:
+            digest = hashlib.sha256()
+            for view in self._views:
+                digest.update(view)
+            size = sum(view.nbytes for view in self._views)
+            self._info = PayloadInfo(size, digest.digest(), self._encoding)
+        return self._info
+
+    def chunks(self, chunk_size: int) -> Iterator[tuple[int, bytes]]:
+        """`chunk_size` bytes at a time (the last one shorter), across buffer boundaries."""
+        check_chunk_size(chunk_size)
+        offset, parts, pending = 0, list[memoryview](), 0
+        for view in self._views:
+            start = 0
+            while start < view.nbytes:
+                take = min(chunk_size - pending, view.nbytes - start)
+                parts.append(view[start : start + take])
+                pending, start = pending + take, start + take
+                if pending == chunk_size:
+                    yield offset, b"".join(parts)
+                    offset, parts, pending = offset + pending, [], 0
+        if parts:
+            yield offset, b"".join(parts)
+
+    def write_to(self, file: BinaryIO) -> None:
+        for view in self._views:
+            file.write(view)
+
+    def to_bytes(self) -> bytes:
+        return b"".join(self._views)
 
 
 def check_chunk_size(chunk_size: int) -> None:

@@ -328,8 +328,8 @@ class RoundEngine:
         """Serialize the global model once per round, durably: every download streams from this
         file, and the round's checkpoint refers to it."""
         path = self._config.state_dir / f"global-{round_number:06d}.safetensors"
-        save_state_file(state, path, durable=True)
-        return PayloadFile.seal(path)
+        written = save_state_file(state, path, durable=True)
+        return PayloadFile(path, written.info)  # hashed from memory: no second read of the file
 
     def _checkpoint(self, global_file: PayloadFile, record: RoundRecord) -> None:
         clients = self.board.known_clients()

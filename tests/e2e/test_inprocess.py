@@ -42,9 +42,15 @@ class SlowUploads(FederationServicer):
         super().__init__(*args)
         self.uploads: list[tuple[float, float]] = []
         self.heartbeats: list[float] = []
+        self.spools: Path | None = None  # when set: what the clients' spool dirs hold, per upload
+        self.spool_files: list[set[tuple[str, str, int]]] = []
 
     async def PushResult(self, request_iterator: Any, context: Any) -> pb.PushResultReply:
         started = time.monotonic()
+        if self.spools is not None:
+            self.spool_files.append(
+                {(p.parent.name, p.name, p.stat().st_ino) for p in self.spools.glob("*/*")}
+            )
         await asyncio.sleep(UPLOAD_SECONDS)
         try:
             return await super().PushResult(request_iterator, context)
@@ -95,7 +101,9 @@ def test_a_federation_runs_in_process_through_the_real_services_and_client_code(
     runner.start()
     codes: dict[str, int] = {}
     threads = []
+    servicer.spools = tmp_path / "spools"
     for index, name in enumerate(SITES):
+        (servicer.spools / name).mkdir(parents=True)
         cert, key, ca = pki.client(name)
         config = ClientConfig(
             server="in-process:0",
@@ -106,7 +114,7 @@ def test_a_federation_runs_in_process_through_the_real_services_and_client_code(
             num_partitions=len(SITES),
             partition_index=index,
             threads=1,
-            spool_dir=tmp_path,
+            spool_dir=servicer.spools / name,
         )
         client = FederationClient(config, channel=in_process.channel(cert.read_bytes(), name))
         thread = threading.Thread(target=lambda n=name, c=client: codes.update({n: c.run()}))
@@ -130,6 +138,13 @@ def test_a_federation_runs_in_process_through_the_real_services_and_client_code(
         if started + HEARTBEAT_SECONDS + 0.1 < beat < ended
     ]
     assert not during, f"{len(during)} heartbeats during uploads"
+    # Each client downloads every global model into one spool file, rewritten in place (the
+    # same file all run long), and removes it on exit; an update goes out with no file at all.
+    assert len(servicer.spool_files) == len(servicer.uploads)
+    files = set().union(*servicer.spool_files)
+    assert sorted(site for site, _, _ in files) == sorted(SITES), files
+    assert servicer.spool_files[-1] == files
+    assert not list(servicer.spools.glob("*/*"))
 
 
 def test_the_in_process_channel_checks_certificates_like_mutual_tls(

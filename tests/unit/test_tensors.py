@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import struct
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -26,7 +28,9 @@ from fedlink.common.tensors import (
     manifest_of,
     open_state_file,
     save_state_file,
+    state_payload,
 )
+from fedlink.common.wire import PayloadFile
 
 
 def decode_state(data: bytes) -> dict[str, torch.Tensor]:
@@ -334,3 +338,40 @@ def test_first_difference_names_the_first_tensor_in_name_order() -> None:
     assert first_difference(theirs, [*theirs, ("d", "float32", (1,))]) == (
         "'d' is in this client's model but not in the coordinator's"
     )
+
+
+def test_safetensors_own_loader_reads_what_fedlink_writes() -> None:
+    """fedlink writes the format itself (state_payload); safetensors is its only reader."""
+    state = {**_mixed_state(), 'naïve "quoted" name': torch.ones(2)}
+    decoded = safetensors.torch.load(encode_state(state))
+    _assert_same_state(dict(decoded), state)
+
+
+def test_every_tensor_starts_aligned_to_its_element_size() -> None:
+    data = encode_state(_mixed_state())
+    header_size = int.from_bytes(data[:8], "little")
+    assert (8 + header_size) % 8 == 0  # the header is padded with spaces
+    assert data[8 + header_size - 1 : 8 + header_size] in (b"}", b" ")
+    header = json.loads(data[8 : 8 + header_size])
+    for name, info in header.items():
+        itemsize = _mixed_state()[name].element_size()
+        assert (8 + header_size + info["data_offsets"][0]) % itemsize == 0, name
+
+
+def test_state_payload_streams_the_tensors_memory_hashed_once(tmp_path: Path) -> None:
+    state = {"w": torch.arange(300_000, dtype=torch.float32), "b": torch.ones(3)}
+    payload = state_payload(state)
+    streamed = b"".join(chunk for _, chunk in payload.chunks(64 << 10))
+    assert streamed == encode_state(state)
+    assert payload.info.size == len(streamed)
+    assert payload.info.sha256 == hashlib.sha256(streamed).digest()
+    # No copy was taken: the payload is a view of the tensors (which must not change before it
+    # is sent; a change shows in the bytes, and the receiver refuses the stale digest).
+    state["w"][0] = 42.0
+    assert b"".join(chunk for _, chunk in payload.chunks(64 << 10)) != streamed
+
+
+def test_save_state_file_describes_the_file_it_wrote(tmp_path: Path) -> None:
+    path = tmp_path / "global.safetensors"
+    written = save_state_file(_mixed_state(), path)
+    assert written.info == PayloadFile.seal(path).info

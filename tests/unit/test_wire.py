@@ -17,6 +17,7 @@ from fedlink.common.wire import (
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
     PayloadAssembler,
+    PayloadBuffers,
     PayloadFile,
     PayloadInfo,
     check_chunk_size,
@@ -259,3 +260,27 @@ def test_a_payload_keeps_streaming_the_sealed_file_after_its_path_is_replaced() 
     replacement.write_bytes(_payload(2 * CHUNK))
     replacement.replace(payload.path)  # as an atomic rewrite of the same path would
     assert b"".join(chunk for _, chunk in payload.chunks(CHUNK)) == data
+
+
+@pytest.mark.parametrize("chunk_size", [CHUNK, CHUNK + 3, 5 * CHUNK])
+def test_buffers_stream_in_full_chunks_across_buffer_boundaries(chunk_size: int) -> None:
+    parts = [_payload(n) for n in (7, CHUNK - 7, 0, 3 * CHUNK + 1, 1, 2 * CHUNK)]
+    data = b"".join(parts)
+    payload = PayloadBuffers(parts)
+    chunks = list(payload.chunks(chunk_size))
+    assert [offset for offset, _ in chunks] == list(range(0, len(data), chunk_size))
+    assert all(len(chunk) == chunk_size for _, chunk in chunks[:-1])
+    assert all(type(chunk) is bytes for _, chunk in chunks)
+    assert b"".join(chunk for _, chunk in chunks) == data
+    assert payload.info == describe(data)
+
+
+def test_buffers_are_received_like_a_sealed_file() -> None:
+    parts = [_payload(CHUNK + 1), _payload(2 * CHUNK - 1)]
+    payload = PayloadBuffers(parts)
+    sink = io.BytesIO()
+    assembler = PayloadAssembler(payload.info, sink, max_size=payload.info.size)
+    for offset, chunk in payload.chunks(CHUNK):
+        assembler.add(offset, chunk)
+    assembler.finish()
+    assert sink.getvalue() == b"".join(parts)
