@@ -156,6 +156,12 @@ def save_state_file(
     asked for, so a file to be served need not be read back to be described.
     """
     payload = state_payload(state)
+    write_payload_file(payload, path, durable=durable)
+    return payload
+
+
+def write_payload_file(payload: PayloadBuffers, path: Path, *, durable: bool = True) -> None:
+    """`payload` as the file `path`, atomically (see save_state_file)."""
     with replacing(path) as tmp:
         with open(tmp, "wb") as f:
             payload.write_to(f)
@@ -166,7 +172,6 @@ def save_state_file(
             commit(tmp, path)
         else:
             tmp.replace(path)
-    return payload
 
 
 def state_payload(state: Mapping[str, torch.Tensor], encoding: str = ENCODING) -> PayloadBuffers:

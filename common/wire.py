@@ -103,13 +103,16 @@ class PayloadBuffers:
         self._info: PayloadInfo | None = None
 
     @property
+    def size(self) -> int:
+        return sum(view.nbytes for view in self._views)
+
+    @property
     def info(self) -> PayloadInfo:
         if self._info is None:
             digest = hashlib.sha256()
             for view in self._views:
                 digest.update(view)
-            size = sum(view.nbytes for view in self._views)
-            self._info = PayloadInfo(size, digest.digest(), self._encoding)
+            self._info = PayloadInfo(self.size, digest.digest(), self._encoding)
         return self._info
 
     def chunks(self, chunk_size: int) -> Iterator[tuple[int, bytes]]:

@@ -15,7 +15,6 @@ import logging
 import math
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -140,9 +139,6 @@ class ResultIntake:
                 "FAILED_PRECONDITION",
                 f"{identity} declined secure-aggregation step {phase.kind.value}",
             )
-        spool = None
-        if header.payload is not None:
-            spool = self._spool.directory / f"{uuid.uuid4().hex}.part"
         encoding, max_size = self._expected_payload(phase)
         reserved = 0
         if header.payload is not None and header.payload.size <= max_size:
@@ -152,6 +148,7 @@ class ResultIntake:
             # An encoded update is decoded next to itself: room for the full model too.
             decoded = 0 if self._codec.plain else global_size
             reserved = self._spool.reserve(header.payload.size + decoded, keep_free)
+        spool = self._spool.take() if header.payload is not None else None
         try:
             return ResultUpload(
                 identity,
@@ -161,9 +158,12 @@ class ResultIntake:
                 max_size=max_size,
                 encoding=encoding,
                 release=lambda: self._spool.release(reserved),
+                discard=self._spool.recycle,
             )
         except (PayloadError, StorageError) as exc:
             self._spool.release(reserved)
+            if spool is not None:
+                self._spool.recycle(spool)
             if isinstance(exc, StorageError):
                 raise
             code = "RESOURCE_EXHAUSTED" if "exceeds the limit" in str(exc) else "INVALID_ARGUMENT"

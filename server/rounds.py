@@ -25,7 +25,8 @@ from fedlink.common.tensors import (
     Manifest,
     StateDict,
     manifest_of,
-    save_state_file,
+    state_payload,
+    write_payload_file,
 )
 from fedlink.common.wire import PayloadFile
 from fedlink.server.board import PhaseBoard
@@ -43,7 +44,7 @@ from fedlink.server.phases import (
     Training,
 )
 from fedlink.server.privacy import RoundPrivacy
-from fedlink.server.results import ResultIntake
+from fedlink.server.results import CHECKPOINT_ROOM_BYTES, ResultIntake
 from fedlink.server.secure_rounds import train_securely
 from fedlink.server.status import RunStatus
 from fedlink.server.strategy import aggregate_files, next_global
@@ -243,6 +244,7 @@ class RoundEngine:
             )
         finally:
             self._extras.remove_task_payloads()
+            self._spool.stop_recycling()
             # Clients are told the federation finished only when it did: after a signal or a
             # storage failure they retry until the coordinator is back.
             if stop.is_set() or storage_failure is not None:
@@ -322,14 +324,17 @@ class RoundEngine:
 
     def _discard_updates(self, phase: Phase) -> None:
         for update in phase.accepted.values():
-            update.spool.unlink(missing_ok=True)
+            self._spool.recycle(update.spool)
 
     def _write_global(self, state: StateDict, round_number: int) -> PayloadFile:
         """Serialize the global model once per round, durably: every download streams from this
         file, and the round's checkpoint refers to it."""
         path = self._config.state_dir / f"global-{round_number:06d}.safetensors"
-        written = save_state_file(state, path, durable=True)
-        return PayloadFile(path, written.info)  # hashed from memory: no second read of the file
+        payload = state_payload(state)
+        # Recycled upload files give way to the model and its checkpoint.
+        self._spool.make_room(payload.size + CHECKPOINT_ROOM_BYTES)
+        write_payload_file(payload, path, durable=True)
+        return PayloadFile(path, payload.info)  # hashed from memory: no second read of the file
 
     def _checkpoint(self, global_file: PayloadFile, record: RoundRecord) -> None:
         clients = self.board.known_clients()
