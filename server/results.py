@@ -158,12 +158,14 @@ class ResultIntake:
                 max_size=max_size,
                 encoding=encoding,
                 release=lambda: self._spool.release(reserved),
-                discard=self._spool.recycle,
+                # Secure aggregation keeps nothing of a client's (docs/privacy.md): its step
+                # messages are deleted, never left to a later upload to overwrite.
+                discard=self._spool.recycle if phase.secure is None else _delete,
             )
         except (PayloadError, StorageError) as exc:
             self._spool.release(reserved)
             if spool is not None:
-                self._spool.recycle(spool)
+                self._spool.recycle(spool)  # untouched: nothing of this upload was written
             if isinstance(exc, StorageError):
                 raise
             code = "RESOURCE_EXHAUSTED" if "exceeds the limit" in str(exc) else "INVALID_ARGUMENT"
@@ -358,3 +360,7 @@ class ResultIntake:
             phase.finished.add(identity)
             phase.rejected[identity] = str(error)
             board.cond.notify_all()
+
+
+def _delete(path: Path) -> None:
+    path.unlink(missing_ok=True)
