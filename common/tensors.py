@@ -160,11 +160,17 @@ def save_state_file(
     return payload
 
 
-def write_payload_file(payload: PayloadBuffers, path: Path, *, durable: bool = True) -> None:
-    """`payload` as the file `path`, atomically (see save_state_file)."""
+def write_payload_file(
+    payload: PayloadBuffers, path: Path, *, durable: bool = True, reuse: Path | None = None
+) -> None:
+    """`payload` as the file `path`, atomically (see save_state_file). `reuse`: a file nothing
+    reads any more, rewritten in place (and cut to size) instead of a new file being made."""
     with replacing(path) as tmp:
-        with open(tmp, "wb") as f:
+        if reuse is not None and reuse.exists():
+            reuse.replace(tmp)
+        with os.fdopen(os.open(tmp, os.O_RDWR | os.O_CREAT, 0o666), "r+b") as f:
             payload.write_to(f)
+            f.truncate()
             if durable:
                 f.flush()
                 os.fsync(f.fileno())

@@ -79,6 +79,10 @@ class PayloadFile:
         for offset in range(0, self.info.size, chunk_size):
             yield offset, os.pread(fd, min(chunk_size, self.info.size - offset), offset)
 
+    def opened(self) -> bool:
+        """Whether a stream has opened the file (its descriptor stays open while this lives)."""
+        return self._fd is not None
+
     def _descriptor(self) -> int:
         with self._opening:
             if self._fd is None:

@@ -17,8 +17,10 @@ import math
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from fedlink.common.fixedpoint import UpdateLayout
 from fedlink.common.partial import federated_part
@@ -99,6 +101,11 @@ class RoundEngine:
         self._layout = UpdateLayout(self.manifest)
         self._privacy = RoundPrivacy.for_run(config, resume_from)
         self.metrics.dp_epsilon.set(self._privacy.epsilon() if self._privacy else math.inf)
+        # The global models written by this run (to tell whether a stream still reads one), and
+        # a retired one that the next is written into (_retire_global).
+        self._published: dict[Path, weakref.ref[PayloadFile]] = {}
+        self._spare_global = config.state_dir / "global-spare.part"
+        self._spare_global.unlink(missing_ok=True)
         if resume_from is None:
             self._completed_round = 0
             self._global = self._write_global(initial_state, round_number=0)
@@ -246,6 +253,7 @@ class RoundEngine:
         finally:
             self._extras.remove_task_payloads()
             self._spool.stop_recycling()
+            self._spare_global.unlink(missing_ok=True)
             # Clients are told the federation finished only when it did: after a signal or a
             # storage failure they retry until the coordinator is back.
             if stop.is_set() or storage_failure is not None:
@@ -338,8 +346,10 @@ class RoundEngine:
         # written and synced: on a 1 GiB model that takes half a second off every round.
         with ThreadPoolExecutor(1, thread_name_prefix="global-digest") as hashing:
             info = hashing.submit(lambda: payload.info)
-            write_payload_file(payload, path, durable=True)
-            return PayloadFile(path, info.result())
+            write_payload_file(payload, path, durable=True, reuse=self._spare_global)
+            written = PayloadFile(path, info.result())
+        self._published[path] = weakref.ref(written)
+        return written
 
     def _checkpoint(self, global_file: PayloadFile, record: RoundRecord) -> None:
         clients = self.board.known_clients()
@@ -361,7 +371,20 @@ class RoundEngine:
         for path in self._config.state_dir.glob("global-*.safetensors"):
             number = path.name.removeprefix("global-").removesuffix(".safetensors")
             if number.isdigit() and int(number) not in keep:
-                path.unlink(missing_ok=True)
+                self._retire_global(path)
+
+    def _retire_global(self, path: Path) -> None:
+        """A global model no checkpoint or download needs: kept as the file the next one is
+        written into (rewriting its pages, rather than new page cache every round: see
+        Spool), unless a stream may still read it (a straggler's download must see the bytes
+        it was announced), or one is kept already."""
+        published = self._published.pop(path, None)  # None: not written by this run
+        payload = published() if published is not None else None
+        unread = published is not None and (payload is None or not payload.opened())
+        if unread and not self._spare_global.exists():
+            path.replace(self._spare_global)
+        else:
+            path.unlink(missing_ok=True)
 
     def _close_client_rows(self, *, completed: bool) -> None:
         """The round attempt is over: its rows go to clients.jsonl."""

@@ -623,3 +623,59 @@ def test_a_client_waiting_in_a_long_poll_is_alive_without_heartbeats(tmp_path: P
     poll.join()
     time.sleep(0.3)
     assert engine.board.alive_clients() == []
+
+
+def test_a_retired_global_model_file_is_rewritten_for_a_later_one(
+    tmp_path: Path, running: list[Running]
+) -> None:
+    """New page cache for every round's model is what a VM that returns freed memory to its
+    host makes dear: the file of a model no checkpoint keeps is rewritten in place instead."""
+    config = _config(tmp_path, num_rounds=5, keep_checkpoints=1)
+    inodes: list[dict[str, int]] = []
+
+    def snapshot(record: RoundRecord) -> None:
+        inodes.append({p.name: p.stat().st_ino for p in config.state_dir.glob("global-*")})
+
+    engine = RoundEngine(config, _state(0), on_round=snapshot)
+    engine.board.join("a")
+    run = _run(engine)
+    running.append(run)
+    for _ in range(5):
+        offer = _task(engine, "a")
+        _deliver(engine, "a", offer, _state(100 + offer.round))
+    assert run.summary().completed
+    # Round r writes global-r; global-(r-1) stays for downloads still under way; older ones
+    # retire into global-spare.part, which the next round's model is written into.
+    assert "global-spare.part" in inodes[2]
+    assert inodes[3]["global-000004.safetensors"] == inodes[2]["global-spare.part"]
+    # Every kept model is exactly what its checkpoint recorded (the store checks the digest).
+    checkpoint = CheckpointStore(config.state_dir, keep=1).latest()
+    assert checkpoint is not None and checkpoint.round == 5
+    assert not (config.state_dir / "global-spare.part").exists()  # removed when the run ends
+
+
+def test_a_global_model_still_being_downloaded_is_never_rewritten(
+    tmp_path: Path, running: list[Running]
+) -> None:
+    """A straggler still downloading an old model must get the bytes it was announced."""
+
+    def model(seed: int) -> StateDict:
+        return {"w": torch.randn(8192, generator=torch.Generator().manual_seed(seed))}
+
+    config = _config(tmp_path, num_rounds=4, keep_checkpoints=1)
+    engine = RoundEngine(config, model(0))
+    engine.board.join("a")
+    run = _run(engine)
+    running.append(run)
+    first = _task(engine, "a")
+    assert first.payload is not None
+    stream = first.payload.chunks(4096)
+    received = [next(stream)[1]]  # a download of the first model, left half done
+    _deliver(engine, "a", first, model(1))
+    for _ in range(3):
+        offer = _task(engine, "a")
+        _deliver(engine, "a", offer, model(1 + offer.round))
+    assert run.summary().completed
+    received += [chunk for _, chunk in stream]
+    assert len(received) > 2
+    assert hashlib.sha256(b"".join(received)).digest() == first.payload.info.sha256
