@@ -62,6 +62,7 @@ class PayloadFile:
     info: PayloadInfo
     _fd: int | None = field(default=None, init=False, repr=False)
     _opening: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _streams: list[int] = field(default_factory=lambda: [0], init=False, repr=False)
 
     @classmethod
     def seal(cls, path: Path, encoding: str = ENCODING) -> PayloadFile:
@@ -76,12 +77,19 @@ class PayloadFile:
     def chunks(self, chunk_size: int) -> Iterator[tuple[int, bytes]]:
         check_chunk_size(chunk_size)
         fd = self._descriptor()
-        for offset in range(0, self.info.size, chunk_size):
-            yield offset, os.pread(fd, min(chunk_size, self.info.size - offset), offset)
+        with self._opening:
+            self._streams[0] += 1
+        try:
+            for offset in range(0, self.info.size, chunk_size):
+                yield offset, os.pread(fd, min(chunk_size, self.info.size - offset), offset)
+        finally:  # the stream ended, failed, or was closed (a cancelled call)
+            with self._opening:
+                self._streams[0] -= 1
 
-    def opened(self) -> bool:
-        """Whether a stream has opened the file (its descriptor stays open while this lives)."""
-        return self._fd is not None
+    def streaming(self) -> bool:
+        """Whether a stream is reading the file now (one that has begun and not ended)."""
+        with self._opening:
+            return self._streams[0] > 0
 
     def _descriptor(self) -> int:
         with self._opening:

@@ -380,7 +380,7 @@ class RoundEngine:
         it was announced), or one is kept already."""
         published = self._published.pop(path, None)  # None: not written by this run
         payload = published() if published is not None else None
-        unread = published is not None and (payload is None or not payload.opened())
+        unread = published is not None and (payload is None or not payload.streaming())
         if unread and not self._spare_global.exists():
             path.replace(self._spare_global)
         else:

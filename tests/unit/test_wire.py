@@ -284,3 +284,16 @@ def test_buffers_are_received_like_a_sealed_file() -> None:
         assembler.add(offset, chunk)
     assembler.finish()
     assert sink.getvalue() == b"".join(parts)
+
+
+def test_a_payload_knows_whether_a_stream_is_reading_it() -> None:
+    payload = _sealed(_payload(3 * CHUNK))
+    assert not payload.streaming()
+    finished, abandoned = payload.chunks(CHUNK), payload.chunks(CHUNK)
+    assert not payload.streaming()  # not begun: nothing read yet
+    next(finished), next(abandoned)
+    assert payload.streaming()
+    list(finished)
+    assert payload.streaming()  # the abandoned one is still open
+    abandoned.close()  # as when a download's call is cancelled
+    assert not payload.streaming()
