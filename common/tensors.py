@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -193,6 +194,8 @@ def state_payload(state: Mapping[str, torch.Tensor], encoding: str = ENCODING) -
     by element size, largest first, so each stays aligned to its element size, as safetensors
     orders them."""
     tensors = _prepare(state)
+    if sys.byteorder != "little":  # the tensors' memory is written as it is
+        raise TensorFormatError("safetensors is little-endian: fedlink writes it only there")
     order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
     header: dict[str, dict[str, object]] = {}
     offset = 0
