@@ -207,7 +207,8 @@ class Spool:
     def _make_room_locked(self, size: int) -> int:
         """Free bytes on the disk after deleting recycled files, largest first, as needed."""
         free = shutil.disk_usage(self.directory).free
-        self._recycled.sort(key=_size)
+        if free < size:  # the common case needs no stat of every recycled file
+            self._recycled.sort(key=_size)
         while free < size and self._recycled:
             path = self._recycled.pop()
             path.unlink(missing_ok=True)
