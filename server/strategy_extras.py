@@ -52,8 +52,8 @@ class StrategyExtras:
             return None
         path = self._state_dir / f"task-{round_number:06d}.safetensors"
         with open_state_file(global_file.path) as global_state:
-            save_state_file({**global_state, **extra}, path, durable=False)
-        return PayloadFile.seal(path)
+            written = save_state_file({**global_state, **extra}, path, durable=False)
+            return PayloadFile(path, written.info)  # hashed from memory, not read back
 
     def remove_task_payloads(self) -> None:
         for path in self._state_dir.glob("task-*.safetensors"):
