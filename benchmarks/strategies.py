@@ -55,8 +55,7 @@ from fedlink.server.config import ServerConfig
 from fedlink.server.inprocess import InProcessServices
 from fedlink.server.phases import RoundRecord
 from fedlink.server.rounds import RoundEngine
-from fedlink.server.service import FederationServicer
-from fedlink.v1 import federation_pb2_grpc as pb_grpc
+from fedlink.server.service import FederationServicer, add_federation_service
 
 # Server-side parameters: the papers' usual values, not tuned to this benchmark.
 STRATEGIES: dict[str, dict[str, float]] = {
@@ -149,9 +148,7 @@ def run_federation(
     )
     executor = ThreadPoolExecutor(2)
     servicer = FederationServicer(engine, config, "in-process", executor)
-    services = InProcessServices(
-        functools.partial(pb_grpc.add_FederationServicer_to_server, servicer)
-    )
+    services = InProcessServices(functools.partial(add_federation_service, servicer))
     started = time.perf_counter()
     try:
         threads = [threading.Thread(target=engine.run, args=(threading.Event(),))]

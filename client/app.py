@@ -36,6 +36,14 @@ from fedlink.client.secure import (
 from fedlink.client.settings import FatalClientError, runs_scaffold, task_settings_from
 from fedlink.client.site import LocalSite
 from fedlink.common.errors import BelowPrivacyFloor, FedlinkError, PayloadError, SecAggError
+from fedlink.common.frames import (
+    PULL_TASK,
+    PUSH_RESULT,
+    ChunkView,
+    chunk_message,
+    message_reader,
+    serialize,
+)
 from fedlink.common.secagg_wire import setup_from_proto
 from fedlink.common.tensors import open_state_file
 from fedlink.common.wire import (
@@ -73,6 +81,18 @@ class FederationClient:
         self._credentials = client_credentials(config)
         self._channel = channel if channel is not None else open_channel(config, self._credentials)
         self._stub = pb_grpc.FederationStub(self._channel)
+        # The payload streams frame and read their chunk messages without protobuf's copies
+        # (common/frames.py); the bytes on the wire are the same.
+        self._pull_task = self._channel.unary_stream(
+            PULL_TASK,
+            request_serializer=pb.PullTaskRequest.SerializeToString,
+            response_deserializer=message_reader(pb.TaskMessage),
+        )
+        self._push_result = self._channel.stream_unary(
+            PUSH_RESULT,
+            request_serializer=serialize,
+            response_deserializer=pb.PushResultReply.FromString,
+        )
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._join: pb.JoinReply | None = None
         self._backoff = Backoff(
@@ -217,9 +237,9 @@ class FederationClient:
         # A waiting poll shows the coordinator this client is alive: no heartbeats meanwhile
         # (10,000 idle clients would otherwise send 1,000 heartbeats a second).
         with self._calling():
-            stream = self._stub.PullTask(pb.PullTaskRequest(), metadata=self._metadata)
+            stream = self._pull_task(pb.PullTaskRequest(), metadata=self._metadata)
             first = next(stream, None)
-        if first is None or first.WhichOneof("message") != "header":
+        if not isinstance(first, pb.TaskMessage) or first.WhichOneof("message") != "header":
             raise FatalClientError("coordinator sent a task stream without a header")
         header = first.header
         if header.kind == pb.TASK_KIND_STOP:
@@ -249,7 +269,7 @@ class FederationClient:
     def _receive(
         self,
         header: pb.TaskHeader,
-        stream: Iterator[pb.TaskMessage],
+        stream: Iterator[pb.TaskMessage | ChunkView],
         sink: ByteSink,
         *,
         encoding: str,
@@ -260,10 +280,10 @@ class FederationClient:
         with self._calling():
             try:
                 assembler = PayloadAssembler(info, sink, max_size=max_size, encoding=encoding)
-                for message in stream:
-                    if message.WhichOneof("message") != "chunk":
+                for chunk in stream:
+                    if not isinstance(chunk, ChunkView):
                         raise PayloadError("unexpected second header in task stream")
-                    assembler.add(message.chunk.offset, message.chunk.data)
+                    assembler.add(chunk.offset, chunk.data)
                 assembler.finish()
             except PayloadError as exc:
                 raise FatalClientError(f"task download failed: {exc}") from None
@@ -271,7 +291,7 @@ class FederationClient:
     def _load_global_model(
         self,
         header: pb.TaskHeader,
-        stream: Iterator[pb.TaskMessage],
+        stream: Iterator[pb.TaskMessage | ChunkView],
         *,
         with_control: bool = False,
     ) -> None:
@@ -304,7 +324,9 @@ class FederationClient:
             # c_i moves only when the coordinator took Delta c_i: c stays the mean of the c_i.
             self._site.keep_client_control(update.next_control)
 
-    def _secure_step(self, header: pb.TaskHeader, stream: Iterator[pb.TaskMessage]) -> None:
+    def _secure_step(
+        self, header: pb.TaskHeader, stream: Iterator[pb.TaskMessage | ChunkView]
+    ) -> None:
         """One step of a secure-aggregation round. The answer carries no sample count and no
         metrics: the weight is inside the encoded update, and the coordinator learns only sums.
         A step this client cannot or will not take is declined (a result without payload), so
@@ -373,7 +395,7 @@ class FederationClient:
         assert self._join is not None
         chunk_size = self._join.chunk_size
 
-        def messages() -> Iterator[pb.ResultMessage]:
+        def messages() -> Iterator[pb.ResultMessage | bytes]:
             result = pb.ResultHeader(
                 task_id=header.task_id,
                 round=header.round,
@@ -387,13 +409,13 @@ class FederationClient:
                 )
             yield pb.ResultMessage(header=result)
             if payload is not None:
-                for offset, data in payload.chunks(chunk_size):
-                    yield pb.ResultMessage(chunk=pb.Chunk(offset=offset, data=data))
+                for offset, parts in payload.chunks(chunk_size):
+                    yield chunk_message(offset, parts)
 
         while True:
             try:
                 with self._calling():
-                    self._stub.PushResult(messages(), metadata=self._metadata)
+                    self._push_result(messages(), metadata=self._metadata)
                 return True
             except grpc.RpcError as exc:
                 code = exc.code()

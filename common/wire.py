@@ -44,7 +44,11 @@ class Payload(Protocol):
     @property
     def info(self) -> PayloadInfo: ...
 
-    def chunks(self, chunk_size: int) -> Iterator[tuple[int, bytes]]: ...
+    def chunks(self, chunk_size: int) -> Iterator[tuple[int, Sequence[bytes | memoryview]]]:
+        """(offset, the chunk's bytes as one or more buffers) in order, `chunk_size` bytes at a
+        time; the buffers are valid until the next chunk is asked for (common/frames.py copies
+        them into a message)."""
+        ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,14 +78,14 @@ class PayloadFile:
         size = path.stat().st_size
         return cls(path, PayloadInfo(size=size, sha256=digest.digest(), encoding=encoding))
 
-    def chunks(self, chunk_size: int) -> Iterator[tuple[int, bytes]]:
+    def chunks(self, chunk_size: int) -> Iterator[tuple[int, Sequence[bytes | memoryview]]]:
         check_chunk_size(chunk_size)
         fd = self._descriptor()
         with self._opening:
             self._streams[0] += 1
         try:
             for offset in range(0, self.info.size, chunk_size):
-                yield offset, os.pread(fd, min(chunk_size, self.info.size - offset), offset)
+                yield offset, [os.pread(fd, min(chunk_size, self.info.size - offset), offset)]
         finally:  # the stream ended, failed, or was closed (a cancelled call)
             with self._opening:
                 self._streams[0] -= 1
@@ -127,8 +131,9 @@ class PayloadBuffers:
             self._info = PayloadInfo(self.size, digest.digest(), self._encoding)
         return self._info
 
-    def chunks(self, chunk_size: int) -> Iterator[tuple[int, bytes]]:
-        """`chunk_size` bytes at a time (the last one shorter), across buffer boundaries."""
+    def chunks(self, chunk_size: int) -> Iterator[tuple[int, Sequence[bytes | memoryview]]]:
+        """`chunk_size` bytes at a time (the last one shorter), across buffer boundaries: views
+        of the buffers, copied by nobody but the framing."""
         check_chunk_size(chunk_size)
         offset, parts, pending = 0, list[memoryview](), 0
         for view in self._views:
@@ -138,10 +143,10 @@ class PayloadBuffers:
                 parts.append(view[start : start + take])
                 pending, start = pending + take, start + take
                 if pending == chunk_size:
-                    yield offset, b"".join(parts)
+                    yield offset, parts
                     offset, parts, pending = offset + pending, [], 0
         if parts:
-            yield offset, b"".join(parts)
+            yield offset, parts
 
     def write_to(self, file: BinaryIO) -> None:
         for view in self._views:
@@ -159,7 +164,7 @@ def check_chunk_size(chunk_size: int) -> None:
 
 
 class ByteSink(Protocol):
-    def write(self, data: bytes, /) -> int: ...
+    def write(self, data: bytes | memoryview, /) -> int: ...
 
 
 class PayloadAssembler:
@@ -187,7 +192,7 @@ class PayloadAssembler:
         self._hash = hashlib.sha256()
         self.received = 0
 
-    def add(self, offset: int, data: bytes) -> None:
+    def add(self, offset: int, data: bytes | memoryview) -> None:
         if offset != self.received:
             raise PayloadError(
                 f"chunk at offset {offset} arrived out of order; expected offset {self.received}"

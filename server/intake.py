@@ -64,7 +64,7 @@ class ResultUpload:
                 header.payload, self, max_size=max_size, encoding=encoding
             )
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         try:
             return self._spool_file().write(data)
         except OSError as exc:
@@ -80,7 +80,7 @@ class ResultUpload:
                 self._file = open(self.spool, "wb")  # noqa: SIM115 (closed in finish/discard)
         return self._file
 
-    def add_chunk(self, offset: int, data: bytes) -> None:
+    def add_chunk(self, offset: int, data: bytes | memoryview) -> None:
         if self._assembler is None:
             raise UpdateRejected("INVALID_ARGUMENT", "this result takes no payload chunks")
         with self._lock:

@@ -28,9 +28,8 @@ from fedlink.server.admin import AdminServicer, RunControl, add_admin_service
 from fedlink.server.config import ServerConfig
 from fedlink.server.health import GuardedHealth, HealthStatuses
 from fedlink.server.rounds import RoundEngine
-from fedlink.server.service import FederationServicer, RequestParsing
+from fedlink.server.service import FederationServicer, RequestParsing, add_federation_service
 from fedlink.server.status import RecentLogs
-from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +202,7 @@ async def _serve(
             *connection_options(config),
         ],
     )
-    pb_grpc.add_FederationServicer_to_server(servicer, server)
+    add_federation_service(servicer, server)
     add_admin_service(server, admin)
     server.add_generic_rpc_handlers((guarded_health.handler(),))
     if config.insecure:

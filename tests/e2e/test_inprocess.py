@@ -22,7 +22,7 @@ from fedlink.common.tasks import load_task
 from fedlink.server.inprocess import InProcessRpcError, InProcessServices
 from fedlink.server.phases import RoundRecord, RunSummary
 from fedlink.server.rounds import RoundEngine
-from fedlink.server.service import FederationServicer
+from fedlink.server.service import FederationServicer, add_federation_service
 from fedlink.v1 import federation_pb2 as pb
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
@@ -81,9 +81,7 @@ def services(pki: Any, tmp_path: Path) -> Iterator[Services]:
     )
     work = ThreadPoolExecutor(2)
     servicer = SlowUploads(engine, config, "in-process", work)
-    in_process = InProcessServices(
-        functools.partial(pb_grpc.add_FederationServicer_to_server, servicer)
-    )
+    in_process = InProcessServices(functools.partial(add_federation_service, servicer))
     try:
         yield engine, in_process, records, servicer
     finally:

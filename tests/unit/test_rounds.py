@@ -670,12 +670,12 @@ def test_a_global_model_still_being_downloaded_is_never_rewritten(
     first = _task(engine, "a")
     assert first.payload is not None
     stream = first.payload.chunks(4096)
-    received = [next(stream)[1]]  # a download of the first model, left half done
+    received = [b"".join(next(stream)[1])]  # a download of the first model, left half done
     _deliver(engine, "a", first, model(1))
     for _ in range(3):
         offer = _task(engine, "a")
         _deliver(engine, "a", offer, model(1 + offer.round))
     assert run.summary().completed
-    received += [chunk for _, chunk in stream]
+    received += [b"".join(parts) for _, parts in stream]
     assert len(received) > 2
     assert hashlib.sha256(b"".join(received)).digest() == first.payload.info.sha256

@@ -361,14 +361,14 @@ def test_every_tensor_starts_aligned_to_its_element_size() -> None:
 def test_state_payload_streams_the_tensors_memory_hashed_once(tmp_path: Path) -> None:
     state = {"w": torch.arange(300_000, dtype=torch.float32), "b": torch.ones(3)}
     payload = state_payload(state)
-    streamed = b"".join(chunk for _, chunk in payload.chunks(64 << 10))
+    streamed = b"".join(part for _, parts in payload.chunks(64 << 10) for part in parts)
     assert streamed == encode_state(state)
     assert payload.info.size == len(streamed)
     assert payload.info.sha256 == hashlib.sha256(streamed).digest()
     # No copy was taken: the payload is a view of the tensors (which must not change before it
     # is sent; a change shows in the bytes, and the receiver refuses the stale digest).
     state["w"][0] = 42.0
-    assert b"".join(chunk for _, chunk in payload.chunks(64 << 10)) != streamed
+    assert b"".join(part for _, parts in payload.chunks(64 << 10) for part in parts) != streamed
 
 
 def test_save_state_file_describes_the_file_it_wrote(tmp_path: Path) -> None:

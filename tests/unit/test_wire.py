@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,12 @@ def describe(data: bytes) -> PayloadInfo:
 
 
 def iter_chunks(data: bytes, chunk_size: int) -> list[tuple[int, bytes]]:
-    return list(_sealed(data).chunks(chunk_size))
+    return [(offset, b"".join(parts)) for offset, parts in _sealed(data).chunks(chunk_size)]
+
+
+def streamed(chunks: Iterable[tuple[int, Sequence[bytes | memoryview]]]) -> bytes:
+    """The bytes of a payload's chunks (or of the rest of a stream of them), in order."""
+    return b"".join(part for _, parts in chunks for part in parts)
 
 
 def _assembler(data: bytes, *, max_size: int | None = None) -> tuple[PayloadAssembler, io.BytesIO]:
@@ -244,8 +250,8 @@ def test_every_stream_of_a_payload_reads_through_one_descriptor_closed_with_the_
     streams = [payload.chunks(CHUNK) for _ in range(200)]
     firsts = [next(stream) for stream in streams]
     assert _open_descriptors() - before == 1
-    assert all(first == (0, data[:CHUNK]) for first in firsts)
-    assert b"".join(chunk for _, chunk in streams[0]) == data[CHUNK:]
+    assert all(first == (0, [data[:CHUNK]]) for first in firsts)
+    assert streamed(streams[0]) == data[CHUNK:]
     del streams, firsts, payload
     gc.collect()
     assert _open_descriptors() == before
@@ -255,11 +261,11 @@ def test_a_payload_keeps_streaming_the_sealed_file_after_its_path_is_replaced() 
     data = _payload(2 * CHUNK)
     payload = _sealed(data)
     stream = payload.chunks(CHUNK)
-    assert next(stream) == (0, data[:CHUNK])
+    assert next(stream) == (0, [data[:CHUNK]])
     replacement = payload.path.with_suffix(".next")
     replacement.write_bytes(_payload(2 * CHUNK))
     replacement.replace(payload.path)  # as an atomic rewrite of the same path would
-    assert b"".join(chunk for _, chunk in payload.chunks(CHUNK)) == data
+    assert streamed(payload.chunks(CHUNK)) == data
 
 
 @pytest.mark.parametrize("chunk_size", [CHUNK, CHUNK + 3, 5 * CHUNK])
@@ -267,11 +273,12 @@ def test_buffers_stream_in_full_chunks_across_buffer_boundaries(chunk_size: int)
     parts = [_payload(n) for n in (7, CHUNK - 7, 0, 3 * CHUNK + 1, 1, 2 * CHUNK)]
     data = b"".join(parts)
     payload = PayloadBuffers(parts)
-    chunks = list(payload.chunks(chunk_size))
+    chunks = [(offset, list(parts)) for offset, parts in payload.chunks(chunk_size)]
     assert [offset for offset, _ in chunks] == list(range(0, len(data), chunk_size))
-    assert all(len(chunk) == chunk_size for _, chunk in chunks[:-1])
-    assert all(type(chunk) is bytes for _, chunk in chunks)
-    assert b"".join(chunk for _, chunk in chunks) == data
+    assert all(sum(len(p) for p in parts) == chunk_size for _, parts in chunks[:-1])
+    # Views of the buffers, not copies: framing the message is the only copy (frames.py).
+    assert all(type(part) is memoryview for _, parts in chunks for part in parts)
+    assert streamed(chunks) == data
     assert payload.info == describe(data)
 
 
@@ -281,7 +288,7 @@ def test_buffers_are_received_like_a_sealed_file() -> None:
     sink = io.BytesIO()
     assembler = PayloadAssembler(payload.info, sink, max_size=payload.info.size)
     for offset, chunk in payload.chunks(CHUNK):
-        assembler.add(offset, chunk)
+        assembler.add(offset, b"".join(chunk))
     assembler.finish()
     assert sink.getvalue() == b"".join(parts)
 
