@@ -12,7 +12,7 @@ but extreme values, stale task ids, random requests from a CA-signed client that
 allow-list, health Watch streams held open (by that outsider and beyond the per-client limit),
 and TCP connections that never complete a TLS handshake (counted per connection). After each
 family the coordinator process must be alive, its health service SERVING and the global model's
-SHA-256 unchanged; every case must end in one of its family's refusal statuses within 30 s.
+digest unchanged; every case must end in one of its family's refusal statuses within 30 s.
 Finally an honest update is accepted, the one-round run finishes with exit status 0, and its
 final model is exactly that update.
 

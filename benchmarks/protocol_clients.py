@@ -2,7 +2,7 @@
 
 Each identity speaks the real wire protocol (protos/fedlink/v1/federation.proto) over its own
 grpc.aio channel, TLS connection and client certificate: Join, a PullTask long poll, a chunked
-download checked against its size and SHA-256, a chunked PushResult, Heartbeats at the interval
+download checked against its size and digest, a chunked PushResult, Heartbeats at the interval
 the coordinator asks for, and the real client's retry rules (Join again on JOIN_REQUIRED, back off
 on transient codes). Training is skipped: an identity sends the downloaded global model back
 unchanged, a valid safetensors update that passes the coordinator's validation. No torch is
@@ -339,8 +339,8 @@ class Identity:
     async def _download(
         self, header: pb.TaskHeader, call: grpc.aio.UnaryStreamCall[Any, Any]
     ) -> bytes:
-        """The payload's chunks, checked against the announced size and SHA-256."""
-        info = PayloadInfo(header.payload.size, header.payload.sha256, header.payload.encoding)
+        """The payload's chunks, checked against the announced size and digest."""
+        info = PayloadInfo(header.payload.size, header.payload.blake3, header.payload.encoding)
         sink = io.BytesIO()
         try:
             assembler = PayloadAssembler(info, sink, max_size=MAX_MODEL_BYTES)
@@ -354,9 +354,9 @@ class Identity:
             raise Fatal("download", str(exc)) from None
         model = sink.getvalue()
         assert self._join is not None
-        if header.payload.sha256 not in self._stats.models_checked:
+        if header.payload.blake3 not in self._stats.models_checked:
             check_manifest(model, self._join.model_manifest)
-            self._stats.models_checked.add(header.payload.sha256)
+            self._stats.models_checked.add(header.payload.blake3)
         return model
 
     async def _push(
@@ -375,7 +375,7 @@ class Identity:
             if payload is not None:
                 # The bytes received: the header's digest still describes them.
                 header.payload.CopyFrom(
-                    pb.PayloadInfo(size=len(payload), sha256=task.payload.sha256, encoding=ENCODING)
+                    pb.PayloadInfo(size=len(payload), blake3=task.payload.blake3, encoding=ENCODING)
                 )
             yield pb.ResultMessage(header=header)
             for offset in range(0, len(payload or b""), chunk_size):

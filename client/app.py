@@ -276,7 +276,7 @@ class FederationClient:
         max_size: int,
     ) -> None:
         """The task's payload chunks into `sink`, checked against the announced size and digest."""
-        info = PayloadInfo(header.payload.size, header.payload.sha256, header.payload.encoding)
+        info = PayloadInfo(header.payload.size, header.payload.blake3, header.payload.encoding)
         with self._calling():
             try:
                 assembler = PayloadAssembler(info, sink, max_size=max_size, encoding=encoding)
@@ -341,7 +341,7 @@ class FederationClient:
                 answer = self._secure.given_answer(header.kind, setup)
                 # The global model and the training seed make an update reproducible: a second
                 # masked input for the same pair could be subtracted from the first.
-                model_digest = header.payload.sha256 + header.seed.to_bytes(8, "big")
+                model_digest = header.payload.blake3 + header.seed.to_bytes(8, "big")
                 if answer is None:
                     # Before training: a refused session costs no work.
                     self._secure.admit(setup, header.round, model_digest)
@@ -405,7 +405,7 @@ class FederationClient:
             if payload is not None:
                 info = payload.info
                 result.payload.CopyFrom(
-                    pb.PayloadInfo(size=info.size, sha256=info.sha256, encoding=info.encoding)
+                    pb.PayloadInfo(size=info.size, blake3=info.blake3, encoding=info.encoding)
                 )
             yield pb.ResultMessage(header=result)
             if payload is not None:

@@ -153,7 +153,7 @@ def save_state_file(
     The bytes come straight from the tensors' memory (`state_payload`), so no second copy of the
     model is ever held, which is what keeps the coordinator's memory at O(model) for 100M+
     parameters. `durable=False` skips the fsync for scratch files that need not survive a crash.
-    Returns what was written: its `info` (size, SHA-256) is computed from memory when first
+    Returns what was written: its `info` (size, digest) is computed from memory when first
     asked for, so a file to be served need not be read back to be described.
     """
     payload = state_payload(state)

@@ -1,7 +1,7 @@
 """Checkpoints: what a restarted coordinator needs to resume from the last completed round.
 
 A checkpoint is a small JSON file, `checkpoints/round-NNNNNN.json`, that names the round's global
-model file in the state directory and holds its SHA-256, the round state (clients known to the
+model file in the state directory and holds its BLAKE3 digest, the round state (clients known to the
 federation, the round's metrics record) and what the run was started with. Both files are
 written atomically and durably (temp file, fsync, rename, fsync of the directory) and the JSON
 only after the model it names, so a crash never leaves a checkpoint pointing at a partial model.
@@ -13,12 +13,16 @@ and for how many rounds), so a resumed run continues the accounting where it sto
 is optional: a checkpoint written before it existed loads with an empty history.
 
 A strategy with state (a server optimizer's moments) has it saved beside the JSON as
-`round-NNNNNN.strategy.safetensors`, written first and named in the JSON with its SHA-256, so a
+`round-NNNNNN.strategy.safetensors`, written first and named in the JSON with its digest, so a
 resumed run steps exactly as an uninterrupted one would.
+
+Checkpoints written before payloads were hashed with BLAKE3 (format 1) name SHA-256 digests:
+they are verified as such, so a coordinator upgraded mid-run resumes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -39,14 +43,16 @@ from fedlink.server.validation import non_finite_tensors
 
 log = logging.getLogger(__name__)
 
-FORMAT = "fedlink-checkpoint/1"
+FORMAT = "fedlink-checkpoint/2"
+# Format 1 is format 2 with SHA-256 where format 2 has BLAKE3 (the payloads' hash).
+_SHA256_FORMAT = "fedlink-checkpoint/1"
 _NAME = re.compile(r"round-(\d{6,})\.json")
 
 
 @dataclass(frozen=True)
 class Checkpoint:
     round: int
-    model: PayloadFile  # the round's global model (safetensors, in the state directory) and its SHA-256
+    model: PayloadFile  # the round's global model (safetensors, in the state directory), described
     clients: tuple[str, ...]  # every identity that has joined, for sampling after a restart
     record: Mapping[str, Any]  # the round's metrics.jsonl row
     run: Mapping[str, Any]  # what the run was started with (task, seed): must match on resume
@@ -73,7 +79,7 @@ class CheckpointStore:
             "format": FORMAT,
             "round": checkpoint.round,
             "model": checkpoint.model.path.name,
-            "model_sha256": checkpoint.model.info.sha256.hex(),
+            "model_blake3": checkpoint.model.info.blake3.hex(),
             "clients": list(checkpoint.clients),
             "record": dict(checkpoint.record),
             "run": dict(checkpoint.run),
@@ -86,7 +92,7 @@ class CheckpointStore:
                 for step in compact(checkpoint.privacy)
             ],
             "strategy_state": strategy_file.path.name if strategy_file else None,
-            "strategy_state_sha256": strategy_file.info.sha256.hex() if strategy_file else None,
+            "strategy_state_blake3": strategy_file.info.blake3.hex() if strategy_file else None,
         }
         path = self._dir / f"round-{checkpoint.round:06d}.json"
         write_durably(path, json.dumps(document, indent=1).encode())
@@ -120,16 +126,11 @@ class CheckpointStore:
 
     def _load(self, path: Path) -> Checkpoint:
         document = json.loads(path.read_text())
-        if document.get("format") != FORMAT:
+        if document.get("format") not in (FORMAT, _SHA256_FORMAT):
             raise ValueError(f"unknown checkpoint format {document.get('format')!r}")
         # Sealing hashes the model once; the resumed engine serves it as the global payload.
         model = PayloadFile.seal(self._state_dir / Path(document["model"]).name)
-        expected = str(document["model_sha256"])
-        actual = model.info.sha256.hex()
-        if actual != expected:
-            raise ValueError(
-                f"{model.path.name} has SHA-256 {actual[:12]}…, expected {expected[:12]}…"
-            )
+        _verify(model, document, "model")
         with open_state_file(model.path) as state:
             broken = non_finite_tensors(state)
         if broken:
@@ -139,8 +140,7 @@ class CheckpointStore:
         strategy_state = {}
         if document.get("strategy_state"):
             strategy_file = PayloadFile.seal(self._dir / Path(document["strategy_state"]).name)
-            if strategy_file.info.sha256.hex() != str(document["strategy_state_sha256"]):
-                raise ValueError(f"{strategy_file.path.name} does not match its SHA-256")
+            _verify(strategy_file, document, "strategy_state")
             with open_state_file(strategy_file.path) as state:
                 strategy_state = {name: tensor.clone() for name, tensor in state.items()}
         return Checkpoint(
@@ -191,3 +191,21 @@ def check_resumable(checkpoint: Checkpoint, run: Mapping[str, Any]) -> None:
                 f"coordinator was started with {key}={value!r}; use the original settings to "
                 "resume it, or another --state-dir for a new run"
             )
+
+
+def _verify(file: PayloadFile, document: Mapping[str, Any], key: str) -> None:
+    """`file` hashes to the digest the checkpoint recorded for it under `key`."""
+    if document["format"] == _SHA256_FORMAT:
+        algorithm, expected = "SHA-256", str(document[f"{key}_sha256"])
+        digest = hashlib.sha256()
+        with open(file.path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        actual = digest.hexdigest()
+    else:
+        algorithm, expected = "BLAKE3", str(document[f"{key}_blake3"])
+        actual = file.info.blake3.hex()
+    if actual != expected:
+        raise ValueError(
+            f"{file.path.name} has {algorithm} {actual[:12]}…, expected {expected[:12]}…"
+        )

@@ -1,6 +1,6 @@
 """Result intake: the spool where uploads land (`state_dir/incoming`, its disk space reserved
 per upload), and one client's result in flight, written there as it arrives and checked chunk
-by chunk (size, offsets, SHA-256) before the engine validates it whole."""
+by chunk (size, offsets, BLAKE3 digest) before the engine validates it whole."""
 
 from __future__ import annotations
 

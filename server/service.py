@@ -538,7 +538,7 @@ def _task_header(
     if offer.payload is not None:
         info = offer.payload.info
         header.payload.CopyFrom(
-            pb.PayloadInfo(size=info.size, sha256=info.sha256, encoding=info.encoding)
+            pb.PayloadInfo(size=info.size, blake3=info.blake3, encoding=info.encoding)
         )
     if offer.secagg is not None:
         header.secagg.CopyFrom(setup_to_proto(offer.secagg))
@@ -549,7 +549,7 @@ def _result_header(header: pb.ResultHeader) -> ResultHeader:
     payload = None
     if header.HasField("payload"):
         payload = PayloadInfo(
-            size=header.payload.size, sha256=header.payload.sha256, encoding=header.payload.encoding
+            size=header.payload.size, blake3=header.payload.blake3, encoding=header.payload.encoding
         )
     return ResultHeader(
         task_id=header.task_id,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import queue
 import threading
@@ -22,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from fedlink.common.errors import StorageError, UpdateRejected
-from fedlink.common.wire import PayloadInfo
+from fedlink.common.wire import PayloadInfo, payload_digest
 from fedlink.server.phases import ResultHeader, TaskKind, TaskOffer
 from fedlink.server.rounds import RoundEngine
 from fedlink.simulation.clients import ClientResult, ClientWork
@@ -123,7 +122,7 @@ class VirtualClients:
         update = result.update
         payload = None
         if update is not None:
-            payload = PayloadInfo(size=len(update), sha256=hashlib.sha256(update).digest())
+            payload = PayloadInfo(size=len(update), blake3=payload_digest(update))
         header = ResultHeader(
             offer.task_id, offer.round, result.num_examples, result.metrics, payload
         )

@@ -7,13 +7,12 @@ current TRAIN task, sends a hostile upload over a raw channel (bytes in, bytes o
 on our side insists the messages parse), and records the status. Every strategy here builds
 inputs that are invalid by construction: the coordinator must refuse each one with a precise
 status, never crash or hang, and never change the global model, which the client checks on
-every pull by its SHA-256.
+every pull by its digest.
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
 import itertools
 import json
 import math
@@ -32,7 +31,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 from fedlink.common.tensors import encode_state
-from fedlink.common.wire import SESSION_METADATA_KEY
+from fedlink.common.wire import SESSION_METADATA_KEY, payload_digest
 from fedlink.server.aggregation import SUM_LIMIT
 from fedlink.v1 import federation_pb2 as pb
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
@@ -96,8 +95,8 @@ class FuzzClient:
                 raise ServerFailure(f"expected a TRAIN task, got kind {header.kind}")
             if not self.global_sha:
                 self.global_payload = b"".join(m.chunk.data for m in messages[1:])
-                self.global_sha = hashlib.sha256(self.global_payload).digest()
-            if header.payload.sha256 != self.global_sha:
+                self.global_sha = payload_digest(self.global_payload)
+            if header.payload.blake3 != self.global_sha:
                 raise ServerFailure(f"the global model changed (round {header.round})")
             self._task = header
             self.history.append(header)
@@ -184,7 +183,7 @@ def would_accept(messages: list[bytes], task: pb.TaskHeader, global_payload: byt
     info = header.payload
     if info.encoding != "safetensors" or info.size != len(data):
         return False
-    if info.sha256 != hashlib.sha256(data).digest():
+    if info.blake3 != payload_digest(data):
         return False
     try:
         update = safetensors.torch.load(bytes(data))
@@ -231,7 +230,7 @@ def result_header(
     if payload is not None:
         header.payload.CopyFrom(
             pb.PayloadInfo(
-                size=len(payload), sha256=hashlib.sha256(payload).digest(), encoding="safetensors"
+                size=len(payload), blake3=payload_digest(payload), encoding="safetensors"
             )
         )
     return pb.ResultMessage(header=header)
@@ -357,11 +356,11 @@ def chunk_sequences(draw: st.DrawFn, task: pb.TaskHeader, payload: bytes) -> lis
         )
         header.header.payload.size = size
     elif mutation == "hash-lie":
-        digest = bytearray(header.header.payload.sha256)
+        digest = bytearray(header.header.payload.blake3)
         digest[draw(st.integers(0, 31))] ^= draw(st.integers(1, 255))
-        header.header.payload.sha256 = bytes(digest)
+        header.header.payload.blake3 = bytes(digest)
     elif mutation == "hash-length":
-        header.header.payload.sha256 = draw(st.binary(max_size=64).filter(lambda d: len(d) != 32))
+        header.header.payload.blake3 = draw(st.binary(max_size=64).filter(lambda d: len(d) != 32))
     elif mutation == "encoding":
         header.header.payload.encoding = draw(
             st.text(max_size=20).filter(lambda e: e != "safetensors")
@@ -418,7 +417,7 @@ def join_safetensors(header: Any, data: bytes, length: int | None = None) -> byt
 @st.composite
 def crafted_safetensors(draw: st.DrawFn, payload: bytes) -> bytes:
     """A safetensors document derived from the honest one with its structure broken: the wire
-    checks (size, SHA-256) pass, so the parser and the validator must catch it."""
+    checks (size, digest) pass, so the parser and the validator must catch it."""
     header, data = split_safetensors(payload)
     names = sorted(k for k in header if k != "__metadata__")
     name = draw(st.sampled_from(names))
@@ -601,7 +600,7 @@ def chunks_case(client: FuzzClient, data: st.DataObject) -> None:
 
 
 def safetensors_case(client: FuzzClient, data: st.DataObject) -> None:
-    """A crafted safetensors document, sent with the right size and SHA-256, so only the tensor
+    """A crafted safetensors document, sent with the right size and digest, so only the tensor
     parser and the validator stand in the way."""
     payload = data.draw(crafted_safetensors(honest_payload(client)))
     client.send(

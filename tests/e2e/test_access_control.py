@@ -5,7 +5,6 @@ per-client and coordinator-wide resource limits."""
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import shutil
 import time
@@ -24,7 +23,7 @@ from forged import Forged, Signer, forge, forge_sha1, self_signed_ca
 
 from fedlink.common.pki import init_ca, issue_certificate, revoke_certificate
 from fedlink.common.tensors import StateDict, encode_state
-from fedlink.common.wire import SESSION_METADATA_KEY
+from fedlink.common.wire import SESSION_METADATA_KEY, payload_digest
 from fedlink.v1 import federation_pb2 as pb
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
@@ -186,9 +185,7 @@ def test_a_revoked_participant_is_dropped_from_the_round_it_is_in(
     }
     update = {k: v + 1 if v.dtype.is_floating_point else v for k, v in small_state.items()}
     payload = encode_state(update)
-    info = pb.PayloadInfo(
-        size=len(payload), sha256=hashlib.sha256(payload).digest(), encoding="safetensors"
-    )
+    info = pb.PayloadInfo(size=len(payload), blake3=payload_digest(payload), encoding="safetensors")
     header = pb.ResultHeader(task_id=tasks["honest"].task_id, round=1, num_examples=1, payload=info)
     messages = [
         pb.ResultMessage(header=header),
@@ -327,9 +324,7 @@ def test_a_second_join_supersedes_the_first_session_and_the_identity_counts_once
     }
     assert {t.kind for t in tasks.values()} == {pb.TASK_KIND_TRAIN}
     payload = encode_state(small_state)
-    info = pb.PayloadInfo(
-        size=len(payload), sha256=hashlib.sha256(payload).digest(), encoding="safetensors"
-    )
+    info = pb.PayloadInfo(size=len(payload), blake3=payload_digest(payload), encoding="safetensors")
 
     def upload(task: pb.TaskHeader) -> list[pb.ResultMessage]:
         header = pb.ResultHeader(task_id=task.task_id, round=1, num_examples=1, payload=info)

@@ -188,7 +188,7 @@ def test_zz_the_model_is_unchanged_and_an_honest_update_still_goes_through(
     """Runs last: after all of the above the coordinator still serves the original model, and
     the harness is not vacuous, since the same client's well-formed upload is accepted."""
     client = target.client
-    task = client.task()  # checks the model's SHA-256 once more
+    task = client.task()  # checks the model's digest once more
     assert client.cases >= 4 * EXAMPLES
     honest = honest_payload(client)
     assert would_accept(upload(task, honest), task, client.global_payload)

@@ -3,7 +3,6 @@ hash every site must match at join), and FedBN's local batch norms never leave t
 
 from __future__ import annotations
 
-import hashlib
 import math
 import threading
 from pathlib import Path
@@ -19,6 +18,7 @@ from fedlink.client.config import ClientConfig
 from fedlink.common.tasks import load_task
 from fedlink.common.tasks.base import DataRequest
 from fedlink.common.tensors import StateDict, encode_state, open_state_file
+from fedlink.common.wire import payload_digest
 from fedlink.v1 import federation_pb2 as pb
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -198,9 +198,7 @@ def test_fedbn_batch_norms_are_never_on_the_wire(pki: Any, start_coordinator: An
     payload = encode_state({**sent, "1.running_mean": torch.zeros(32)})
     header = pb.ResultHeader(task_id=task.task_id, round=task.round, num_examples=1)
     header.payload.CopyFrom(
-        pb.PayloadInfo(
-            size=len(payload), sha256=hashlib.sha256(payload).digest(), encoding="safetensors"
-        )
+        pb.PayloadInfo(size=len(payload), blake3=payload_digest(payload), encoding="safetensors")
     )
     chunks = [pb.ResultMessage(chunk=pb.Chunk(offset=0, data=payload))]
     with pytest.raises(grpc.RpcError) as refused:

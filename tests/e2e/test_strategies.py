@@ -4,7 +4,6 @@ and the custom strategy of docs/strategies.md."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -19,6 +18,7 @@ from test_federation_run import _client, _kill_all, _log, _server, _start_federa
 
 from fedlink.common.tasks import load_task
 from fedlink.common.tensors import encode_state, open_state_file
+from fedlink.common.wire import payload_digest
 from fedlink.server.validation import non_finite_tensors
 from fedlink.v1 import federation_pb2 as pb
 
@@ -209,9 +209,7 @@ def test_scaffold_sends_c_with_the_model_and_refuses_an_update_without_delta_c(
     payload = encode_state(model)  # what a client without SCAFFOLD would send
     header = pb.ResultHeader(task_id=task.task_id, round=task.round, num_examples=1)
     header.payload.CopyFrom(
-        pb.PayloadInfo(
-            size=len(payload), sha256=hashlib.sha256(payload).digest(), encoding="safetensors"
-        )
+        pb.PayloadInfo(size=len(payload), blake3=payload_digest(payload), encoding="safetensors")
     )
     chunks = [pb.ResultMessage(chunk=pb.Chunk(offset=0, data=payload))]
     with pytest.raises(grpc.RpcError) as refused:

@@ -3,7 +3,6 @@ decodes one it did; whole federations of client processes send int8 updates."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from test_federation_run import _client, _kill_all, _log, _server
 
 from fedlink.common.codecs import UpdateCodec, compress_update, decompress_update
 from fedlink.common.tensors import StateDict, encode_state, manifest_of, open_state_file
+from fedlink.common.wire import payload_digest
 from fedlink.v1 import federation_pb2 as pb
 
 
@@ -23,9 +23,7 @@ def _push(
 ) -> tuple[grpc.StatusCode, str]:
     header = pb.ResultHeader(task_id=task.task_id, round=task.round, num_examples=1)
     header.payload.CopyFrom(
-        pb.PayloadInfo(
-            size=len(payload), sha256=hashlib.sha256(payload).digest(), encoding=encoding
-        )
+        pb.PayloadInfo(size=len(payload), blake3=payload_digest(payload), encoding=encoding)
     )
     messages = [pb.ResultMessage(header=header)]
     messages += [

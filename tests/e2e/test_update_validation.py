@@ -3,7 +3,6 @@ gRPC status, and the aggregate ends up exactly the one honest update, as if they
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,6 +12,7 @@ import safetensors.torch
 import torch
 
 from fedlink.common.tensors import StateDict, encode_state, open_state_file
+from fedlink.common.wire import payload_digest
 from fedlink.v1 import federation_pb2 as pb
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
@@ -26,7 +26,7 @@ def _header(task: pb.TaskHeader, payload: bytes | None, **fields: Any) -> pb.Res
     if payload is not None:
         header.payload.CopyFrom(
             pb.PayloadInfo(
-                size=len(payload), sha256=hashlib.sha256(payload).digest(), encoding="safetensors"
+                size=len(payload), blake3=payload_digest(payload), encoding="safetensors"
             )
         )
     for name, value in fields.items():
@@ -77,7 +77,7 @@ def _cases(
     inf = weight.clone()
     inf[1, 1] = float("inf")
     good_payload = encode_state(honest)
-    digest = hashlib.sha256(good_payload).digest()
+    digest = payload_digest(good_payload)
     invalid = grpc.StatusCode.INVALID_ARGUMENT
 
     def reordered(task: pb.TaskHeader) -> list[pb.ResultMessage]:
@@ -91,7 +91,7 @@ def _cases(
         tampered = bytearray(good_payload)
         tampered[-1] ^= 0xFF
         header = _header(task, good_payload)
-        header.header.payload.sha256 = digest
+        header.header.payload.blake3 = digest
         return [header, *_chunks(bytes(tampered))]
 
     def not_safetensors(task: pb.TaskHeader) -> list[pb.ResultMessage]:
@@ -166,7 +166,7 @@ def test_every_bad_update_is_refused_and_only_the_honest_one_is_aggregated(
         assert messages[0].header.kind == pb.TASK_KIND_TRAIN
         tasks[name] = messages[0].header
         global_bytes = b"".join(m.chunk.data for m in messages[1:])
-        assert hashlib.sha256(global_bytes).digest() == messages[0].header.payload.sha256
+        assert payload_digest(global_bytes) == messages[0].header.payload.blake3
         assert safetensors.torch.load(global_bytes).keys() == initial.keys()
 
     honest = _honest(initial)

@@ -38,7 +38,7 @@ def _board(tmp_path: Path, **overrides: Any) -> PhaseBoard:
 
 
 def _phase(participants: set[str], quorum: int = 1) -> Phase:
-    payload = PayloadFile(Path("/nonexistent"), PayloadInfo(size=1, sha256=bytes(32)))
+    payload = PayloadFile(Path("/nonexistent"), PayloadInfo(size=1, blake3=bytes(32)))
     return Phase(
         kind=TaskKind.TRAIN,
         round=1,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -10,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from fedlink.common.wire import PayloadFile, PayloadInfo
+from fedlink.common.wire import PayloadFile, PayloadInfo, payload_digest
 from fedlink.server import intake
 from fedlink.server.intake import MAX_RECYCLED_FILES, ResultUpload, Spool
 from fedlink.server.phases import Phase, ResultHeader, TaskKind
 
 
 def _upload(spool: Spool, path: Path, data: bytes, model: PayloadFile) -> ResultUpload:
-    info = PayloadInfo(len(data), hashlib.sha256(data).digest())
+    info = PayloadInfo(len(data), payload_digest(data))
     header = ResultHeader("task", 1, 10, {}, info)
     phase = Phase(TaskKind.TRAIN, 1, "task", frozenset({"site"}), model)
     return ResultUpload(
@@ -60,7 +59,7 @@ def test_a_spool_file_done_with_is_rewritten_in_place_by_the_next_upload(
     assert second == first
     small = os.urandom(10_000)
     upload = _upload(spool, second, small, model)
-    _receive(upload, small)  # checks size and SHA-256 of what arrived
+    _receive(upload, small)  # checks size and digest of what arrived
     assert second.stat().st_ino == inode
     assert second.read_bytes() == small  # cut to the new payload: nothing of the old one left
     upload.close(keep=True)

@@ -3,7 +3,6 @@ checkpoints and shutdown."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -18,7 +17,7 @@ import torch
 from fedlink.common.accounting import MechanismStep, PrivacyAccountant
 from fedlink.common.errors import ConfigError, UpdateRejected
 from fedlink.common.tensors import StateDict, encode_state, open_state_file
-from fedlink.common.wire import PayloadInfo
+from fedlink.common.wire import PayloadInfo, payload_digest
 from fedlink.server.checkpoints import CheckpointStore
 from fedlink.server.config import ServerConfig
 from fedlink.server.metrics import MetricAggregator
@@ -109,7 +108,7 @@ def _deliver(
         round=offer.round,
         num_examples=num_examples,
         metrics={"loss": 1.0},
-        payload=PayloadInfo(size=len(data), sha256=hashlib.sha256(data).digest()),
+        payload=PayloadInfo(size=len(data), blake3=payload_digest(data)),
     )
     upload = engine.results.open_result(identity, header)
     upload.add_chunk(0, data)
@@ -159,7 +158,7 @@ def test_a_client_whose_upload_broke_off_gets_the_task_again(
         offer.round,
         10,
         {},
-        PayloadInfo(size=len(data), sha256=hashlib.sha256(data).digest()),
+        PayloadInfo(size=len(data), blake3=payload_digest(data)),
     )
     upload = engine.results.open_result("site-a", header)
     upload.add_chunk(0, data[:100])
@@ -678,4 +677,4 @@ def test_a_global_model_still_being_downloaded_is_never_rewritten(
     assert run.summary().completed
     received += [b"".join(parts) for _, parts in stream]
     assert len(received) > 2
-    assert hashlib.sha256(b"".join(received)).digest() == first.payload.info.sha256
+    assert payload_digest(b"".join(received)) == first.payload.info.blake3

@@ -4,7 +4,6 @@ message crossing as the bytes the servicer would carry."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 import threading
 import time
@@ -32,7 +31,7 @@ from fedlink.common.secagg_wire import (
     unmask_response_from_bytes,
 )
 from fedlink.common.tensors import StateDict, manifest_of, open_state_file
-from fedlink.common.wire import PayloadInfo
+from fedlink.common.wire import PayloadInfo, payload_digest
 from fedlink.server.config import ServerConfig
 from fedlink.server.phases import SECURE_STEPS, ResultHeader, RunSummary, TaskKind, TaskOffer
 from fedlink.server.rounds import RoundEngine
@@ -118,7 +117,7 @@ class Client:
                 with open_state_file(offer.payload.path) as global_state:
                     vector = encode_update(setup, self.update, global_state, self.num_examples)
                 answer = participant.advertise(
-                    setup, vector, offer.round, offer.payload.info.sha256
+                    setup, vector, offer.round, offer.payload.info.blake3
                 )
             else:
                 try:
@@ -145,7 +144,7 @@ def _deliver(
 ) -> UpdateRejected | None:
     """Upload one answer as the servicer would; the refusal, if any (`fedlink client` logs it
     and pulls again)."""
-    info = PayloadInfo(len(data), hashlib.sha256(data).digest(), encoding)
+    info = PayloadInfo(len(data), payload_digest(data), encoding)
     try:
         upload = engine.results.open_result(name, _header(offer, info))
     except UpdateRejected as exc:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import os
 import struct
@@ -30,7 +29,7 @@ from fedlink.common.tensors import (
     save_state_file,
     state_payload,
 )
-from fedlink.common.wire import PayloadFile
+from fedlink.common.wire import PayloadFile, payload_digest
 
 
 def decode_state(data: bytes) -> dict[str, torch.Tensor]:
@@ -364,7 +363,7 @@ def test_state_payload_streams_the_tensors_memory_hashed_once(tmp_path: Path) ->
     streamed = b"".join(part for _, parts in payload.chunks(64 << 10) for part in parts)
     assert streamed == encode_state(state)
     assert payload.info.size == len(streamed)
-    assert payload.info.sha256 == hashlib.sha256(streamed).digest()
+    assert payload.info.blake3 == payload_digest(streamed)
     # No copy was taken: the payload is a view of the tensors (which must not change before it
     # is sent; a change shows in the bytes, and the receiver refuses the stale digest).
     state["w"][0] = 42.0

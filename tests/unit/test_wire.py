@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pytest
+from blake3 import blake3
 
 from fedlink.common.errors import PayloadError
 from fedlink.common.wire import (
@@ -22,6 +23,7 @@ from fedlink.common.wire import (
     PayloadFile,
     PayloadInfo,
     check_chunk_size,
+    payload_digest,
 )
 
 CHUNK = MIN_CHUNK_SIZE
@@ -60,11 +62,11 @@ def _assembler(data: bytes, *, max_size: int | None = None) -> tuple[PayloadAsse
     return PayloadAssembler(describe(data), sink, max_size=limit), sink
 
 
-def test_describe_announces_size_sha256_and_safetensors_encoding() -> None:
+def test_describe_announces_size_digest_and_safetensors_encoding() -> None:
     data = b"fedlink payload"
     info = describe(data)
     assert info.size == len(data)
-    assert info.sha256 == hashlib.sha256(data).digest()
+    assert info.blake3 == blake3(data).digest()  # the reference implementation's digest
     assert info.encoding == ENCODING == "safetensors"
 
 
@@ -140,25 +142,25 @@ def test_payload_with_no_chunks_fails_on_finish() -> None:
         assembler.finish()
 
 
-def test_payload_not_matching_announced_sha256_fails_on_finish() -> None:
+def test_payload_not_matching_announced_digest_fails_on_finish() -> None:
     data = _payload(100)
     tampered = bytes([data[0] ^ 0xFF]) + data[1:]
     assembler, _ = _assembler(data)
     assembler.add(0, tampered)
-    with pytest.raises(PayloadError, match="SHA-256 does not match"):
+    with pytest.raises(PayloadError, match="BLAKE3 digest does not match"):
         assembler.finish()
 
 
 @pytest.mark.parametrize("digest_length", [0, 16, 31, 33, 64])
 def test_digest_that_is_not_32_bytes_is_rejected(digest_length: int) -> None:
-    info = PayloadInfo(size=10, sha256=b"\x00" * digest_length)
+    info = PayloadInfo(size=10, blake3=b"\x00" * digest_length)
     with pytest.raises(PayloadError, match="must be 32 bytes"):
         PayloadAssembler(info, io.BytesIO(), max_size=100)
 
 
 @pytest.mark.parametrize("size", [0, -1])
 def test_non_positive_announced_size_is_rejected(size: int) -> None:
-    info = PayloadInfo(size=size, sha256=hashlib.sha256(b"").digest())
+    info = PayloadInfo(size=size, blake3=payload_digest(b""))
     with pytest.raises(PayloadError, match="size must be positive"):
         PayloadAssembler(info, io.BytesIO(), max_size=100)
 
@@ -180,7 +182,7 @@ def test_announced_size_equal_to_receiver_limit_is_accepted() -> None:
 @pytest.mark.parametrize("encoding", ["pickle", "", "SAFETENSORS", "torch"])
 def test_unsupported_encoding_is_rejected(encoding: str) -> None:
     data = _payload(10)
-    info = PayloadInfo(size=len(data), sha256=hashlib.sha256(data).digest(), encoding=encoding)
+    info = PayloadInfo(size=len(data), blake3=payload_digest(data), encoding=encoding)
     with pytest.raises(PayloadError, match="unsupported payload encoding"):
         PayloadAssembler(info, io.BytesIO(), max_size=100)
 

@@ -31,14 +31,14 @@ TASK_KIND_SECAGG_UNMASK: TaskKind
 TASK_KIND_SECAGG_CONSISTENCY: TaskKind
 
 class PayloadInfo(_message.Message):
-    __slots__ = ("size", "sha256", "encoding")
+    __slots__ = ("size", "encoding", "blake3")
     SIZE_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    BLAKE3_FIELD_NUMBER: _ClassVar[int]
     size: int
-    sha256: bytes
     encoding: str
-    def __init__(self, size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., encoding: _Optional[str] = ...) -> None: ...
+    blake3: bytes
+    def __init__(self, size: _Optional[int] = ..., encoding: _Optional[str] = ..., blake3: _Optional[bytes] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("offset", "data")
