@@ -1,7 +1,10 @@
 """Streaming weighted FedAvg: each accepted update is folded into a running weighted sum.
 
 Server memory is one accumulator the size of the model, independent of the number of clients
-(peers hold all N updates until the round ends).
+(peers hold all N updates until the round ends). The accumulator may be the memory of an earlier
+round's result (`reuse`): on a machine that hands freed memory back to its host, fresh memory
+costs far more than the sums (a 1 GiB accumulator took 2 s of page clearing a round; see
+docs/large-models.md).
 """
 
 from __future__ import annotations
@@ -42,8 +45,16 @@ class StreamingFedAvg:
     weights: they take `median_with_global` of the global model's and the updates' values.
     """
 
-    def __init__(self, manifest: Manifest, global_state: Mapping[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        global_state: Mapping[str, torch.Tensor],
+        reuse: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """`reuse`: tensors nothing else refers to any more, whose memory becomes the sums
+        where the shape and accumulator dtype match (they are overwritten)."""
         self._manifest = manifest
+        self._reuse = dict(reuse or {})
         self._sums: StateDict = {}
         self._global_integers = {
             name: global_state[name]
@@ -63,12 +74,24 @@ class StreamingFedAvg:
             if spec.dtype.is_floating_point:
                 acc_dtype = accumulator_dtype(spec.dtype)
                 if name not in self._sums:
-                    self._sums[name] = torch.zeros(spec.shape, dtype=acc_dtype)
+                    self._sums[name] = self._zeros(name, spec.shape, acc_dtype)
                 self._sums[name].add_(tensor.to(acc_dtype), alpha=weight)
             else:
                 self._integers[name].append(tensor.clone())
         self.total_weight += weight
         self.num_updates += 1
+
+    def _zeros(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        spare = self._reuse.pop(name, None)
+        if (
+            spare is not None
+            and spare.shape == shape
+            and spare.dtype == dtype
+            and spare.device.type == "cpu"
+            and spare.is_contiguous()
+        ):
+            return spare.zero_()
+        return torch.zeros(shape, dtype=dtype)
 
     def result(self) -> StateDict:
         """The weighted average, in the manifest's dtypes; consumes the accumulator."""

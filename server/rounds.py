@@ -196,7 +196,10 @@ class RoundEngine:
                 with self.board.cond:
                     self._global = global_file
                 central = self._evaluate_centrally(state) if self._evaluate_centrally else {}
-                del state  # the serialized global model is the only copy kept between rounds
+                # The serialized global model is the only copy kept between rounds; the memory
+                # may back the strategy's next sums.
+                self._strategy.release(state)
+                del state
                 federated: Mapping[str, float] = {}
                 if cfg.evaluate_every and round_number % cfg.evaluate_every == 0:
                     evaluation = self.board.run_phase(

@@ -41,7 +41,6 @@ from fedlink.common.task_settings import MAX_PROXIMAL_MU, PROXIMAL_MU, SettingVa
 from fedlink.common.tensors import Manifest, StateDict, open_state_file
 from fedlink.server.aggregation import SUM_LIMIT, StreamingFedAvg
 from fedlink.server.robust import AggregationRule
-from fedlink.server.validation import non_finite_tensors
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +98,12 @@ class Strategy(ABC):
     def step(self, global_state: Mapping[str, torch.Tensor], aggregate: StateDict) -> StateDict:
         """The new global model from the aggregate (default: the aggregate itself)."""
         return aggregate
+
+    def release(self, state: StateDict) -> None:
+        """The engine is done with the model `step` returned (written and evaluated) and
+        keeps no reference to it: a strategy may reuse the memory of tensors it
+        made itself for its next round (FedAvg does). Default: nothing."""
+        return None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """State that must survive a restart (saved with each checkpoint); tensors only."""
@@ -164,9 +169,13 @@ class FedAvg(Strategy):
 
     def __init__(self) -> None:
         self._average: StreamingFedAvg | None = None
+        self._made: StateDict = {}  # what the last `finish` returned
+        self._spare: StateDict = {}  # of it, what the engine released: the next round's sums
 
     def begin(self, global_state: Mapping[str, torch.Tensor], manifest: Manifest) -> None:
-        self._average = StreamingFedAvg(manifest, global_state)
+        # Fresh memory costs more than the sums on some machines (docs/large-models.md).
+        self._average = StreamingFedAvg(manifest, global_state, reuse=self._spare)
+        self._made, self._spare = {}, {}
 
     def accumulate(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
         assert self._average is not None, "begin() first"
@@ -175,7 +184,14 @@ class FedAvg(Strategy):
     def finish(self) -> StateDict:
         assert self._average is not None, "begin() first"
         average, self._average = self._average, None
-        return average.result()
+        result = average.result()
+        self._made = dict(result)
+        return result
+
+    def release(self, state: StateDict) -> None:
+        # Only the tensors this strategy made: a server step's new tensors are someone else's.
+        self._spare = {name: t for name, t in state.items() if self._made.get(name) is t}
+        self._made = {}
 
 
 class WrappingStrategy(Strategy):
@@ -198,6 +214,12 @@ class WrappingStrategy(Strategy):
 
     def finish(self) -> StateDict:
         return self.inner.finish()
+
+    def release(self, state: StateDict) -> None:
+        # A step that passes the aggregate through (FedProx) gives back the inner's own tensors;
+        # one that computes the model (a server optimizer) may keep any of them.
+        if type(self).step is Strategy.step:
+            self.inner.release(state)
 
 
 class FedProx(WrappingStrategy):
@@ -283,9 +305,10 @@ def next_global(
     before = {name: tensor.clone() for name, tensor in strategy.state_dict().items()}
     with open_state_file(global_path) as global_state:
         state = strategy.step(global_state, aggregate)
-    if broken := non_finite_tensors(state):
+    largest = {name: _largest(tensor) for name, tensor in state.items()}  # one pass each
+    if broken := [name for name, value in largest.items() if not math.isfinite(value)]:
         problem = f"non-finite values in {', '.join(broken[:5])}"
-    elif huge := [name for name, t in state.items() if _largest(t) > SUM_LIMIT]:
+    elif huge := [name for name, value in largest.items() if value > SUM_LIMIT]:
         problem = f"values above {SUM_LIMIT:.3g} in {', '.join(huge[:5])}"
     elif broken := _out_of_range(strategy.state_dict()):
         problem = f"a strategy state out of range in {', '.join(broken[:5])}"
@@ -301,12 +324,13 @@ def next_global(
 def _out_of_range(state: Mapping[str, torch.Tensor]) -> list[str]:
     """The tensors with NaN, Inf or values above SUM_LIMIT (a moment or control variate that
     would make the next round's arithmetic overflow)."""
-    broken = non_finite_tensors(state)
-    return broken + [n for n, t in state.items() if n not in broken and _largest(t) > SUM_LIMIT]
+    return [name for name, tensor in state.items() if not _largest(tensor) <= SUM_LIMIT]
 
 
 def _largest(tensor: torch.Tensor) -> float:
+    """The largest |value| of a floating tensor, in one pass; NaN when it holds a NaN and Inf
+    when it holds an Inf (min and max propagate NaN, and show an Inf)."""
     if not tensor.dtype.is_floating_point or not tensor.numel():
         return 0.0
     low, high = torch.aminmax(tensor)
-    return max(-float(low), float(high))
+    return float(torch.maximum(-low, high))

@@ -22,7 +22,14 @@ from fedlink.common.wire import PayloadFile
 from fedlink.server.checkpoints import Checkpoint, check_resumable, run_identity
 from fedlink.server.config import ServerConfig
 from fedlink.server.optimizers import FedAdagrad, FedAdam, FedAvgM, FedYogi, ServerOptimizer
-from fedlink.server.strategy import FedAvg, RuleStrategy, Strategy, aggregate_files, next_global
+from fedlink.server.strategy import (
+    FedAvg,
+    FedProx,
+    RuleStrategy,
+    Strategy,
+    aggregate_files,
+    next_global,
+)
 
 sqrt = math.sqrt
 
@@ -140,6 +147,51 @@ def test_fedavg_streams_each_update_from_its_file(tmp_path: Path) -> None:
     # (1 * [1, 2] + 2 * [4, -1] + 3 * [0, 0]) / 6; counters: median of 0 (global), 5, 3, 1
     assert result["w"].tolist() == pytest.approx([1.5, 0.0])
     assert int(result["n"]) == 3
+
+
+def _fedavg_round(strategy: Strategy, updates: list[StateDict]) -> StateDict:
+    """One round of `strategy` over in-memory updates, each weighted by its position + 1."""
+    strategy.begin(updates[0], manifest_of(updates[0]))
+    for weight, update in enumerate(updates, start=1):
+        strategy.accumulate(update, float(weight))
+    return strategy.step(updates[0], strategy.finish())
+
+
+def _updates(seed: int) -> list[StateDict]:
+    generator = torch.Generator().manual_seed(seed)
+    return [{"w": torch.randn(1000, generator=generator), "n": torch.tensor(i)} for i in range(3)]
+
+
+@pytest.mark.parametrize("make", [FedAvg, FedProx], ids=["fedavg", "fedprox"])
+def test_fedavg_sums_into_the_memory_of_the_model_the_engine_released(
+    make: type[Strategy],
+) -> None:
+    """Fresh memory costs more than the sums on some machines (docs/large-models.md): the
+    released model's memory becomes the next round's accumulator, with the same result."""
+    strategy, reference = make(), make()
+    first = _fedavg_round(strategy, _updates(1))
+    strategy.release(first)  # `first` stays referenced here only to see where `second` lies
+    second = _fedavg_round(strategy, _updates(2))
+    assert second["w"].data_ptr() == first["w"].data_ptr()
+    assert torch.equal(second["w"], _fedavg_round(reference, _updates(2))["w"])
+
+
+def test_only_the_tensors_fedavg_made_are_reused() -> None:
+    # A server optimizer's model is its own (it may keep any of it): never written over.
+    optimizer = FedAvgM(eta=1.0, beta=0.9)
+    state = _fedavg_round(optimizer, _updates(1))
+    kept = {name: tensor.clone() for name, tensor in state.items()}
+    optimizer.release(state)
+    _fedavg_round(optimizer, _updates(2))
+    assert all(torch.equal(state[name], kept[name]) for name in kept)
+    # Nor is a model the engine got elsewhere (secure aggregation's decoded mean).
+    fedavg = FedAvg()
+    _fedavg_round(fedavg, _updates(1))
+    foreign = {name: tensor.clone() for name, tensor in _updates(3)[0].items()}
+    kept = {name: tensor.clone() for name, tensor in foreign.items()}
+    fedavg.release(foreign)
+    _fedavg_round(fedavg, _updates(2))
+    assert all(torch.equal(foreign[name], kept[name]) for name in kept)
 
 
 def test_a_robust_rule_is_a_strategy_that_sees_every_update(tmp_path: Path) -> None:
