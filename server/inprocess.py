@@ -89,7 +89,7 @@ class _Call:
         return ""
 
 
-class _HandlerCollector:
+class HandlerCollector:
     """Takes the handlers that `add_*Servicer_to_server` registers, by method path."""
 
     def __init__(self) -> None:
@@ -112,7 +112,7 @@ class InProcessServices:
     channels. `register(server)` is a generated `add_*Servicer_to_server` bound to a servicer."""
 
     def __init__(self, *registrations: Callable[[Any], None]) -> None:
-        collector = _HandlerCollector()
+        collector = HandlerCollector()
         for register in registrations:
             register(collector)
         self.methods = collector.methods

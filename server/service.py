@@ -33,6 +33,7 @@ from fedlink.common.wire import JOIN_REQUIRED, SESSION_METADATA_KEY, PayloadInfo
 from fedlink.server.access import AccessPolicy, Sessions
 from fedlink.server.board import LONG_POLL_SECONDS
 from fedlink.server.config import ServerConfig
+from fedlink.server.inprocess import HandlerCollector
 from fedlink.server.intake import ResultUpload
 from fedlink.server.limits import CallSlot, ClientLimits
 from fedlink.server.phases import ResultHeader, TaskKind, TaskOffer
@@ -376,36 +377,22 @@ Behavior = Callable[..., Any]
 
 
 def add_federation_service(servicer: pb_grpc.FederationServicer, server: Any) -> None:
-    """Register the Federation service (what the generated `add_FederationServicer_to_server`
-    does), with the payload streams' chunk messages framed and read by common/frames.py
-    instead of protobuf's copies. The bytes on the wire are the same."""
-    handlers: dict[str, Handler] = {
-        "Join": grpc.unary_unary_rpc_method_handler(
-            servicer.Join,
-            request_deserializer=pb.JoinRequest.FromString,
-            response_serializer=pb.JoinReply.SerializeToString,
-        ),
-        "PullTask": grpc.unary_stream_rpc_method_handler(
-            servicer.PullTask,
-            request_deserializer=pb.PullTaskRequest.FromString,
-            response_serializer=serialize,
-        ),
-        "PushResult": grpc.stream_unary_rpc_method_handler(
-            servicer.PushResult,
-            request_deserializer=message_reader(pb.ResultMessage),
-            response_serializer=pb.PushResultReply.SerializeToString,
-        ),
-        "Heartbeat": grpc.unary_unary_rpc_method_handler(
-            servicer.Heartbeat,
-            request_deserializer=pb.HeartbeatRequest.FromString,
-            response_serializer=pb.HeartbeatReply.SerializeToString,
-        ),
-        "Leave": grpc.unary_unary_rpc_method_handler(
-            servicer.Leave,
-            request_deserializer=pb.LeaveRequest.FromString,
-            response_serializer=pb.LeaveReply.SerializeToString,
-        ),
-    }
+    """Register the Federation service as the generated `add_FederationServicer_to_server`
+    does, except that the payload streams' chunk messages are framed and read by
+    common/frames.py instead of by protobuf's copies. The bytes on the wire are the same."""
+    generated = HandlerCollector()
+    pb_grpc.add_FederationServicer_to_server(servicer, generated)
+    handlers = {path.rpartition("/")[2]: handler for path, handler in generated.methods.items()}
+    handlers["PullTask"] = grpc.unary_stream_rpc_method_handler(
+        servicer.PullTask,
+        request_deserializer=pb.PullTaskRequest.FromString,
+        response_serializer=serialize,
+    )
+    handlers["PushResult"] = grpc.stream_unary_rpc_method_handler(
+        servicer.PushResult,
+        request_deserializer=message_reader(pb.ResultMessage),
+        response_serializer=pb.PushResultReply.SerializeToString,
+    )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(FEDERATION_SERVICE, handlers),)
     )

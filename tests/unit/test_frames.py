@@ -8,8 +8,18 @@ import random
 import pytest
 from google.protobuf.message import DecodeError
 
-from fedlink.common.frames import ChunkView, chunk_message, message_reader, serialize
+from fedlink.common.frames import (
+    PULL_TASK,
+    PUSH_RESULT,
+    ChunkView,
+    chunk_message,
+    message_reader,
+    serialize,
+)
+from fedlink.server.inprocess import HandlerCollector
+from fedlink.server.service import add_federation_service
 from fedlink.v1 import federation_pb2 as pb
+from fedlink.v1 import federation_pb2_grpc as pb_grpc
 
 OFFSETS = [0, 1, 127, 128, 16_383, 16_384, 1 << 20, (1 << 32) + 5, (1 << 63) - 1]
 SIZES = [1, 127, 128, 300, 16_383, 16_384, 1 << 20]
@@ -140,3 +150,13 @@ def _assert_read_like_protobuf(encoding: bytes) -> None:
         assert (read.offset, bytes(read.data)) == (expected.chunk.offset, expected.chunk.data)
     else:
         assert read == expected
+
+
+def test_the_federation_service_registers_every_method_with_framed_payload_streams() -> None:
+    registered = HandlerCollector()
+    add_federation_service(pb_grpc.FederationServicer(), registered)
+    service = pb.DESCRIPTOR.services_by_name["Federation"]
+    assert set(registered.methods) == {f"/{service.full_name}/{m.name}" for m in service.methods}
+    assert registered.methods[PULL_TASK].response_serializer is serialize
+    chunk = registered.methods[PUSH_RESULT].request_deserializer(chunk_message(0, [b"x"]))
+    assert isinstance(chunk, ChunkView)
