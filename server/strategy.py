@@ -41,6 +41,7 @@ from fedlink.common.task_settings import MAX_PROXIMAL_MU, PROXIMAL_MU, SettingVa
 from fedlink.common.tensors import Manifest, StateDict, open_state_file
 from fedlink.server.aggregation import SUM_LIMIT, StreamingFedAvg
 from fedlink.server.robust import AggregationRule
+from fedlink.server.validation import largest_magnitude
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +306,7 @@ def next_global(
     before = {name: tensor.clone() for name, tensor in strategy.state_dict().items()}
     with open_state_file(global_path) as global_state:
         state = strategy.step(global_state, aggregate)
-    largest = {name: _largest(tensor) for name, tensor in state.items()}  # one pass each
+    largest = {name: largest_magnitude(tensor) for name, tensor in state.items()}
     if broken := [name for name, value in largest.items() if not math.isfinite(value)]:
         problem = f"non-finite values in {', '.join(broken[:5])}"
     elif huge := [name for name, value in largest.items() if value > SUM_LIMIT]:
@@ -324,13 +325,4 @@ def next_global(
 def _out_of_range(state: Mapping[str, torch.Tensor]) -> list[str]:
     """The tensors with NaN, Inf or values above SUM_LIMIT (a moment or control variate that
     would make the next round's arithmetic overflow)."""
-    return [name for name, tensor in state.items() if not _largest(tensor) <= SUM_LIMIT]
-
-
-def _largest(tensor: torch.Tensor) -> float:
-    """The largest |value| of a floating tensor, in one pass; NaN when it holds a NaN and Inf
-    when it holds an Inf (min and max propagate NaN, and show an Inf)."""
-    if not tensor.dtype.is_floating_point or not tensor.numel():
-        return 0.0
-    low, high = torch.aminmax(tensor)
-    return float(torch.maximum(-low, high))
+    return [name for name, tensor in state.items() if not largest_magnitude(tensor) <= SUM_LIMIT]

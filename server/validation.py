@@ -68,12 +68,21 @@ def check_update(state: Mapping[str, torch.Tensor], manifest: Manifest) -> float
             )
     largest = 0.0
     for name, tensor in state.items():
-        if tensor.dtype.is_floating_point and tensor.numel():
-            low, high = (float(v) for v in torch.aminmax(tensor))  # no |tensor| temporary
-            if not (math.isfinite(low) and math.isfinite(high)):
-                raise UpdateRejected("INVALID_ARGUMENT", f"tensor {name!r} contains NaN or Inf")
-            largest = max(largest, -low, high)
+        magnitude = largest_magnitude(tensor)
+        if not math.isfinite(magnitude):
+            raise UpdateRejected("INVALID_ARGUMENT", f"tensor {name!r} contains NaN or Inf")
+        largest = max(largest, magnitude)
     return largest
+
+
+def largest_magnitude(tensor: torch.Tensor) -> float:
+    """The largest |value| of a floating tensor (0 for any other, or an empty one), in one pass
+    and without a |tensor| temporary: NaN when it holds a NaN, Inf when it holds an Inf (min and
+    max propagate NaN and show an Inf), so a finite answer proves every element finite."""
+    if not tensor.dtype.is_floating_point or not tensor.numel():
+        return 0.0
+    low, high = torch.aminmax(tensor)
+    return float(torch.maximum(-low, high))
 
 
 def check_update_bound(
