@@ -109,15 +109,19 @@ def open_state_file(path: Path) -> Iterator[StateDict]:
     per tensor (the slice bounds it builds; measured with safetensors 0.4.5 to 0.8.0): about
     64 bytes per tensor read, which the coordinator does twice per update, every round.
     """
+    yield map_state_file(path)
+
+
+def map_state_file(path: Path) -> StateDict:
+    """`open_state_file` without the context: the mapping lives as long as its tensors."""
     try:
         with safetensors.safe_open(str(path), framework="pt"):
             pass  # a header it accepts
-        state = _map_tensors(path)
+        return _map_tensors(path)
     except TensorFormatError:
         raise
     except Exception as exc:
         raise TensorFormatError(f"not a valid safetensors payload: {exc}") from exc
-    yield state
 
 
 def _map_tensors(path: Path) -> StateDict:
@@ -126,23 +130,54 @@ def _map_tensors(path: Path) -> StateDict:
     size = path.stat().st_size
     with open(path, "rb") as f:
         header_size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_size))
+        slots = header_slots(f.read(header_size), size)
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
-    base = 8 + header_size
     state: StateDict = {}
-    for name, info in header.items():
+    for slot in slots:
+        raw = torch.asarray(storage[slot.start : slot.stop], dtype=torch.uint8)
+        state[slot.name] = raw.view(slot.dtype).reshape(slot.shape)
+    return state
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one tensor's bytes lie in a safetensors payload (offsets from its first byte)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+
+
+def header_slots(header: bytes, size: int) -> list[TensorSlot]:
+    """The tensors a safetensors header (the JSON after the 8-byte length) places in a payload
+    of `size` bytes, in header order: the one reading of the layout, shared by the file mapping
+    and the check of an update as it arrives (server/inspection.py), so both see the same
+    tensors in the same bytes."""
+    base = 8 + len(header)
+    try:
+        entries = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TensorFormatError(f"not a valid safetensors header: {exc}") from None
+    if not isinstance(entries, dict):
+        raise TensorFormatError("not a valid safetensors header: not a JSON object")
+    slots = []
+    for name, info in entries.items():
         if name == "__metadata__":
             continue
-        dtype = _HEADER_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise TensorFormatError(f"tensor {name!r} has unsupported dtype {info['dtype']}")
-        shape = [int(n) for n in info["shape"]]
-        start, stop = (base + int(offset) for offset in info["data_offsets"])
-        if stop - start != math.prod(shape) * dtype.itemsize or stop > size:
+        try:
+            dtype = _HEADER_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise TensorFormatError(f"tensor {name!r} has unsupported dtype {info['dtype']}")
+            shape = tuple(int(n) for n in info["shape"])
+            start, stop = (base + int(offset) for offset in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise TensorFormatError(f"tensor {name!r} has a malformed header entry") from None
+        if stop - start != math.prod(shape) * dtype.itemsize or not base <= start <= stop <= size:
             raise TensorFormatError(f"tensor {name!r} does not match its data offsets")
-        raw = torch.asarray(storage[start:stop], dtype=torch.uint8)
-        state[name] = raw.view(dtype).reshape(shape)
-    return state
+        slots.append(TensorSlot(name, dtype, shape, start, stop))
+    return slots
 
 
 def save_state_file(

@@ -1,6 +1,7 @@
 """Result intake: the spool where uploads land (`state_dir/incoming`, its disk space reserved
 per upload), and one client's result in flight, written there as it arrives and checked chunk
-by chunk (size, offsets, BLAKE3 digest) before the engine validates it whole."""
+by chunk (size, offsets, BLAKE3 digest; a training update's values are measured on the way,
+server/inspection.py) before the engine judges it whole."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from fedlink.common.errors import (
     UploadIncomplete,
 )
 from fedlink.common.wire import PayloadAssembler
+from fedlink.server.inspection import UpdateInspector
 from fedlink.server.phases import Phase, ResultHeader
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class ResultUpload:
         encoding: str,
         release: Callable[[], None] = lambda: None,
         discard: Callable[[Path], None] = lambda path: path.unlink(missing_ok=True),
+        inspector: UpdateInspector | None = None,
     ) -> None:
         self.identity = identity
         self.header = header
@@ -51,6 +54,8 @@ class ResultUpload:
         self.spool = spool
         self._release = release  # gives back the disk space reserved for this upload
         self._discard = discard  # what becomes of the spool file when it is not kept
+        # Measures a training update's values as they pass (server/inspection.py).
+        self.inspector = inspector
         self._file: BinaryIO | None = None
         self._assembler: PayloadAssembler | None = None
         # Chunks are written by the transport's workers while the call may end on the event
@@ -66,9 +71,12 @@ class ResultUpload:
 
     def write(self, data: bytes | memoryview) -> int:
         try:
-            return self._spool_file().write(data)
+            written = self._spool_file().write(data)
         except OSError as exc:
             raise spool_failure(exc) from exc
+        if self.inspector is not None:
+            self.inspector.write(data)
+        return written
 
     def _spool_file(self) -> BinaryIO:
         if self._file is None:
@@ -117,6 +125,8 @@ class ResultUpload:
                     self._file.close()
             if self.spool is not None and not keep:
                 self._discard(self.spool)
+            if self.inspector is not None:
+                self.inspector.close()
             self._release()
             self._release = lambda: None
 

@@ -2,7 +2,8 @@
 
 The transport calls `open_result` when a result header arrives (checked before any payload
 byte is taken), then `finish_result` once the payload is complete (validated in the transport's
-worker threads, several at once, with no lock held), or `reject_result` / `abandon_result` /
+worker threads, several at once, with no lock held; a plain training update's values were
+measured on the way in, server/inspection.py), or `reject_result` / `abandon_result` /
 `defer_result` when the upload breaks the protocol, is cut off, or cannot be stored. What is
 accepted goes on the open phase on the board (server/board.py); the upload's bytes are
 server/intake.py's business.
@@ -15,8 +16,10 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+
+import torch
 
 from fedlink.common.codecs import decompress_update
 from fedlink.common.errors import PayloadError, StorageError, TensorFormatError, UpdateRejected
@@ -26,10 +29,14 @@ from fedlink.common.wire import ENCODING, PayloadFile
 from fedlink.server.aggregation import SUM_LIMIT
 from fedlink.server.board import PhaseBoard
 from fedlink.server.config import ServerConfig
+from fedlink.server.inspection import Findings, MappedModels, UpdateInspector
 from fedlink.server.intake import ResultUpload, Spool
 from fedlink.server.phases import AcceptedUpdate, Phase, ResultHeader, TaskKind
 from fedlink.server.secure_rounds import take_secure_message
 from fedlink.server.validation import (
+    check_distance,
+    check_layout,
+    check_magnitudes,
     check_metrics,
     check_num_examples,
     check_update,
@@ -79,6 +86,7 @@ class ResultIntake:
         self._ca_pem = None if config.insecure or config.ca is None else config.ca.read_bytes()
         self._secure_lock = threading.Lock()  # secure aggregation's state takes one at a time
         self._large_validation = threading.Lock()
+        self._mapped_models = MappedModels()  # what the inspectors measure updates against
         self._codec = config.update_codec_spec()
         if not self._codec.plain:
             log.info("updates: %s (%s)", self._codec.describe(), self._codec.encoding)
@@ -149,6 +157,14 @@ class ResultIntake:
             decoded = 0 if self._codec.plain else global_size
             reserved = self._spool.reserve(header.payload.size + decoded, keep_free)
         spool = self._spool.take() if header.payload is not None else None
+        inspector = None
+        if (
+            phase.kind is TaskKind.TRAIN
+            and phase.secure is None
+            and self._codec.plain
+            and header.payload is not None
+        ):
+            inspector = self._inspector(phase.payload.path, header.payload.size)
         try:
             return ResultUpload(
                 identity,
@@ -161,6 +177,7 @@ class ResultIntake:
                 # Secure aggregation keeps nothing of a client's (docs/privacy.md): its step
                 # messages are deleted, never left to a later upload to overwrite.
                 discard=self._spool.recycle if phase.secure is None else _delete,
+                inspector=inspector,
             )
         except (PayloadError, StorageError) as exc:
             self._spool.release(reserved)
@@ -170,6 +187,18 @@ class ResultIntake:
                 raise
             code = "RESOURCE_EXHAUSTED" if "exceeds the limit" in str(exc) else "INVALID_ARGUMENT"
             raise UpdateRejected(code, str(exc)) from None
+
+    def _inspector(self, global_path: Path, size: int) -> UpdateInspector:
+        """Measures a plain training update as it arrives (against the global model when updates
+        are bounded), so that a complete one is judged without being read again."""
+        if self._config.max_update_norm_ratio <= 0:
+            return UpdateInspector(self._upload_manifest, size)
+        return UpdateInspector(
+            self._upload_manifest,
+            size,
+            reference=lambda: self._mapped_models.acquire(global_path),
+            release=lambda: self._mapped_models.release(global_path),
+        )
 
     def _expected_payload(self, phase: Phase) -> tuple[str, int]:
         """The encoding and largest size of a result payload in `phase`."""
@@ -208,9 +237,13 @@ class ResultIntake:
                 phase.validating += 1
             try:
                 magnitude = 0.0
-                if phase.kind is TaskKind.TRAIN:
-                    # A large model is validated one update at a time: each validation maps a
-                    # whole update and the global model, and memory must stay O(model).
+                findings = upload.inspector.findings() if upload.inspector else None
+                if findings is not None:
+                    magnitude = self._judge_update(phase, upload, findings)
+                elif phase.kind is TaskKind.TRAIN:
+                    # Read back whole, a large model's updates are validated one at a time: each
+                    # validation maps a whole update and the global model, and memory must stay
+                    # O(model).
                     large = phase.payload.info.size > PARALLEL_VALIDATION_MAX_BYTES
                     with self._large_validation if large else contextlib.nullcontext():
                         magnitude = self._validate_update(phase, upload)
@@ -264,6 +297,27 @@ class ResultIntake:
         phase.delivered.add(upload.identity)
         phase.finished.add(upload.identity)
 
+    def _judge_update(self, phase: Phase, upload: ResultUpload, findings: Findings) -> float:
+        """`_validate_update` for an update measured as it arrived: the same checks, from the
+        stored file's header and the inspector's measurements (no tensor is read again)."""
+        assert upload.spool is not None
+        ratio = self._config.max_update_norm_ratio
+        try:
+            with open_state_file(upload.spool) as state:  # safetensors checks the header
+                self._check_tensors(state)
+                check_layout(state, self._upload_manifest)
+            largest = check_magnitudes(findings.magnitudes)
+            if ratio > 0:
+                global_state = self._mapped_models.acquire(phase.payload.path)
+                try:
+                    global_norm = self._global_norm(phase, global_state)
+                finally:
+                    self._mapped_models.release(phase.payload.path)
+                check_distance(findings.squared_distance, ratio=ratio, global_norm=global_norm)
+        except TensorFormatError as exc:
+            raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
+        return float(upload.header.num_examples) * largest
+
     def _validate_update(self, phase: Phase, upload: ResultUpload) -> float:
         """Check a training update against the model and max_update_norm_ratio; its weighted
         magnitude (what it can add to the FedAvg sum)."""
@@ -274,28 +328,38 @@ class ResultIntake:
             if not self._codec.plain:
                 self._decode_update(phase, upload.spool)
             with open_state_file(upload.spool) as state:
-                if self._extra and self._extra.keys().isdisjoint(state):
-                    raise UpdateRejected(
-                        "INVALID_ARGUMENT",
-                        f"this federation's strategy needs {len(self._extra)} extra tensor(s) "
-                        f"with every update (such as {min(self._extra)!r}) and this update has "
-                        "none: the client does not run the strategy (update fedlink there)",
-                    )
+                self._check_tensors(state)
                 largest = check_update(state, self._upload_manifest)
                 if ratio > 0:
                     # The bound is on the model's move; the extra tensors are held to the sum
                     # limit below, like every value of an update.
                     model = {name: state[name] for name in self._manifest}
                     with open_state_file(phase.payload.path) as global_state:
-                        if phase.global_norm is None:
-                            # Two uploads may both measure it: the same number either way.
-                            phase.global_norm = model_norm(global_state)
                         check_update_bound(
-                            model, global_state, ratio=ratio, global_norm=phase.global_norm
+                            model,
+                            global_state,
+                            ratio=ratio,
+                            global_norm=self._global_norm(phase, global_state),
                         )
                 return weight * largest
         except TensorFormatError as exc:
             raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
+
+    def _check_tensors(self, state: Mapping[str, torch.Tensor]) -> None:
+        if self._extra and self._extra.keys().isdisjoint(state):
+            raise UpdateRejected(
+                "INVALID_ARGUMENT",
+                f"this federation's strategy needs {len(self._extra)} extra tensor(s) with every "
+                f"update (such as {min(self._extra)!r}) and this update has none: the client "
+                "does not run the strategy (update fedlink there)",
+            )
+
+    @staticmethod
+    def _global_norm(phase: Phase, global_state: Mapping[str, torch.Tensor]) -> float:
+        if phase.global_norm is None:
+            # Two uploads may both measure it: the same number either way.
+            phase.global_norm = model_norm(global_state)
+        return phase.global_norm
 
     def _check_codec(self, encoding: str) -> None:
         if encoding != self._codec.encoding:

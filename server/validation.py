@@ -48,6 +48,12 @@ def check_update(state: Mapping[str, torch.Tensor], manifest: Manifest) -> float
 
     One pass over each tensor does both: min and max propagate NaN and show an Inf, so a finite
     pair proves every element finite (a large model's update is read once here, not twice)."""
+    check_layout(state, manifest)
+    return check_magnitudes({name: largest_magnitude(t) for name, t in state.items()})
+
+
+def check_layout(state: Mapping[str, torch.Tensor], manifest: Manifest) -> None:
+    """Same tensor names, dtypes and shapes as `manifest` (no tensor's values are read)."""
     missing = sorted(set(manifest) - set(state))
     if missing:
         raise UpdateRejected("INVALID_ARGUMENT", f"update is missing tensor(s): {_names(missing)}")
@@ -66,9 +72,12 @@ def check_update(state: Mapping[str, torch.Tensor], manifest: Manifest) -> float
                 "INVALID_ARGUMENT",
                 f"tensor {name!r} has shape {tuple(tensor.shape)}; the global model has {spec.shape}",
             )
+
+
+def check_magnitudes(magnitudes: Mapping[str, float]) -> float:
+    """The largest of the tensors' `largest_magnitude`s, refusing any that is NaN or Inf."""
     largest = 0.0
-    for name, tensor in state.items():
-        magnitude = largest_magnitude(tensor)
+    for name, magnitude in magnitudes.items():
         if not math.isfinite(magnitude):
             raise UpdateRejected("INVALID_ARGUMENT", f"tensor {name!r} contains NaN or Inf")
         largest = max(largest, magnitude)
@@ -94,11 +103,16 @@ def check_update_bound(
 ) -> None:
     """The update moves the model by at most `ratio` x max(|global|, 1) (L2 over the floating
     tensors; a distance too large to represent counts as Inf and is refused)."""
-    limit = ratio * max(global_norm, 1.0)
     squares = 0.0
     for name, tensor in state.items():
         if tensor.dtype.is_floating_point:
-            squares += _squared_distance(tensor, global_state[name])
+            squares += squared_distance(tensor, global_state[name])
+    check_distance(squares, ratio=ratio, global_norm=global_norm)
+
+
+def check_distance(squares: float, *, ratio: float, global_norm: float) -> None:
+    """`check_update_bound` on the update's squared L2 distance from the global model."""
+    limit = ratio * max(global_norm, 1.0)
     distance = math.sqrt(squares)
     if not distance <= limit:
         raise UpdateRejected(
@@ -113,7 +127,7 @@ def model_norm(state: Mapping[str, torch.Tensor]) -> float:
     squares = 0.0
     for tensor in state.values():
         if tensor.dtype.is_floating_point:
-            squares += _squared_distance(tensor, None)
+            squares += squared_distance(tensor, None)
     return math.sqrt(squares)
 
 
@@ -121,7 +135,7 @@ def model_norm(state: Mapping[str, torch.Tensor]) -> float:
 _SLICE = 1 << 20
 
 
-def _squared_distance(tensor: torch.Tensor, other: torch.Tensor | None) -> float:
+def squared_distance(tensor: torch.Tensor, other: torch.Tensor | None) -> float:
     """sum((tensor - other)^2) (other None: 0), a slice at a time in the tensor's accumulator
     type (float32, or float64 for float64). A slice far enough out to overflow gives Inf, which
     any bound refuses: that is the right answer, so nothing needs float64 here."""

@@ -384,6 +384,66 @@ def test_a_robust_rule_keeps_a_huge_update_from_moving_the_model(
         assert torch.equal(state["w"], honest["w"])
 
 
+def _upload_bytes(
+    engine: RoundEngine, identity: str, offer: TaskOffer, data: bytes, chunk: int = 7
+) -> Any:
+    """Open a result and send `data` in `chunk`-byte pieces (elements split between them)."""
+    header = ResultHeader(
+        task_id=offer.task_id,
+        round=offer.round,
+        num_examples=10,
+        metrics={},
+        payload=PayloadInfo(size=len(data), blake3=payload_digest(data)),
+    )
+    upload = engine.results.open_result(identity, header)
+    for offset in range(0, len(data), chunk):
+        upload.add_chunk(offset, data[offset : offset + chunk])
+    return upload
+
+
+@pytest.mark.parametrize(
+    ("change", "refusal"),
+    [
+        (lambda w: w.view(-1).__setitem__(101, float("nan")), "contains NaN or Inf"),
+        (lambda w: w.view(-1).__setitem__(7, float("-inf")), "contains NaN or Inf"),
+        (lambda w: w.add_(1e9), "away from the global model"),
+        (lambda w: w.add_(1.0), None),
+    ],
+)
+def test_an_update_is_judged_from_the_values_measured_as_it_arrived(
+    tmp_path: Path, running: list[Running], change: Any, refusal: str | None
+) -> None:
+    initial = _state(0)
+    engine = RoundEngine(_config(tmp_path), initial)
+    engine.board.join("site-a")
+    running.append(_run(engine))
+    update = {name: tensor.clone() for name, tensor in initial.items()}
+    change(update["w"])
+    upload = _upload_bytes(engine, "site-a", _task(engine, "site-a"), encode_state(update))
+    # Measured on the way in: the stored update is not read again to be judged.
+    assert upload.inspector.findings() is not None
+    if refusal is None:
+        engine.results.finish_result(upload)
+        return
+    with pytest.raises(UpdateRejected, match=refusal):
+        engine.results.finish_result(upload)
+
+
+def test_an_update_the_inspector_cannot_follow_is_read_back_and_refused_as_before(
+    tmp_path: Path, running: list[Running]
+) -> None:
+    initial = _state(0)
+    engine = RoundEngine(_config(tmp_path), initial)
+    engine.board.join("site-a")
+    running.append(_run(engine))
+    data = bytearray(encode_state(initial))
+    data[8] = ord("[")  # the header is no JSON object
+    upload = _upload_bytes(engine, "site-a", _task(engine, "site-a"), bytes(data))
+    assert upload.inspector.findings() is None
+    with pytest.raises(UpdateRejected, match="not a valid safetensors payload"):
+        engine.results.finish_result(upload)
+
+
 # ---- client-level differential privacy (DP-FedAvg) ----------------------------------------------
 
 
