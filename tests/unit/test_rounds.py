@@ -23,6 +23,7 @@ from fedlink.server.config import ServerConfig
 from fedlink.server.metrics import MetricAggregator
 from fedlink.server.phases import ResultHeader, RoundRecord, RunSummary, TaskKind, TaskOffer
 from fedlink.server.rounds import RoundEngine
+from fedlink.server.validation import model_norm
 
 
 def _state(seed: int) -> StateDict:
@@ -427,6 +428,20 @@ def test_an_update_is_judged_from_the_values_measured_as_it_arrived(
         return
     with pytest.raises(UpdateRejected, match=refusal):
         engine.results.finish_result(upload)
+
+
+def test_a_round_knows_its_global_models_norm_from_when_the_model_was_written(
+    tmp_path: Path, running: list[Running]
+) -> None:
+    initial = _state(0)
+    engine = RoundEngine(_config(tmp_path), initial)
+    engine.board.join("site-a")
+    running.append(_run(engine))
+    _task(engine, "site-a")
+    phase = engine.board.phase
+    assert phase is not None
+    # No upload has been judged yet: the bound's reference was not read back from disk.
+    assert phase.global_norm == model_norm(initial)
 
 
 def test_an_update_the_inspector_cannot_follow_is_read_back_and_refused_as_before(
