@@ -48,10 +48,21 @@ def publish_file(source: Path, destination: Path) -> None:
         commit(tmp, destination)
 
 
+def make_durable(path: Path) -> None:
+    """Make a file already renamed into place durable: its data, then its directory entry."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    _sync_directory(path.parent)
+
+
 def commit(tmp: Path, path: Path) -> None:
     """Rename a fully written, fsynced `tmp` over `path` and make the rename itself durable."""
     tmp.replace(path)
-    fd = os.open(path.parent, os.O_RDONLY)
+    _sync_directory(path.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

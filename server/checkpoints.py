@@ -70,11 +70,20 @@ class CheckpointStore:
         self._keep = keep
 
     def save(self, checkpoint: Checkpoint) -> None:
-        strategy_file = None
-        if checkpoint.strategy_state:
-            strategy_path = self._dir / f"round-{checkpoint.round:06d}.strategy.safetensors"
-            save_state_file(checkpoint.strategy_state, strategy_path, durable=True)
-            strategy_file = PayloadFile.seal(strategy_path)
+        self.commit(checkpoint, self.save_strategy_state(checkpoint))
+
+    def save_strategy_state(self, checkpoint: Checkpoint) -> PayloadFile | None:
+        """The first half of `save`: the strategy's state, durably, while it is what the round
+        left (the next round changes it)."""
+        if not checkpoint.strategy_state:
+            return None
+        strategy_path = self._dir / f"round-{checkpoint.round:06d}.strategy.safetensors"
+        save_state_file(checkpoint.strategy_state, strategy_path, durable=True)
+        return PayloadFile.seal(strategy_path)
+
+    def commit(self, checkpoint: Checkpoint, strategy_file: PayloadFile | None) -> None:
+        """The second half of `save`: the JSON that makes the checkpoint, once its model file
+        (and `strategy_file`) are on disk; then the oldest beyond `keep` are deleted."""
         document = {
             "format": FORMAT,
             "round": checkpoint.round,

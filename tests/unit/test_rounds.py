@@ -18,6 +18,7 @@ from fedlink.common.accounting import MechanismStep, PrivacyAccountant
 from fedlink.common.errors import ConfigError, UpdateRejected
 from fedlink.common.tensors import StateDict, encode_state, open_state_file
 from fedlink.common.wire import PayloadInfo, payload_digest
+from fedlink.server import rounds as rounds_module
 from fedlink.server.checkpoints import CheckpointStore
 from fedlink.server.config import ServerConfig
 from fedlink.server.metrics import MetricAggregator
@@ -719,13 +720,47 @@ def test_a_retired_global_model_file_is_rewritten_for_a_later_one(
         _deliver(engine, "a", offer, _state(100 + offer.round))
     assert run.summary().completed
     # Round r writes global-r; global-(r-1) stays for downloads still under way; older ones
-    # retire into global-spare.part, which the next round's model is written into.
-    assert "global-spare.part" in inodes[2]
-    assert inodes[3]["global-000004.safetensors"] == inodes[2]["global-spare.part"]
+    # retire into global-spare.part, which the next round's model is written into: round 4's
+    # model is round 1's file rewritten, round 5's is round 2's.
+    assert inodes[3]["global-000004.safetensors"] == inodes[0]["global-000001.safetensors"]
+    assert inodes[4]["global-000005.safetensors"] == inodes[1]["global-000002.safetensors"]
     # Every kept model is exactly what its checkpoint recorded (the store checks the digest).
     checkpoint = CheckpointStore(config.state_dir, keep=1).latest()
     assert checkpoint is not None and checkpoint.round == 5
     assert not (config.state_dir / "global-spare.part").exists()  # removed when the run ends
+
+
+def test_the_next_round_starts_while_a_checkpoint_is_still_being_synced(
+    tmp_path: Path, running: list[Running], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Syncing a round's model file is off the round's path: on a slow disk (here, one that
+    syncs only when told to) clients get the next task meanwhile."""
+    synced = threading.Event()
+    sync = rounds_module.make_durable
+
+    def slow_disk(path: Path) -> None:
+        assert synced.wait(10)
+        sync(path)
+
+    monkeypatch.setattr(rounds_module, "make_durable", slow_disk)
+    reported: list[int] = []
+    config = _config(tmp_path, num_rounds=2)
+    engine = RoundEngine(config, _state(0), on_round=lambda record: reported.append(record.round))
+    engine.board.join("a")
+    run = _run(engine)
+    running.append(run)
+    _deliver(engine, "a", _task(engine, "a"), _state(1))
+    offer = _task(engine, "a")
+    assert offer.round == 2
+    # Not yet on disk, so not yet reported: a restart now would repeat round 1.
+    assert CheckpointStore(config.state_dir, keep=3).latest() is None
+    assert reported == []
+    synced.set()
+    _deliver(engine, "a", offer, _state(2))
+    assert run.summary().completed
+    assert reported == [1, 2]
+    checkpoint = CheckpointStore(config.state_dir, keep=3).latest()
+    assert checkpoint is not None and checkpoint.round == 2
 
 
 def test_a_global_model_still_being_downloaded_is_never_rewritten(
