@@ -403,6 +403,14 @@ def _upload_bytes(
     return upload
 
 
+def _one_client(tmp_path: Path, running: list[Running], initial: StateDict) -> RoundEngine:
+    """A running one-round engine that client "site-a" has joined."""
+    engine = RoundEngine(_config(tmp_path), initial)
+    engine.board.join("site-a")
+    running.append(_run(engine))
+    return engine
+
+
 @pytest.mark.parametrize(
     ("change", "refusal"),
     [
@@ -416,9 +424,7 @@ def test_an_update_is_judged_from_the_values_measured_as_it_arrived(
     tmp_path: Path, running: list[Running], change: Any, refusal: str | None
 ) -> None:
     initial = _state(0)
-    engine = RoundEngine(_config(tmp_path), initial)
-    engine.board.join("site-a")
-    running.append(_run(engine))
+    engine = _one_client(tmp_path, running, initial)
     update = {name: tensor.clone() for name, tensor in initial.items()}
     change(update["w"])
     upload = _upload_bytes(engine, "site-a", _task(engine, "site-a"), encode_state(update))
@@ -435,9 +441,7 @@ def test_a_round_knows_its_global_models_norm_from_when_the_model_was_written(
     tmp_path: Path, running: list[Running]
 ) -> None:
     initial = _state(0)
-    engine = RoundEngine(_config(tmp_path), initial)
-    engine.board.join("site-a")
-    running.append(_run(engine))
+    engine = _one_client(tmp_path, running, initial)
     _task(engine, "site-a")
     phase = engine.board.phase
     assert phase is not None
@@ -449,9 +453,7 @@ def test_an_update_the_inspector_cannot_follow_is_read_back_and_refused_as_befor
     tmp_path: Path, running: list[Running]
 ) -> None:
     initial = _state(0)
-    engine = RoundEngine(_config(tmp_path), initial)
-    engine.board.join("site-a")
-    running.append(_run(engine))
+    engine = _one_client(tmp_path, running, initial)
     data = bytearray(encode_state(initial))
     data[8] = ord("[")  # the header is no JSON object
     upload = _upload_bytes(engine, "site-a", _task(engine, "site-a"), bytes(data))
