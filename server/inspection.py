@@ -30,8 +30,12 @@ from fedlink.common.errors import TensorFormatError
 from fedlink.common.tensors import Manifest, StateDict, TensorSlot, header_slots, map_state_file
 from fedlink.server.validation import largest_magnitude, squared_distance
 
-# safetensors' own limit on a header (its MAX_HEADER_SIZE); a longer one is never accepted.
-MAX_HEADER_BYTES = 100_000_000
+# The longest header the inspector holds in memory while it arrives: room for every tensor
+# of the manifest with a long name, not safetensors' own 100 MB limit, which every upload in
+# flight could otherwise make the coordinator hold. A longer header is left to the read-back
+# check (on disk, one update at a time).
+HEADER_BYTES_BASE = 64 << 10
+HEADER_BYTES_PER_TENSOR = 1 << 10
 
 # The chunks are read-only bytes, and torch warns (once per process) that a tensor over them
 # could write to them; these views are only ever read. The one warning is spent here, silenced.
@@ -69,6 +73,7 @@ class UpdateInspector:
     ) -> None:
         self._manifest = manifest
         self._size = size
+        self._header_limit = HEADER_BYTES_BASE + HEADER_BYTES_PER_TENSOR * len(manifest)
         self._reference = reference
         self._release: Callable[[], None] | None = None
         self._on_release = release
@@ -124,7 +129,7 @@ class UpdateInspector:
         if len(self._head) >= 8:
             length = int.from_bytes(self._head[:8], "little")
             need += length
-            if length == 0 or need > min(MAX_HEADER_BYTES, self._size):
+            if length == 0 or length > self._header_limit or need > self._size:
                 self._intact = False
                 return view[:0]
         taken = view[: need - len(self._head)]

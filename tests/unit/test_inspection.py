@@ -3,10 +3,12 @@ and gives no findings for a stream it cannot follow."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
 import pytest
+import safetensors.torch
 import torch
 
 from fedlink.common.tensors import StateDict, encode_state, manifest_of
@@ -112,7 +114,26 @@ def test_tensors_unlike_the_manifest_are_not_measured() -> None:
 def test_a_stream_it_cannot_follow_gives_no_findings(mangle: object) -> None:
     global_state = _global()
     payload = mangle(encode_state(_update(global_state)))  # type: ignore[operator]
-    announced = len(encode_state(global_state))
+    announced = max(len(payload), len(encode_state(global_state)))
     inspector = UpdateInspector(manifest_of(global_state), announced, lambda: global_state)
     _feed(inspector, payload, _random_pieces(len(payload), 1))
+    assert inspector.findings() is None
+
+
+def test_a_header_longer_than_the_manifest_needs_is_not_held_in_memory() -> None:
+    """A valid file whose header is padded with metadata to 200 kB: the inspector stops
+    collecting it (an upload in flight must not make the coordinator hold 100 MB) and leaves the
+    update to the read-back check."""
+    global_state = {"w": torch.zeros(4)}
+    update = {"w": torch.ones(4)}
+    payload = bytearray(encode_state(update))
+    length = int.from_bytes(payload[:8], "little")
+    header = json.loads(payload[8 : 8 + length])
+    header["__metadata__"] = {"padding": "x" * 200_000}
+    text = json.dumps(header).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    padded = len(text).to_bytes(8, "little") + text + payload[8 + length :]
+    assert safetensors.torch.load(bytes(padded))["w"].tolist() == [1.0] * 4  # a valid file
+    inspector = UpdateInspector(manifest_of(global_state), len(padded), lambda: global_state)
+    _feed(inspector, bytes(padded), [])
     assert inspector.findings() is None
