@@ -11,8 +11,8 @@ the uploads, hold one chunk per upload, and share one mapping of the global mode
 The inspector only measures (largest |value| per tensor, squared distance from the global
 model); the verdict stays with server/validation.py, after the payload's digest is verified and
 safetensors has accepted the stored file's header. Anything it could not follow (a header it
-cannot read, bytes out of place) leaves no findings, and the update is read back and checked
-whole, as before.
+cannot read or would have to hold too much of, bytes out of place) leaves no findings, and the
+update is read back and checked whole, as before.
 """
 
 from __future__ import annotations
