@@ -57,7 +57,10 @@ class TensorBoardTracker:
 
 
 class MlflowTracker:
-    """One MLflow run per coordinator process: settings as parameters, rounds as metric steps."""
+    """One MLflow run per coordinator process: settings as parameters, rounds as metric steps.
+
+    Rounds are recorded by the coordinator's checkpoint thread, and MLflow's active run is
+    per thread (a call without one starts a new run): every call names this run's id."""
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str) -> None:
         try:
@@ -70,13 +73,13 @@ class MlflowTracker:
         self._mlflow = mlflow
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_experiment(experiment)
-        self._run = mlflow.start_run(run_name=run_name)
+        self._run_id = mlflow.start_run(run_name=run_name).info.run_id
 
     def start(self, settings: Mapping[str, str]) -> None:
-        self._mlflow.log_params(dict(settings))
+        self._mlflow.log_params(dict(settings), run_id=self._run_id)
 
     def record(self, record: RoundRecord) -> None:
-        self._mlflow.log_metrics(round_metrics(record), step=record.round)
+        self._mlflow.log_metrics(round_metrics(record), step=record.round, run_id=self._run_id)
 
     def close(self) -> None:
         self._mlflow.end_run()
