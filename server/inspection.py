@@ -75,8 +75,8 @@ class UpdateInspector:
         self._size = size
         self._header_limit = HEADER_BYTES_BASE + HEADER_BYTES_PER_TENSOR * len(manifest)
         self._reference = reference
-        self._release: Callable[[], None] | None = None
-        self._on_release = release
+        self._release = release
+        self._holding = False  # the reference was taken and is not yet released
         self._head = bytearray()
         self._slots: list[TensorSlot] | None = None
         self._targets: dict[str, torch.Tensor | None] = {}
@@ -147,16 +147,16 @@ class UpdateInspector:
     def close(self) -> None:
         """The upload is over: let go of the reference model."""
         self._targets.clear()
-        release, self._release = self._release, None
-        if release is not None:
-            release()
+        if self._holding:
+            self._holding = False
+            self._release()
 
     def _begin(self, slots: list[TensorSlot]) -> None:
         self._slots = sorted(slots, key=lambda slot: slot.start)
         reference: Mapping[str, torch.Tensor] = {}
         if self._reference is not None:
             reference = self._reference()
-            self._release = self._on_release
+            self._holding = True
         for slot in self._slots:
             spec = self._manifest.get(slot.name)
             if (

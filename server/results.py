@@ -304,16 +304,13 @@ class ResultIntake:
         ratio = self._config.max_update_norm_ratio
         try:
             with open_state_file(upload.spool) as state:  # safetensors checks the header
-                self._check_tensors(state)
+                self._check_extra(state)
                 check_layout(state, self._upload_manifest)
             largest = check_magnitudes(findings.magnitudes)
             if ratio > 0:
-                global_state = self._mapped_models.acquire(phase.payload.path)
-                try:
-                    global_norm = self._global_norm(phase, global_state)
-                finally:
-                    self._mapped_models.release(phase.payload.path)
-                check_distance(findings.squared_distance, ratio=ratio, global_norm=global_norm)
+                check_distance(
+                    findings.squared_distance, ratio=ratio, global_norm=self._global_norm(phase)
+                )
         except TensorFormatError as exc:
             raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
         return float(upload.header.num_examples) * largest
@@ -328,24 +325,22 @@ class ResultIntake:
             if not self._codec.plain:
                 self._decode_update(phase, upload.spool)
             with open_state_file(upload.spool) as state:
-                self._check_tensors(state)
+                self._check_extra(state)
                 largest = check_update(state, self._upload_manifest)
                 if ratio > 0:
                     # The bound is on the model's move; the extra tensors are held to the sum
                     # limit below, like every value of an update.
                     model = {name: state[name] for name in self._manifest}
+                    global_norm = self._global_norm(phase)
                     with open_state_file(phase.payload.path) as global_state:
                         check_update_bound(
-                            model,
-                            global_state,
-                            ratio=ratio,
-                            global_norm=self._global_norm(phase, global_state),
+                            model, global_state, ratio=ratio, global_norm=global_norm
                         )
                 return weight * largest
         except TensorFormatError as exc:
             raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
 
-    def _check_tensors(self, state: Mapping[str, torch.Tensor]) -> None:
+    def _check_extra(self, state: Mapping[str, torch.Tensor]) -> None:
         if self._extra and self._extra.keys().isdisjoint(state):
             raise UpdateRejected(
                 "INVALID_ARGUMENT",
@@ -355,10 +350,12 @@ class ResultIntake:
             )
 
     @staticmethod
-    def _global_norm(phase: Phase, global_state: Mapping[str, torch.Tensor]) -> float:
+    def _global_norm(phase: Phase) -> float:
+        """The phase's global model's norm: known from when the engine wrote the model, else
+        (a resumed model) read once. Two uploads may both read it: the same number either way."""
         if phase.global_norm is None:
-            # Two uploads may both measure it: the same number either way.
-            phase.global_norm = model_norm(global_state)
+            with open_state_file(phase.payload.path) as global_state:
+                phase.global_norm = model_norm(global_state)
         return phase.global_norm
 
     def _check_codec(self, encoding: str) -> None:

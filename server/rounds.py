@@ -108,10 +108,11 @@ class RoundEngine:
         self._published: dict[Path, weakref.ref[PayloadFile]] = {}
         self._spare_global = config.state_dir / "global-spare.part"
         self._spare_global.unlink(missing_ok=True)
-        # The L2 norm of a global model this run wrote, taken from memory as it was written:
-        # the bound on updates needs it, and reading it back would delay the round's first
-        # verdict (0.1 s for a 1 GiB model).
-        self._global_norm: tuple[Path, float] | None = None
+        # The L2 norm of the current global model when this run wrote it, taken from memory as
+        # it was written (None: a resumed model, measured by the first verdict): the bound on
+        # updates needs it, and reading it back would delay the round's first verdict (0.1 s
+        # for a 1 GiB model). Set by `_write_global`, whose model always becomes `_global`.
+        self._global_norm: float | None = None
         # A round's checkpoint is made durable on this thread while the next round begins: on
         # a 1 GiB model, syncing the model file alone kept clients waiting 0.3 s a round (a slow
         # disk, seconds). A round counts as completed once its checkpoint is on disk.
@@ -301,7 +302,7 @@ class RoundEngine:
             participants=frozenset(participants),
             payload=self._global,
             quorum=quorum,
-            global_norm=_norm_of(self._global, self._global_norm),
+            global_norm=self._global_norm,
         )
 
     def _train_plainly(
@@ -373,8 +374,7 @@ class RoundEngine:
             # Synced by the checkpoint that names it (_persist), off the round's path.
             write_payload_file(payload, path, durable=False, reuse=self._spare_global)
             written = PayloadFile(path, info.result())
-            if norm is not None:
-                self._global_norm = (path, norm.result())
+            self._global_norm = None if norm is None else norm.result()
         self._published[path] = weakref.ref(written)
         return written
 
@@ -441,10 +441,6 @@ class RoundEngine:
         rows = self.board.client_rows
         if rows is not None:
             rows.close(completed=completed, connected=self.board.alive_clients())
-
-
-def _norm_of(model: PayloadFile, known: tuple[Path, float] | None) -> float | None:
-    return known[1] if known is not None and known[0] == model.path else None
 
 
 def _weighted_mean(results: list[tuple[int, Mapping[str, float]]], key: str) -> float | None:
