@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -95,12 +96,19 @@ class PayloadFile:
 
     def chunks(self, chunk_size: int) -> Iterator[tuple[int, Sequence[bytes | memoryview]]]:
         check_chunk_size(chunk_size)
+        with self.stream() as read:
+            for offset in range(0, self.info.size, chunk_size):
+                yield offset, [read(offset, min(chunk_size, self.info.size - offset))]
+
+    @contextmanager
+    def stream(self) -> Iterator[Callable[[int, int], bytes]]:
+        """A stream of this payload (counted by `streaming`) until the block ends; gives a
+        `read(offset, size)` of the file's bytes, for a stream that reads chunks its own way."""
         fd = self._descriptor()
         with self._opening:
             self._streams[0] += 1
         try:
-            for offset in range(0, self.info.size, chunk_size):
-                yield offset, [os.pread(fd, min(chunk_size, self.info.size - offset), offset)]
+            yield lambda offset, size: os.pread(fd, size, offset)
         finally:  # the stream ended, failed, or was closed (a cancelled call)
             with self._opening:
                 self._streams[0] -= 1

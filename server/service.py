@@ -21,7 +21,6 @@ from fedlink.common.errors import AccessDenied, StorageError, UpdateRejected, Up
 from fedlink.common.frames import (
     FEDERATION_SERVICE,
     ChunkView,
-    chunk_message,
     message_reader,
     serialize,
 )
@@ -33,6 +32,7 @@ from fedlink.common.wire import JOIN_REQUIRED, SESSION_METADATA_KEY, PayloadInfo
 from fedlink.server.access import AccessPolicy, Sessions
 from fedlink.server.board import LONG_POLL_SECONDS
 from fedlink.server.config import ServerConfig
+from fedlink.server.downloads import SharedFrames
 from fedlink.server.inprocess import HandlerCollector
 from fedlink.server.intake import ResultUpload
 from fedlink.server.limits import CallSlot, ClientLimits
@@ -96,6 +96,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         )
         self._refusals_logged: dict[tuple[str, str], float] = {}
         self._codec = codec_to_proto(config.update_codec_spec())
+        self._frames = SharedFrames()
         self._frozen_sha256 = engine.frozen_sha256
         entries = manifest_entries(engine.manifest)
         self._model_digest = manifest_digest(entries)
@@ -168,11 +169,11 @@ class FederationServicer(pb_grpc.FederationServicer):
             sent = 0
             try:
                 with self._board.downloading(identity):
-                    # Reads of the sealed payload file come from the page cache; each message
-                    # waits for the client's flow control, so a slow reader holds one chunk.
-                    for offset, parts in offer.payload.chunks(self._config.chunk_size):
-                        message = chunk_message(offset, parts)
-                        size = sum(memoryview(part).nbytes for part in parts)
+                    # Each message waits for the client's flow control, so a slow reader holds
+                    # one chunk; the messages of the global model are shared (SharedFrames).
+                    for message, size in self._frames.messages(
+                        offer.payload, self._config.chunk_size
+                    ):
                         yield message
                         sent += size
                         self._status.count_bytes(identity, down=size)
