@@ -148,8 +148,9 @@ def squared_distance(tensor: torch.Tensor, other: torch.Tensor | None) -> float:
         if flat_other is None:
             total += float(torch.linalg.vector_norm(part)) ** 2
         else:
-            # One pass with no difference tensor: twice as fast as norm(part - other) here
-            # (0.19 vs 0.37 s per GiB), with the same result.
+            # No difference tensor to allocate: the same result as norm(part - other), as fast
+            # on warm memory (0.22 s per GiB here) and twice as fast where each temporary is
+            # fresh memory (0.19 vs 0.37 s per GiB).
             total += float(torch.dist(part, flat_other[start : start + _SLICE].to(dtype))) ** 2
     return total
 
