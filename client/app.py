@@ -26,6 +26,7 @@ from fedlink.client.connection import (
     open_channel,
     trust_problem,
 )
+from fedlink.client.download import ModelSink
 from fedlink.client.secure import (
     SECURE_STEPS,
     PrivacyFloor,
@@ -295,16 +296,27 @@ class FederationClient:
         *,
         with_control: bool = False,
     ) -> None:
-        """Download the task's global model (with SCAFFOLD's control variate, `with_control`)
-        into this client's spool file, checked, and load it (a copy: nothing keeps a view of
+        """Download the task's global model (with SCAFFOLD's control variate, `with_control`),
+        checked, into the model's own tensors where it maps onto them (client/download.py);
+        otherwise into this client's spool file, and load that (a copy: nothing keeps a view of
         the file, which the next download rewrites)."""
+        targets = self._site.download_targets(with_control=with_control)
+        sink = ModelSink(targets, header.payload.size, self._rewound_spool)
+        self._site.begin_download()
+        self._receive(header, stream, sink, encoding=ENCODING, max_size=MAX_MODEL_BYTES)
+        if sink.in_place:
+            self._site.loaded_in_place()
+            return
         spool = self._download_spool()
-        spool.seek(0)
-        self._receive(header, stream, spool, encoding=ENCODING, max_size=MAX_MODEL_BYTES)
         spool.truncate()
         spool.flush()
         with open_state_file(Path(spool.name)) as state:
             self._site.load_global(state, with_control=with_control)
+
+    def _rewound_spool(self) -> IO[bytes]:
+        spool = self._download_spool()
+        spool.seek(0)
+        return spool
 
     def _download_spool(self) -> IO[bytes]:
         """One file, rewritten in place by every download: a new file each round would be new

@@ -133,6 +133,9 @@ class LocalSite:
         # client's c_i (loaded from --state-dir on first use, kept there after every round).
         self._server_control: StateDict = {}
         self._client_control: StateDict | None = None
+        # False while a download is being written into the model (client/download.py): until
+        # its digest is checked, the model must not be trained, evaluated or sent.
+        self._model_ready = True
 
     @property
     def attacking(self) -> bool:
@@ -219,6 +222,27 @@ class LocalSite:
             self.model.load_state_dict(local, strict=False)
         log.info("restored %d local tensor(s) from %s", len(expected), stored)
 
+    def download_targets(self, *, with_control: bool) -> StateDict | None:
+        """The tensors a download may be written straight into (client/download.py checks the
+        layout, device and memory): the travelling ones, unless the download carries SCAFFOLD's
+        control variate or a module loads its state its own way (then None: through the spool
+        and `load_global`)."""
+        if with_control or not _loads_plainly(self.model):
+            return None
+        return self.travelling()
+
+    def begin_download(self) -> None:
+        """A download starts: the model may be half overwritten until it is loaded."""
+        self._model_ready = False
+
+    def loaded_in_place(self) -> None:
+        """The download written into `download_targets` passed its digest check."""
+        self._model_ready = True
+
+    def _require_model(self) -> None:
+        if not self._model_ready:
+            raise RuntimeError("the global model's download did not complete; it cannot be used")
+
     def load_global(self, state: Mapping[str, torch.Tensor], *, with_control: bool) -> None:
         """Load a downloaded global model; `with_control` (SCAFFOLD's training tasks): the
         download also carries the server's control variate c, which is kept for training."""
@@ -233,6 +257,7 @@ class LocalSite:
             self._server_control = checked_control(control, travelling)
         # Only the travelling tensors: local and frozen ones stay as they are.
         self.model.load_state_dict(model, strict=not self._selection.partial)
+        self._model_ready = True
 
     def train(
         self, header: pb.TaskHeader, control: ControlCorrection | None = None
@@ -240,6 +265,7 @@ class LocalSite:
         """Train the loaded global model on the local data (with SCAFFOLD's `control`
         correction); the result, the metrics a plaintext result reports (the loss and, with
         DP-SGD, the epsilon spent so far) and the settings it trained with."""
+        self._require_model()
         config = train_config_from(
             self._task_config, seed=header.seed, settings=task_settings_from(header)
         )
@@ -313,6 +339,7 @@ class LocalSite:
 
     def evaluate(self, header: pb.TaskHeader) -> Evaluation:
         """The loaded global model on the local test data (the training data without any)."""
+        self._require_model()
         dataset = self._data.test if self._data.test is not None else self._data.train
         task_settings, _ = split_settings(task_settings_from(header))
         return evaluate(self.task, self.model, dataset, self.device, task_settings)
@@ -418,3 +445,18 @@ class LocalSite:
             result.dpsgd.sample_rate,
         )
         return epsilon
+
+
+def _loads_plainly(model: torch.nn.Module) -> bool:
+    """Whether `load_state_dict` only copies tensors into this model: no load hooks, and no
+    module that loads its state its own way (torch's own modules' overrides only upgrade old
+    checkpoint formats)."""
+    for module in model.modules():
+        if module._load_state_dict_pre_hooks or module._load_state_dict_post_hooks:
+            return False
+        loader = type(module)._load_from_state_dict
+        if loader is not torch.nn.Module._load_from_state_dict and not loader.__module__.startswith(
+            "torch."
+        ):
+            return False
+    return True

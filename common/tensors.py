@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +42,18 @@ _HEADER_DTYPES: dict[str, torch.dtype] = {
 }
 SUPPORTED_DTYPES: frozenset[torch.dtype] = frozenset(_HEADER_DTYPES.values())
 _DTYPE_NAMES = {dtype: name for name, dtype in _HEADER_DTYPES.items()}
+
+# Received chunks are read-only bytes, and torch warns (once per process) that a tensor over
+# them could write to them; `received_view`'s tensors are only ever read. The one warning is
+# spent here, silenced.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    torch.frombuffer(bytes(1), dtype=torch.uint8)
+
+
+def received_view(data: bytes | memoryview, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """A tensor over received bytes, with no copy; it must only be read."""
+    return torch.frombuffer(data, dtype=dtype)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import threading
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,14 @@ from pathlib import Path
 import torch
 
 from fedlink.common.errors import TensorFormatError
-from fedlink.common.tensors import Manifest, StateDict, TensorSlot, header_slots, map_state_file
+from fedlink.common.tensors import (
+    Manifest,
+    StateDict,
+    TensorSlot,
+    header_slots,
+    map_state_file,
+    received_view,
+)
 from fedlink.server.validation import largest_magnitude, squared_distance
 
 # The longest header the inspector holds in memory while it arrives: room for every tensor
@@ -36,12 +42,6 @@ from fedlink.server.validation import largest_magnitude, squared_distance
 # check (on disk, one update at a time).
 HEADER_BYTES_BASE = 64 << 10
 HEADER_BYTES_PER_TENSOR = 1 << 10
-
-# The chunks are read-only bytes, and torch warns (once per process) that a tensor over them
-# could write to them; these views are only ever read. The one warning is spent here, silenced.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    torch.frombuffer(bytes(1), dtype=torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ class UpdateInspector:
         self._carry = bytes(piece[whole:])
 
     def _values(self, slot: TensorSlot, data: memoryview) -> None:
-        values = torch.frombuffer(data, dtype=slot.dtype)
+        values = received_view(data, slot.dtype)
         count = values.numel()
         magnitude = largest_magnitude(values)
         known = self._magnitudes[slot.name]
