@@ -145,9 +145,15 @@ def _map_tensors(path: Path) -> StateDict:
         header_size = int.from_bytes(f.read(8), "little")
         slots = header_slots(f.read(header_size), size)
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    # Views of one tensor over the whole file: tensors that lie back to back in the file do
+    # in memory too, in one storage, so a run of them can be read as one (server/inspection.py).
+    whole = torch.asarray(storage, dtype=torch.uint8)
     state: StateDict = {}
     for slot in slots:
-        raw = torch.asarray(storage[slot.start : slot.stop], dtype=torch.uint8)
+        if slot.start % slot.dtype.itemsize == 0:
+            raw = whole[slot.start : slot.stop]
+        else:  # a view as a wider dtype must start aligned to it: this one gets its own storage
+            raw = torch.asarray(storage[slot.start : slot.stop], dtype=torch.uint8)
         state[slot.name] = raw.view(slot.dtype).reshape(slot.shape)
     return state
 

@@ -8,8 +8,12 @@ update beside the global model. Measured in passing, the checks cost the same CP
 the uploads, hold one chunk per upload, and share one mapping of the global model
 (docs/large-models.md has the numbers).
 
-The inspector only measures (largest |value| per tensor, squared distance from the global
-model); the verdict stays with server/validation.py, after the payload's digest is verified and
+Tensors that lie back to back in one dtype (all of a model's float32 tensors, as fedlink orders
+them) are measured together, a chunk's worth at a time: per tensor, the calls cost more than the
+arithmetic (21 vs 9 ms for a ResNet-18 update of 122 tensors, measured here).
+
+The inspector only measures (largest |value|, squared distance from the global model); the
+verdict stays with server/validation.py, after the payload's digest is verified and
 safetensors has accepted the stored file's header. Anything it could not follow (a header it
 cannot read or would have to hold too much of, bytes out of place) leaves no findings, and the
 update is read back and checked whole, as before.
@@ -46,12 +50,25 @@ HEADER_BYTES_PER_TENSOR = 1 << 10
 
 @dataclass(frozen=True)
 class Findings:
-    """What an inspected update holds: each measured floating tensor's largest |value| (NaN or
-    Inf when it holds one), and its squared L2 distance from the global model (over the model's
-    tensors; 0 when no reference was given)."""
+    """What an inspected update holds: the largest |value| of each run of measured floating
+    tensors (keyed by the run's first tensor), NaN or Inf under the name of each tensor that
+    holds one, and the squared L2 distance from the global model (over the model's tensors; 0
+    when no reference was given)."""
 
     magnitudes: dict[str, float]
     squared_distance: float
+
+
+@dataclass
+class _Run:
+    """Measured tensors back to back in one dtype, and the global model's same tensors."""
+
+    names: list[str]
+    starts: list[int]  # the element each tensor starts at, within the run
+    dtype: torch.dtype
+    start: int  # payload bytes
+    stop: int
+    reference: torch.Tensor | None = None  # the global model's elements of the run
 
 
 class UpdateInspector:
@@ -78,12 +95,11 @@ class UpdateInspector:
         self._release = release
         self._holding = False  # the reference was taken and is not yet released
         self._head = bytearray()
-        self._slots: list[TensorSlot] | None = None
-        self._targets: dict[str, torch.Tensor | None] = {}
-        self._index = 0  # the slot the stream is in
+        # The payload's tensors in order: runs of measured ones, and single slots not measured.
+        self._segments: list[_Run | TensorSlot] | None = None
+        self._index = 0  # the segment the stream is in
         self._position = 0  # payload bytes seen
-        self._in_slot = 0  # bytes of the current slot seen
-        self._elements = 0  # elements of the current slot measured
+        self._elements = 0  # elements of the current run measured
         self._carry = b""  # the start of an element split between chunks
         self._magnitudes: dict[str, float] = {}
         self._squares = 0.0
@@ -93,34 +109,35 @@ class UpdateInspector:
         """The next bytes of the payload (the previous ones were all written before)."""
         view = memoryview(data)
         while view and self._intact:
-            if self._slots is None:
+            if self._segments is None:
                 view = self._read_header(view)
                 continue
-            if self._index == len(self._slots):
+            if self._index == len(self._segments):
                 self._intact = False  # bytes after the last tensor: safetensors refuses them
                 return
-            slot = self._slots[self._index]
-            if self._position != slot.start + self._in_slot:
+            segment = self._segments[self._index]
+            if not segment.start <= self._position < segment.stop:
                 self._intact = False  # a gap or an overlap: safetensors refuses it
                 return
-            left = slot.stop - self._position
-            piece, view = view[:left], view[left:]
-            if slot.name in self._targets:
-                self._measure(slot, piece)
+            piece, view = (
+                view[: segment.stop - self._position],
+                view[segment.stop - self._position :],
+            )
+            if isinstance(segment, _Run):
+                self._measure(segment, piece)
             self._position += len(piece)
-            self._in_slot += len(piece)
-            if self._position == slot.stop:
+            if self._position == segment.stop:
                 self._index += 1
-                self._in_slot, self._elements, self._carry = 0, 0, b""
+                self._elements, self._carry = 0, b""
         self._position += len(view)  # what is left after the stream left the layout
 
     def findings(self) -> Findings | None:
         """The measurements, once every tensor's bytes have passed; None if the stream could
         not be followed (the update must then be checked whole)."""
-        if not self._intact or self._slots is None or self._position != self._size:
+        if not self._intact or self._segments is None or self._position != self._size:
             return None
-        if any(slot.start != slot.stop for slot in self._slots[self._index :]):
-            return None  # (only empty tensors may be left: they end where the data ends)
+        if self._index != len(self._segments):
+            return None
         return Findings(dict(self._magnitudes), self._squares)
 
     def _read_header(self, view: memoryview) -> memoryview:
@@ -146,58 +163,115 @@ class UpdateInspector:
 
     def close(self) -> None:
         """The upload is over: let go of the reference model."""
-        self._targets.clear()
+        for segment in self._segments or ():
+            if isinstance(segment, _Run):
+                segment.reference = None
         if self._holding:
             self._holding = False
             self._release()
 
     def _begin(self, slots: list[TensorSlot]) -> None:
-        self._slots = sorted(slots, key=lambda slot: slot.start)
         reference: Mapping[str, torch.Tensor] = {}
         if self._reference is not None:
             reference = self._reference()
             self._holding = True
-        for slot in self._slots:
+        segments: list[_Run | TensorSlot] = []
+        for slot in sorted(slots, key=lambda slot: slot.start):
+            if slot.start == slot.stop:
+                continue  # an empty tensor: no bytes to follow or measure
             spec = self._manifest.get(slot.name)
-            if (
+            measured = (
                 spec is not None
                 and slot.dtype.is_floating_point
                 and (spec.dtype, spec.shape) == (slot.dtype, slot.shape)
-            ):
-                target = reference.get(slot.name)
-                self._targets[slot.name] = None if target is None else target.reshape(-1)
+            )
+            if not measured:
+                segments.append(slot)
+                continue
+            target = reference.get(slot.name)
+            last = segments[-1] if segments else None
+            if isinstance(last, _Run) and _extends(last, slot, target, reference):
+                last.names.append(slot.name)
+                last.starts.append((slot.start - last.start) // slot.dtype.itemsize)
+                last.stop = slot.stop
+            else:
+                segments.append(_Run([slot.name], [0], slot.dtype, slot.start, slot.stop))
                 self._magnitudes[slot.name] = 0.0
+        for segment in segments:
+            first = reference.get(segment.names[0]) if isinstance(segment, _Run) else None
+            if isinstance(segment, _Run) and first is not None:
+                segment.reference = _elements_of(first, segment)
+        self._segments = segments
 
-    def _measure(self, slot: TensorSlot, piece: memoryview) -> None:
-        size = slot.dtype.itemsize
+    def _measure(self, run: _Run, piece: memoryview) -> None:
+        size = run.dtype.itemsize
         if self._carry:
             fill = size - len(self._carry)
             self._carry += bytes(piece[:fill])
             piece = piece[fill:]
             if len(self._carry) < size:
                 return
-            self._values(slot, memoryview(self._carry))
+            self._values(run, memoryview(self._carry))
             self._carry = b""
         whole = len(piece) - len(piece) % size
         if whole:
-            self._values(slot, piece[:whole])
+            self._values(run, piece[:whole])
         self._carry = bytes(piece[whole:])
 
-    def _values(self, slot: TensorSlot, data: memoryview) -> None:
-        values = received_view(data, slot.dtype)
-        count = values.numel()
+    def _values(self, run: _Run, data: memoryview) -> None:
+        values = received_view(data, run.dtype)
+        first, count = self._elements, values.numel()
         magnitude = largest_magnitude(values)
-        known = self._magnitudes[slot.name]
+        if math.isfinite(magnitude):
+            self._merge(run.names[0], magnitude)
+        else:  # which tensors hold it: the error names them
+            for index, name in enumerate(run.names):
+                begin = max(run.starts[index], first)
+                end = min(
+                    run.starts[index + 1] if index + 1 < len(run.names) else math.inf, first + count
+                )
+                if begin < end:
+                    self._merge(name, largest_magnitude(values[begin - first : int(end) - first]))
+        if run.reference is not None:
+            self._squares += squared_distance(values, run.reference[first : first + count])
+        self._elements += count
+
+    def _merge(self, name: str, magnitude: float) -> None:
+        known = self._magnitudes.get(name, 0.0)
         # NaN stays NaN (max() would drop it depending on the order of its arguments).
         if math.isnan(known) or math.isnan(magnitude):
-            self._magnitudes[slot.name] = math.nan
+            self._magnitudes[name] = math.nan
         else:
-            self._magnitudes[slot.name] = max(known, magnitude)
-        target = self._targets[slot.name]
-        if target is not None:
-            start = self._elements
-            self._squares += squared_distance(values, target[start : start + count])
-        self._elements += count
+            self._magnitudes[name] = max(known, magnitude)
+
+
+def _extends(
+    run: _Run, slot: TensorSlot, target: torch.Tensor | None, reference: Mapping[str, torch.Tensor]
+) -> bool:
+    """Whether `slot` continues `run`: the next bytes, the same dtype, and (with a reference)
+    the global model's tensor right after the run's in the same memory, as the update's is."""
+    if slot.start != run.stop or slot.dtype != run.dtype:
+        return False
+    if not reference:
+        return True
+    first = reference.get(run.names[0])
+    if target is None or first is None or not (target.is_contiguous() and first.is_contiguous()):
+        return False
+    if target.dtype != slot.dtype or first.dtype != run.dtype:
+        return False
+    return (
+        target.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and target.data_ptr() - first.data_ptr() == slot.start - run.start
+    )
+
+
+def _elements_of(first: torch.Tensor, run: _Run) -> torch.Tensor:
+    """The global model's elements of `run`: one flat view from its first tensor's memory
+    (`_extends` checked that the others follow it there), or the first alone."""
+    if len(run.names) == 1 or not first.is_contiguous():
+        return first.reshape(-1)
+    count = (run.stop - run.start) // run.dtype.itemsize
+    return torch.as_strided(first, (count,), (1,))
 
 
 class MappedModels:
