@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import torch
 from torch import nn
@@ -29,6 +30,9 @@ from fedlink.common.tasks.base import (
 from fedlink.common.tensors import encode_state
 
 MODEL_ENV = "FEDLINK_BENCH_MODEL"
+# Seconds this client's "training" takes (default none): set per client by the transport
+# benchmark's --train-spread, so that uploads end spread out as in a real round.
+TRAIN_SECONDS_ENV = "FEDLINK_BENCH_TRAIN_SECONDS"
 DEFAULT_MODEL = "cnn1.66m"
 # Examples each client reports per round (its FedAvg weight).
 NUM_EXAMPLES = 100
@@ -117,6 +121,7 @@ def load_test_data() -> ExampleDataset | None:
 def train(
     model: nn.Module, data: ClientData, config: TrainConfig, device: torch.device
 ) -> TrainResult:
+    time.sleep(float(os.environ.get(TRAIN_SECONDS_ENV, "0")))
     return TrainResult(num_examples=NUM_EXAMPLES, loss=0.0)
 
 

@@ -69,6 +69,7 @@ MODELS = ("cnn1.66m", "resnet18", "100m", "1gib")
 # each process holds a few copies of the model.
 DEFAULT_MODELS = MODELS[:3]
 MODEL_ENV = "FEDLINK_BENCH_MODEL"
+TRAIN_SECONDS_ENV = "FEDLINK_BENCH_TRAIN_SECONDS"  # noop_task.py's
 DEFAULT_CLIENTS = (2, 5, 10)
 DEFAULT_OUT = BENCH_DIR / "results" / "transport.json"
 TASK = "noop_task"
@@ -378,10 +379,12 @@ def run_fedlink(
     verbose: bool = False,
     server_args: Sequence[str] = (),
     check_bytes: bool = True,
+    train_spread: float = 0.0,
 ) -> FedlinkRun:
     """One federation of `num_clients` noop clients; `server_args` are extra coordinator flags.
     `check_bytes` requires every round to move exactly the model down and up per client (true
-    of plaintext FedAvg, not of secure aggregation's extra messages and masked vectors)."""
+    of plaintext FedAvg, not of secure aggregation's extra messages and masked vectors).
+    `train_spread`: client k of N "trains" (sleeps) k/N of this many seconds a round."""
     result = FedlinkRun()
     log_flags = ["--verbose"] if verbose else []
     run_dir = work / "run"
@@ -450,7 +453,7 @@ def run_fedlink(
                             str(spool),
                         ],
                         logs / f"client-{index + 1}.log",
-                        env,
+                        {**env, TRAIN_SECONDS_ENV: str(train_spread * index / num_clients)},
                         work,
                     )
                 )
@@ -715,12 +718,21 @@ def run_case(
     timeout: float,
     chunk_size: int,
     verbose: bool = False,
+    train_spread: float = 0.0,
 ) -> dict[str, Any]:
     processes = Processes()
     try:
         print(f"  {info.name} x {num_clients} clients: fedlink, {rounds} rounds ...", flush=True)
         fed = run_fedlink(
-            info, num_clients, rounds, certs, work / "fedlink", timeout, processes, verbose
+            info,
+            num_clients,
+            rounds,
+            certs,
+            work / "fedlink",
+            timeout,
+            processes,
+            verbose,
+            train_spread=train_spread,
         )
         if fed.error:
             print(f"    fedlink FAILED: {fed.error}", flush=True)
@@ -766,6 +778,7 @@ def run_case(
         "payload_bytes": info.payload_bytes,
         "clients": num_clients,
         "rounds": rounds,
+        "train_spread_seconds": train_spread,
         "round_seconds": round_s,
         "wire_seconds": wire_s,
         "ratio": round_s / wire_s if round_s and wire_s else None,
@@ -784,6 +797,7 @@ def run_case(
 def checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's targets, evaluated on the rows that were run."""
     out: list[dict[str, Any]] = []
+    rows = [row for row in rows if not row.get("train_spread_seconds")]  # rounds include sleeps
     for row in rows:
         if row["model"] == STREAM_TARGET_MODEL and row["clients"] == 1:
             ratio = row["ratio"]
@@ -916,6 +930,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--verbose", action="store_true", help="debug logging in the fedlink processes' logs"
     )
     parser.add_argument(
+        "--train-spread",
+        type=float,
+        default=0.0,
+        help="client k of N trains (sleeps) k/N of this many seconds a round, so uploads end "
+        "spread out as in a real round (round times then include the sleeps: no targets)",
+    )
+    parser.add_argument(
         "--strict", action="store_true", help="exit 1 when a target is missed, not only on errors"
     )
     parser.add_argument(
@@ -994,6 +1015,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             args.timeout,
                             args.chunk_size,
                             args.verbose,
+                            args.train_spread,
                         )
                         candidate["attempt"] = attempt + 1
                         if row is None or (noise_percent(candidate) or 0) < (

@@ -70,7 +70,10 @@ class ClientConfig:
     )
     spool_dir: Path | None = field(
         default=None,
-        metadata=_help("where downloaded models are buffered (default: system temp dir)"),
+        metadata=_help(
+            "where a downloaded model is buffered when it cannot be written straight into the "
+            "model (a GPU model, SCAFFOLD, load hooks; default: system temp dir)"
+        ),
     )
     simulate_attack: str | None = field(
         default=None,
