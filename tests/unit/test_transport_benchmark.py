@@ -45,3 +45,11 @@ def test_the_ratio_target_is_checked_with_ten_clients_only() -> None:
     assert [(c["check"], c["passed"]) for c in checks] == [
         ("round/wire ratio <= 1.3 (resnet18, 10 clients)", True)
     ]
+
+
+def test_rounds_with_spread_training_are_held_to_no_target() -> None:
+    spread = {**_row("resnet18", 10, 9.0), "train_spread_seconds": 3.0}  # rounds include sleeps
+    assert (
+        _benchmark().checks([spread, {**_row("1gib", 1, 9.0), "train_spread_seconds": 1.0}]) == []
+    )
+    assert len(_benchmark().checks([{**spread, "train_spread_seconds": 0.0}])) == 1
