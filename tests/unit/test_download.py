@@ -106,6 +106,12 @@ def test_a_non_contiguous_tensor_is_never_written_in_place() -> None:
     assert torch.equal(target["w"], torch.zeros(3, 2))
 
 
+def test_bytes_beyond_the_last_tensor_are_left_to_the_spool() -> None:
+    model = _model()
+    _, payload = _sent(model)
+    _spooled(model.state_dict(), payload + bytes(8))  # safetensors refuses trailing bytes
+
+
 def test_a_header_longer_than_the_limit_is_left_to_the_spool() -> None:
     state = {"x" * (HEADER_BYTES_BASE + 2048): torch.ones(2)}
     _spooled({name: torch.zeros(2) for name in state}, encode_state(state))
