@@ -211,6 +211,7 @@ def test_status_exclude_and_stop_against_a_live_federation(pki: Any, tmp_path: P
             watch.send_signal(signal.SIGINT)
             watch.communicate(timeout=30)
         assert snapshots[-1]["updated_unix"] > snapshots[0]["updated_unix"]
+        assert watch.returncode == 0  # Ctrl-C ends a watch cleanly, between two calls
 
         # Exclude site-1: its calls are refused with a message saying so, and it stops.
         excluded = _cli(
