@@ -53,6 +53,27 @@ def test_weighted_average_matches_fedavg_formula_for_three_clients() -> None:
     assert not torch.allclose(result["conv.weight"], unweighted, atol=1e-3)
 
 
+@pytest.mark.parametrize("reuse", [False, True], ids=["new-memory", "reused-memory"])
+def test_the_average_has_the_bits_of_a_plain_pytorch_loop(reuse: bool) -> None:
+    generator = torch.Generator().manual_seed(5)
+    updates = []
+    for weight in (3.0, 117.0, 0.3):
+        values = torch.randn(10_000, generator=generator) * 1e3
+        values[::7] = -0.0  # the sign of a zero sum is where shortcuts differ
+        values[::11] = 1e-40  # subnormals
+        updates.append(({"w": values}, weight))
+    plain = torch.zeros(10_000)
+    for state, weight in updates:
+        plain.add_(state["w"], alpha=weight)
+    plain /= sum(weight for _, weight in updates)
+    spare = {"w": torch.full((10_000,), float("nan"))} if reuse else None  # old memory
+    aggregator = StreamingFedAvg(manifest_of(updates[0][0]), {}, reuse=spare)
+    for state, weight in updates:
+        aggregator.add(state, weight)
+    result = aggregator.result()["w"]
+    assert torch.equal(result.view(torch.int32), plain.view(torch.int32))
+
+
 def test_single_update_is_returned_unchanged() -> None:
     update = _update(5)
     result = _aggregate([(update, 7.0)])
