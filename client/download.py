@@ -21,13 +21,7 @@ from typing import IO
 
 import torch
 
-from fedlink.common.errors import TensorFormatError
-from fedlink.common.tensors import TensorSlot, header_slots, received_view
-
-# The longest header held in memory while it arrives (as for the coordinator's inspector);
-# a longer one goes to the spool, where safetensors reads it.
-HEADER_BYTES_BASE = 64 << 10
-HEADER_BYTES_PER_TENSOR = 1 << 10
+from fedlink.common.tensors import StreamedHeader, TensorSlot, received_view
 
 
 class ModelSink:
@@ -44,8 +38,8 @@ class ModelSink:
         self._targets = targets
         self._size = size
         self._open_spool = open_spool
-        self._header_limit = HEADER_BYTES_BASE + HEADER_BYTES_PER_TENSOR * len(targets or ())
-        self._head = bytearray()
+        # Held up to a limit: a longer header goes to the spool, where safetensors reads it.
+        self._header = None if targets is None else StreamedHeader(size, len(targets))
         # (first byte, end, the tensor's bytes) in payload order, once the header fits.
         self._pieces: list[tuple[int, int, torch.Tensor]] | None = None
         self._index = 0
@@ -68,44 +62,33 @@ class ModelSink:
         return len(data)
 
     def _take_header(self, view: memoryview) -> memoryview:
-        """Collect the 8-byte length and the JSON header, then choose where the bytes go; the
-        bytes after the header are returned."""
-        while self._targets is not None:
-            need = 8
-            if len(self._head) >= 8:
-                length = int.from_bytes(self._head[:8], "little")
-                if not 0 < length <= self._header_limit or 8 + length > self._size:
-                    break
-                need += length
-            take = need - len(self._head)
-            self._head += view[:take]
-            view = view[take:]
-            if len(self._head) < need:
+        """Collect the header, then choose where the bytes go; the bytes after the header are
+        returned."""
+        if self._header is not None:
+            view = self._header.feed(view)
+            if self._header.slots is not None:
+                self._pieces = self._layout(self._header.slots)
+                if self._pieces is not None:
+                    self._position = len(self._header.bytes)
+                    return view
+            elif not self._header.refused:
                 return view  # (empty: the header goes on in the next chunk)
-            if need > 8:
-                self._pieces = self._layout(bytes(self._head[8:]))
-                if self._pieces is None:
-                    break
-                self._position = need
-                return view
         return self._spool_from_here(view)
 
     def _spool_from_here(self, view: memoryview) -> memoryview:
         self.spool = self._open_spool()
-        self.spool.write(self._head)
+        if self._header is not None:
+            self.spool.write(self._header.bytes)
         return view
 
-    def _layout(self, header: bytes) -> list[tuple[int, int, torch.Tensor]] | None:
+    def _layout(self, slots: list[TensorSlot]) -> list[tuple[int, int, torch.Tensor]] | None:
         """Where each target's bytes lie, when the header places exactly the targets, in their
         dtypes and shapes, back to back up to the payload's end; None otherwise."""
-        assert self._targets is not None
-        try:
-            slots = sorted(header_slots(header, self._size), key=lambda slot: slot.start)
-        except TensorFormatError:
-            return None
+        assert self._targets is not None and self._header is not None
+        slots = sorted(slots, key=lambda slot: slot.start)
         if {slot.name for slot in slots} != self._targets.keys():
             return None
-        position = 8 + len(header)
+        position = len(self._header.bytes)
         for slot in slots:
             if slot.start != position or not _fits(self._targets[slot.name], slot):
                 return None

@@ -199,6 +199,51 @@ def header_slots(header: bytes, size: int) -> list[TensorSlot]:
     return slots
 
 
+# The longest safetensors header held in memory while a payload streams in: room for every
+# expected tensor with a long name, not safetensors' own 100 MB limit, which every stream in
+# flight could otherwise make a process hold. A longer header is left to safetensors, reading
+# the payload from a file (the coordinator's read-back check, a client's spool).
+HEADER_BYTES_BASE = 64 << 10
+HEADER_BYTES_PER_TENSOR = 1 << 10
+
+
+class StreamedHeader:
+    """The header of a safetensors payload of `size` bytes, read as its first bytes stream in:
+    the 8-byte length, then the JSON, held only up to the limit for `tensors` expected tensors.
+    `slots` is set once it is complete (`header_slots`); `refused` once it is empty, too long
+    or not a header that `header_slots` accepts. `bytes` is what was taken of the stream."""
+
+    def __init__(self, size: int, tensors: int) -> None:
+        self.size = size
+        self.limit = HEADER_BYTES_BASE + HEADER_BYTES_PER_TENSOR * tensors
+        self.bytes = bytearray()
+        self.slots: list[TensorSlot] | None = None
+        self.refused = False
+
+    def feed(self, view: memoryview) -> memoryview:
+        """Take the header's part of `view`; the rest of it is returned (nothing while the
+        header goes on; the bytes after it once it is complete, or not taken once refused)."""
+        while self.slots is None and not self.refused:
+            need = 8
+            if len(self.bytes) >= 8:
+                length = int.from_bytes(self.bytes[:8], "little")
+                if not 0 < length <= self.limit or 8 + length > self.size:
+                    self.refused = True
+                    break
+                need += length
+            take = need - len(self.bytes)
+            self.bytes += view[:take]
+            view = view[take:]
+            if len(self.bytes) < need:
+                break  # (all of `view` was taken: the header goes on in the next bytes)
+            if need > 8:
+                try:
+                    self.slots = header_slots(bytes(self.bytes[8:]), self.size)
+                except TensorFormatError:
+                    self.refused = True
+        return view
+
+
 def save_state_file(
     state: Mapping[str, torch.Tensor], path: Path, *, durable: bool = True
 ) -> PayloadBuffers:

@@ -29,23 +29,15 @@ from pathlib import Path
 
 import torch
 
-from fedlink.common.errors import TensorFormatError
 from fedlink.common.tensors import (
     Manifest,
     StateDict,
+    StreamedHeader,
     TensorSlot,
-    header_slots,
     map_state_file,
     received_view,
 )
 from fedlink.server.validation import largest_magnitude, squared_distance
-
-# The longest header the inspector holds in memory while it arrives: room for every tensor
-# of the manifest with a long name, not safetensors' own 100 MB limit, which every upload in
-# flight could otherwise make the coordinator hold. A longer header is left to the read-back
-# check (on disk, one update at a time).
-HEADER_BYTES_BASE = 64 << 10
-HEADER_BYTES_PER_TENSOR = 1 << 10
 
 
 @dataclass(frozen=True)
@@ -90,11 +82,11 @@ class UpdateInspector:
     ) -> None:
         self._manifest = manifest
         self._size = size
-        self._header_limit = HEADER_BYTES_BASE + HEADER_BYTES_PER_TENSOR * len(manifest)
+        # Held up to a limit: a longer header is left to the read-back check (on disk).
+        self._header = StreamedHeader(size, len(manifest))
         self._reference = reference
         self._release = release
         self._holding = False  # the reference was taken and is not yet released
-        self._head = bytearray()
         # The payload's tensors in order: runs of measured ones, and single slots not measured.
         self._segments: list[_Run | TensorSlot] | None = None
         self._index = 0  # the segment the stream is in
@@ -141,25 +133,14 @@ class UpdateInspector:
         return Findings(dict(self._magnitudes), self._squares)
 
     def _read_header(self, view: memoryview) -> memoryview:
-        """Collect the 8-byte length and the JSON header; then the tensors' layout is known."""
-        need = 8
-        if len(self._head) >= 8:
-            length = int.from_bytes(self._head[:8], "little")
-            need += length
-            if length == 0 or length > self._header_limit or need > self._size:
-                self._intact = False
-                return view[:0]
-        taken = view[: need - len(self._head)]
-        self._head += taken
-        self._position += len(taken)
-        if len(self._head) == need > 8:
-            try:
-                slots = header_slots(bytes(self._head[8:]), self._size)
-            except TensorFormatError:
-                self._intact = False
-                return view[:0]
-            self._begin(slots)
-        return view[len(taken) :]
+        """Collect the header; then the tensors' layout is known."""
+        rest = self._header.feed(view)
+        self._position += len(view) - len(rest)
+        if self._header.refused:
+            self._intact = False
+        elif self._header.slots is not None:
+            self._begin(self._header.slots)
+        return rest
 
     def close(self) -> None:
         """The upload is over: let go of the reference model."""
@@ -267,8 +248,8 @@ def _extends(
 
 def _elements_of(first: torch.Tensor, run: _Run) -> torch.Tensor:
     """The global model's elements of `run`: one flat view from its first tensor's memory
-    (`_extends` checked that the others follow it there), or the first alone."""
-    if len(run.names) == 1 or not first.is_contiguous():
+    (`_extends` checked that it and the others are contiguous and follow it there)."""
+    if len(run.names) == 1:
         return first.reshape(-1)
     count = (run.stop - run.start) // run.dtype.itemsize
     return torch.as_strided(first, (count,), (1,))

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from fedlink.client.config import ClientConfig
-from fedlink.client.download import HEADER_BYTES_BASE, ModelSink
+from fedlink.client.download import ModelSink
 from fedlink.client.site import LocalSite
-from fedlink.common.tensors import StateDict, encode_state
+from fedlink.common.tensors import HEADER_BYTES_BASE, StateDict, encode_state
 from fedlink.v1 import federation_pb2 as pb
 
 
