@@ -52,10 +52,10 @@ from fedlink.common.wire import (
     JOIN_REQUIRED,
     SESSION_METADATA_KEY,
     ByteSink,
-    Payload,
     PayloadAssembler,
     PayloadBuffers,
     PayloadInfo,
+    payload_hash,
 )
 from fedlink.v1 import federation_pb2 as pb
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
@@ -401,7 +401,7 @@ class FederationClient:
         header: pb.TaskHeader,
         num_examples: int,
         metrics: Mapping[str, float],
-        payload: Payload | None,
+        payload: PayloadBuffers | None,
     ) -> bool:
         """Send a result; True when the coordinator took it, False when it refused it."""
         assert self._join is not None
@@ -414,15 +414,19 @@ class FederationClient:
                 num_examples=num_examples,
                 metrics=metrics,
             )
-            if payload is not None:
-                info = payload.info
-                result.payload.CopyFrom(
-                    pb.PayloadInfo(size=info.size, blake3=info.blake3, encoding=info.encoding)
-                )
+            if payload is None:
+                yield pb.ResultMessage(header=result)
+                return
+            # The digest goes last, in a trailer: each chunk is hashed as it is sent, instead
+            # of the whole update being read once more before its first byte may leave.
+            result.payload.CopyFrom(pb.PayloadInfo(size=payload.size, encoding=payload.encoding))
             yield pb.ResultMessage(header=result)
-            if payload is not None:
-                for offset, parts in payload.chunks(chunk_size):
-                    yield chunk_message(offset, parts)
+            digest = payload_hash()
+            for offset, parts in payload.chunks(chunk_size):
+                for part in parts:
+                    digest.update(part)
+                yield chunk_message(offset, parts)
+            yield pb.ResultMessage(trailer=pb.PayloadTrailer(blake3=digest.digest()))
 
         while True:
             try:

@@ -60,7 +60,7 @@ from fedlink.common.tensors import (
     state_payload,
 )
 from fedlink.common.threads import size_torch_threads
-from fedlink.common.wire import Payload
+from fedlink.common.wire import PayloadBuffers
 from fedlink.v1 import federation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class TrainedUpdate:
 
     num_examples: int
     metrics: dict[str, float]
-    payload: Payload | None
+    payload: PayloadBuffers | None
     next_control: StateDict | None = None
 
 
@@ -332,7 +332,7 @@ class LocalSite:
         log.info(
             "round %d: uploading update (%.3f MB, %s)",
             header.round,
-            payload.info.size / 1e6,
+            payload.size / 1e6,
             codec.describe(),
         )
         return TrainedUpdate(result.num_examples, metrics, payload, client_control)

@@ -1,4 +1,5 @@
-"""Payloads on the wire: bytes split into ordered chunks, announced by size and BLAKE3 digest.
+"""Payloads on the wire: bytes split into ordered chunks, announced by size and BLAKE3 digest
+(an upload's digest follows its chunks, in a trailer).
 
 A payload is never trusted until every byte arrived in order and the digest matched; the
 receiver bounds memory (or disk) by the announced size, which it checks against its own limit
@@ -146,6 +147,10 @@ class PayloadBuffers:
         return sum(view.nbytes for view in self._views)
 
     @property
+    def encoding(self) -> str:
+        return self._encoding
+
+    @property
     def info(self) -> PayloadInfo:
         if self._info is None:
             digest = payload_hash()
@@ -195,15 +200,23 @@ class PayloadAssembler:
 
     `encoding` is what the receiver expects at this point of the protocol (a model, or one of
     secure aggregation's messages): a payload announced as anything else is refused up front.
+    `digest_after`: the announcement may leave the digest out, for a trailer (`add_trailer`)
+    to give it after the last chunk (uploads; a download's digest always comes first).
     """
 
     def __init__(
-        self, info: PayloadInfo, sink: ByteSink, *, max_size: int, encoding: str = ENCODING
+        self,
+        info: PayloadInfo,
+        sink: ByteSink,
+        *,
+        max_size: int,
+        encoding: str = ENCODING,
+        digest_after: bool = False,
     ) -> None:
         if info.encoding != encoding:
             raise PayloadError(f"unsupported payload encoding {info.encoding!r}; use {encoding!r}")
-        if len(info.blake3) != DIGEST_SIZE:
-            raise PayloadError(f"payload BLAKE3 digest must be {DIGEST_SIZE} bytes")
+        if not (digest_after and not info.blake3):
+            _check_digest(info.blake3)
         if info.size <= 0:
             raise PayloadError("payload size must be positive")
         if info.size > max_size:
@@ -213,9 +226,13 @@ class PayloadAssembler:
         self._info = info
         self._sink = sink
         self._hash = payload_hash()
+        self._digest: bytes | None = info.blake3 or None
+        self._trailer = False
         self.received = 0
 
     def add(self, offset: int, data: bytes | memoryview) -> None:
+        if self._trailer:
+            raise PayloadError(f"chunk at offset {offset} arrived after the payload's trailer")
         if offset != self.received:
             raise PayloadError(
                 f"chunk at offset {offset} arrived out of order; expected offset {self.received}"
@@ -230,10 +247,28 @@ class PayloadAssembler:
         self._sink.write(data)
         self.received += len(data)
 
+    def add_trailer(self, digest: bytes) -> None:
+        """The digest, sent after the chunks because the announcement left it out."""
+        if self._trailer:
+            raise PayloadError("a second payload trailer")
+        if self._digest is not None:
+            raise PayloadError("a payload trailer, but the header already gave the digest")
+        _check_digest(digest)
+        self._trailer = True
+        self._digest = digest
+
     def finish(self) -> None:
         if self.received != self._info.size:
             raise PayloadIncomplete(
                 f"payload truncated: received {self.received} of {self._info.size} bytes"
             )
-        if self._hash.digest() != self._info.blake3:
+        if self._digest is None:
+            # Its last message did not arrive: as incomplete as a missing chunk.
+            raise PayloadIncomplete("payload trailer missing: its digest never arrived")
+        if self._hash.digest() != self._digest:
             raise PayloadError("payload BLAKE3 digest does not match the announced digest")
+
+
+def _check_digest(digest: bytes) -> None:
+    if len(digest) != DIGEST_SIZE:
+        raise PayloadError(f"payload BLAKE3 digest must be {DIGEST_SIZE} bytes")

@@ -1,7 +1,8 @@
 """Result intake: the spool where uploads land (`state_dir/incoming`, its disk space reserved
 per upload), and one client's result in flight, written there as it arrives and checked chunk
-by chunk (size, offsets, BLAKE3 digest; a training update's values are measured on the way,
-server/inspection.py) before the engine judges it whole."""
+by chunk (size, offsets, BLAKE3 digest: given by a trailer after the chunks, or by the header
+of an older client; a training update's values are measured on the way, server/inspection.py)
+before the engine judges it whole."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ class ResultUpload:
             # The spool file is created by the first write, on a worker: creating files costs
             # disk I/O, which the event loop never waits for.
             self._assembler = PayloadAssembler(
-                header.payload, self, max_size=max_size, encoding=encoding
+                header.payload, self, max_size=max_size, encoding=encoding, digest_after=True
             )
 
     def write(self, data: bytes | memoryview) -> int:
@@ -96,6 +97,16 @@ class ResultUpload:
                 raise UploadIncomplete("the upload ended before this chunk was stored")
             try:
                 self._assembler.add(offset, data)
+            except PayloadError as exc:
+                raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
+
+    def add_trailer(self, digest: bytes) -> None:
+        """The payload's digest, after its last chunk (the header left it out)."""
+        if self._assembler is None:
+            raise UpdateRejected("INVALID_ARGUMENT", "this result takes no payload trailer")
+        with self._lock:
+            try:
+                self._assembler.add_trailer(digest)
             except PayloadError as exc:
                 raise UpdateRejected("INVALID_ARGUMENT", str(exc)) from None
 

@@ -241,11 +241,16 @@ class FederationServicer(pb_grpc.FederationServicer):
         received = 0
         try:
             async for chunk in messages:
-                if not isinstance(chunk, ChunkView):
+                if isinstance(chunk, ChunkView):
+                    await loop.run_in_executor(
+                        self._work, upload.add_chunk, chunk.offset, chunk.data
+                    )
+                    received += len(chunk.data)
+                    self._status.count_bytes(identity, up=len(chunk.data))
+                elif chunk.WhichOneof("message") == "trailer":
+                    upload.add_trailer(chunk.trailer.blake3)
+                else:
                     raise UpdateRejected("INVALID_ARGUMENT", "only one ResultHeader per upload")
-                await loop.run_in_executor(self._work, upload.add_chunk, chunk.offset, chunk.data)
-                received += len(chunk.data)
-                self._status.count_bytes(identity, up=len(chunk.data))
         except UpdateRejected as exc:
             self._results.reject_result(upload, exc)
             await _abort(context, exc)

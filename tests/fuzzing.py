@@ -172,10 +172,14 @@ def would_accept(messages: list[bytes], task: pb.TaskHeader, global_payload: byt
         return False
     if not header.HasField("payload") or not 0 < header.num_examples <= 10**6:
         return False
-    if any(m.WhichOneof("message") != "chunk" for m in parsed[1:]):
+    digest = header.payload.blake3
+    body = parsed[1:]
+    if not digest and body and body[-1].WhichOneof("message") == "trailer":
+        digest, body = body[-1].trailer.blake3, body[:-1]
+    if any(m.WhichOneof("message") != "chunk" for m in body):
         return False
     offset, data = 0, bytearray()
-    for message in parsed[1:]:
+    for message in body:
         if message.chunk.offset != offset or not message.chunk.data:
             return False
         data += message.chunk.data
@@ -183,7 +187,7 @@ def would_accept(messages: list[bytes], task: pb.TaskHeader, global_payload: byt
     info = header.payload
     if info.encoding != "safetensors" or info.size != len(data):
         return False
-    if info.blake3 != payload_digest(data):
+    if digest != payload_digest(data):
         return False
     try:
         update = safetensors.torch.load(bytes(data))
@@ -316,6 +320,12 @@ CHUNK_MUTATIONS = (
     "no-payload",
     "bad-count",
     "bad-metric",
+    "trailer-lie",
+    "trailer-length",
+    "trailer-missing",
+    "trailer-twice",
+    "trailer-early",
+    "trailer-and-header",
 )
 
 
@@ -373,12 +383,41 @@ def chunk_sequences(draw: st.DrawFn, task: pb.TaskHeader, payload: bytes) -> lis
         chunks = []
     elif mutation == "no-payload":
         header.header.ClearField("payload")
+    elif mutation.startswith("trailer-"):
+        return _raw(_broken_trailer(draw, mutation, header, chunks, payload))
     elif mutation == "bad-count":
         header.header.num_examples = draw(st.sampled_from([0, 10**12, 2**64 - 1]))
     else:
         bad = draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
         header.header.metrics["loss"] = bad
     return _raw([header, *chunks])
+
+
+def _broken_trailer(
+    draw: st.DrawFn,
+    mutation: str,
+    header: pb.ResultMessage,
+    chunks: list[pb.ResultMessage],
+    payload: bytes,
+) -> list[pb.ResultMessage]:
+    """An upload whose digest comes after the chunks (as fedlink's client sends it), broken."""
+    digest = payload_digest(payload)
+    if mutation == "trailer-lie":
+        wrong = bytearray(digest)
+        wrong[draw(st.integers(0, 31))] ^= draw(st.integers(1, 255))
+        digest = bytes(wrong)
+    elif mutation == "trailer-length":
+        digest = draw(st.binary(max_size=64).filter(lambda d: len(d) != 32))
+    trailer = pb.ResultMessage(trailer=pb.PayloadTrailer(blake3=digest))
+    if mutation != "trailer-and-header":
+        header.header.payload.ClearField("blake3")
+    if mutation == "trailer-missing":
+        return [header, *chunks]
+    if mutation == "trailer-twice":
+        return [header, *chunks, trailer, trailer]
+    if mutation == "trailer-early":
+        return [header, *chunks[:-1], trailer, chunks[-1]]
+    return [header, *chunks, trailer]
 
 
 # --- crafted safetensors -------------------------------------------------------------------------

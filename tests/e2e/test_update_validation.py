@@ -46,6 +46,14 @@ def _upload(task: pb.TaskHeader, state: StateDict, **fields: Any) -> list[pb.Res
     return [_header(task, payload, **fields), *_chunks(payload)]
 
 
+def _trailed(task: pb.TaskHeader, payload: bytes, digest: bytes) -> list[pb.ResultMessage]:
+    """An upload as fedlink's client sends it: no digest in the header, a trailer after."""
+    header = _header(task, payload)
+    header.header.payload.ClearField("blake3")
+    trailer = pb.ResultMessage(trailer=pb.PayloadTrailer(blake3=digest))
+    return [header, *_chunks(payload), trailer]
+
+
 def _push(stub: pb_grpc.FederationStub, messages: list[pb.ResultMessage]) -> grpc.StatusCode:
     try:
         stub.PushResult(iter(messages), timeout=30)
@@ -106,6 +114,20 @@ def _cases(
     def chunk_first(task: pb.TaskHeader) -> list[pb.ResultMessage]:
         return _chunks(good_payload)
 
+    def trailer_mismatch(task: pb.TaskHeader) -> list[pb.ResultMessage]:
+        return _trailed(task, good_payload, payload_digest(good_payload + b"!"))
+
+    def trailer_missing(task: pb.TaskHeader) -> list[pb.ResultMessage]:
+        return _trailed(task, good_payload, digest)[:-1]
+
+    def digest_twice(task: pb.TaskHeader) -> list[pb.ResultMessage]:
+        trailer = pb.ResultMessage(trailer=pb.PayloadTrailer(blake3=digest))
+        return [_header(task, good_payload), *_chunks(good_payload), trailer]
+
+    def chunk_after_trailer(task: pb.TaskHeader) -> list[pb.ResultMessage]:
+        messages = _trailed(task, good_payload, digest)
+        return [*messages[:-2], messages[-1], messages[-2]]
+
     def other_round(task: pb.TaskHeader) -> list[pb.ResultMessage]:
         return _upload(task, honest, round=task.round + 1)
 
@@ -138,6 +160,10 @@ def _cases(
         "not-safetensors": (not_safetensors, invalid),
         "oversized-payload": (oversized, grpc.StatusCode.RESOURCE_EXHAUSTED),
         "no-header": (chunk_first, invalid),
+        "trailer-mismatch": (trailer_mismatch, grpc.StatusCode.DATA_LOSS),
+        "trailer-missing": (trailer_missing, grpc.StatusCode.DATA_LOSS),
+        "digest-twice": (digest_twice, invalid),
+        "chunk-after-trailer": (chunk_after_trailer, invalid),
     }
 
 
@@ -190,18 +216,23 @@ def test_every_bad_update_is_refused_and_only_the_honest_one_is_aggregated(
     )
     # A stream that ends before its payload is complete is what a dropped connection can look
     # like: not a rejection, and the client may send its result again.
-    truncated_retry = _upload(tasks["truncated-chunks"], honest)
-    assert _push(stubs["truncated-chunks"], truncated_retry) == grpc.StatusCode.OK
+    # So is one whose trailer never came. Both send it again, the digest in a trailer.
+    incomplete = {"truncated-chunks", "trailer-missing"}
+    honest_payload = encode_state(honest)
+    for name in incomplete:
+        retry = _trailed(tasks[name], honest_payload, payload_digest(honest_payload))
+        assert _push(stubs[name], retry) == grpc.StatusCode.OK
 
     summary = coordinator.summary()
     assert summary.completed
     record = summary.last_record
-    assert record is not None and record.clients_accepted == 2
-    assert set(record.rejected) == set(cases) - {"truncated-chunks"}
-    # Weight 1 each and the same honest update twice: the new global model is exactly it.
+    assert record is not None and record.clients_accepted == 1 + len(incomplete)
+    assert set(record.rejected) == set(cases) - incomplete
+    # Weight 1 each and the same honest update three times: the new global model is it (to
+    # float32 rounding of a mean of thirds; integers exactly).
     with open_state_file(summary.final_model) as final:
         for name, tensor in honest.items():
-            assert torch.equal(final[name], tensor), name
+            torch.testing.assert_close(final[name], tensor, msg=name)
 
 
 def test_rejection_messages_say_what_is_wrong(

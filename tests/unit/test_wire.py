@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from blake3 import blake3
 
-from fedlink.common.errors import PayloadError
+from fedlink.common.errors import PayloadError, PayloadIncomplete
 from fedlink.common.wire import (
     ENCODING,
     MAX_CHUNK_SIZE,
@@ -156,6 +156,61 @@ def test_digest_that_is_not_32_bytes_is_rejected(digest_length: int) -> None:
     info = PayloadInfo(size=10, blake3=b"\x00" * digest_length)
     with pytest.raises(PayloadError, match="must be 32 bytes"):
         PayloadAssembler(info, io.BytesIO(), max_size=100)
+
+
+def _trailed(data: bytes) -> tuple[PayloadAssembler, io.BytesIO]:
+    """An assembler for an upload whose header left the digest for a trailer."""
+    sink = io.BytesIO()
+    info = PayloadInfo(size=len(data), blake3=b"")
+    return PayloadAssembler(info, sink, max_size=len(data), digest_after=True), sink
+
+
+def test_a_digest_in_a_trailer_is_checked_like_one_in_the_header() -> None:
+    data = _payload(3 * CHUNK + 5)
+    assembler, sink = _trailed(data)
+    for offset, chunk in iter_chunks(data, CHUNK):
+        assembler.add(offset, chunk)
+    assembler.add_trailer(payload_digest(data))
+    assembler.finish()
+    assert sink.getvalue() == data
+
+    tampered, _ = _trailed(data)
+    tampered.add(0, data[:-1] + bytes([data[-1] ^ 1]))
+    tampered.add_trailer(payload_digest(data))
+    with pytest.raises(PayloadError, match="BLAKE3 digest does not match"):
+        tampered.finish()
+
+
+def test_an_upload_without_its_trailer_is_incomplete() -> None:
+    data = _payload(100)
+    assembler, _ = _trailed(data)
+    assembler.add(0, data)
+    with pytest.raises(PayloadIncomplete, match="trailer missing"):
+        assembler.finish()
+
+
+def test_a_download_must_announce_its_digest_first() -> None:
+    # Only an upload may send its digest last: a download is checked before it is used.
+    info = PayloadInfo(size=10, blake3=b"")
+    with pytest.raises(PayloadError, match="must be 32 bytes"):
+        PayloadAssembler(info, io.BytesIO(), max_size=100)
+
+
+def test_trailers_that_break_the_protocol_are_refused() -> None:
+    data = _payload(100)
+    digest = payload_digest(data)
+    assembler, _ = _trailed(data)
+    with pytest.raises(PayloadError, match="must be 32 bytes"):
+        assembler.add_trailer(digest[:16])
+    assembler.add(0, data[:50])
+    assembler.add_trailer(digest)
+    with pytest.raises(PayloadError, match="second payload trailer"):
+        assembler.add_trailer(digest)
+    with pytest.raises(PayloadError, match="after the payload's trailer"):
+        assembler.add(50, data[50:])
+    announced, _ = _assembler(data)
+    with pytest.raises(PayloadError, match="header already gave the digest"):
+        announced.add_trailer(digest)
 
 
 @pytest.mark.parametrize("size", [0, -1])

@@ -40,6 +40,12 @@ class PayloadInfo(_message.Message):
     blake3: bytes
     def __init__(self, size: _Optional[int] = ..., encoding: _Optional[str] = ..., blake3: _Optional[bytes] = ...) -> None: ...
 
+class PayloadTrailer(_message.Message):
+    __slots__ = ("blake3",)
+    BLAKE3_FIELD_NUMBER: _ClassVar[int]
+    blake3: bytes
+    def __init__(self, blake3: _Optional[bytes] = ...) -> None: ...
+
 class Chunk(_message.Message):
     __slots__ = ("offset", "data")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -307,12 +313,14 @@ class ResultHeader(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., payload: _Optional[_Union[PayloadInfo, _Mapping]] = ...) -> None: ...
 
 class ResultMessage(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "trailer")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
     header: ResultHeader
     chunk: Chunk
-    def __init__(self, header: _Optional[_Union[ResultHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+    trailer: PayloadTrailer
+    def __init__(self, header: _Optional[_Union[ResultHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., trailer: _Optional[_Union[PayloadTrailer, _Mapping]] = ...) -> None: ...
 
 class PushResultReply(_message.Message):
     __slots__ = ("accepted", "message")

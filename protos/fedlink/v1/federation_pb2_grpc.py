@@ -79,7 +79,8 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PushResult(self, request_iterator, context):
-        """Upload a result: one ResultMessage with the header, then payload chunks.
+        """Upload a result: one ResultMessage with the header, then payload chunks, then the trailer
+        with the payload's digest (or no trailer, when the header gave the digest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
