@@ -41,9 +41,9 @@ from fedlink.common.frames import (
     PULL_TASK,
     PUSH_RESULT,
     ChunkView,
-    chunk_message,
     message_reader,
     serialize,
+    trailed_chunks,
 )
 from fedlink.common.secagg_wire import setup_from_proto
 from fedlink.common.tensors import open_state_file
@@ -55,7 +55,6 @@ from fedlink.common.wire import (
     PayloadAssembler,
     PayloadBuffers,
     PayloadInfo,
-    payload_hash,
 )
 from fedlink.v1 import federation_pb2 as pb
 from fedlink.v1 import federation_pb2_grpc as pb_grpc
@@ -417,16 +416,10 @@ class FederationClient:
             if payload is None:
                 yield pb.ResultMessage(header=result)
                 return
-            # The digest goes last, in a trailer: each chunk is hashed as it is sent, instead
-            # of the whole update being read once more before its first byte may leave.
+            # No digest here: it follows the chunks, in a trailer.
             result.payload.CopyFrom(pb.PayloadInfo(size=payload.size, encoding=payload.encoding))
             yield pb.ResultMessage(header=result)
-            digest = payload_hash()
-            for offset, parts in payload.chunks(chunk_size):
-                for part in parts:
-                    digest.update(part)
-                yield chunk_message(offset, parts)
-            yield pb.ResultMessage(trailer=pb.PayloadTrailer(blake3=digest.digest()))
+            yield from trailed_chunks(payload, chunk_size)
 
         while True:
             try:

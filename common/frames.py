@@ -17,12 +17,13 @@ means, is exactly what protobuf decides.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 from google.protobuf.message import Message
 
+from fedlink.common.wire import PayloadBuffers, payload_hash
 from fedlink.v1 import federation_pb2 as pb
 
 # The service whose two payload streams (PullTask's replies, PushResult's requests) use this.
@@ -75,6 +76,17 @@ def chunk_message(offset: int, parts: Sequence[bytes | memoryview]) -> bytes:
     )
     outer = bytes([_CHUNK_TAG]) + _varint(len(inner) + size)
     return b"".join([outer, inner, *parts])
+
+
+def trailed_chunks(payload: PayloadBuffers, chunk_size: int) -> Iterator[bytes | pb.ResultMessage]:
+    """An upload's chunk messages, then its trailer: the digest of their bytes, hashed chunk by
+    chunk as they are framed (so no pass over the whole payload comes before its first byte)."""
+    digest = payload_hash()
+    for offset, parts in payload.chunks(chunk_size):
+        for part in parts:
+            digest.update(part)
+        yield chunk_message(offset, parts)
+    yield pb.ResultMessage(trailer=pb.PayloadTrailer(blake3=digest.digest()))
 
 
 def serialize(message: Message | bytes) -> bytes:

@@ -15,7 +15,9 @@ from fedlink.common.frames import (
     chunk_message,
     message_reader,
     serialize,
+    trailed_chunks,
 )
+from fedlink.common.wire import PayloadBuffers, payload_digest
 from fedlink.server.inprocess import HandlerCollector
 from fedlink.server.service import add_federation_service
 from fedlink.v1 import federation_pb2 as pb
@@ -61,6 +63,19 @@ def test_a_chunk_is_read_as_a_view_of_the_received_message(offset: int, size: in
     assert (chunk.offset, bytes(chunk.data)) == (offset, data)
     if size:  # the canonical layout: no copy, the data is the message's own tail
         assert chunk.data.obj is message and chunk.data.readonly
+
+
+def test_an_upload_ends_with_a_trailer_holding_the_digest_of_its_chunks() -> None:
+    data = random.Random(7).randbytes(10_000)
+    buffers = [data[:3], memoryview(data)[3:9_000], data[9_000:]]
+    messages = list(trailed_chunks(PayloadBuffers(buffers), 4096))
+    read = message_reader(pb.ResultMessage)
+    *chunks, trailer = [read(serialize(m)) for m in messages]
+    assert all(isinstance(c, ChunkView) for c in chunks)
+    assert [c.offset for c in chunks] == [0, 4096, 8192]
+    assert b"".join(bytes(c.data) for c in chunks) == data
+    assert isinstance(trailer, pb.ResultMessage) and trailer.WhichOneof("message") == "trailer"
+    assert trailer.trailer.blake3 == payload_digest(data)
 
 
 def test_other_messages_are_parsed_by_protobuf() -> None:
