@@ -6,11 +6,9 @@ import io
 import logging
 import math
 import signal
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from types import FrameType
 from typing import IO
 
@@ -26,7 +24,7 @@ from fedlink.client.connection import (
     open_channel,
     trust_problem,
 )
-from fedlink.client.download import ModelSink
+from fedlink.client.download import ModelSink, descriptor_path, nameless_spool
 from fedlink.client.secure import (
     SECURE_STEPS,
     PrivacyFloor,
@@ -309,7 +307,7 @@ class FederationClient:
         spool = self._download_spool()
         spool.truncate()
         spool.flush()
-        with open_state_file(Path(spool.name)) as state:
+        with open_state_file(descriptor_path(spool)) as state:
             self._site.load_global(state, with_control=with_control)
 
     def _rewound_spool(self) -> IO[bytes]:
@@ -321,11 +319,9 @@ class FederationClient:
         """One file, rewritten in place by every download: a new file each round would be new
         page cache each round (400 MB for a 100M-parameter model), which costs several times the
         copy itself on a VM that hands freed memory back to its host (docs/large-models.md).
-        Removed when the client exits."""
+        It has no name, so it is gone when the client exits, however it exits."""
         if self._spool is None:
-            self._spool = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in run)
-                dir=self._config.spool_dir, prefix="global-", suffix=".safetensors"
-            )
+            self._spool = nameless_spool(self._config.spool_dir)
         return self._spool
 
     def _train(self, header: pb.TaskHeader, scaffold: bool = False) -> None:

@@ -72,7 +72,8 @@ class ClientConfig:
         default=None,
         metadata=_help(
             "where a downloaded model is buffered when it cannot be written straight into the "
-            "model (a GPU model, SCAFFOLD, load hooks; default: system temp dir)"
+            "model (a GPU model, SCAFFOLD, load hooks; default: system temp dir), in a file with "
+            "no name, gone when the client exits, however it exits"
         ),
     )
     simulate_attack: str | None = field(

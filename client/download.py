@@ -16,7 +16,9 @@ goes to the spool file and through `load_state_dict`, whose checks and errors th
 from __future__ import annotations
 
 import itertools
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import IO
 
 import torch
@@ -130,3 +132,16 @@ def _overlapping(tensors: Iterable[torch.Tensor]) -> bool:
         (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors if t.numel()
     )
     return any(end > start for (_, end), (start, _) in itertools.pairwise(spans))
+
+
+def nameless_spool(directory: Path | None) -> IO[bytes]:
+    """A spool file for downloads that has no name in `directory` (None: the system's temp
+    directory) from the moment it exists (O_TMPFILE, or created and unlinked at once): a client
+    killed by SIGKILL or the OOM killer leaves no model-sized file behind, as a named temporary
+    file did on every such death. Read it through `descriptor_path`."""
+    return tempfile.TemporaryFile(dir=directory, prefix="global-", suffix=".safetensors")
+
+
+def descriptor_path(file: IO[bytes]) -> Path:
+    """A path that opens (and maps) the file behind an open descriptor, name or not (Linux)."""
+    return Path(f"/proc/self/fd/{file.fileno()}")

@@ -4,15 +4,19 @@ and the spool it falls back to for anything that does not map onto them one to o
 from __future__ import annotations
 
 import io
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
 from fedlink.client.config import ClientConfig
-from fedlink.client.download import ModelSink
+from fedlink.client.download import ModelSink, descriptor_path, nameless_spool
 from fedlink.client.site import LocalSite
-from fedlink.common.tensors import HEADER_BYTES_BASE, StateDict, encode_state
+from fedlink.common.tensors import HEADER_BYTES_BASE, StateDict, encode_state, open_state_file
 from fedlink.v1 import federation_pb2 as pb
 
 
@@ -142,3 +146,28 @@ def test_a_model_with_load_hooks_is_loaded_through_load_state_dict() -> None:
     assert site.download_targets(with_control=True) is None  # SCAFFOLD's c rides along
     site.model.register_load_state_dict_post_hook(lambda module, keys: None)
     assert site.download_targets(with_control=False) is None
+
+
+def test_the_spool_file_is_read_through_its_descriptor_and_has_no_name(tmp_path: Path) -> None:
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    with nameless_spool(tmp_path) as spool:
+        spool.write(encode_state(state))
+        spool.flush()
+        assert list(tmp_path.iterdir()) == []
+        with open_state_file(descriptor_path(spool)) as loaded:
+            assert torch.equal(loaded["w"], state["w"])
+
+
+def test_a_client_killed_with_sigkill_leaves_no_spool_file_behind(tmp_path: Path) -> None:
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from fedlink.client.download import nameless_spool\n"
+        "spool = nameless_spool(Path(sys.argv[1]))\n"
+        "spool.write(bytes(1 << 20))\n"
+        "spool.flush()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path)], timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    assert list(tmp_path.iterdir()) == []
